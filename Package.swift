@@ -1,0 +1,48 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "qconvert",
+    platforms: [.macOS(.v13)],
+    products: [
+        .executable(name: "qconvert", targets: ["qconvert"]),
+        .library(name: "QConvertKit", targets: ["QConvertKit"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/jpsim/Yams", from: "5.0.1"),
+        // SHA-256 of inputs and policies for the metadata document: BoringSSL's
+        // hardware-accelerated hash keeps a 400 MB input hash well under a second.
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
+    ],
+    targets: [
+        .target(
+            name: "CQKernels",
+            cSettings: [.unsafeFlags(["-O3"])]
+        ),
+        .target(
+            name: "QConvertKit",
+            dependencies: [
+                "CQKernels",
+                .product(name: "Yams", package: "Yams"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ],
+            swiftSettings: [.unsafeFlags(["-Ounchecked"], .when(configuration: .release))]
+        ),
+        .executableTarget(
+            name: "qconvert",
+            dependencies: [
+                "QConvertKit",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .testTarget(
+            name: "QConvertKitTests",
+            dependencies: ["QConvertKit"]
+        ),
+        .testTarget(
+            name: "EndToEndTests",
+            dependencies: ["QConvertKit"]
+        ),
+    ]
+)

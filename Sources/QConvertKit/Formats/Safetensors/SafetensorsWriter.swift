@@ -1,0 +1,203 @@
+import Foundation
+
+/// Writes safetensors files the reference library reads: header first (computed from the
+/// declared tensors), tensor data streamed in as it is produced, metadata filled in at the end.
+public struct SafetensorsWriter: FormatWriter {
+    public init() {}
+    public var name: String { "safetensors" }
+    public var fileExtensions: [String] { [".safetensors"] }
+
+    public func open(path: String, tensors: [OutputTensor], source: Checkpoint, options: WriterOptions) throws -> CheckpointSink {
+        var seen = Set<String>()
+        for t in tensors where !seen.insert(t.name).inserted {
+            throw QConvertError.usage(message: "output would hold two tensors named '\(t.name)'")
+        }
+        for t in tensors where t.dtype.safetensorsName == nil {
+            throw QConvertError.usage(message: "tensor '\(t.name)': safetensors has no \(t.dtype.rawValue) dtype")
+        }
+        let isFile = path.hasSuffix(".safetensors")
+        var plan: [(file: String, members: [Int])] = []
+        if isFile {
+            if options.maxShardSize != nil {
+                throw QConvertError.usage(message: "\(path): --max-shard-size writes a folder of shards; give a folder as the output")
+            }
+            plan = [(path, Array(tensors.indices))]
+        } else {
+            try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+            if let max = options.maxShardSize {
+                var groups: [[Int]] = [[]]
+                var size = 0
+                for (i, t) in tensors.enumerated() {
+                    if !groups[groups.count - 1].isEmpty && size + t.byteCount > max { groups.append([]); size = 0 }
+                    groups[groups.count - 1].append(i); size += t.byteCount
+                }
+                let n = groups.count
+                plan = groups.enumerated().map { k, g in
+                    (n == 1 ? "model.safetensors" : String(format: "model-%05d-of-%05d.safetensors", k + 1, n), g)
+                }
+            } else if tensors.contains(where: { $0.shard != nil }) {
+                var order: [String] = []
+                var members: [String: [Int]] = [:]
+                for (i, t) in tensors.enumerated() {
+                    let s = t.shard ?? "model.safetensors"
+                    if members[s] == nil { order.append(s) }
+                    members[s, default: []].append(i)
+                }
+                plan = order.sorted().map { ($0, members[$0]!) }
+            } else {
+                plan = [("model.safetensors", Array(tensors.indices))]
+            }
+            plan = plan.map { (path + "/" + $0.file, $0.members) }
+        }
+        return try SafetensorsSink(folder: isFile ? nil : path, plan: plan, tensors: tensors,
+                                   metadataHint: options.metadataSizeHint)
+    }
+}
+
+final class SafetensorsSink: CheckpointSink {
+    struct ShardFile {
+        var path: String
+        var file: AtomicFile
+        /// Output-tensor indices in the header's (reference writer) order.
+        var order: [Int]
+        var begins: [Int: Int]
+        var dataLength: Int
+        var reserved: Int
+    }
+
+    let folder: String?
+    let tensors: [OutputTensor]
+    var shards: [ShardFile] = []
+    /// Output tensor index → (shard, absolute file offset).
+    var location: [(shard: Int, offset: Int)]
+
+    init(folder: String?, plan: [(file: String, members: [Int])], tensors: [OutputTensor], metadataHint: Int) throws {
+        self.folder = folder
+        self.tensors = tensors
+        location = Array(repeating: (0, 0), count: tensors.count)
+        do {
+            for (si, p) in plan.enumerated() {
+                // The reference writer's order: dtype by decreasing alignment, then name.
+                let order = p.members.sorted {
+                    let a = tensors[$0], b = tensors[$1]
+                    if a.dtype.safetensorsAlignmentRank != b.dtype.safetensorsAlignmentRank {
+                        return a.dtype.safetensorsAlignmentRank > b.dtype.safetensorsAlignmentRank
+                    }
+                    return Array(a.name.utf8).lexicographicallyPrecedes(Array(b.name.utf8))
+                }
+                var begins: [Int: Int] = [:]
+                var off = 0
+                for i in order { begins[i] = off; off += tensors[i].byteCount }
+                let share = plan.count > 0 ? metadataHint * max(p.members.count, 1) / max(tensors.count, 1) : metadataHint
+                let provisional = SafetensorsSink.headerJSON(order: order, begins: begins, tensors: tensors,
+                                                             metadata: [("qconvert", String(repeating: " ", count: share + 256))])
+                let reserved = (provisional.utf8.count + 7) / 8 * 8
+                let file = try AtomicFile(path: p.file)
+                try file.truncate(8 + reserved + off)
+                for i in order { location[i] = (si, 8 + reserved + begins[i]!) }
+                shards.append(ShardFile(path: p.file, file: file, order: order, begins: begins, dataLength: off, reserved: reserved))
+            }
+        } catch {
+            for s in shards { s.file.abort() }
+            throw error
+        }
+    }
+
+    static func headerJSON(order: [Int], begins: [Int: Int], tensors: [OutputTensor], metadata: [(key: String, value: String)]) -> String {
+        var out = "{"
+        if !metadata.isEmpty {
+            out += "\"__metadata__\":{"
+            for (k, (key, value)) in metadata.enumerated() {
+                if k > 0 { out += "," }
+                JSONValue.writeString(key, &out); out += ":"; JSONValue.writeString(value, &out)
+            }
+            out += "}"
+        }
+        for i in order {
+            let t = tensors[i]
+            if out.count > 1 { out += "," }
+            JSONValue.writeString(t.name, &out)
+            let b = begins[i]!
+            out += ":{\"dtype\":\"\(t.dtype.safetensorsName!)\",\"shape\":[\(t.shape.map(String.init).joined(separator: ","))],\"data_offsets\":[\(b),\(b + t.byteCount)]}"
+        }
+        return out + "}"
+    }
+
+    func put(_ index: Int, _ bytes: UnsafeRawBufferPointer) throws {
+        precondition(bytes.count == tensors[index].byteCount, "tensor \(tensors[index].name): \(bytes.count) bytes for a declared \(tensors[index].byteCount)")
+        let loc = location[index]
+        try shards[loc.shard].file.pwrite(bytes, at: loc.offset)
+    }
+
+    func commit(metadata: [(key: String, value: String)], perShard: [String: [(key: String, value: String)]]) throws {
+        do {
+            for k in shards.indices {
+                let name = URL(fileURLWithPath: shards[k].path).lastPathComponent
+                let meta = perShard[name] ?? metadata
+                let s = shards[k]
+                var json = SafetensorsSink.headerJSON(order: s.order, begins: s.begins, tensors: tensors, metadata: meta)
+                let need = json.utf8.count
+                if need <= s.reserved {
+                    json += String(repeating: " ", count: s.reserved - need)
+                    var head = [UInt8](repeating: 0, count: 8)
+                    withUnsafeBytes(of: UInt64(s.reserved).littleEndian) { head = Array($0) }
+                    try s.file.pwrite(head + Array(json.utf8), at: 0)
+                } else {
+                    try relocate(k, json: json)
+                }
+            }
+            if shards.count > 1, let folder {
+                let index = indexJSON(metadata: metadata)
+                let f = try AtomicFile(path: folder + "/model.safetensors.index.json")
+                do { try f.pwrite(Array(index.utf8), at: 0); try f.commit() } catch { f.abort(); throw error }
+            }
+            for s in shards { try s.file.commit() }
+        } catch {
+            abort()
+            throw error
+        }
+    }
+
+    /// The header outgrew its reservation: write a new file with a larger header.
+    func relocate(_ k: Int, json: String) throws {
+        let s = shards[k]
+        let padded = (json.utf8.count + 7) / 8 * 8
+        let nf = try AtomicFile(path: s.path)
+        do {
+            var head = [UInt8](repeating: 0, count: 8)
+            withUnsafeBytes(of: UInt64(padded).littleEndian) { head = Array($0) }
+            try nf.pwrite(head + Array((json + String(repeating: " ", count: padded - json.utf8.count)).utf8), at: 0)
+            var off = 0
+            let chunk = 16 << 20
+            while off < s.dataLength {
+                let n = min(chunk, s.dataLength - off)
+                let buf = try s.file.pread(count: n, at: 8 + s.reserved + off)
+                try nf.pwrite(buf, at: 8 + padded + off)
+                off += n
+            }
+        } catch { nf.abort(); throw error }
+        s.file.abort()
+        shards[k].file = nf
+    }
+
+    func indexJSON(metadata: [(key: String, value: String)]) -> String {
+        let total = tensors.reduce(0) { $0 + $1.byteCount }
+        var fileOf: [(String, String)] = []
+        for s in shards {
+            let name = URL(fileURLWithPath: s.path).lastPathComponent
+            for i in s.order { fileOf.append((tensors[i].name, name)) }
+        }
+        fileOf.sort { Array($0.0.utf8).lexicographicallyPrecedes(Array($1.0.utf8)) }
+        var out = "{\n  \"metadata\": {\n    \"total_size\": \(total)"
+        for (k, v) in metadata {
+            out += ",\n    "; JSONValue.writeString(k, &out); out += ": "; JSONValue.writeString(v, &out)
+        }
+        out += "\n  },\n  \"weight_map\": {\n"
+        out += fileOf.map { kv in
+            var line = "    "; JSONValue.writeString(kv.0, &line); line += ": "; JSONValue.writeString(kv.1, &line); return line
+        }.joined(separator: ",\n")
+        return out + "\n  }\n}\n"
+    }
+
+    func abort() { for s in shards { s.file.abort() } }
+}

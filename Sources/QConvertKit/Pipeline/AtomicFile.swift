@@ -1,0 +1,102 @@
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// An output file written under a temporary name in the target folder and
+/// renamed into place on `commit`; `abort` (or a failure) leaves nothing behind
+/// and never touches an existing file of the final name.
+public final class AtomicFile {
+    public let finalPath: String
+    public let tempPath: String
+    private var fd: Int32
+
+    public init(path: String) throws {
+        finalPath = path
+        let url = URL(fileURLWithPath: path)
+        let dir = url.deletingLastPathComponent().path
+        tempPath = dir + "/." + url.lastPathComponent + ".qconvert-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).tmp"
+        fd = open(tempPath, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+        guard fd >= 0 else {
+            throw QConvertError.write(path: path, message: String(cString: strerror(errno)))
+        }
+        TempFileRegistry.shared.add(tempPath)
+    }
+
+    deinit { if fd >= 0 { close(fd); unlink(tempPath); TempFileRegistry.shared.remove(tempPath) } }
+
+    public func pwrite(_ bytes: UnsafeRawBufferPointer, at offset: Int) throws {
+        var done = 0
+        while done < bytes.count {
+            let n = Glibc.pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(offset + done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw QConvertError.write(path: finalPath, message: String(cString: strerror(errno)))
+            }
+            done += n
+        }
+    }
+
+    public func pwrite(_ bytes: [UInt8], at offset: Int) throws {
+        try bytes.withUnsafeBytes { try pwrite($0, at: offset) }
+    }
+
+    public func pread(count: Int, at offset: Int) throws -> [UInt8] {
+        var buf = [UInt8](repeating: 0, count: count)
+        var done = 0
+        while done < count {
+            let n = buf.withUnsafeMutableBytes { Glibc.pread(fd, $0.baseAddress! + done, count - done, off_t(offset + done)) }
+            if n < 0 { if errno == EINTR { continue }; throw QConvertError.write(path: finalPath, message: String(cString: strerror(errno))) }
+            if n == 0 { break }
+            done += n
+        }
+        return buf
+    }
+
+    public func truncate(_ size: Int) throws {
+        if ftruncate(fd, off_t(size)) != 0 {
+            throw QConvertError.write(path: finalPath, message: String(cString: strerror(errno)))
+        }
+    }
+
+    public func commit() throws {
+        guard fd >= 0 else { return }
+        if close(fd) != 0 {
+            fd = -1
+            unlink(tempPath)
+            throw QConvertError.write(path: finalPath, message: String(cString: strerror(errno)))
+        }
+        fd = -1
+        if rename(tempPath, finalPath) != 0 {
+            let m = String(cString: strerror(errno))
+            unlink(tempPath)
+            TempFileRegistry.shared.remove(tempPath)
+            throw QConvertError.write(path: finalPath, message: m)
+        }
+        TempFileRegistry.shared.remove(tempPath)
+    }
+
+    public func abort() {
+        guard fd >= 0 else { return }
+        close(fd)
+        fd = -1
+        unlink(tempPath)
+        TempFileRegistry.shared.remove(tempPath)
+    }
+}
+
+/// Temporary files in flight, so that an interrupted process can remove them.
+public final class TempFileRegistry: @unchecked Sendable {
+    public static let shared = TempFileRegistry()
+    private let lock = NSLock()
+    private var paths = Set<String>()
+
+    func add(_ p: String) { lock.lock(); paths.insert(p); lock.unlock() }
+    func remove(_ p: String) { lock.lock(); paths.remove(p); lock.unlock() }
+
+    /// Removes every temporary file still registered (called on SIGINT/SIGTERM).
+    public func removeAll() {
+        lock.lock(); let ps = paths; paths.removeAll(); lock.unlock()
+        for p in ps { unlink(p) }
+    }
+}

@@ -1,0 +1,237 @@
+import Foundation
+import CQKernels
+
+/// Options of one conversion.
+public struct ConvertOptions: Sendable {
+    public var policy: Policy
+    public var jobs: Int
+    public var strict: Bool
+    public var format: String?
+    public var maxShardSize: Int?
+    /// Use the scalar reference kernels (for tests and debugging).
+    public var referenceKernels: Bool
+
+    public init(policy: Policy, jobs: Int = 1, strict: Bool = false, format: String? = nil, maxShardSize: Int? = nil,
+                referenceKernels: Bool = false) {
+        self.policy = policy; self.jobs = max(1, jobs); self.strict = strict; self.format = format
+        self.maxShardSize = maxShardSize; self.referenceKernels = referenceKernels
+    }
+}
+
+/// Progress of a conversion, for the command line's display.
+public struct ConvertProgress: Sendable {
+    public var tensorsDone: Int
+    public var tensorsTotal: Int
+    public var bytesDone: Int
+    public var bytesTotal: Int
+    public var current: String
+}
+
+/// What one tensor became.
+public struct TensorOutcome: Sendable {
+    public var plan: TensorPlan
+    public var metrics: TensorMetrics?
+}
+
+/// The result of a conversion: what was read, what was written, and how each tensor fared.
+public struct ConversionReport: Sendable {
+    public var input: String
+    public var output: String
+    public var inputFormat: String
+    public var outputFormat: String
+    public var policySource: String
+    public var inputHash: String
+    public var tensors: [TensorOutcome]
+    public var seconds: Double
+
+    public var quantizedCount: Int { tensors.filter { $0.plan.decision.scheme?.target.isQuantization == true }.count }
+    public var castCount: Int { tensors.filter { $0.plan.decision.scheme?.target.isCast == true }.count }
+    public var keptCount: Int { tensors.filter { $0.plan.decision.scheme == nil }.count }
+    public var bytesBefore: Int { tensors.reduce(0) { $0 + $1.plan.bytesBefore } }
+    public var bytesAfter: Int { tensors.reduce(0) { $0 + ($1.metrics?.bytesAfter ?? $1.plan.bytesAfter) } }
+
+    /// The converted tensor with the lowest SQNR (exact ones never qualify).
+    public var worst: TensorOutcome? {
+        tensors.filter { $0.metrics?.sqnrDB != nil }.min { $0.metrics!.sqnrDB! < $1.metrics!.sqnrDB! }
+    }
+
+    public var warnings: [(tensor: String, message: String)] {
+        tensors.flatMap { t in t.plan.warnings.map { (t.plan.name, $0) } }
+    }
+
+    /// The report document (Schemas/report.schema.json).
+    public var json: String {
+        let w = worst
+        let doc: JSONValue = .object([
+            ("format", .string("qconvert.report/1")),
+            ("tool", .object([("name", .string("qconvert")), ("version", .string(QConvertVersion.string))])),
+            ("input", .object([("path", .string(input)), ("format", .string(inputFormat)), ("sha256", .string(inputHash))])),
+            ("output", .object([("path", .string(output)), ("format", .string(outputFormat))])),
+            ("policy", .string(policySource)),
+            ("seconds", .number((seconds * 1000).rounded() / 1000)),
+            ("totals", .object([
+                ("tensors", .int(tensors.count)), ("quantized", .int(quantizedCount)), ("cast", .int(castCount)),
+                ("kept", .int(keptCount)), ("bytes_before", .int(bytesBefore)), ("bytes_after", .int(bytesAfter)),
+                ("size_ratio", .number(bytesBefore > 0 ? Double(bytesAfter) / Double(bytesBefore) : 1)),
+                ("worst_tensor", w.map { .string($0.plan.name) } ?? .null),
+                ("worst_sqnr_db", w?.metrics?.sqnrDB.map(JSONValue.number) ?? .null),
+            ])),
+            ("tensors", .array(tensors.map { t in
+                var kv: [(String, JSONValue)] = [
+                    ("name", .string(t.plan.name)),
+                    ("action", .string(t.plan.decision.scheme == nil ? "keep" : (t.plan.decision.scheme!.target.isCast ? "cast" : "quantize"))),
+                    ("dtype", .string(t.plan.decision.scheme?.target.rawValue ?? t.plan.dtype.rawValue)),
+                    ("source_dtype", .string(t.plan.dtype.rawValue)),
+                    ("shape", .array(t.plan.shape.map(JSONValue.int))),
+                    ("rule", .string(t.plan.rule)),
+                ]
+                if case .keep(let why) = t.plan.decision { kv.append(("reason", .string(why))) }
+                if let s = t.plan.decision.scheme, s.target.isQuantization {
+                    kv.append(("granularity", .string(s.granularity.rawValue)))
+                    kv.append(("axis", .int(s.axis)))
+                }
+                kv.append(("bytes_before", .int(t.plan.bytesBefore)))
+                kv.append(("bytes_after", .int(t.metrics?.bytesAfter ?? t.plan.bytesAfter)))
+                if let m = t.metrics { kv.append(("metrics", MetadataDocument.metricsJSON(m))) }
+                kv.append(("warnings", .array(t.plan.warnings.map(JSONValue.string))))
+                return .object(kv)
+            })),
+        ])
+        return doc.compact + "\n"
+    }
+}
+
+/// read → plan → quantize → write, one tensor at a time (or `jobs` at a time), output committed atomically.
+public enum Converter {
+    public static func open(_ path: String) throws -> Checkpoint {
+        try FormatRegistry.reader(for: path).read(path: path)
+    }
+
+    public static func plan(input: String, options: ConvertOptions) throws -> (Checkpoint, [TensorPlan]) {
+        let ckpt = try open(input)
+        return (ckpt, try Planner.plan(ckpt, policy: options.policy, strict: options.strict))
+    }
+
+    public static func convert(input: String, output: String, options: ConvertOptions,
+                               progress: ((ConvertProgress) -> Void)? = nil) throws -> ConversionReport {
+        let start = Date()
+        let (ckpt, plans) = try plan(input: input, options: options)
+        let writer = try FormatRegistry.writer(for: output, format: options.format, inputFormat: ckpt.format)
+
+        // Hash the input on another thread while converting; it is needed only at the end.
+        let hashBox = Box("")
+        let hashGroup = DispatchGroup()
+        DispatchQueue.global().async(group: hashGroup) { hashBox.value = ckpt.contentHash() }
+
+        var outputs: [OutputTensor] = []
+        var outIndex: [[Int]] = []
+        for p in plans {
+            let e = ckpt.entries[p.entryIndex]
+            var idx: [Int] = []
+            func add(_ name: String, _ dtype: DType, _ shape: [Int]) {
+                idx.append(outputs.count)
+                outputs.append(OutputTensor(name: name, dtype: dtype, shape: shape,
+                                            byteCount: Shape(shape).checkedByteCount(dtype) ?? 0, shard: e.shard))
+            }
+            if let s = p.decision.scheme {
+                add(p.valuesName, s.target.storageDType, Quantizer.storedShape(p.shape, target: s.target))
+                if let sn = p.scaleName { add(sn, .f32, p.paramShape) }
+                if let zn = p.zeroPointName { add(zn, s.target.zeroPointDType, p.paramShape) }
+            } else {
+                add(p.valuesName, e.dtype, e.shape)
+            }
+            outIndex.append(idx)
+        }
+        // Room for the metadata document: its size with the widest possible metrics.
+        let widest = Dictionary(uniqueKeysWithValues: plans.indices.map { ($0, MetadataDocument.widestMetrics) })
+        let hint = MetadataDocument.document(plans: plans, metrics: widest, inputFormat: ckpt.format,
+                                             inputHash: String(repeating: "0", count: 64), policy: options.policy)
+        var escaped = ""
+        JSONValue.writeString(hint, &escaped)
+        let sink = try writer.open(path: output, tensors: outputs, source: ckpt,
+                                   options: WriterOptions(maxShardSize: options.maxShardSize, metadataSizeHint: escaped.utf8.count))
+        var metrics: [Int: TensorMetrics] = [:]
+        do {
+            let total = plans.reduce(0) { $0 + $1.bytesBefore }
+            var done = 0
+            var k = 0
+            while k < plans.count {
+                let window = Array(k..<min(plans.count, k + options.jobs))
+                let results = Box([Result<QuantizedTensor?, Error>](repeating: .success(nil), count: window.count))
+                let lock = NSLock()
+                DispatchQueue.concurrentPerform(iterations: window.count) { w in
+                    let i = window[w]
+                    let r = Result { try process(plans[i], entry: ckpt.entries[plans[i].entryIndex], reference: options.referenceKernels) }
+                    lock.lock(); results.value[w] = r; lock.unlock()
+                }
+                for (w, i) in window.enumerated() {
+                    let produced = try results.value[w].get()
+                    let p = plans[i]
+                    let e = ckpt.entries[p.entryIndex]
+                    progress?(ConvertProgress(tensorsDone: i, tensorsTotal: plans.count, bytesDone: done, bytesTotal: total, current: p.name))
+                    if let q = produced {
+                        let o = outIndex[i]
+                        try q.values.withUnsafeBytes { try sink.put(o[0], $0) }
+                        if let sc = q.scale, o.count > 1 { try sc.withUnsafeBytes { try sink.put(o[1], $0) } }
+                        if let zp = q.zeroPoint, o.count > 2 { try zp.withUnsafeBytes { try sink.put(o[2], $0) } }
+                        metrics[i] = q.metrics
+                    } else {
+                        try e.bytes.withUnsafeBytes { try sink.put(outIndex[i][0], $0) }
+                    }
+                    e.bytes.release()
+                    done += p.bytesBefore
+                }
+                k += window.count
+            }
+            progress?(ConvertProgress(tensorsDone: plans.count, tensorsTotal: plans.count, bytesDone: total, bytesTotal: total, current: ""))
+            hashGroup.wait()
+            var meta = ckpt.metadata.filter { $0.key != MetadataDocument.key }
+            meta.append((MetadataDocument.key, MetadataDocument.document(plans: plans, metrics: metrics, inputFormat: ckpt.format,
+                                                                          inputHash: hashBox.value, policy: options.policy)))
+            var perShard: [String: [(key: String, value: String)]] = [:]
+            let shardNames = Set(outputs.compactMap(\.shard))
+            if shardNames.count > 1 {
+                for s in shardNames {
+                    let only = Set(plans.indices.filter { ckpt.entries[plans[$0].entryIndex].shard == s })
+                    var m = ckpt.metadata.filter { $0.key != MetadataDocument.key }
+                    m.append((MetadataDocument.key, MetadataDocument.document(plans: plans, metrics: metrics, inputFormat: ckpt.format,
+                                                                               inputHash: hashBox.value, policy: options.policy, only: only)))
+                    perShard[s] = m
+                }
+            }
+            try sink.commit(metadata: meta, perShard: perShard)
+        } catch {
+            sink.abort()
+            hashGroup.wait()
+            throw error
+        }
+        return ConversionReport(input: input, output: output, inputFormat: ckpt.format, outputFormat: writer.name,
+                                policySource: options.policy.source, inputHash: hashBox.value,
+                                tensors: plans.enumerated().map { TensorOutcome(plan: $1, metrics: metrics[$0]) },
+                                seconds: Date().timeIntervalSince(start))
+    }
+
+    /// Quantizes or casts one tensor; nil when it is kept as it is.
+    static func process(_ p: TensorPlan, entry e: TensorEntry, reference: Bool) throws -> QuantizedTensor? {
+        guard let scheme = p.decision.scheme else { return nil }
+        let n = e.elementCount
+        return try e.bytes.withUnsafeBytes { raw -> QuantizedTensor in
+            if e.dtype == .f32, let base = raw.baseAddress, Int(bitPattern: base) % MemoryLayout<Float>.alignment == 0 {
+                let floats = UnsafeBufferPointer(start: base.assumingMemoryBound(to: Float.self), count: n)
+                return try Quantizer.quantize(name: e.name, values: floats, shape: e.shape, scheme: scheme,
+                                              bytesBefore: p.bytesBefore, reference: reference)
+            }
+            let floats = FloatDecoding.toFloat32(raw, dtype: e.dtype, count: n)
+            return try floats.withUnsafeBufferPointer {
+                try Quantizer.quantize(name: e.name, values: $0, shape: e.shape, scheme: scheme, bytesBefore: p.bytesBefore,
+                                       reference: reference)
+            }
+        }
+    }
+}
+
+/// A mutable box shared with concurrently running closures; callers synchronise access.
+final class Box<T>: @unchecked Sendable {
+    var value: T
+    init(_ v: T) { value = v }
+}

@@ -1,0 +1,156 @@
+import Foundation
+
+/// What happens to one tensor.
+public enum Decision: Sendable, Equatable {
+    case keep(reason: String)
+    case cast(QuantScheme)
+    case quantize(QuantScheme)
+
+    public var scheme: QuantScheme? {
+        switch self {
+        case .keep: return nil
+        case .cast(let s), .quantize(let s): return s
+        }
+    }
+}
+
+/// The plan for one tensor: the decision, which rule made it, and the output tensors it yields.
+public struct TensorPlan: Sendable {
+    public var entryIndex: Int
+    public var name: String
+    public var dtype: DType
+    public var shape: [Int]
+    public var decision: Decision
+    /// "defaults" or "rule N (pattern)", 1-based.
+    public var rule: String
+    /// True when the format did not say which axis holds the output channels.
+    public var axisGuessed: Bool
+    public var bytesBefore: Int
+    public var bytesAfter: Int
+    public var warnings: [String]
+    public var valuesName: String
+    public var scaleName: String?
+    public var zeroPointName: String?
+    public var paramShape: [Int]
+
+    /// Bits per weight after conversion, parameters included.
+    public var bitsPerWeight: Double {
+        let n = Shape(shape).elementCount
+        return n > 0 ? Double(bytesAfter * 8) / Double(n) : 0
+    }
+}
+
+/// Turns a checkpoint and a policy into one plan per tensor. Reads no tensor data.
+public enum Planner {
+    public static func plan(_ ckpt: Checkpoint, policy: Policy, strict: Bool) throws -> [TensorPlan] {
+        var used = Set(ckpt.entries.map(\.name))
+        var ruleHits = [Int](repeating: 0, count: policy.rules.count)
+        var plans: [TensorPlan] = []
+        for (i, e) in ckpt.entries.enumerated() {
+            let facts = TensorFacts(name: e.name, dtype: e.dtype, shape: e.shape, consumerOps: e.consumerOps)
+            var settings = policy.defaults
+            var ruleLabel = "defaults"
+            if let (ri, r) = policy.firstMatch(facts) {
+                settings = settings.overlaid(with: r.settings)
+                ruleLabel = "rule \(ri + 1)" + (r.match.map { " (\($0.text))" } ?? "")
+                ruleHits[ri] += 1
+            }
+            var p = try decide(e, settings: settings, rule: ruleLabel, entryIndex: i)
+            if p.decision.scheme?.target.isQuantization == true {
+                p.scaleName = unique(e.name + "_scale", &used)
+                if requiresZeroPoint(p.decision.scheme!) { p.zeroPointName = unique(e.name + "_zero_point", &used) }
+            }
+            plans.append(p)
+        }
+        if strict {
+            for (ri, hits) in ruleHits.enumerated() where hits == 0 {
+                let r = policy.rules[ri]
+                throw QConvertError.policy(path: policy.source, line: r.line, column: r.column,
+                                           message: "\(r.label) matches no tensor (--strict)")
+            }
+        }
+        return plans
+    }
+
+    static func requiresZeroPoint(_ s: QuantScheme) -> Bool {
+        s.target.isIntegerQuantization && (s.mapping == .affine || !s.target.isSigned)
+    }
+
+    static func unique(_ base: String, _ used: inout Set<String>) -> String {
+        var name = base
+        var k = 1
+        while used.contains(name) { name = "\(base)_\(k)"; k += 1 }
+        used.insert(name)
+        return name
+    }
+
+    static func decide(_ e: TensorEntry, settings s: PolicySettings, rule: String, entryIndex: Int) throws -> TensorPlan {
+        let n = e.elementCount
+        let before = Shape(e.shape).checkedByteCount(e.dtype) ?? 0
+        var plan = TensorPlan(entryIndex: entryIndex, name: e.name, dtype: e.dtype, shape: e.shape, decision: .keep(reason: ""),
+                              rule: rule, axisGuessed: false, bytesBefore: before, bytesAfter: before, warnings: [],
+                              valuesName: e.name, scaleName: nil, zeroPointName: nil, paramShape: [])
+        let target = s.dtype ?? .int8
+        func keep(_ why: String) -> TensorPlan { var p = plan; p.decision = .keep(reason: why); return p }
+        if target == .keep { return keep("policy: keep") }
+        guard e.dtype.isFloatingPoint else { return keep("not floating point (\(e.dtype.rawValue))") }
+        let minRank = s.minRank ?? 2, minElements = s.minElements ?? 1024
+        if e.shape.count < minRank { return keep("rank \(e.shape.count) < min_rank \(minRank)") }
+        if n < minElements { return keep("\(n) elements < min_elements \(minElements)") }
+        if target.isCast {
+            if (target == .fp16 && e.dtype == .f16) || (target == .bf16 && e.dtype == .bf16) {
+                return keep("already \(target.rawValue)")
+            }
+            var scheme = QuantScheme(target: target)
+            scheme.saturate = s.saturate ?? false
+            plan.decision = .cast(scheme)
+            plan.bytesAfter = n * 2
+            return plan
+        }
+        var mapping = s.mapping ?? .scale
+        if target.isFP8 && mapping == .affine {
+            plan.warnings.append("fp8 has no zero point: using scale mapping")
+            mapping = .scale
+        }
+        var granularity = s.granularity ?? .channel
+        if e.shape.isEmpty && granularity != .tensor && granularity != .element { granularity = .tensor }
+        let rank = e.shape.count
+        var axis = 0
+        switch s.axis ?? .auto {
+        case .auto:
+            if let a = e.outputAxis { axis = a } else {
+                axis = 0
+                plan.axisGuessed = rank > 1 && (granularity == .channel || granularity == .group)
+            }
+        case .fixed(let a):
+            let r = a < 0 ? a + rank : a
+            guard rank == 0 || (r >= 0 && r < rank) else {
+                throw QConvertError.tensor(name: e.name, message: "axis \(a) is outside its rank-\(rank) shape \(Shape(e.shape)) (\(rule))")
+            }
+            axis = rank == 0 ? 0 : r
+        }
+        let calibration: Calibration
+        switch s.calibration ?? "max" {
+        case "percentile": calibration = .percentile(s.percentile ?? 99.99)
+        case "entropy": calibration = .entropy(bins: s.bins ?? 2048, levels: s.levels)
+        case "mse": calibration = .mse(bins: s.bins ?? 2048)
+        default: calibration = .max
+        }
+        let scheme = QuantScheme(target: target, mapping: mapping, granularity: granularity, axis: axis,
+                                 groupSize: s.groupSize ?? 128, calibration: calibration, saturate: s.saturate ?? false)
+        if case .entropy(let bins, let lv) = calibration {
+            let levels = lv ?? (target.isFP8 ? 128 : 1 << (target.bits - 1))
+            if bins <= levels {
+                plan.warnings.append("entropy with bins \(bins) ≤ levels \(levels) has one candidate: it equals max")
+            }
+        }
+        if granularity == .element { plan.warnings.append("per-element parameters make this tensor larger than float32") }
+        if plan.axisGuessed { plan.warnings.append("output-channel axis guessed as 0") }
+        let layout = ParamLayout(shape: e.shape, granularity: granularity, axis: axis, groupSize: scheme.groupSize)
+        plan.paramShape = layout.paramShape
+        let stored = Shape(Quantizer.storedShape(e.shape, target: target)).checkedByteCount(target.storageDType) ?? 0
+        plan.bytesAfter = stored + layout.paramCount * 4 + (requiresZeroPoint(scheme) ? layout.paramCount : 0)
+        plan.decision = .quantize(scheme)
+        return plan
+    }
+}

@@ -1,0 +1,168 @@
+import Foundation
+
+/// The axis setting of a policy: the output-channel axis the format knows, or a fixed one.
+public enum AxisSetting: Sendable, Equatable, Hashable {
+    case auto
+    case fixed(Int)
+}
+
+/// Settings a policy's `defaults` or a rule may give. A rule sets only the keys it names.
+public struct PolicySettings: Sendable, Equatable {
+    public var dtype: TargetType?
+    public var mapping: Mapping?
+    public var granularity: Granularity?
+    public var axis: AxisSetting?
+    public var groupSize: Int?
+    public var calibration: String?
+    public var percentile: Double?
+    public var bins: Int?
+    public var levels: Int?
+    public var minElements: Int?
+    public var minRank: Int?
+    public var saturate: Bool?
+
+    public init() {}
+
+    /// `other`'s keys win where it has them.
+    public func overlaid(with other: PolicySettings) -> PolicySettings {
+        var r = self
+        if let v = other.dtype { r.dtype = v }
+        if let v = other.mapping { r.mapping = v }
+        if let v = other.granularity { r.granularity = v }
+        if let v = other.axis { r.axis = v }
+        if let v = other.groupSize { r.groupSize = v }
+        if let v = other.calibration { r.calibration = v }
+        if let v = other.percentile { r.percentile = v }
+        if let v = other.bins { r.bins = v }
+        if let v = other.levels { r.levels = v }
+        if let v = other.minElements { r.minElements = v }
+        if let v = other.minRank { r.minRank = v }
+        if let v = other.saturate { r.saturate = v }
+        return r
+    }
+
+    /// The `int8` preset's values: what every key not given falls back to.
+    public static let builtIn: PolicySettings = {
+        var s = PolicySettings()
+        s.dtype = .int8; s.mapping = .scale; s.granularity = .channel; s.axis = .auto; s.groupSize = 128
+        s.calibration = "max"; s.percentile = 99.99; s.bins = 2048; s.levels = nil
+        s.minElements = 1024; s.minRank = 2; s.saturate = false
+        return s
+    }()
+}
+
+/// A comparison on an integer property (`rank: ">= 3"`, `elements: "< 4096"`, `rank: 2`).
+public struct IntComparison: Sendable, Equatable {
+    public enum Op: String, Sendable { case eq = "==", ne = "!=", lt = "<", le = "<=", gt = ">", ge = ">=" }
+    public var op: Op
+    public var value: Int
+
+    public func test(_ x: Int) -> Bool {
+        switch op {
+        case .eq: return x == value
+        case .ne: return x != value
+        case .lt: return x < value
+        case .le: return x <= value
+        case .gt: return x > value
+        case .ge: return x >= value
+        }
+    }
+}
+
+/// A tensor-name pattern: a glob (`*`, `?`, `[...]`) or a regular expression (`re:`).
+public struct NamePattern: @unchecked Sendable {
+    public let text: String
+    let regex: NSRegularExpression
+
+    public init?(_ text: String) {
+        self.text = text
+        let pattern: String
+        if text.hasPrefix("re:") {
+            pattern = "^(?:" + String(text.dropFirst(3)) + ")$"
+        } else {
+            pattern = NamePattern.globToRegex(text)
+        }
+        guard let re = try? NSRegularExpression(pattern: pattern) else { return nil }
+        regex = re
+    }
+
+    public func matches(_ name: String) -> Bool {
+        regex.firstMatch(in: name, range: NSRange(name.startIndex..., in: name)) != nil
+    }
+
+    /// `*` matches any run of characters (dots included), `?` one character, `[...]` a class.
+    static func globToRegex(_ g: String) -> String {
+        var out = "^"
+        var inClass = false
+        for c in g {
+            if inClass {
+                if c == "]" { inClass = false; out.append("]") }
+                else if c == "\\" { out.append("\\\\") }
+                else { out.append(c) }
+                continue
+            }
+            switch c {
+            case "*": out.append(".*")
+            case "?": out.append(".")
+            case "[": inClass = true; out.append("[")
+            case ".", "(", ")", "+", "|", "^", "$", "{", "}", "\\": out.append("\\"); out.append(c)
+            default: out.append(c)
+            }
+        }
+        if inClass { return "^\\[" + NSRegularExpression.escapedPattern(for: String(g.dropFirst())) + "$" }
+        return out + "$"
+    }
+}
+
+/// One rule of a policy: selectors, and the settings it applies to the tensors it selects.
+public struct PolicyRule: Sendable {
+    public var match: NamePattern?
+    public var sourceDTypes: [DType]?
+    public var rank: IntComparison?
+    public var elements: IntComparison?
+    public var ops: [String]?
+    public var settings: PolicySettings
+    /// Where the rule starts in its file (1-based), for messages.
+    public var line: Int
+    public var column: Int
+
+    /// A short human label: its match pattern or its position.
+    public var label: String {
+        if let m = match { return "rule \(m.text)" }
+        return "rule at line \(line)"
+    }
+}
+
+/// The facts a policy can select a tensor by.
+public struct TensorFacts: Sendable {
+    public var name: String
+    public var dtype: DType
+    public var shape: [Int]
+    public var consumerOps: [String]
+    public init(name: String, dtype: DType, shape: [Int], consumerOps: [String] = []) {
+        self.name = name; self.dtype = dtype; self.shape = shape; self.consumerOps = consumerOps
+    }
+}
+
+/// A parsed policy: defaults plus ordered rules (first match wins).
+public struct Policy: Sendable {
+    /// Where it came from: a file path, `preset:NAME`, plus any `--set` overrides.
+    public var source: String
+    /// The exact text it was read from (hashed into the metadata), `--set` lines appended.
+    public var text: String
+    public var defaults: PolicySettings
+    public var rules: [PolicyRule]
+
+    /// The first rule that selects the tensor, if any.
+    public func firstMatch(_ t: TensorFacts) -> (index: Int, rule: PolicyRule)? {
+        for (i, r) in rules.enumerated() {
+            if let m = r.match, !m.matches(t.name) { continue }
+            if let d = r.sourceDTypes, !d.contains(t.dtype) { continue }
+            if let c = r.rank, !c.test(t.shape.count) { continue }
+            if let c = r.elements, !c.test(Shape(t.shape).elementCount) { continue }
+            if let ops = r.ops, !ops.contains(where: { t.consumerOps.contains($0) }) { continue }
+            return (i, r)
+        }
+        return nil
+    }
+}

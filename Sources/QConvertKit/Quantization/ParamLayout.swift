@@ -1,0 +1,107 @@
+/// How the elements of a tensor map onto its quantization parameters.
+///
+/// Every granularity is a rank-preserving parameter shape P: along each axis
+/// a parameter is shared (P = 1), distinct (P = D), or blocked (P = ceil(D / B)).
+/// Element (i0, i1, …) uses the parameter at (i0 / b0, i1 / b1, …).
+public struct ParamLayout: Sendable, Equatable {
+    public let shape: [Int]
+    public let paramShape: [Int]
+    /// Per-axis divisor: D for shared axes, 1 for distinct ones, B for the blocked one.
+    let divisors: [Int]
+    /// The axis along which groups run (group granularity only).
+    public let groupAxis: Int?
+
+    public var paramCount: Int { paramShape.reduce(1, *) }
+
+    public init(shape: [Int], granularity: Granularity, axis: Int, groupSize: Int) {
+        self.shape = shape
+        let r = shape.count
+        var p = [Int](repeating: 1, count: r)
+        var d = shape.map { Swift.max($0, 1) }
+        var gAxis: Int? = nil
+        switch granularity {
+        case .tensor:
+            break
+        case .channel:
+            if r > 0 { p[axis] = shape[axis]; d[axis] = 1 }
+        case .element:
+            p = shape; d = [Int](repeating: 1, count: r)
+        case .group:
+            if r > 0 {
+                let g = ParamLayout.groupAxis(rank: r, channelAxis: axis)
+                gAxis = g
+                for j in 0..<r where j != g { p[j] = shape[j]; d[j] = 1 }
+                p[g] = (shape[g] + groupSize - 1) / groupSize
+                d[g] = groupSize
+            }
+        }
+        self.paramShape = p
+        self.divisors = d
+        self.groupAxis = gAxis
+    }
+
+    /// Groups run along the reduction axis: the last axis, or the one before it
+    /// when the output channels are last (ONNX MatMul `[K, N]`).
+    public static func groupAxis(rank: Int, channelAxis: Int) -> Int {
+        if rank < 2 { return 0 }
+        return channelAxis == rank - 1 ? rank - 2 : rank - 1
+    }
+
+    /// Parameter index of every element, in row-major order (reference path and gathering).
+    public func paramIndices() -> [Int32] {
+        let n = shape.reduce(1, *)
+        var out = [Int32](repeating: 0, count: n)
+        let r = shape.count
+        if r == 0 || n == 0 { return out }
+        var pstrides = [Int](repeating: 1, count: r)
+        for j in stride(from: r - 2, through: 0, by: -1) { pstrides[j] = pstrides[j + 1] * paramShape[j + 1] }
+        var idx = [Int](repeating: 0, count: r)
+        for e in 0..<n {
+            var pi = 0
+            for j in 0..<r { pi += (idx[j] / divisors[j]) * pstrides[j] }
+            out[e] = Int32(pi)
+            var j = r - 1
+            while j >= 0 {
+                idx[j] += 1
+                if idx[j] < shape[j] { break }
+                idx[j] = 0
+                j -= 1
+            }
+        }
+        return out
+    }
+
+    /// How parameters vary along the innermost axis.
+    enum LastAxis { case shared, distinct, blocked(Int) }
+
+    var lastAxisMode: LastAxis {
+        guard let last = shape.last else { return .shared }
+        let b = divisors[shape.count - 1]
+        if paramShape[shape.count - 1] == 1 || b >= last { return .shared }
+        if b == 1 { return .distinct }
+        return .blocked(b)
+    }
+
+    /// Calls `body(rowIndex, firstParamIndexOfRow)` for each innermost row.
+    func forEachRow(_ body: (Int, Int) throws -> Void) rethrows {
+        let r = shape.count
+        if r == 0 { try body(0, 0); return }
+        let rows = shape.dropLast().reduce(1, *)
+        if rows == 0 || shape[r - 1] == 0 { return }
+        var pstrides = [Int](repeating: 1, count: r)
+        for j in stride(from: r - 2, through: 0, by: -1) { pstrides[j] = pstrides[j + 1] * paramShape[j + 1] }
+        var idx = [Int](repeating: 0, count: r - 1)
+        for row in 0..<rows {
+            var pi = 0
+            for j in 0..<(r - 1) { pi += (idx[j] / divisors[j]) * pstrides[j] }
+            try body(row, pi)
+            var j = r - 2
+            while j >= 0 {
+                idx[j] += 1
+                if idx[j] < shape[j] { break }
+                idx[j] = 0
+                j -= 1
+            }
+        }
+    }
+}

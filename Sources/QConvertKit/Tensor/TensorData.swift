@@ -1,0 +1,53 @@
+import Foundation
+import CQKernels
+
+/// Where a tensor's bytes live: a window of a mapped file, or memory of its own.
+public enum TensorBytes: @unchecked Sendable {
+    case mapped(MappedFile, offset: Int, count: Int)
+    case owned([UInt8])
+
+    public var count: Int {
+        switch self {
+        case .mapped(_, _, let c): return c
+        case .owned(let a): return a.count
+        }
+    }
+
+    public func withUnsafeBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
+        switch self {
+        case .mapped(let f, let off, let c): return try body(f.bytes(at: off, count: c))
+        case .owned(let a): return try a.withUnsafeBytes(body)
+        }
+    }
+
+    /// Releases the resident pages of a mapped window after use.
+    public func release() {
+        if case .mapped(let f, let off, let c) = self { f.release(offset: off, count: c) }
+    }
+}
+
+/// Decodes floating-point tensor bytes into float32 values.
+public enum FloatDecoding {
+    public static func toFloat32(_ bytes: UnsafeRawBufferPointer, dtype: DType, count: Int) -> [Float] {
+        [Float](unsafeUninitializedCapacity: count) { buf, initialized in
+            decode(bytes, dtype: dtype, count: count, into: buf.baseAddress!)
+            initialized = count
+        }
+    }
+
+    public static func decode(_ bytes: UnsafeRawBufferPointer, dtype: DType, count: Int, into dst: UnsafeMutablePointer<Float>) {
+        guard count > 0, let src = bytes.baseAddress else { return }
+        switch dtype {
+        case .f32: qk_copy_f32(src, Int64(count), dst)
+        case .f16: qk_f16_to_f32(src, Int64(count), dst)
+        case .bf16: qk_bf16_to_f32(src, Int64(count), dst)
+        case .f64: qk_f64_to_f32(src, Int64(count), dst)
+        case .f8e4m3:
+            for i in 0..<count { dst[i] = FP8.decode(src.load(fromByteOffset: i, as: UInt8.self), format: .e4m3) }
+        case .f8e5m2:
+            for i in 0..<count { dst[i] = FP8.decode(src.load(fromByteOffset: i, as: UInt8.self), format: .e5m2) }
+        default:
+            preconditionFailure("not a floating-point dtype: \(dtype)")
+        }
+    }
+}

@@ -1,0 +1,2 @@
+import QConvertKit
+print("stub")
