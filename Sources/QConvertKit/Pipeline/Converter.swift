@@ -31,6 +31,7 @@ public struct ConvertProgress: Sendable {
 public struct TensorOutcome: Sendable {
     public var plan: TensorPlan
     public var metrics: TensorMetrics?
+    public init(plan: TensorPlan, metrics: TensorMetrics?) { self.plan = plan; self.metrics = metrics }
 }
 
 /// The result of a conversion: what was read, what was written, and how each tensor fared.
@@ -43,6 +44,12 @@ public struct ConversionReport: Sendable {
     public var inputHash: String
     public var tensors: [TensorOutcome]
     public var seconds: Double
+
+    public init(input: String, output: String, inputFormat: String, outputFormat: String, policySource: String,
+                inputHash: String, tensors: [TensorOutcome], seconds: Double) {
+        self.input = input; self.output = output; self.inputFormat = inputFormat; self.outputFormat = outputFormat
+        self.policySource = policySource; self.inputHash = inputHash; self.tensors = tensors; self.seconds = seconds
+    }
 
     public var quantizedCount: Int { tensors.filter { $0.plan.decision.scheme?.target.isQuantization == true }.count }
     public var castCount: Int { tensors.filter { $0.plan.decision.scheme?.target.isCast == true }.count }

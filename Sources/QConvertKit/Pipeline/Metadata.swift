@@ -101,7 +101,8 @@ enum TensorMetricsPlaceholder {
     static var value: TensorMetrics {
         var s = qk_metrics()
         s.clipped = 0
-        var m = TensorMetrics(sums: s, count: 1, bytesBefore: Int.max, bytesAfter: Int.max)
+        var m = TensorMetrics(sums: s, count: 1, bytesBefore: 0, bytesAfter: 0)
+        m.bytesBefore = 999_999_999_999_999; m.bytesAfter = 999_999_999_999_999
         let wide = -1.2345678901234567e-300
         m.maxAbsError = wide; m.mse = wide; m.sqnrDB = wide; m.cosine = wide; m.clippedFraction = wide; m.bitsPerWeight = wide
         return m

@@ -44,8 +44,11 @@ public struct SafetensorsReader: FormatReader {
         let header = try SafetensorsHeader.parse(f.bytes(at: 0, count: f.size), path: f.path)
         let dataStart = 8 + header.headerLength
         let entries = header.tensors.map { t in
+            // safetensors checkpoints follow PyTorch's layout: Linear, Conv and Embedding
+            // weights keep their output channels (rows) on axis 0.
             TensorEntry(name: t.name, dtype: t.dtype, shape: t.shape,
-                        bytes: .mapped(f, offset: dataStart + t.begin, count: t.end - t.begin), shard: shard)
+                        bytes: .mapped(f, offset: dataStart + t.begin, count: t.end - t.begin),
+                        outputAxis: t.shape.count >= 2 ? 0 : nil, shard: shard)
         }
         f.release(offset: 0, count: dataStart)
         return (entries, header.metadata)

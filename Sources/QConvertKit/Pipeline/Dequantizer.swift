@@ -1,0 +1,119 @@
+import Foundation
+import CQKernels
+
+/// Turns a qconvert-quantized checkpoint back into float tensors, using its metadata document.
+public enum Dequantizer {
+    public struct Result: Sendable {
+        public var restored: Int
+        public var copied: Int
+    }
+
+    public static func run(input: String, output: String, format: String? = nil) throws -> Result {
+        let ckpt = try Converter.open(input)
+        guard let text = ckpt.metadata.first(where: { $0.key == MetadataDocument.key })?.value else {
+            throw QConvertError.badInput(path: input, message: "no '\(MetadataDocument.key)' metadata: not a qconvert-quantized file")
+        }
+        let doc: JSONValue
+        do { doc = try JSONParser.parse(text) } catch {
+            throw QConvertError.badInput(path: input, message: "the quantization metadata is not valid JSON: \(error)")
+        }
+        guard let records = doc["tensors"]?.objectValue else {
+            throw QConvertError.badInput(path: input, message: "the quantization metadata has no 'tensors' object")
+        }
+        let byName = Dictionary(ckpt.entries.enumerated().map { ($1.name, $0) }, uniquingKeysWith: { a, _ in a })
+        var consumed = Set<String>()
+        struct Job { var entry: Int; var record: JSONValue }
+        var jobs: [String: Job] = [:]
+        for (name, rec) in records {
+            guard let i = byName[name] else {
+                throw QConvertError.badInput(path: input, message: "metadata describes tensor '\(name)' but the file does not hold it")
+            }
+            jobs[name] = Job(entry: i, record: rec)
+            if let s = rec["scale"]?.stringValue { consumed.insert(s) }
+            if let z = rec["zero_point"]?.stringValue { consumed.insert(z) }
+        }
+        var outputs: [OutputTensor] = []
+        var sources: [(entry: Int, job: Job?)] = []
+        for (i, e) in ckpt.entries.enumerated() where !consumed.contains(e.name) {
+            if let j = jobs[e.name] {
+                guard let sd = j.record["source_dtype"]?.stringValue, let dtype = DType(safetensorsName: sd) ?? DType(rawValue: sd),
+                      let shape = j.record["source_shape"]?.arrayValue?.compactMap(\.nonNegativeInt) else {
+                    throw QConvertError.badInput(path: input, message: "tensor '\(e.name)': metadata lacks source_dtype or source_shape")
+                }
+                let outType: DType = [.f32, .f16, .bf16, .f64].contains(dtype) ? dtype : .f32
+                outputs.append(OutputTensor(name: e.name, dtype: outType, shape: shape,
+                                            byteCount: Shape(shape).checkedByteCount(outType) ?? 0, shard: e.shard))
+                sources.append((i, j))
+            } else {
+                outputs.append(OutputTensor(name: e.name, dtype: e.dtype, shape: e.shape, byteCount: e.bytes.count, shard: e.shard))
+                sources.append((i, nil))
+            }
+        }
+        let writer = try FormatRegistry.writer(for: output, format: format, inputFormat: ckpt.format)
+        let sink = try writer.open(path: output, tensors: outputs, source: ckpt, options: WriterOptions())
+        do {
+            for (k, s) in sources.enumerated() {
+                let e = ckpt.entries[s.entry]
+                guard let job = s.job else {
+                    try e.bytes.withUnsafeBytes { try sink.put(k, $0) }
+                    continue
+                }
+                let values = try restore(e, record: job.record, ckpt: ckpt, byName: byName, path: input)
+                let bytes = encode(values, as: outputs[k].dtype)
+                try bytes.withUnsafeBytes { try sink.put(k, $0) }
+            }
+            let meta = ckpt.metadata.filter { $0.key != MetadataDocument.key }
+            try sink.commit(metadata: meta, perShard: [:])
+        } catch {
+            sink.abort()
+            throw error
+        }
+        return Result(restored: jobs.count, copied: sources.count - jobs.count)
+    }
+
+    static func restore(_ e: TensorEntry, record r: JSONValue, ckpt: Checkpoint, byName: [String: Int], path: String) throws -> [Float] {
+        func bad(_ m: String) -> QConvertError { .badInput(path: path, message: "tensor '\(e.name)': \(m)") }
+        guard let dt = r["dtype"]?.stringValue, let target = TargetType(rawValue: dt) else { throw bad("unknown quantized dtype") }
+        let shape = r["source_shape"]?.arrayValue?.compactMap(\.nonNegativeInt) ?? []
+        let values = e.bytes.withUnsafeBytes { [UInt8]($0) }
+        let expected = Shape(Quantizer.storedShape(shape, target: target)).checkedByteCount(target.storageDType) ?? -1
+        guard values.count == expected else { throw bad("holds \(values.count) bytes, metadata implies \(expected)") }
+        var scale: [Float]? = nil
+        var zp: [UInt8]? = nil
+        let granularity = Granularity(rawValue: r["granularity"]?.stringValue ?? "tensor") ?? .tensor
+        let axis = r["axis"]?.nonNegativeInt ?? 0
+        let groupSize = r["group_size"]?.nonNegativeInt ?? 1
+        let layout = ParamLayout(shape: shape, granularity: granularity, axis: axis, groupSize: max(groupSize, 1))
+        if let sn = r["scale"]?.stringValue {
+            guard let si = byName[sn] else { throw bad("scale tensor '\(sn)' is missing") }
+            let se = ckpt.entries[si]
+            guard se.dtype == .f32, se.elementCount == layout.paramCount else { throw bad("scale tensor '\(sn)' has the wrong type or size") }
+            scale = se.bytes.withUnsafeBytes { FloatDecoding.toFloat32($0, dtype: .f32, count: se.elementCount) }
+        }
+        if let zn = r["zero_point"]?.stringValue {
+            guard let zi = byName[zn] else { throw bad("zero-point tensor '\(zn)' is missing") }
+            let ze = ckpt.entries[zi]
+            guard ze.elementCount == layout.paramCount, ze.dtype.bits == 8 else { throw bad("zero-point tensor '\(zn)' has the wrong type or size") }
+            zp = ze.bytes.withUnsafeBytes { [UInt8]($0) }
+        }
+        return Quantizer.dequantize(values: values, target: target, shape: shape, scale: scale, zeroPoint: zp,
+                                    granularity: granularity, axis: axis, groupSize: max(groupSize, 1))
+    }
+
+    static func encode(_ v: [Float], as dtype: DType) -> [UInt8] {
+        switch dtype {
+        case .f16:
+            var h = [UInt16](repeating: 0, count: v.count)
+            _ = qk_f32_to_f16(v, Int64(v.count), &h, 1)
+            return h.withUnsafeBytes { [UInt8]($0) }
+        case .bf16:
+            var h = [UInt16](repeating: 0, count: v.count)
+            qk_f32_to_bf16(v, Int64(v.count), &h)
+            return h.withUnsafeBytes { [UInt8]($0) }
+        case .f64:
+            return v.map(Double.init).withUnsafeBytes { [UInt8]($0) }
+        default:
+            return v.withUnsafeBytes { [UInt8]($0) }
+        }
+    }
+}

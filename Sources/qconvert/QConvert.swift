@@ -1,0 +1,90 @@
+import ArgumentParser
+import Foundation
+import QConvertKit
+
+@main
+struct QConvert: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "qconvert",
+        abstract: "Convert model checkpoints between formats and quantize them on the way.",
+        discussion: """
+            A policy decides, tensor by tensor, what to keep, cast or quantize. Without one, the int8 \
+            preset applies: symmetric int8 per output channel, max calibration, for float tensors of rank ≥ 2 \
+            with ≥ 1024 elements.
+
+            Examples:
+              qconvert model.safetensors -o model.int8.safetensors
+              qconvert model.safetensors -o model.w4.safetensors --preset w4g128
+              qconvert model.safetensors -o out.safetensors --policy Samples/policy.cfg --report report.json
+              qconvert plan model.safetensors --policy Samples/policy.cfg
+              qconvert inspect model.int8.safetensors
+
+            Exit codes: 0 success; 2 policy error; 3 bad input (unreadable, malformed, NaN in a tensor to \
+            quantize); 4 the output could not be written; 64 usage error; 130 interrupted.
+            """,
+        version: QConvertVersion.string,
+        subcommands: [Convert.self, PlanCommand.self, Inspect.self, DequantizeCommand.self],
+        defaultSubcommand: Convert.self
+    )
+}
+
+/// Policy selection shared by convert and plan.
+struct PolicyOptions: ParsableArguments {
+    @Option(name: .long, help: ArgumentHelp("A policy file (YAML, any extension).", valueName: "file"))
+    var policy: String?
+
+    @Option(name: .long, help: ArgumentHelp("A built-in policy: int8 (default), uint8, w4g128, fp16, bf16, keep.", valueName: "name"))
+    var preset: String?
+
+    @Option(name: .customLong("set"), help: ArgumentHelp("Override a default of the policy, e.g. --set dtype=int4 --set group_size=64.", valueName: "key=value"))
+    var overrides: [String] = []
+
+    @Flag(name: .long, help: "Fail when a policy rule matches no tensor.")
+    var strict = false
+
+    func validate() throws {
+        if policy != nil && preset != nil { throw ValidationError("give either --policy or --preset, not both") }
+    }
+
+    func load() throws -> Policy {
+        let base = try policy.map(PolicyLoader.load(path:)) ?? PolicyLoader.preset(preset ?? "int8")
+        return try PolicyLoader.applyOverrides(base, overrides)
+    }
+}
+
+/// Runs a body, turning library errors into one line on stderr and a documented exit code.
+func runReportingErrors(_ body: () throws -> Void) throws {
+    do {
+        try body()
+    } catch let e as QConvertError {
+        FileHandle.standardError.write(Data("qconvert: error: \(e.description)\n".utf8))
+        throw ExitCode(e.exitCode)
+    }
+}
+
+func installInterruptCleanup() {
+    for sig in [SIGINT, SIGTERM] {
+        signal(sig) { s in
+            TempFileRegistry.shared.removeAll()
+            _exit(128 + s)
+        }
+    }
+}
+
+func formatBytes(_ n: Int) -> String {
+    let d = Double(n)
+    if d >= 1e9 { return String(format: "%.2f GB", d / 1e9) }
+    if d >= 1e6 { return String(format: "%.1f MB", d / 1e6) }
+    if d >= 1e3 { return String(format: "%.1f kB", d / 1e3) }
+    return "\(n) B"
+}
+
+func parseSize(_ s: String) throws -> Int {
+    let t = s.trimmingCharacters(in: .whitespaces).uppercased()
+    let units: [(String, Double)] = [("GIB", 1073741824), ("MIB", 1048576), ("KIB", 1024), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("G", 1e9), ("M", 1e6), ("K", 1e3), ("B", 1)]
+    for (u, m) in units where t.hasSuffix(u) {
+        if let v = Double(t.dropLast(u.count).trimmingCharacters(in: .whitespaces)), v > 0 { return Int(v * m) }
+    }
+    if let v = Int(t), v > 0 { return v }
+    throw ValidationError("bad size '\(s)' (examples: 5GB, 500MB, 2GiB)")
+}

@@ -1,2 +1,0 @@
-import QConvertKit
-print("stub")
