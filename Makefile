@@ -1,0 +1,45 @@
+# The two commands of the README:
+#   make demo   installs what it needs, builds qconvert and quantizes the bundled sample
+#   make test   installs everything the tests need and runs all of them
+SWIFT ?= swift
+BIN = .build/release/qconvert
+
+.PHONY: demo test setup build release swift-test interop bench clean sample
+
+setup:
+	scripts/setup.sh
+
+build:
+	$(SWIFT) build
+
+release:
+	$(SWIFT) build -c release --product qconvert
+
+demo:
+	scripts/setup.sh --no-python
+	$(SWIFT) build -c release --product qconvert
+	@mkdir -p out
+	$(BIN) Samples/tiny-transformer.safetensors -o out/tiny-transformer.quantized.safetensors \
+	  --policy Samples/policy.cfg --report out/tiny-transformer.report.json
+	$(BIN) inspect out/tiny-transformer.quantized.safetensors
+
+swift-test:
+	$(SWIFT) build
+	$(SWIFT) test
+
+interop:
+	$(SWIFT) build -c release --product qconvert
+	QCONVERT=$(abspath $(BIN)) .venv/bin/python -m pytest -q Tests/Interop
+
+test: setup swift-test interop
+
+bench:
+	scripts/setup.sh
+	$(SWIFT) build -c release --product qconvert
+	.venv/bin/python Benchmarks/safetensors_int8.py
+
+sample:
+	python3 Samples/make_sample.py Samples/tiny-transformer.safetensors
+
+clean:
+	rm -rf .build out
