@@ -38,51 +38,63 @@ public enum Calibrator {
     /// TensorRT's entropy calibration: the threshold whose clipped distribution
     /// loses the least information (KL divergence) when merged into `levels` levels.
     /// Returns the chosen threshold alpha in units of bins (the candidate i).
+    ///
+    /// For each candidate i: P = the first i bins with the mass of bins ≥ i added to bin i−1;
+    /// Q = the first i bins merged into `levels` groups (group g covers bins
+    /// [g·i/levels, (g+1)·i/levels)), each group's mass spread evenly over its non-empty bins.
+    /// Both are normalised and smoothed (1e-4 moved into each empty bin). Bins empty in the
+    /// histogram get the same ε in P and Q and add nothing to KL, so only non-empty bins are visited.
     public static func entropyCandidate(hist: [Double], levels: Int) -> Int {
         let bins = hist.count
         if bins <= levels { return bins }
-        var suffix = [Double](repeating: 0, count: bins + 1)
-        for k in stride(from: bins - 1, through: 0, by: -1) { suffix[k] = suffix[k + 1] + hist[k] }
+        var prefix = [Double](repeating: 0, count: bins + 1)
+        var nonEmptyPrefix = [Int](repeating: 0, count: bins + 1)
+        var nz: [Int] = []
+        for k in 0..<bins {
+            prefix[k + 1] = prefix[k] + hist[k]
+            nonEmptyPrefix[k + 1] = nonEmptyPrefix[k] + (hist[k] != 0 ? 1 : 0)
+            if hist[k] != 0 { nz.append(k) }
+        }
+        let total = prefix[bins]
+        guard total > 0 else { return bins }
+        let eps = 1e-4
         var bestI = bins
         var bestKL = Double.infinity
-        var p = [Double](repeating: 0, count: bins)
-        var q = [Double](repeating: 0, count: bins)
         for i in levels...bins {
-            for k in 0..<i { p[k] = hist[k] }
-            p[i - 1] += suffix[i]
-            // Q: the first i bins merged into `levels` groups, each group's mass spread
-            // evenly over its non-empty bins.
-            for g in 0..<levels {
-                let start = g * i / levels, end = (g + 1) * i / levels
-                var mass = 0.0
-                var nonEmpty = 0
-                for k in start..<end { mass += hist[k]; if hist[k] != 0 { nonEmpty += 1 } }
-                for k in start..<end { q[k] = (hist[k] != 0 && nonEmpty > 0) ? mass / Double(nonEmpty) : 0 }
-            }
-            guard normalizeAndSmooth(&p, count: i), normalizeAndSmooth(&q, count: i) else { continue }
+            let outliers = total - prefix[i]
+            let nonEmptyQ = nonEmptyPrefix[i]
+            guard nonEmptyQ > 0 else { continue }
+            let lastEmpty = hist[i - 1] == 0
+            let nonEmptyP = nonEmptyQ + (lastEmpty && outliers > 0 ? 1 : 0)
+            let eps1P = eps * Double(i - nonEmptyP) / Double(nonEmptyP)
+            let eps1Q = eps * Double(i - nonEmptyQ) / Double(nonEmptyQ)
+            let sumQ = prefix[i]
             var kl = 0.0
-            for k in 0..<i { kl += p[k] * log(p[k] / q[k]) }
+            var valid = true
+            func term(_ k: Int) {
+                var pRaw = hist[k]
+                if k == i - 1 { pRaw += outliers }
+                let p = pRaw == 0 ? eps : pRaw / total - eps1P
+                var q = eps
+                if hist[k] != 0 {
+                    let g = ((k + 1) * levels + i - 1) / i - 1
+                    let start = g * i / levels, end = (g + 1) * i / levels
+                    let mass = prefix[end] - prefix[start]
+                    let count = nonEmptyPrefix[end] - nonEmptyPrefix[start]
+                    q = (mass / Double(count)) / sumQ - eps1Q
+                }
+                if p <= 0 || q <= 0 { valid = false; return }
+                kl += p * log(p / q)
+            }
+            for k in nz {
+                if k >= i { break }
+                term(k)
+            }
+            if lastEmpty && outliers > 0 { term(i - 1) }
+            guard valid else { continue }
             if kl <= bestKL { bestKL = kl; bestI = i }   // ties: the largest i
         }
         return bestI
-    }
-
-    /// Normalises to sum 1, then moves a tiny mass (1e-4 per empty bin) from the
-    /// non-empty bins to the empty ones. False when the distribution cannot be used.
-    static func normalizeAndSmooth(_ d: inout [Double], count: Int) -> Bool {
-        var sum = 0.0
-        var zeros = 0
-        for k in 0..<count { sum += d[k]; if d[k] == 0 { zeros += 1 } }
-        guard sum > 0 else { return false }
-        let nonZeros = count - zeros
-        let eps = 1e-4
-        let eps1 = eps * Double(zeros) / Double(nonZeros)
-        for k in 0..<count {
-            let v = d[k] / sum
-            d[k] = v == 0 ? eps : v - eps1
-            if d[k] <= 0 { return false }
-        }
-        return true
     }
 
     /// The candidate (same as entropy's) minimising the expected squared
@@ -92,11 +104,12 @@ public enum Calibrator {
         if bins <= levels { return bins }
         var bestI = bins
         var best = Double.infinity
+        let nz = (0..<bins).filter { hist[$0] != 0 }
         for i in levels...bins {
             let alpha = Double(i)          // in bin-width units
             let step = alpha / Double(qmax)
             var err = 0.0
-            for k in 0..<bins where hist[k] != 0 {
+            for k in nz {
                 let c = Double(k) + 0.5
                 let q = Swift.min((c / step).rounded(.toNearestOrEven), Double(qmax))
                 let e = c - q * step

@@ -107,7 +107,7 @@ public struct QuantScheme: Sendable, Equatable, Hashable {
         let full = target.fullRange
         if mapping == .scale {
             let m = Int32((1 << (target.bits - 1)) - 1)
-            return target.isSigned ? (-m, m) : (0, full.qmax)
+            return target.isSigned ? (-m, m) : (1, full.qmax)   // unsigned: zero point at the midpoint (128, 8)
         }
         return full
     }

@@ -1,0 +1,44 @@
+import json
+import os
+import pathlib
+import subprocess
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+CACHE = pathlib.Path(os.environ.get("QCONVERT_TEST_CACHE", REPO / ".cache"))
+
+
+def qconvert_binary():
+    env = os.environ.get("QCONVERT")
+    if env:
+        return env
+    for c in (REPO / ".build/release/qconvert", REPO / ".build/debug/qconvert"):
+        if c.exists():
+            return str(c)
+    pytest.exit("qconvert is not built: run 'swift build -c release' or set QCONVERT", returncode=2)
+
+
+QCONVERT = qconvert_binary()
+
+
+def run(*args, check=True):
+    p = subprocess.run([QCONVERT, *map(str, args)], capture_output=True, text=True)
+    if check and p.returncode != 0:
+        raise AssertionError(f"qconvert {' '.join(map(str, args))} exited {p.returncode}: {p.stderr}")
+    return p
+
+
+def metadata_doc(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+        meta = f.metadata()
+    keys = [k for k in meta if "quantization" in k]
+    assert len(keys) == 1, meta.keys()
+    return json.loads(meta[keys[0]]), meta
+
+
+@pytest.fixture
+def tmp(tmp_path):
+    return tmp_path
