@@ -51,14 +51,18 @@ public final class Checkpoint: @unchecked Sendable {
         return h.finalize().map { String(format: "%02x", $0) }.joined()
     }
 
+    /// Reads with pread into one reused buffer rather than through the mapping, so the
+    /// hashing thread neither adds resident pages nor drops pages the converter is using.
     static func sha256(of f: MappedFile) -> String {
         var h = SHA256()
-        let chunk = 16 << 20
+        let chunk = 4 << 20
+        let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 64)
+        defer { buf.deallocate() }
         var off = 0
         while off < f.size {
-            let n = min(chunk, f.size - off)
-            h.update(bufferPointer: f.bytes(at: off, count: n))
-            f.release(offset: off, count: n)
+            let n = f.read(into: buf, at: off, count: min(chunk, f.size - off))
+            if n <= 0 { break }
+            h.update(bufferPointer: UnsafeRawBufferPointer(rebasing: buf[0..<n]))
             off += n
         }
         return h.finalize().map { String(format: "%02x", $0) }.joined()

@@ -51,6 +51,18 @@ public final class MappedFile: @unchecked Sendable {
         return UnsafeRawBufferPointer(start: base + offset, count: count)
     }
 
+    /// Reads bytes with pread (not through the mapping); returns the count read, or -1.
+    public func read(into buf: UnsafeMutableRawBufferPointer, at offset: Int, count: Int) -> Int {
+        var done = 0
+        while done < count {
+            let n = pread(fd, buf.baseAddress! + done, count - done, off_t(offset + done))
+            if n < 0 { if errno == EINTR { continue }; return -1 }
+            if n == 0 { break }
+            done += n
+        }
+        return done
+    }
+
     /// Tells the kernel the pages of a range will be read sequentially soon.
     public func willNeed(offset: Int, count: Int) {
         guard let base, count > 0 else { return }
