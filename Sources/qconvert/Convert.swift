@@ -32,6 +32,9 @@ struct Convert: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Split the output into shards of at most this size (e.g. 5GB); the output is then a folder.", valueName: "size"))
     var maxShardSize: String?
 
+    @Option(name: .long, help: ArgumentHelp("Input fingerprint recorded in the metadata: xxh64 (fast) or sha256 (checkable with sha256sum).", valueName: "algorithm"))
+    var inputHash: String = "xxh64"
+
     @Flag(name: .long, help: "Print the plan and stop, as 'qconvert plan' does.")
     var dryRun = false
 
@@ -41,6 +44,7 @@ struct Convert: ParsableCommand {
     func validate() throws {
         if !dryRun && output == nil { throw ValidationError("missing -o/--output (or use --dry-run to see the plan)") }
         if jobs < 1 { throw ValidationError("--jobs must be at least 1") }
+        if ContentHash(rawValue: inputHash) == nil { throw ValidationError("--input-hash is xxh64 or sha256") }
     }
 
     func run() throws {
@@ -48,6 +52,7 @@ struct Convert: ParsableCommand {
             let policy = try policyOptions.load()
             var options = ConvertOptions(policy: policy, jobs: jobs, strict: policyOptions.strict, format: format)
             if let m = maxShardSize { options.maxShardSize = try parseSize(m) }
+            options.inputHash = ContentHash(rawValue: inputHash) ?? .xxh64
             if dryRun {
                 let (ckpt, plans) = try Converter.plan(input: input, options: options)
                 PlanCommand.printTable(ckpt: ckpt, plans: plans, policy: policy)

@@ -45,7 +45,7 @@ struct Inspect: ParsableCommand {
             if let q = quant, let doc = try? JSONParser.parse(q) {
                 out += "\nquantization metadata (\(MetadataDocument.key)): "
                 out += "qconvert \(doc["tool"]?["version"]?.stringValue ?? "?"), policy \(doc["policy"]?["source"]?.stringValue ?? "?")\n"
-                out += "  input sha256 \(doc["input"]?["sha256"]?.stringValue ?? "?")\n"
+                out += "  input \(doc["input"]?["hash"]?.stringValue ?? "?")\n"
                 for (name, r) in doc["tensors"]?.objectValue ?? [] {
                     var line = "  \(name): \(r["source_dtype"]?.stringValue ?? "?") → \(r["dtype"]?.stringValue ?? "?")"
                     if let g = r["granularity"]?.stringValue { line += " \(g)" }

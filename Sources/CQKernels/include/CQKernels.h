@@ -39,4 +39,16 @@ void qk_f64_to_f32(const void *src, int64_t n, float *dst);
 /// Copies n unaligned floats into an aligned buffer.
 void qk_copy_f32(const void *src, int64_t n, float *dst);
 
+/// Streaming XXH64 (seed 0): a fast non-cryptographic content hash.
+typedef struct {
+    uint64_t v[4];
+    uint64_t total;
+    uint8_t buf[32];
+    uint32_t buffered;
+} qk_xxh64_state;
+
+void qk_xxh64_init(qk_xxh64_state *s);
+void qk_xxh64_update(qk_xxh64_state *s, const void *data, size_t len);
+uint64_t qk_xxh64_digest(const qk_xxh64_state *s);
+
 #endif

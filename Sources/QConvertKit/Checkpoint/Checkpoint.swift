@@ -1,5 +1,6 @@
 import Foundation
 import Crypto
+import CQKernels
 
 /// One tensor of a checkpoint: what it is, where its bytes are, and what the format knows of its role.
 public struct TensorEntry: Sendable {
@@ -42,30 +43,62 @@ public final class Checkpoint: @unchecked Sendable {
         self.metadata = metadata; self.shardNames = shardNames
     }
 
-    /// SHA-256 of the input's bytes (for several files: of their hashes in order).
-    /// Pages are released as they are hashed so memory stays flat.
-    public func contentHash() -> String {
-        if files.count == 1 { return Checkpoint.sha256(of: files[0]) }
-        var h = SHA256()
-        for f in files { h.update(data: Data(Checkpoint.sha256(of: f).utf8)) }
-        return h.finalize().map { String(format: "%02x", $0) }.joined()
+    /// A hash of the input's bytes, as "ALGORITHM:hex" (for several files: the hash of their
+    /// hex digests joined in order).
+    public func contentHash(_ algorithm: ContentHash = .xxh64) -> String {
+        let digests = files.map { algorithm.digest(of: $0) }
+        if digests.count == 1 { return "\(algorithm.rawValue):\(digests[0])" }
+        return "\(algorithm.rawValue):" + algorithm.digest(of: Array(digests.joined().utf8))
+    }
+}
+
+/// How inputs are fingerprinted in the metadata document.
+public enum ContentHash: String, Sendable, CaseIterable {
+    /// XXH64: fast (memory speed), enough to tell whether an input changed.
+    case xxh64
+    /// SHA-256: cryptographic, checkable with sha256sum; about 2 GB/s here.
+    case sha256
+
+    func digest(of bytes: [UInt8]) -> String {
+        bytes.withUnsafeBytes { raw in
+            var d = Digester(self)
+            d.update(raw)
+            return d.hex()
+        }
     }
 
-    /// Reads with pread into one reused buffer rather than through the mapping, so the
-    /// hashing thread neither adds resident pages nor drops pages the converter is using.
-    static func sha256(of f: MappedFile) -> String {
-        var h = SHA256()
+    /// Hashes through the mapping in 4 MB windows, releasing each window's pages after use
+    /// so that the hashing thread does not grow resident memory with the file.
+    func digest(of f: MappedFile) -> String {
+        var d = Digester(self)
         let chunk = 4 << 20
-        let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 64)
-        defer { buf.deallocate() }
         var off = 0
         while off < f.size {
-            let n = f.read(into: buf, at: off, count: min(chunk, f.size - off))
-            if n <= 0 { break }
-            h.update(bufferPointer: UnsafeRawBufferPointer(rebasing: buf[0..<n]))
+            let n = min(chunk, f.size - off)
+            d.update(f.bytes(at: off, count: n))
+            f.release(offset: off, count: n)
             off += n
         }
-        return h.finalize().map { String(format: "%02x", $0) }.joined()
+        return d.hex()
+    }
+}
+
+struct Digester {
+    var sha: SHA256?
+    var xx = qk_xxh64_state()
+
+    init(_ a: ContentHash) {
+        if a == .sha256 { sha = SHA256() } else { qk_xxh64_init(&xx) }
+    }
+
+    mutating func update(_ b: UnsafeRawBufferPointer) {
+        if sha != nil { sha!.update(bufferPointer: b) } else if let base = b.baseAddress { qk_xxh64_update(&xx, base, b.count) }
+    }
+
+    func hex() -> String {
+        if let sha { return sha.finalize().map { String(format: "%02x", $0) }.joined() }
+        var state = xx
+        return String(format: "%016llx", qk_xxh64_digest(&state))
     }
 }
 

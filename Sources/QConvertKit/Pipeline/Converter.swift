@@ -10,6 +10,8 @@ public struct ConvertOptions: Sendable {
     public var maxShardSize: Int?
     /// Use the scalar reference kernels (for tests and debugging).
     public var referenceKernels: Bool
+    /// How the input is fingerprinted in the metadata.
+    public var inputHash: ContentHash = .xxh64
 
     public init(policy: Policy, jobs: Int = 1, strict: Bool = false, format: String? = nil, maxShardSize: Int? = nil,
                 referenceKernels: Bool = false) {
@@ -72,7 +74,7 @@ public struct ConversionReport: Sendable {
         let doc: JSONValue = .object([
             ("format", .string("qconvert.report/1")),
             ("tool", .object([("name", .string("qconvert")), ("version", .string(QConvertVersion.string))])),
-            ("input", .object([("path", .string(input)), ("format", .string(inputFormat)), ("sha256", .string(inputHash))])),
+            ("input", .object([("path", .string(input)), ("format", .string(inputFormat)), ("hash", .string(inputHash))])),
             ("output", .object([("path", .string(output)), ("format", .string(outputFormat))])),
             ("policy", .string(policySource)),
             ("seconds", .number((seconds * 1000).rounded() / 1000)),
@@ -128,7 +130,7 @@ public enum Converter {
         // Hash the input on another thread while converting; it is needed only at the end.
         let hashBox = Box("")
         let hashGroup = DispatchGroup()
-        DispatchQueue.global().async(group: hashGroup) { hashBox.value = ckpt.contentHash() }
+        DispatchQueue.global().async(group: hashGroup) { hashBox.value = ckpt.contentHash(options.inputHash) }
 
         var outputs: [OutputTensor] = []
         var outIndex: [[Int]] = []
@@ -152,7 +154,7 @@ public enum Converter {
         // Room for the metadata document: its size with the widest possible metrics.
         let widest = Dictionary(uniqueKeysWithValues: plans.indices.map { ($0, MetadataDocument.widestMetrics) })
         let hint = MetadataDocument.document(plans: plans, metrics: widest, inputFormat: ckpt.format,
-                                             inputHash: String(repeating: "0", count: 64), policy: options.policy)
+                                             inputHash: "sha256:" + String(repeating: "0", count: 64), policy: options.policy)
         var escaped = ""
         JSONValue.writeString(hint, &escaped)
         let sink = try writer.open(path: output, tensors: outputs, source: ckpt,

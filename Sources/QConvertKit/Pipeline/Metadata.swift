@@ -87,7 +87,7 @@ public enum MetadataDocument {
         let doc: JSONValue = .object([
             ("format", .string(formatTag)),
             ("tool", .object([("name", .string("qconvert")), ("version", .string(QConvertVersion.string))])),
-            ("input", .object([("format", .string(inputFormat)), ("sha256", .string(inputHash))])),
+            ("input", .object([("format", .string(inputFormat)), ("hash", .string(inputHash))])),
             ("policy", .object([("source", .string(policy.source)), ("sha256", .string(sha256Hex(policy.text)))])),
             ("dequantize", .string("x = (q - zero_point) * scale; zero_point is 0 when absent; parameters broadcast against q (same rank, size 1 on shared axes; groups repeat group_size times along group_axis)")),
             ("kept_tensors", .int(kept)),
