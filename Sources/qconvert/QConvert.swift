@@ -62,14 +62,23 @@ func runReportingErrors(_ body: () throws -> Void) throws {
     }
 }
 
+/// On SIGINT/SIGTERM, removes the temporary files of outputs in flight and exits 128+signal.
+/// The work happens on a dispatch queue, outside signal context.
 func installInterruptCleanup() {
     for sig in [SIGINT, SIGTERM] {
-        signal(sig) { s in
+        signal(sig, SIG_IGN)
+        let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+        source.setEventHandler {
             TempFileRegistry.shared.removeAll()
-            _exit(128 + s)
+            FileHandle.standardError.write(Data("\nqconvert: interrupted; no output written\n".utf8))
+            exit(128 + sig)
         }
+        source.resume()
+        signalSources.append(source)
     }
 }
+
+nonisolated(unsafe) var signalSources: [DispatchSourceSignal] = []
 
 func formatBytes(_ n: Int) -> String {
     let d = Double(n)
