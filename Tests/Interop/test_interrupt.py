@@ -30,7 +30,8 @@ def test_sigterm_never_leaves_a_partial_output(tmp_path):
             assert len(load_file(str(out))) == 96
         else:
             outcomes.add("interrupted")
-            assert p.returncode == 128 + signal.SIGTERM, p.stderr.read()
+            # 143 once the handler is installed; killed outright (-15) if the signal came first
+            assert p.returncode in (128 + signal.SIGTERM, -signal.SIGTERM), p.stderr.read()
             if "finished" not in outcomes:
                 assert out.read_bytes() == b"previous output"
     assert "interrupted" in outcomes
