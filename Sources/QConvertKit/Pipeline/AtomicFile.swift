@@ -20,7 +20,12 @@ public final class AtomicFile {
         guard fd >= 0 else {
             throw QConvertError.write(path: path, message: String(cString: strerror(errno)))
         }
-        TempFileRegistry.shared.add(tempPath)
+        guard TempFileRegistry.shared.add(tempPath) else {
+            close(fd)
+            fd = -1
+            unlink(tempPath)
+            throw QConvertError.write(path: path, message: "interrupted")
+        }
     }
 
     deinit { if fd >= 0 { close(fd); unlink(tempPath); TempFileRegistry.shared.remove(tempPath) } }
@@ -90,13 +95,20 @@ public final class TempFileRegistry: @unchecked Sendable {
     public static let shared = TempFileRegistry()
     private let lock = NSLock()
     private var paths = Set<String>()
+    private var closed = false
 
-    func add(_ p: String) { lock.lock(); paths.insert(p); lock.unlock() }
+    /// Registers a temporary file; false once an interrupt has begun removing them.
+    func add(_ p: String) -> Bool {
+        lock.lock(); defer { lock.unlock() }
+        if closed { return false }
+        paths.insert(p)
+        return true
+    }
     func remove(_ p: String) { lock.lock(); paths.remove(p); lock.unlock() }
 
     /// Removes every temporary file still registered (called on SIGINT/SIGTERM).
     public func removeAll() {
-        lock.lock(); let ps = paths; paths.removeAll(); lock.unlock()
+        lock.lock(); let ps = paths; paths.removeAll(); closed = true; lock.unlock()
         for p in ps { unlink(p) }
     }
 }
