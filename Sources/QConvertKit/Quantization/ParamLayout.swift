@@ -51,22 +51,10 @@ public struct ParamLayout: Sendable, Equatable {
     public func paramIndices() -> [Int32] {
         let n = shape.reduce(1, *)
         var out = [Int32](repeating: 0, count: n)
-        let r = shape.count
-        if r == 0 || n == 0 { return out }
-        var pstrides = [Int](repeating: 1, count: r)
-        for j in stride(from: r - 2, through: 0, by: -1) { pstrides[j] = pstrides[j + 1] * paramShape[j + 1] }
-        var idx = [Int](repeating: 0, count: r)
-        for e in 0..<n {
-            var pi = 0
-            for j in 0..<r { pi += (idx[j] / divisors[j]) * pstrides[j] }
-            out[e] = Int32(pi)
-            var j = r - 1
-            while j >= 0 {
-                idx[j] += 1
-                if idx[j] < shape[j] { break }
-                idx[j] = 0
-                j -= 1
-            }
+        guard let last = shape.last else { return out }
+        let b = divisors[shape.count - 1]
+        forEachRow { row, pi in
+            for k in 0..<last { out[row * last + k] = Int32(pi + k / b) }
         }
         return out
     }
