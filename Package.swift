@@ -20,10 +20,22 @@ let package = Package(
             name: "CQKernels",
             cSettings: [.unsafeFlags(["-O3"])]
         ),
+        .systemLibrary(
+            name: "CProtobufC",
+            pkgConfig: "libprotobuf-c",
+            providers: [.apt(["libprotobuf-c-dev"])]
+        ),
+        // protoc-c output for Schemas/onnx.proto (scripts/gen-onnx-proto.sh regenerates it).
+        .target(
+            name: "COnnxProto",
+            dependencies: ["CProtobufC"],
+            linkerSettings: [.linkedLibrary("protobuf-c")]
+        ),
         .target(
             name: "QConvertKit",
             dependencies: [
                 "CQKernels",
+                "COnnxProto",
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "Crypto", package: "swift-crypto"),
             ],

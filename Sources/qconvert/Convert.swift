@@ -12,7 +12,7 @@ struct Convert: ParsableCommand {
             """
     )
 
-    @Argument(help: ArgumentHelp("Input checkpoint: a .safetensors file, a folder of shards or a *.index.json.", valueName: "input"))
+    @Argument(help: ArgumentHelp("Input checkpoint: a .safetensors file, a folder of shards, a *.index.json, or an .onnx model.", valueName: "input"))
     var input: String
 
     @Option(name: [.short, .long], help: ArgumentHelp("Output path; its extension picks the format. A path without one is a folder of shards.", valueName: "output"))
@@ -35,6 +35,9 @@ struct Convert: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Input fingerprint recorded in the metadata: xxh64 (fast) or sha256 (checkable with sha256sum).", valueName: "algorithm"))
     var inputHash: String = "xxh64"
 
+    @Flag(name: .long, help: "ONNX: write tensor data to OUT.data beside the model (automatic past 2 GB).")
+    var externalData = false
+
     @Flag(name: .long, help: "Print the plan and stop, as 'qconvert plan' does.")
     var dryRun = false
 
@@ -53,6 +56,7 @@ struct Convert: ParsableCommand {
             var options = ConvertOptions(policy: policy, jobs: jobs, strict: policyOptions.strict, format: format)
             if let m = maxShardSize { options.maxShardSize = try parseSize(m) }
             options.inputHash = ContentHash(rawValue: inputHash) ?? .xxh64
+            options.externalData = externalData
             if dryRun {
                 let (ckpt, plans) = try Converter.plan(input: input, options: options)
                 PlanCommand.printTable(ckpt: ckpt, plans: plans, policy: policy)

@@ -36,6 +36,8 @@ public final class Checkpoint: @unchecked Sendable {
     public var metadata: [(key: String, value: String)]
     /// Shard file names in order, when the input is sharded.
     public var shardNames: [String]?
+    /// The format's own structure that its writer needs (the ONNX model), if any.
+    public var container: AnyObject?
 
     public init(format: String, path: String, files: [MappedFile], entries: [TensorEntry],
                 metadata: [(key: String, value: String)] = [], shardNames: [String]? = nil) {
@@ -124,6 +126,14 @@ public struct WriterOptions: Sendable {
     public var maxShardSize: Int?
     /// A hint for the size of the final metadata, to reserve header room.
     public var metadataSizeHint: Int
+    /// The plans behind the output tensors, for writers that rebuild a graph (ONNX).
+    public var plans: [TensorPlan] = []
+    /// For each plan, the indices of its output tensors (values, then scale and zero point).
+    public var outputsOfPlan: [[Int]] = []
+    /// ONNX: what to do when the model's opset cannot express a scheme ("decompose" or "refuse").
+    public var onnxFallback: String = "decompose"
+    /// ONNX: write tensor data to a side file (also automatic past 2 GB).
+    public var externalData: Bool = false
     public init(maxShardSize: Int? = nil, metadataSizeHint: Int = 0) {
         self.maxShardSize = maxShardSize; self.metadataSizeHint = metadataSizeHint
     }

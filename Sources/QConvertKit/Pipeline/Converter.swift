@@ -12,6 +12,8 @@ public struct ConvertOptions: Sendable {
     public var referenceKernels: Bool
     /// How the input is fingerprinted in the metadata.
     public var inputHash: ContentHash = .xxh64
+    /// ONNX: write tensor data to a side file.
+    public var externalData = false
 
     public init(policy: Policy, jobs: Int = 1, strict: Bool = false, format: String? = nil, maxShardSize: Int? = nil,
                 referenceKernels: Bool = false) {
@@ -157,8 +159,11 @@ public enum Converter {
                                              inputHash: "sha256:" + String(repeating: "0", count: 64), policy: options.policy)
         var escaped = ""
         JSONValue.writeString(hint, &escaped)
-        let sink = try writer.open(path: output, tensors: outputs, source: ckpt,
-                                   options: WriterOptions(maxShardSize: options.maxShardSize, metadataSizeHint: escaped.utf8.count))
+        var wopts = WriterOptions(maxShardSize: options.maxShardSize, metadataSizeHint: escaped.utf8.count)
+        wopts.plans = plans
+        wopts.outputsOfPlan = outIndex
+        wopts.externalData = options.externalData
+        let sink = try writer.open(path: output, tensors: outputs, source: ckpt, options: wopts)
         var metrics: [Int: TensorMetrics] = [:]
         do {
             let total = plans.reduce(0) { $0 + $1.bytesBefore }

@@ -32,6 +32,8 @@ public struct TensorPlan: Sendable {
     public var scaleName: String?
     public var zeroPointName: String?
     public var paramShape: [Int]
+    /// ONNX: "decompose" or "refuse" when the opset cannot express the scheme.
+    public var onnxFallback: String = "decompose"
 
     /// Bits per weight after conversion, parameters included.
     public var bitsPerWeight: Double {
@@ -91,6 +93,7 @@ public enum Planner {
                               rule: rule, axisGuessed: false, bytesBefore: before, bytesAfter: before, warnings: [],
                               valuesName: e.name, scaleName: nil, zeroPointName: nil, paramShape: [])
         let target = s.dtype ?? .int8
+        plan.onnxFallback = s.onnxFallback ?? "decompose"
         func keep(_ why: String) -> TensorPlan { var p = plan; p.decision = .keep(reason: why); return p }
         if target == .keep { return keep("policy: keep") }
         guard e.dtype.isFloatingPoint else { return keep("not floating point (\(e.dtype.rawValue))") }

@@ -20,6 +20,8 @@ public struct PolicySettings: Sendable, Equatable {
     public var minElements: Int?
     public var minRank: Int?
     public var saturate: Bool?
+    /// ONNX: when the model's opset cannot express a scheme, "decompose" (Cast + Mul) or "refuse".
+    public var onnxFallback: String?
 
     public init() {}
 
@@ -38,6 +40,7 @@ public struct PolicySettings: Sendable, Equatable {
         if let v = other.minElements { r.minElements = v }
         if let v = other.minRank { r.minRank = v }
         if let v = other.saturate { r.saturate = v }
+        if let v = other.onnxFallback { r.onnxFallback = v }
         return r
     }
 
@@ -46,7 +49,7 @@ public struct PolicySettings: Sendable, Equatable {
         var s = PolicySettings()
         s.dtype = .int8; s.mapping = .scale; s.granularity = .channel; s.axis = .auto; s.groupSize = 128
         s.calibration = "max"; s.percentile = 99.99; s.bins = 2048; s.levels = nil
-        s.minElements = 1024; s.minRank = 2; s.saturate = false
+        s.minElements = 1024; s.minRank = 2; s.saturate = false; s.onnxFallback = "decompose"
         return s
     }()
 }

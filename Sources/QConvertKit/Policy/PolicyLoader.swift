@@ -69,7 +69,8 @@ public enum PolicyLoader {
     }
 
     static let settingKeys: Set<String> = ["dtype", "mapping", "granularity", "axis", "group_size", "calibration",
-                                           "percentile", "bins", "levels", "min_elements", "min_rank", "saturate"]
+                                           "percentile", "bins", "levels", "min_elements", "min_rank", "saturate",
+                                           "onnx_fallback"]
     static let selectorKeys: Set<String> = ["match", "source_dtype", "rank", "elements", "op"]
 
     public static func parse(text: String, source: String) throws -> Policy {
@@ -232,6 +233,10 @@ public enum PolicyLoader {
                     throw err(path, v, "saturate must be true or false")
                 }
                 s.saturate = b
+            case "onnx_fallback":
+                let t = try string(v, key, path)
+                guard t == "decompose" || t == "refuse" else { throw err(path, v, "onnx_fallback must be decompose or refuse") }
+                s.onnxFallback = t
             default: break
             }
         }

@@ -5,11 +5,14 @@ import CQKernels
 public enum TensorBytes: @unchecked Sendable {
     case mapped(MappedFile, offset: Int, count: Int)
     case owned([UInt8])
+    /// Memory owned by another object (e.g. an unpacked protobuf), kept alive by `owner`.
+    case borrowed(UnsafeRawPointer?, count: Int, owner: AnyObject)
 
     public var count: Int {
         switch self {
         case .mapped(_, _, let c): return c
         case .owned(let a): return a.count
+        case .borrowed(_, let c, _): return c
         }
     }
 
@@ -17,6 +20,8 @@ public enum TensorBytes: @unchecked Sendable {
         switch self {
         case .mapped(let f, let off, let c): return try body(f.bytes(at: off, count: c))
         case .owned(let a): return try a.withUnsafeBytes(body)
+        case .borrowed(let p, let c, let owner):
+            return try withExtendedLifetime(owner) { try body(UnsafeRawBufferPointer(start: c > 0 ? p : nil, count: c)) }
         }
     }
 

@@ -1,0 +1,230 @@
+import Foundation
+import COnnxProto
+
+/// Reads ONNX models: initializers (raw or typed payloads, external data), Constant-node weights,
+/// weights in subgraphs and function bodies; each tensor's consumers give its output-channel axis.
+public struct OnnxReader: FormatReader {
+    public init() {}
+    public var name: String { "onnx" }
+    public var fileExtensions: [String] { [".onnx"] }
+
+    /// ONNX has no magic number; models are recognised by extension.
+    public func sniff(_ prefix: [UInt8], fileSize: Int) -> Bool { false }
+    public func recognizesFolder(_ path: String) -> Bool { false }
+
+    public func read(path: String) throws -> Checkpoint {
+        func bad(_ m: String) -> QConvertError { .badInput(path: path, message: m) }
+        let model: OnnxModel
+        do {
+            let f = try MappedFile(path: path)
+            guard f.size < Int(Int32.max) else { throw bad("a protobuf model over 2 GB cannot be read; such models keep their weights in external data") }
+            let raw = f.bytes(at: 0, count: f.size)
+            do { try OnnxWireCheck.check(raw) } catch let e as OnnxWireCheck.Failure { throw bad("not a valid ONNX model: \(e.message)") }
+            guard let m = raw.baseAddress.flatMap({ onnx__model_proto__unpack(nil, f.size, $0.assumingMemoryBound(to: UInt8.self)) }) else {
+                throw bad("not a valid ONNX model (protobuf could not be decoded)")
+            }
+            model = OnnxModel(model: m, path: path)
+        }
+        guard let graph = model.model.pointee.graph else { throw bad("the model has no graph") }
+        _ = graph
+        var entries: [TensorEntry] = []
+        var names = Set<String>()
+
+        func register(_ t: Proto.TensorP, graphName: String, home: OnnxModel.Home) throws {
+            guard t.pointee.has_data_type != 0, let dtype = Proto.dtype(t.pointee.data_type) else { return }   // strings and exotic types stay as they are
+            var name = graphName
+            var k = 2
+            while names.contains(name) { name = "\(graphName)#\(k)"; k += 1 }
+            names.insert(name)
+            var dims: [Int] = []
+            for i in 0..<t.pointee.n_dims {
+                let d = t.pointee.dims[i]
+                guard d >= 0 else { throw bad("tensor '\(graphName)': negative dimension \(d)") }
+                dims.append(Int(d))
+            }
+            guard let expected = Shape(dims).checkedByteCount(dtype) else { throw bad("tensor '\(graphName)': shape \(Shape(dims)) overflows") }
+            let bytes = try payload(t, name: graphName, dtype: dtype, expected: expected, model: model)
+            entries.append(TensorEntry(name: name, dtype: dtype, shape: dims, bytes: bytes))
+            model.located[name] = OnnxModel.Located(tensor: t, home: home, graphName: graphName)
+        }
+
+        try model.forEachGraph { g in
+            for i in 0..<g.pointee.n_initializer {
+                guard let t = g.pointee.initializer[i] else { continue }
+                let n = Proto.string(t.pointee.name)
+                model.usedNames.insert(n)
+                try register(t, graphName: n, home: .initializer(graph: g))
+            }
+            for i in 0..<g.pointee.n_input { if let v = g.pointee.input[i] { model.usedNames.insert(Proto.string(v.pointee.name)) } }
+            for i in 0..<g.pointee.n_output { if let v = g.pointee.output[i] { model.usedNames.insert(Proto.string(v.pointee.name)) } }
+            for i in 0..<g.pointee.n_node {
+                guard let n = g.pointee.node[i] else { continue }
+                try visitNode(n, graph: g, function: nil)
+            }
+        }
+        try model.forEachFunction { f in
+            for i in 0..<f.pointee.n_node {
+                guard let n = f.pointee.node[i] else { continue }
+                try visitNode(n, graph: nil, function: f)
+            }
+        }
+
+        func visitNode(_ n: Proto.NodeP, graph: Proto.GraphP?, function: UnsafeMutablePointer<Onnx__FunctionProto>?) throws {
+            let op = Proto.string(n.pointee.op_type)
+            model.usedNames.insert(Proto.string(n.pointee.name))
+            let inputs = Proto.strings(n.pointee.input, n.pointee.n_input)
+            let outputs = Proto.strings(n.pointee.output, n.pointee.n_output)
+            for o in outputs { model.usedNames.insert(o) }
+            for (k, i) in inputs.enumerated() where !i.isEmpty { model.consumers[i, default: []].append((op, k, n)) }
+            let domain = Proto.string(n.pointee.domain)
+            if op == "Constant", domain.isEmpty || domain == "ai.onnx", let out = outputs.first,
+               let a = Proto.attribute(n, "value"), let t = a.pointee.t {
+                try register(t, graphName: out, home: .constant(node: n, graph: graph, function: function))
+            }
+        }
+
+        // Roles from consumers: the output-channel axis (QUANTIZATION.md section 4) and op names.
+        for k in entries.indices {
+            let gname = model.located[entries[k].name]!.graphName
+            let uses = model.consumers[gname] ?? []
+            entries[k].consumerOps = Array(Set(uses.map(\.op))).sorted()
+            entries[k].outputAxis = OnnxReader.outputAxis(rank: entries[k].shape.count, uses: uses)
+        }
+        let ck = Checkpoint(format: name, path: path, files: [], entries: entries)
+        ck.container = model
+        for (k, v) in OnnxReader.metadataProps(model.model) { ck.metadata.append((k, v)) }
+        return ck
+    }
+
+    static func metadataProps(_ m: UnsafeMutablePointer<Onnx__ModelProto>) -> [(String, String)] {
+        (0..<m.pointee.n_metadata_props).compactMap { i in
+            m.pointee.metadata_props[i].map { (Proto.string($0.pointee.key), Proto.string($0.pointee.value)) }
+        }
+    }
+
+    static func outputAxis(rank: Int, uses: [(op: String, index: Int, node: Proto.NodeP)]) -> Int? {
+        guard rank >= 1 else { return nil }
+        for u in uses {
+            switch (u.op, u.index) {
+            case ("MatMul", 1): return rank - 1
+            case ("Gemm", 1): return (Proto.intAttribute(u.node, "transB") ?? 0) != 0 ? 0 : min(1, rank - 1)
+            case ("Conv", 1): return 0
+            case ("ConvTranspose", 1): return min(1, rank - 1)
+            case ("Gather", 0): return 0
+            case ("LSTM", 1), ("LSTM", 2), ("GRU", 1), ("GRU", 2), ("RNN", 1), ("RNN", 2): return min(1, rank - 1)
+            default: continue
+            }
+        }
+        return nil
+    }
+
+    /// The tensor's bytes in raw (little-endian, packed) layout: borrowed from raw_data, mapped from
+    /// external data, or rebuilt from the typed fields.
+    func payload(_ t: Proto.TensorP, name: String, dtype: DType, expected: Int, model: OnnxModel) throws -> TensorBytes {
+        func bad(_ m: String) -> QConvertError { .badInput(path: model.path, message: "tensor '\(name)': \(m)") }
+        if t.pointee.has_data_location != 0 && t.pointee.data_location == ONNX__TENSOR_PROTO__DATA_LOCATION__EXTERNAL {
+            return try external(t, name: name, expected: expected, model: model)
+        }
+        if t.pointee.has_raw_data != 0 {
+            guard t.pointee.raw_data.len == expected else {
+                throw bad("dims \(Shape(Proto.dimsOf(t))) of \(dtype.rawValue) need \(expected) bytes but raw_data has \(t.pointee.raw_data.len)")
+            }
+            return .borrowed(UnsafeRawPointer(t.pointee.raw_data.data), count: expected, owner: model)
+        }
+        let n = Shape(Proto.dimsOf(t)).elementCount
+        var out = [UInt8]()
+        out.reserveCapacity(expected)
+        func need(_ have: Int, _ want: Int, _ field: String) throws {
+            guard have == want else { throw bad("dims \(Shape(Proto.dimsOf(t))) need \(want) values but \(field) has \(have)") }
+        }
+        func append<T>(_ v: T) { withUnsafeBytes(of: v) { out += $0 } }
+        switch dtype {
+        case .f32:
+            try need(t.pointee.n_float_data, n, "float_data")
+            for i in 0..<n { append(t.pointee.float_data[i].bitPattern.littleEndian) }
+        case .c64:
+            try need(t.pointee.n_float_data, 2 * n, "float_data")
+            for i in 0..<(2 * n) { append(t.pointee.float_data[i].bitPattern.littleEndian) }
+        case .f64:
+            try need(t.pointee.n_double_data, n, "double_data")
+            for i in 0..<n { append(t.pointee.double_data[i].bitPattern.littleEndian) }
+        case .c128:
+            try need(t.pointee.n_double_data, 2 * n, "double_data")
+            for i in 0..<(2 * n) { append(t.pointee.double_data[i].bitPattern.littleEndian) }
+        case .i64:
+            try need(t.pointee.n_int64_data, n, "int64_data")
+            for i in 0..<n { append(t.pointee.int64_data[i].littleEndian) }
+        case .u64:
+            try need(t.pointee.n_uint64_data, n, "uint64_data")
+            for i in 0..<n { append(t.pointee.uint64_data[i].littleEndian) }
+        case .u32:
+            try need(t.pointee.n_uint64_data, n, "uint64_data")
+            for i in 0..<n { append(UInt32(truncatingIfNeeded: t.pointee.uint64_data[i]).littleEndian) }
+        case .i32:
+            try need(t.pointee.n_int32_data, n, "int32_data")
+            for i in 0..<n { append(t.pointee.int32_data[i].littleEndian) }
+        case .i16, .u16, .f16, .bf16:
+            try need(t.pointee.n_int32_data, n, "int32_data")
+            for i in 0..<n { append(UInt16(truncatingIfNeeded: t.pointee.int32_data[i]).littleEndian) }
+        case .i8, .u8, .bool, .f8e4m3, .f8e5m2:
+            try need(t.pointee.n_int32_data, n, "int32_data")
+            for i in 0..<n { out.append(UInt8(truncatingIfNeeded: t.pointee.int32_data[i])) }
+        case .int4, .uint4:
+            try need(t.pointee.n_int32_data, (n + 1) / 2, "int32_data")
+            for i in 0..<((n + 1) / 2) { out.append(UInt8(truncatingIfNeeded: t.pointee.int32_data[i])) }
+        }
+        guard out.count == expected else { throw bad("payload has \(out.count) bytes, dims need \(expected)") }
+        return .owned(out)
+    }
+
+    /// External data: `location` relative to the model's folder; absolute paths, `..`, links
+    /// leaving the folder, missing files and short files are refused.
+    func external(_ t: Proto.TensorP, name: String, expected: Int, model: OnnxModel) throws -> TensorBytes {
+        func bad(_ m: String) -> QConvertError { .badInput(path: model.path, message: "tensor '\(name)': external data \(m)") }
+        var location: String?
+        var offset = 0
+        var length: Int?
+        for i in 0..<t.pointee.n_external_data {
+            guard let e = t.pointee.external_data[i] else { continue }
+            let v = Proto.string(e.pointee.value)
+            switch Proto.string(e.pointee.key) {
+            case "location": location = v
+            case "offset":
+                guard let o = Int(v), o >= 0 else { throw bad("has a bad offset '\(v)'") }
+                offset = o
+            case "length":
+                guard let l = Int(v), l >= 0 else { throw bad("has a bad length '\(v)'") }
+                length = l
+            default: break
+            }
+        }
+        guard let loc = location, !loc.isEmpty else { throw bad("has no location") }
+        let parts = loc.split(separator: "/", omittingEmptySubsequences: false)
+        guard !loc.hasPrefix("/"), !loc.contains("\\"), !loc.contains("\0"), !parts.contains(".."),
+              !(loc.count >= 2 && loc.dropFirst().first == ":") else {
+            throw bad("location '\(loc)' must be a relative path inside the model's folder")
+        }
+        let folderURL = URL(fileURLWithPath: model.folder).resolvingSymlinksInPath()
+        let full = folderURL.appendingPathComponent(loc).path
+        let resolved = URL(fileURLWithPath: full).resolvingSymlinksInPath().path
+        guard resolved.hasPrefix(folderURL.path + "/") else {
+            throw bad("location '\(loc)' leads outside the model's folder")
+        }
+        guard FileManager.default.fileExists(atPath: resolved) else { throw bad("file '\(loc)' does not exist") }
+        let f: MappedFile
+        if let cached = model.externalFiles[resolved] { f = cached } else {
+            f = try MappedFile(path: resolved)
+            model.externalFiles[resolved] = f
+        }
+        let len = length ?? (f.size - offset)
+        guard len == expected else { throw bad("length \(len) does not match the \(expected) bytes its dims need") }
+        guard offset <= f.size, len <= f.size - offset else {
+            throw bad("range \(offset)+\(len) runs past the end of '\(loc)' (\(f.size) bytes)")
+        }
+        return .mapped(f, offset: offset, count: len)
+    }
+}
+
+extension Proto {
+    static func dimsOf(_ t: TensorP) -> [Int] { (0..<t.pointee.n_dims).map { Int(t.pointee.dims[$0]) } }
+}

@@ -1,0 +1,79 @@
+/// A pass over the protobuf wire bytes before protobuf-c unpacks them: protobuf-c recurses
+/// into nested graphs and types without a depth limit, so a crafted model could exhaust the
+/// stack. This walks the recursive paths of the schema, checks every length against its
+/// enclosing message, and refuses nesting deeper than `maxDepth`.
+struct OnnxWireCheck {
+    enum Kind { case model, graph, node, attribute, function, training, valueInfo, type, typeInner, tensor }
+    struct Failure: Error { let message: String }
+
+    static let maxDepth = 64
+
+    /// Which fields of which message lead to which nested message kind.
+    static func child(_ k: Kind, _ field: UInt64) -> Kind? {
+        switch (k, field) {
+        case (.model, 7): return .graph
+        case (.model, 20): return .training
+        case (.model, 25): return .function
+        case (.training, 1), (.training, 2): return .graph
+        case (.graph, 1): return .node
+        case (.graph, 5): return .tensor
+        case (.graph, 11), (.graph, 12), (.graph, 13): return .valueInfo
+        case (.function, 7): return .node
+        case (.function, 11): return .attribute
+        case (.function, 12): return .valueInfo
+        case (.node, 5): return .attribute
+        case (.attribute, 5), (.attribute, 10): return .tensor
+        case (.attribute, 6), (.attribute, 11): return .graph
+        case (.attribute, 14), (.attribute, 15): return .type
+        case (.valueInfo, 2): return .type
+        case (.type, 4), (.type, 5), (.type, 9): return .typeInner   // Sequence, Map, Optional
+        case (.typeInner, 1), (.typeInner, 2): return .type
+        default: return nil
+        }
+    }
+
+    static func check(_ bytes: UnsafeRawBufferPointer) throws {
+        try scan(bytes, 0, bytes.count, .model, depth: 0)
+    }
+
+    static func scan(_ b: UnsafeRawBufferPointer, _ start: Int, _ end: Int, _ kind: Kind, depth: Int) throws {
+        guard depth <= maxDepth else { throw Failure(message: "nesting deeper than \(maxDepth) levels (subgraphs or types)") }
+        var pos = start
+        func varint() throws -> UInt64 {
+            var v: UInt64 = 0
+            var shift: UInt64 = 0
+            while true {
+                guard pos < end else { throw Failure(message: "truncated protobuf (varint runs past the end at byte \(pos))") }
+                let c = b[pos]
+                pos += 1
+                v |= UInt64(c & 0x7F) << shift
+                if c & 0x80 == 0 { return v }
+                shift += 7
+                guard shift < 64 else { throw Failure(message: "corrupt protobuf (overlong varint at byte \(pos))") }
+            }
+        }
+        while pos < end {
+            let tag = try varint()
+            let field = tag >> 3
+            guard field != 0 else { throw Failure(message: "corrupt protobuf (field number 0 at byte \(pos))") }
+            switch tag & 7 {
+            case 0: _ = try varint()
+            case 1: pos += 8
+            case 5: pos += 4
+            case 2:
+                let len = try varint()
+                guard len <= UInt64(end - pos) else {
+                    throw Failure(message: "truncated protobuf (a field of \(len) bytes runs past the end at byte \(pos))")
+                }
+                let l = Int(len)
+                if kind != .tensor, let c = child(kind, field) {
+                    try scan(b, pos, pos + l, c, depth: depth + 1)
+                }
+                pos += l
+            default:
+                throw Failure(message: "corrupt protobuf (wire type \(tag & 7) at byte \(pos))")
+            }
+            guard pos <= end else { throw Failure(message: "truncated protobuf (field runs past the end)") }
+        }
+    }
+}

@@ -1,0 +1,425 @@
+import Foundation
+import COnnxProto
+
+/// Writes ONNX models with QDQ quantization: a quantized weight `W` becomes `W_quantized`, `W_scale`
+/// (and `W_zero_point`) plus a DequantizeLinear node whose output is named `W`, so its consumers stay
+/// untouched. Everything else in the model is kept as it was.
+public struct OnnxWriter: FormatWriter {
+    public init() {}
+    public var name: String { "onnx" }
+    public var fileExtensions: [String] { [".onnx"] }
+
+    public func open(path: String, tensors: [OutputTensor], source: Checkpoint, options: WriterOptions) throws -> CheckpointSink {
+        guard let model = source.container as? OnnxModel else {
+            throw QConvertError.usage(message: "\(path): ONNX output needs an ONNX input (a \(source.format) checkpoint holds tensors only, no graph)")
+        }
+        guard !options.plans.isEmpty || tensors.isEmpty else {
+            throw QConvertError.usage(message: "\(path): this operation cannot write ONNX")
+        }
+        return OnnxSink(path: path, model: model, source: source, tensors: tensors, options: options)
+    }
+}
+
+final class OnnxSink: CheckpointSink {
+    let path: String
+    let model: OnnxModel
+    let source: Checkpoint
+    let tensors: [OutputTensor]
+    let options: WriterOptions
+    var data: [Int: [UInt8]] = [:]
+
+    init(path: String, model: OnnxModel, source: Checkpoint, tensors: [OutputTensor], options: WriterOptions) {
+        self.path = path; self.model = model; self.source = source; self.tensors = tensors; self.options = options
+    }
+
+    func put(_ index: Int, _ bytes: UnsafeRawBufferPointer) throws {
+        // Kept tensors stay where they are in the graph; only converted ones are needed.
+        data[index] = [UInt8](bytes)
+    }
+
+    func abort() { data.removeAll() }
+
+    func fail(_ m: String) -> QConvertError { .usage(message: "\(path): \(m)") }
+
+    func commit(metadata: [(key: String, value: String)], perShard: [String: [(key: String, value: String)]]) throws {
+        let opset = model.opset
+        var needIR = 0
+        for (pi, p) in options.plans.enumerated() {
+            guard let scheme = p.decision.scheme else { continue }
+            guard let loc = model.located[p.name] else { continue }
+            let outs = options.outputsOfPlan[pi]
+            guard let values = data[outs[0]] else { throw fail("internal: no data for \(p.name)") }
+            if scheme.target.isCast {
+                try applyCast(p, scheme: scheme, loc: loc, values: values, opset: opset)
+            } else {
+                let scale = data[outs[1]]!
+                let zp = outs.count > 2 ? data[outs[2]] : nil
+                needIR = max(needIR, try applyQuantize(p, scheme: scheme, loc: loc, values: values, scale: scale, zeroPoint: zp, opset: opset))
+            }
+            data[outs[0]] = nil
+        }
+        let m = model.model
+        if needIR > 0 && m.pointee.ir_version < Int64(needIR) {
+            m.pointee.ir_version = Int64(needIR)
+            m.pointee.has_ir_version = 1
+        }
+        setMetadata(metadata)
+        try write()
+    }
+
+    // MARK: - edits
+
+    func replaceTensor(_ loc: OnnxModel.Located, with newTensors: [Proto.TensorP], nodes: [Proto.NodeP]) {
+        switch loc.home {
+        case .initializer(let g):
+            // drop the float initializer, add the new ones, put the nodes first (their inputs are initializers)
+            var n = g.pointee.n_initializer
+            var list = g.pointee.initializer
+            if let idx = (0..<n).first(where: { list?[$0] == loc.tensor }) {
+                onnx__tensor_proto__free_unpacked(loc.tensor, nil)
+                for k in idx..<(n - 1) { list![k] = list![k + 1] }
+                n -= 1
+            }
+            for t in newTensors { Proto.append(t, to: &list, count: &n) }
+            g.pointee.initializer = list
+            g.pointee.n_initializer = n
+            // Before IR 4 every initializer must also be a graph input.
+            if model.model.pointee.ir_version < 4 {
+                var inputs = g.pointee.input
+                var ni = g.pointee.n_input
+                for t in newTensors {
+                    Proto.append(Proto.newValueInfo(name: Proto.string(t.pointee.name), dataType: t.pointee.data_type, dims: Proto.dimsOf(t)),
+                                 to: &inputs, count: &ni)
+                }
+                g.pointee.input = inputs
+                g.pointee.n_input = ni
+            }
+            var nodes_ = g.pointee.node
+            var nn = g.pointee.n_node
+            for (k, node) in nodes.enumerated() { Proto.insert(node, at: k, into: &nodes_, count: &nn) }
+            g.pointee.node = nodes_
+            g.pointee.n_node = nn
+            removeGraphInput(g, loc.graphName)
+        case .constant(let cnode, let g, let f):
+            // the Constant node now yields the first new tensor; the others become Constant nodes too
+            let first = newTensors[0]
+            if let a = Proto.attribute(cnode, "value") {
+                onnx__tensor_proto__free_unpacked(a.pointee.t, nil)
+                a.pointee.t = first
+            }
+            Proto.setString(cnode.pointee.output, 0, Proto.string(first.pointee.name))
+            var extra: [Proto.NodeP] = []
+            for t in newTensors.dropFirst() {
+                let out = Proto.string(t.pointee.name)
+                extra.append(Proto.newNode(op: "Constant", name: model.uniqueName(out + "_Constant"), inputs: [], outputs: [out],
+                                           attributes: [Proto.tensorAttr("value", t)]))
+            }
+            let all = extra + nodes
+            if let g {
+                var list = g.pointee.node
+                var n = g.pointee.n_node
+                let at = ((0..<n).first { list?[$0] == cnode } ?? -1) + 1
+                for (k, node) in all.enumerated() { Proto.insert(node, at: at + k, into: &list, count: &n) }
+                g.pointee.node = list
+                g.pointee.n_node = n
+            } else if let f {
+                var list = f.pointee.node
+                var n = f.pointee.n_node
+                let at = ((0..<n).first { list?[$0] == cnode } ?? -1) + 1
+                for (k, node) in all.enumerated() { Proto.insert(node, at: at + k, into: &list, count: &n) }
+                f.pointee.node = list
+                f.pointee.n_node = n
+            }
+        }
+    }
+
+    /// Old IR versions also list initializers as graph inputs; a weight computed by a node cannot be one.
+    func removeGraphInput(_ g: Proto.GraphP, _ name: String) {
+        var n = g.pointee.n_input
+        guard let list = g.pointee.input, let idx = (0..<n).first(where: { Proto.string(list[$0]?.pointee.name) == name }) else { return }
+        onnx__value_info_proto__free_unpacked(list[idx], nil)
+        for k in idx..<(n - 1) { list[k] = list[k + 1] }
+        n -= 1
+        g.pointee.n_input = n
+    }
+
+    func onnxType(_ t: TargetType) -> Int32 {
+        switch t {
+        case .int8: return 3
+        case .uint8: return 2
+        case .int4: return 22
+        case .uint4: return 21
+        case .fp8_e4m3: return 17
+        case .fp8_e5m2: return 19
+        case .fp16: return 10
+        case .bf16: return 16
+        case .keep: return 0
+        }
+    }
+
+    /// ONNX packs 4-bit values over the flattened tensor, element 0 in the low nibble.
+    func flatPack4(_ rowPacked: [UInt8], shape: [Int]) -> [UInt8] {
+        let q = Packing.unpack4(rowPacked, shape: shape)
+        return Packing.pack4(q, shape: [q.count])
+    }
+
+    /// Returns the IR version the new tensors need (0 when none).
+    func applyQuantize(_ p: TensorPlan, scheme s: QuantScheme, loc: OnnxModel.Located, values: [UInt8], scale: [UInt8],
+                       zeroPoint: [UInt8]?, opset: Int) throws -> Int {
+        let w = loc.graphName
+        let shape = p.shape
+        let rank = shape.count
+        let is4 = s.target == .int4 || s.target == .uint4
+        // What the model's opset can express with DequantizeLinear.
+        var required = 10
+        var why = "per-tensor DequantizeLinear"
+        if s.granularity == .channel { required = 13; why = "per-axis DequantizeLinear" }
+        if s.target.isFP8 { required = max(required, 19); why = "float8 DequantizeLinear" }
+        if s.granularity == .group || s.granularity == .element { required = max(required, 21); why = "blocked DequantizeLinear" }
+        if is4 { required = max(required, 21); why = "int4/uint4 DequantizeLinear" }
+        let floatOut = p.dtype
+        let scaleInSourceType = (floatOut == .f16 || floatOut == .bf16) && opset >= 19
+        if floatOut != .f32 && !scaleInSourceType && floatOut != .f16 && floatOut != .bf16 && floatOut != .f64 {
+            throw fail("tensor '\(w)' of \(floatOut.rawValue) cannot be dequantized in ONNX")
+        }
+        let decompose = opset < required
+        if decompose {
+            let cannot = s.granularity == .group || s.granularity == .element || s.target.isFP8
+            if p.onnxFallback == "refuse" || cannot {
+                throw QConvertError.usage(message: "\(path): tensor '\(w)' needs \(why), which needs opset ≥ \(required), but the model imports opset \(opset); "
+                    + (cannot ? "choose granularity: channel or tensor and an integer dtype for this model (the opset is never raised)"
+                              : "set 'onnx_fallback: decompose' to dequantize with Cast and Mul instead (the opset is never raised)"))
+            }
+        }
+        // Stored integers.
+        var qType = onnxType(s.target)
+        var qBytes = values
+        if is4 {
+            if decompose {
+                // Cast from int4 needs opset 21 too: store one value per byte instead.
+                let nib = Packing.unpack4(values, shape: shape)
+                qBytes = s.target == .int4 ? nib.map { ($0 & 0x08) != 0 ? $0 | 0xF0 : $0 } : nib
+                qType = s.target == .int4 ? 3 : 2
+            } else {
+                qBytes = flatPack4(values, shape: shape)
+            }
+        }
+        let qName = model.uniqueName(w + "_quantized")
+        let qTensor = qBytes.withUnsafeBytes { Proto.newTensor(name: qName, dataType: qType, dims: shape, raw: $0) }
+        // Parameter shape by ONNX convention (or broadcastable for the decomposed form).
+        var pDims: [Int]
+        var attrs: [Proto.AttrP] = []
+        switch s.granularity {
+        case .tensor:
+            pDims = decompose ? [] : []
+        case .channel:
+            if decompose {
+                pDims = [Int](repeating: 1, count: rank)
+                pDims[s.axis] = shape[s.axis]
+            } else {
+                pDims = [shape[s.axis]]
+                attrs.append(Proto.intAttr("axis", s.axis))
+            }
+        case .group:
+            let g = ParamLayout.groupAxis(rank: rank, channelAxis: s.axis)
+            pDims = p.paramShape
+            attrs.append(Proto.intAttr("axis", g))
+            attrs.append(Proto.intAttr("block_size", s.groupSize))
+        case .element:
+            pDims = shape
+            attrs.append(Proto.intAttr("axis", 0))
+            attrs.append(Proto.intAttr("block_size", 1))
+        }
+        let scaleName = model.uniqueName(w + "_scale")
+        var scaleBytes = scale
+        var scaleType: Int32 = 1
+        if scaleInSourceType && !decompose {
+            let f = scale.withUnsafeBytes { Array($0.bindMemory(to: Float.self)) }
+            scaleBytes = Dequantizer.encode(f, as: floatOut)
+            scaleType = Proto.dataType(floatOut)
+        }
+        let scaleTensor = scaleBytes.withUnsafeBytes { Proto.newTensor(name: scaleName, dataType: scaleType, dims: pDims, raw: $0) }
+        var newTensors = [qTensor, scaleTensor]
+        var dqInputs = [qName, scaleName]
+        var zpName: String? = nil
+        if let zp = zeroPoint {
+            let name = model.uniqueName(w + "_zero_point")
+            var zb = zp
+            var zType = qType
+            if is4 && !decompose { zb = Packing.pack4(zp.map { $0 & 0x0F }, shape: [zp.count]) } else if is4 {
+                zb = s.target == .int4 ? zp.map { ($0 & 0x08) != 0 ? $0 | 0xF0 : $0 & 0x0F } : zp
+                zType = s.target == .int4 ? 3 : 2
+            }
+            newTensors.append(zb.withUnsafeBytes { Proto.newTensor(name: name, dataType: zType, dims: pDims, raw: $0) })
+            dqInputs.append(name)
+            zpName = name
+        }
+        var nodes: [Proto.NodeP] = []
+        let needsCastBack = floatOut != .f32 && !scaleInSourceType
+        let dqOut = needsCastBack ? model.uniqueName(w + "_dequantized") : w
+        if decompose {
+            let castQ = model.uniqueName(qName + "_float")
+            nodes.append(Proto.newNode(op: "Cast", name: model.uniqueName(w + "_Cast"), inputs: [qName], outputs: [castQ],
+                                       attributes: [Proto.intAttr("to", 1)]))
+            var centred = castQ
+            if let zn = zpName {
+                let castZ = model.uniqueName(zn + "_float")
+                nodes.append(Proto.newNode(op: "Cast", name: model.uniqueName(zn + "_Cast"), inputs: [zn], outputs: [castZ],
+                                           attributes: [Proto.intAttr("to", 1)]))
+                centred = model.uniqueName(w + "_centred")
+                nodes.append(Proto.newNode(op: "Sub", name: model.uniqueName(w + "_Sub"), inputs: [castQ, castZ], outputs: [centred]))
+            }
+            nodes.append(Proto.newNode(op: "Mul", name: model.uniqueName(w + "_Mul"), inputs: [centred, scaleName], outputs: [dqOut]))
+        } else {
+            nodes.append(Proto.newNode(op: "DequantizeLinear", name: model.uniqueName(w + "_DequantizeLinear"), inputs: dqInputs,
+                                       outputs: [dqOut], attributes: attrs))
+        }
+        if needsCastBack {
+            nodes.append(Proto.newNode(op: "Cast", name: model.uniqueName(w + "_CastBack"), inputs: [dqOut], outputs: [w],
+                                       attributes: [Proto.intAttr("to", Int(Proto.dataType(floatOut)))]))
+        }
+        replaceTensor(loc, with: newTensors, nodes: nodes)
+        if is4 && !decompose { return 10 }
+        if s.target.isFP8 { return 9 }
+        return 0
+    }
+
+    func applyCast(_ p: TensorPlan, scheme s: QuantScheme, loc: OnnxModel.Located, values: [UInt8], opset: Int) throws {
+        let w = loc.graphName
+        if s.target == .bf16 && opset < 13 {
+            throw QConvertError.usage(message: "\(path): tensor '\(w)': a bfloat16 Cast needs opset ≥ 13 but the model imports \(opset); cast to fp16 instead")
+        }
+        let name = model.uniqueName(w + (s.target == .fp16 ? "_fp16" : "_bf16"))
+        let t = values.withUnsafeBytes { Proto.newTensor(name: name, dataType: onnxType(s.target), dims: p.shape, raw: $0) }
+        let cast = Proto.newNode(op: "Cast", name: model.uniqueName(w + "_Cast"), inputs: [name], outputs: [w],
+                                 attributes: [Proto.intAttr("to", Int(Proto.dataType(p.dtype)))])
+        replaceTensor(loc, with: [t], nodes: [cast])
+    }
+
+    func setMetadata(_ metadata: [(key: String, value: String)]) {
+        let m = model.model
+        let existing = Set(OnnxReader.metadataProps(m).map(\.0))
+        var list = m.pointee.metadata_props
+        var n = m.pointee.n_metadata_props
+        for (k, v) in metadata {
+            if existing.contains(k) {
+                for i in 0..<n where Proto.string(list?[i]?.pointee.key) == k {
+                    free(list![i]!.pointee.value)
+                    list![i]!.pointee.value = Proto.cstring(v)
+                }
+            } else {
+                Proto.append(Proto.newEntry(k, v), to: &list, count: &n)
+            }
+        }
+        m.pointee.metadata_props = list
+        m.pointee.n_metadata_props = n
+    }
+
+    // MARK: - output
+
+    /// Every tensor proto in the model (initializers, Constant values, subgraphs, functions).
+    func allTensors() -> [Proto.TensorP] {
+        var out: [Proto.TensorP] = []
+        func node(_ n: Proto.NodeP) {
+            for a in 0..<n.pointee.n_attribute {
+                guard let attr = n.pointee.attribute[a] else { continue }
+                if let t = attr.pointee.t { out.append(t) }
+                for k in 0..<attr.pointee.n_tensors { if let t = attr.pointee.tensors[k] { out.append(t) } }
+            }
+        }
+        model.forEachGraph { g in
+            for i in 0..<g.pointee.n_initializer { if let t = g.pointee.initializer[i] { out.append(t) } }
+            for i in 0..<g.pointee.n_node { if let n = g.pointee.node[i] { node(n) } }
+        }
+        model.forEachFunction { f in for i in 0..<f.pointee.n_node { if let n = f.pointee.node[i] { node(n) } } }
+        return out
+    }
+
+    func isExternal(_ t: Proto.TensorP) -> Bool {
+        t.pointee.has_data_location != 0 && t.pointee.data_location == ONNX__TENSOR_PROTO__DATA_LOCATION__EXTERNAL
+    }
+
+    func write() throws {
+        let m = model.model
+        let tensorsNow = allTensors()
+        // Bytes of tensors that live in the input's external files, by tensor.
+        var externalBytes: [Proto.TensorP: TensorBytes] = [:]
+        let present = Set(tensorsNow)
+        for (name, loc) in model.located where present.contains(loc.tensor) && isExternal(loc.tensor) {
+            if let e = source.entries.first(where: { $0.name == name }) { externalBytes[loc.tensor] = e.bytes }
+        }
+        let inlineSize = onnx__model_proto__get_packed_size(m) + externalBytes.values.reduce(0) { $0 + $1.count }
+        let useExternal = options.externalData || inlineSize >= 1_900_000_000
+        var dataFile: AtomicFile?
+        let dataName = URL(fileURLWithPath: path).lastPathComponent + ".data"
+        do {
+            if useExternal {
+                let df = try AtomicFile(path: URL(fileURLWithPath: path).deletingLastPathComponent().appendingPathComponent(dataName).path)
+                dataFile = df
+                var offset = 0
+                for t in tensorsNow {
+                    let bytes: UnsafeRawBufferPointer
+                    var holder: TensorBytes? = nil
+                    if let e = externalBytes[t] { holder = e; bytes = UnsafeRawBufferPointer(start: nil, count: 0) }
+                    else if t.pointee.has_raw_data != 0 && t.pointee.raw_data.len >= 1024 {
+                        bytes = UnsafeRawBufferPointer(start: t.pointee.raw_data.data, count: t.pointee.raw_data.len)
+                    } else { continue }
+                    offset = (offset + 4095) / 4096 * 4096
+                    let len: Int
+                    if let h = holder { len = h.count; try h.withUnsafeBytes { try df.pwrite($0, at: offset) } } else {
+                        len = bytes.count; try df.pwrite(bytes, at: offset)
+                    }
+                    setExternal(t, location: dataName, offset: offset, length: len)
+                    offset += len
+                }
+            } else {
+                for (t, b) in externalBytes {
+                    clearExternal(t)
+                    b.withUnsafeBytes { t.pointee.raw_data = Proto.bytes($0) }
+                    t.pointee.has_raw_data = 1
+                }
+            }
+            let size = onnx__model_proto__get_packed_size(m)
+            guard size < Int(Int32.max) else { throw QConvertError.write(path: path, message: "the model's graph alone exceeds 2 GB") }
+            var buf = [UInt8](repeating: 0, count: size)
+            let written = buf.withUnsafeMutableBufferPointer { onnx__model_proto__pack(m, $0.baseAddress) }
+            guard written == size else { throw QConvertError.write(path: path, message: "protobuf packing failed") }
+            let out = try AtomicFile(path: path)
+            do {
+                try out.pwrite(buf, at: 0)
+                try dataFile?.commit()
+                try out.commit()
+            } catch { out.abort(); throw error }
+        } catch {
+            dataFile?.abort()
+            throw error
+        }
+    }
+
+    func clearExternal(_ t: Proto.TensorP) {
+        for i in 0..<t.pointee.n_external_data { onnx__string_string_entry_proto__free_unpacked(t.pointee.external_data[i], nil) }
+        free(t.pointee.external_data)
+        t.pointee.external_data = nil
+        t.pointee.n_external_data = 0
+        t.pointee.has_data_location = 0
+        t.pointee.data_location = ONNX__TENSOR_PROTO__DATA_LOCATION__DEFAULT
+    }
+
+    func setExternal(_ t: Proto.TensorP, location: String, offset: Int, length: Int) {
+        clearExternal(t)
+        if t.pointee.has_raw_data != 0 {
+            free(t.pointee.raw_data.data)
+            t.pointee.raw_data = ProtobufCBinaryData(len: 0, data: nil)
+            t.pointee.has_raw_data = 0
+        }
+        var list = t.pointee.external_data
+        var n = 0
+        for (k, v) in [("location", location), ("offset", String(offset)), ("length", String(length))] {
+            Proto.append(Proto.newEntry(k, v), to: &list, count: &n)
+        }
+        t.pointee.external_data = list
+        t.pointee.n_external_data = n
+        t.pointee.has_data_location = 1
+        t.pointee.data_location = ONNX__TENSOR_PROTO__DATA_LOCATION__EXTERNAL
+    }
+}
