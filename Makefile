@@ -37,6 +37,7 @@ bench:
 	scripts/setup.sh
 	$(SWIFT) build -c release --product qconvert
 	.venv/bin/python Benchmarks/safetensors_int8.py
+	.venv/bin/python Benchmarks/onnx_int8.py
 
 sample:
 	python3 Samples/make_sample.py Samples/tiny-transformer.safetensors

@@ -11,11 +11,10 @@ of the numpy script's, and about the same peak RSS for a 4x larger input.
 import argparse
 import os
 import pathlib
-import shutil
-import statistics
 import subprocess
 import sys
-import time
+
+from common import measure, report
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -55,19 +54,6 @@ def generate(path, size_mb, seed=0):
     os.rename(str(path) + ".part", path)
 
 
-def measure(cmd):
-    """Wall seconds and peak RSS (bytes) of one command, from wait4's rusage of that child alone.
-    posix_spawn (no copy of this process's pages) keeps the parent out of the child's RSS."""
-    exe = cmd[0] if "/" in cmd[0] else shutil.which(cmd[0])
-    start = time.perf_counter()
-    pid = os.posix_spawn(exe, cmd, os.environ)
-    _, status, usage = os.wait4(pid, 0)
-    wall = time.perf_counter() - start
-    if status != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed with status {status}")
-    return wall, usage.ru_maxrss * 1024
-
-
 def run(size_mb, rounds, qconvert):
     src = WORK / f"model-{size_mb}mb.safetensors"
     make_model(src, size_mb)
@@ -86,13 +72,7 @@ def run(size_mb, rounds, qconvert):
             results[name].append(measure(cmd))
     out.unlink(missing_ok=True)
     size = src.stat().st_size
-    print(f"\ninput {src.name}: {size / 1e6:.0f} MB, {rounds} rounds, medians")
-    med = {}
-    for name, r in results.items():
-        t = statistics.median(w for w, _ in r)
-        rss = max(m for _, m in r)
-        med[name] = (t, rss)
-        print(f"  {name:9s} {t:7.3f} s   peak RSS {rss / 1e6:8.1f} MB")
+    med = report(f"input {src.name}: {size / 1e6:.0f} MB, {rounds} rounds, medians", results)
     q, n, c = med["qconvert"], med["numpy"], med["cp"]
     print(f"  speed vs numpy script: {n[0] / q[0]:.2f}x faster (goal >= 3x)")
     print(f"  time vs cp:            {q[0] / c[0]:.2f}x (goal <= 2x)")

@@ -150,12 +150,26 @@ def old_ir_inputs(path):
     save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=3), path, check=False)
 
 
+def function_body(path):
+    """A model-local function whose body holds its weight in a Constant node."""
+    r = rng(11)
+    w = (r.standard_normal((32, 48)) / 6).astype(np.float32)
+    body = [helper.make_node("Constant", [], ["fw"], value=numpy_helper.from_array(w, "fw"), name="fconst"),
+            helper.make_node("MatMul", ["a", "fw"], ["b"], name="fmm")]
+    f = helper.make_function("local", "Project", ["a"], ["b"], body, [helper.make_opsetid("", 17)])
+    g = helper.make_graph([helper.make_node("Project", ["x"], ["y"], domain="local", name="call")], "fn",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 48])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)], functions=[f], ir_version=8)
+    save(m, path)
+
+
 def mlp21(path):
     mlp(path, hidden=(64, 128, 32), opset=21, ir=10)
 
 
 BUILDERS = {"mlp": mlp, "mlp21": mlp21, "gemm": gemm, "cnn": cnn, "constants11": constants_opset11, "if": if_subgraph,
-            "shared": shared, "fp16": fp16, "external": external, "lstm": lstm, "oldir": old_ir_inputs}
+            "shared": shared, "fp16": fp16, "external": external, "lstm": lstm, "oldir": old_ir_inputs, "function": function_body}
 
 
 def build_all(folder):

@@ -74,7 +74,7 @@ def initializers(path):
 @pytest.mark.parametrize("name,threshold,args", [
     ("mlp", 0.999, []), ("lstm", 0.999, []), ("cnn", 0.99, ["--set", "min_elements=256"]), ("gemm", 0.999, []),
     ("constants11", 0.999, []), ("if", 0.999, []), ("shared", 0.999, []), ("fp16", 0.998, []), ("external", 0.999, []),
-    ("oldir", 0.999, []),
+    ("oldir", 0.999, []), ("function", 0.999, []),
 ])
 def test_int8_per_channel_runs_close_to_float(models, tmp_path, name, threshold, args):
     out = quantize(models, name, tmp_path, *args)
@@ -283,3 +283,23 @@ def test_bad_external_data_is_refused(models, tmp_path, attack):
     assert p.returncode == 3, p.stderr
     assert "external data" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_function_body_weight_quantized_in_place(models, tmp_path):
+    out = quantize(models, "function", tmp_path)
+    m = onnx.load(out)
+    ops = [n.op_type for n in m.functions[0].node]
+    assert "DequantizeLinear" in ops and ops.index("DequantizeLinear") < ops.index("MatMul")
+    assert [n.op_type for n in m.graph.node] == ["Project"]
+
+
+@pytest.mark.parametrize("preset", ["fp16", "bf16"])
+def test_float_casts_insert_a_cast_back(models, tmp_path, preset):
+    out = quantize(models, "mlp", tmp_path, "--preset", preset)
+    m = onnx.load(out)
+    casts = [n for n in m.graph.node if n.op_type == "Cast"]
+    assert {n.output[0] for n in casts} == {"fc0.weight", "fc0.bias", "fc1.weight", "fc1.bias"}
+    types = {t.name: t.data_type for t in m.graph.initializer}
+    want = onnx.TensorProto.FLOAT16 if preset == "fp16" else onnx.TensorProto.BFLOAT16
+    assert types["fc0.weight_" + preset] == want
+    assert min(compare(models["mlp"], out)) >= 0.999

@@ -15,12 +15,27 @@ public struct OnnxReader: FormatReader {
     public func read(path: String) throws -> Checkpoint {
         func bad(_ m: String) -> QConvertError { .badInput(path: path, message: m) }
         let model: OnnxModel
+        let f = try MappedFile(path: path)
         do {
-            let f = try MappedFile(path: path)
             guard f.size < Int(Int32.max) else { throw bad("a protobuf model over 2 GB cannot be read; such models keep their weights in external data") }
             let raw = f.bytes(at: 0, count: f.size)
-            do { try OnnxWireCheck.check(raw) } catch let e as OnnxWireCheck.Failure { throw bad("not a valid ONNX model: \(e.message)") }
-            guard let m = raw.baseAddress.flatMap({ onnx__model_proto__unpack(nil, f.size, $0.assumingMemoryBound(to: UInt8.self)) }) else {
+            let wire: OnnxWireCheck
+            do { wire = try OnnxWireCheck.check(raw) } catch let e as OnnxWireCheck.Failure { throw bad("not a valid ONNX model: \(e.message)") }
+            // protobuf-c copies every payload; drop the file's pages behind the copying so that
+            // memory holds one copy of the weights, not two.
+            let releaser = UnpackReleaser(file: f, blocks: wire.largePayloads)
+            var allocator = ProtobufCAllocator(
+                alloc: { data, size in
+                    let r = Unmanaged<UnpackReleaser>.fromOpaque(data!).takeUnretainedValue()
+                    if size >= 1 << 20 { r.largeAllocation() }
+                    return malloc(size)
+                },
+                free: { _, p in free(p) },
+                allocator_data: Unmanaged.passUnretained(releaser).toOpaque())
+            let unpacked = withExtendedLifetime(releaser) {
+                raw.baseAddress.flatMap { onnx__model_proto__unpack(&allocator, f.size, $0.assumingMemoryBound(to: UInt8.self)) }
+            }
+            guard let m = unpacked else {
                 throw bad("not a valid ONNX model (protobuf could not be decoded)")
             }
             model = OnnxModel(model: m, path: path)
@@ -90,7 +105,9 @@ public struct OnnxReader: FormatReader {
             entries[k].consumerOps = Array(Set(uses.map(\.op))).sorted()
             entries[k].outputAxis = OnnxReader.outputAxis(rank: entries[k].shape.count, uses: uses)
         }
-        let ck = Checkpoint(format: name, path: path, files: [], entries: entries)
+        // The model file and its external data files, for the input hash.
+        let files = [f] + model.externalFiles.sorted { $0.key < $1.key }.map(\.value)
+        let ck = Checkpoint(format: name, path: path, files: files, entries: entries)
         ck.container = model
         for (k, v) in OnnxReader.metadataProps(model.model) { ck.metadata.append((k, v)) }
         return ck
@@ -222,6 +239,24 @@ public struct OnnxReader: FormatReader {
             throw bad("range \(offset)+\(len) runs past the end of '\(loc)' (\(f.size) bytes)")
         }
         return .mapped(f, offset: offset, count: len)
+    }
+}
+
+/// Releases the mapped pages of payloads protobuf-c has already copied: each large allocation
+/// means the previous large payload (in file order) is done.
+final class UnpackReleaser {
+    let file: MappedFile
+    let blocks: [(offset: Int, length: Int)]
+    var seen = 0
+
+    init(file: MappedFile, blocks: [(offset: Int, length: Int)]) { self.file = file; self.blocks = blocks }
+
+    func largeAllocation() {
+        if seen > 0 && seen - 1 < blocks.count {
+            let b = blocks[seen - 1]
+            file.release(offset: b.offset, count: b.length)
+        }
+        seen += 1
     }
 }
 

@@ -7,6 +7,8 @@ struct OnnxWireCheck {
     struct Failure: Error { let message: String }
 
     static let maxDepth = 64
+    /// Byte ranges of large payload fields inside tensors, in file order.
+    var largePayloads: [(offset: Int, length: Int)] = []
 
     /// Which fields of which message lead to which nested message kind.
     static func child(_ k: Kind, _ field: UInt64) -> Kind? {
@@ -32,12 +34,14 @@ struct OnnxWireCheck {
         }
     }
 
-    static func check(_ bytes: UnsafeRawBufferPointer) throws {
-        try scan(bytes, 0, bytes.count, .model, depth: 0)
+    static func check(_ bytes: UnsafeRawBufferPointer) throws -> OnnxWireCheck {
+        var c = OnnxWireCheck()
+        try c.scan(bytes, 0, bytes.count, .model, depth: 0)
+        return c
     }
 
-    static func scan(_ b: UnsafeRawBufferPointer, _ start: Int, _ end: Int, _ kind: Kind, depth: Int) throws {
-        guard depth <= maxDepth else { throw Failure(message: "nesting deeper than \(maxDepth) levels (subgraphs or types)") }
+    mutating func scan(_ b: UnsafeRawBufferPointer, _ start: Int, _ end: Int, _ kind: Kind, depth: Int) throws {
+        guard depth <= OnnxWireCheck.maxDepth else { throw Failure(message: "nesting deeper than \(OnnxWireCheck.maxDepth) levels (subgraphs or types)") }
         var pos = start
         func varint() throws -> UInt64 {
             var v: UInt64 = 0
@@ -66,8 +70,10 @@ struct OnnxWireCheck {
                     throw Failure(message: "truncated protobuf (a field of \(len) bytes runs past the end at byte \(pos))")
                 }
                 let l = Int(len)
-                if kind != .tensor, let c = child(kind, field) {
+                if kind != .tensor, let c = OnnxWireCheck.child(kind, field) {
                     try scan(b, pos, pos + l, c, depth: depth + 1)
+                } else if kind == .tensor && l >= 1 << 20 {
+                    largePayloads.append((pos, l))
                 }
                 pos += l
             default:

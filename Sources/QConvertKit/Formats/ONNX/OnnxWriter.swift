@@ -32,9 +32,21 @@ final class OnnxSink: CheckpointSink {
         self.path = path; self.model = model; self.source = source; self.tensors = tensors; self.options = options
     }
 
+    lazy var planOfValues: [Int: Int] = {
+        var m: [Int: Int] = [:]
+        for (pi, outs) in options.outputsOfPlan.enumerated() where options.plans[pi].decision.scheme != nil { m[outs[0]] = pi }
+        return m
+    }()
+
     func put(_ index: Int, _ bytes: UnsafeRawBufferPointer) throws {
         // Kept tensors stay where they are in the graph; only converted ones are needed.
+        guard planOfValues[index] != nil || options.outputsOfPlan.contains(where: { $0.dropFirst().contains(index) }) else { return }
         data[index] = [UInt8](bytes)
+        // The float payload is no longer needed once its replacement is here.
+        if let pi = planOfValues[index], let loc = model.located[options.plans[pi].name], loc.tensor.pointee.has_raw_data != 0 {
+            free(loc.tensor.pointee.raw_data.data)
+            loc.tensor.pointee.raw_data = ProtobufCBinaryData(len: 0, data: nil)
+        }
     }
 
     func abort() { data.removeAll() }
