@@ -303,3 +303,11 @@ def test_float_casts_insert_a_cast_back(models, tmp_path, preset):
     want = onnx.TensorProto.FLOAT16 if preset == "fp16" else onnx.TensorProto.BFLOAT16
     assert types["fc0.weight_" + preset] == want
     assert min(compare(models["mlp"], out)) >= 0.999
+
+
+def test_output_is_deterministic_whatever_jobs(models, tmp_path):
+    a = quantize(models, "cnn", tmp_path, "--jobs", "1", "--set", "min_elements=256")
+    data = open(a, "rb").read()
+    b = str(tmp_path / "b.onnx")
+    run(models["cnn"], "-o", b, "-q", "--jobs", "3", "--set", "min_elements=256")
+    assert open(b, "rb").read() == data
