@@ -378,7 +378,7 @@ final class OnnxSink: CheckpointSink {
                     } else { continue }
                     offset = (offset + 4095) / 4096 * 4096
                     let len: Int
-                    if let h = holder { len = h.count; try h.withUnsafeBytes { try df.pwrite($0, at: offset) } } else {
+                    if let h = holder { len = h.count; try h.withUnsafeBytes { try df.pwrite($0, at: offset) }; h.release() } else {
                         len = bytes.count; try df.pwrite(bytes, at: offset)
                     }
                     setExternal(t, location: dataName, offset: offset, length: len)
@@ -393,12 +393,24 @@ final class OnnxSink: CheckpointSink {
             }
             let size = onnx__model_proto__get_packed_size(m)
             guard size < Int(Int32.max) else { throw QConvertError.write(path: path, message: "the model's graph alone exceeds 2 GB") }
-            var buf = [UInt8](repeating: 0, count: size)
-            let written = buf.withUnsafeMutableBufferPointer { onnx__model_proto__pack(m, $0.baseAddress) }
-            guard written == size else { throw QConvertError.write(path: path, message: "protobuf packing failed") }
+            // Pack straight into the file (no second copy of the model in memory).
             let out = try AtomicFile(path: path)
             do {
-                try out.pwrite(buf, at: 0)
+                let sink = PackSink(file: out)
+                var buffer = ProtobufCBuffer(append: { buf, len, data in
+                    let box = UnsafeMutableRawPointer(buf!).assumingMemoryBound(to: PackBuffer.self)
+                    Unmanaged<PackSink>.fromOpaque(box.pointee.sink).takeUnretainedValue().append(data, len)
+                })
+                var pb = PackBuffer(base: buffer, sink: Unmanaged.passUnretained(sink).toOpaque())
+                let written = withExtendedLifetime(sink) {
+                    withUnsafeMutablePointer(to: &pb) { p in
+                        p.withMemoryRebound(to: ProtobufCBuffer.self, capacity: 1) { onnx__model_proto__pack_to_buffer(m, $0) }
+                    }
+                }
+                _ = buffer
+                sink.flush()
+                if let e = sink.error { throw e }
+                guard written == size, sink.offset == size else { throw QConvertError.write(path: path, message: "protobuf packing failed") }
                 try dataFile?.commit()
                 try out.commit()
             } catch { out.abort(); throw error }
@@ -433,5 +445,41 @@ final class OnnxSink: CheckpointSink {
         t.pointee.n_external_data = n
         t.pointee.has_data_location = 1
         t.pointee.data_location = ONNX__TENSOR_PROTO__DATA_LOCATION__EXTERNAL
+    }
+}
+
+/// protobuf-c's output buffer: the C struct first, then our context.
+struct PackBuffer {
+    var base: ProtobufCBuffer
+    var sink: UnsafeMutableRawPointer
+}
+
+/// Receives packed bytes in order and writes them to the output file.
+final class PackSink {
+    let file: AtomicFile
+    var offset = 0
+    var error: Error?
+    var pending: [UInt8] = []
+
+    init(file: AtomicFile) { self.file = file; pending.reserveCapacity(1 << 20) }
+
+    func append(_ data: UnsafePointer<UInt8>?, _ len: Int) {
+        guard error == nil, let data, len > 0 else { return }
+        // Small appends are gathered; large payloads go straight to the file.
+        if pending.count + len > 1 << 20 { flush() }
+        if len >= 1 << 20 {
+            do { try file.pwrite(UnsafeRawBufferPointer(start: data, count: len), at: offset) } catch { self.error = error }
+            offset += len
+        } else {
+            pending.append(contentsOf: UnsafeBufferPointer(start: data, count: len))
+        }
+        if pending.count >= 1 << 20 { flush() }
+    }
+
+    func flush() {
+        guard !pending.isEmpty else { return }
+        do { try file.pwrite(pending, at: offset) } catch { self.error = error }
+        offset += pending.count
+        pending.removeAll(keepingCapacity: true)
     }
 }
