@@ -25,6 +25,11 @@ let package = Package(
             pkgConfig: "libprotobuf-c",
             providers: [.apt(["libprotobuf-c-dev"])]
         ),
+        .systemLibrary(
+            name: "CZip",
+            pkgConfig: "libzip",
+            providers: [.apt(["libzip-dev"])]
+        ),
         // protoc-c output for Schemas/onnx.proto (scripts/gen-onnx-proto.sh regenerates it).
         .target(
             name: "COnnxProto",
@@ -36,6 +41,7 @@ let package = Package(
             dependencies: [
                 "CQKernels",
                 "COnnxProto",
+                "CZip",
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "Crypto", package: "swift-crypto"),
             ],

@@ -1,0 +1,169 @@
+import Foundation
+
+/// NumPy .npz archives: a zip of `<name>.npy` members, stored or deflated.
+public struct NpzReader: FormatReader {
+    public init() {}
+    public var name: String { "npz" }
+    public var fileExtensions: [String] { [".npz"] }
+
+    /// Member names of the metadata qconvert writes.
+    static let metadataMember = MetadataDocument.key + ".npy"
+    static let dtypesMember = "qconvert.dtypes.npy"
+
+    /// A zip whose first member is a .npy array.
+    public func sniff(_ prefix: [UInt8], fileSize: Int) -> Bool {
+        guard prefix.count >= 30, prefix[0] == 0x50, prefix[1] == 0x4B, prefix[2] == 3, prefix[3] == 4 else { return false }
+        let nl = Int(prefix[26]) | Int(prefix[27]) << 8
+        guard 30 + nl <= prefix.count else { return false }
+        return String(decoding: prefix[30..<(30 + nl)], as: UTF8.self).hasSuffix(".npy")
+    }
+
+    public func recognizesFolder(_ path: String) -> Bool { false }
+
+    public func read(path: String) throws -> Checkpoint {
+        let zip = try ZipArchive(path: path)
+        var entries: [TensorEntry] = []
+        var metadata: [(key: String, value: String)] = []
+        var storedTypes: [String: DType] = [:]
+        for m in zip.members {
+            guard m.name.hasSuffix(".npy") else { continue }
+            let bytes = try zip.bytes(m)
+            if m.name == NpzReader.metadataMember || m.name == NpzReader.dtypesMember {
+                let text = try NpzReader.unicodeScalar(bytes, name: m.name, path: path)
+                if m.name == NpzReader.metadataMember { metadata.append((MetadataDocument.key, text)) } else if let obj = try? JSONParser.parse(text).objectValue {
+                    for (k, v) in obj { if let s = v.stringValue, let d = DType(rawValue: s) { storedTypes[k] = d } }
+                }
+                continue
+            }
+            entries.append(try NpzReader.tensor(bytes, name: String(m.name.dropLast(4)), path: path))
+        }
+        // Types numpy lacks were stored as raw integers; the dtypes member says what they are.
+        for k in entries.indices {
+            if let d = storedTypes[entries[k].name], d.bits == entries[k].dtype.bits || d.bits == 4 { entries[k].dtype = d }
+        }
+        return Checkpoint(format: name, path: path, files: [zip.file], entries: entries, metadata: metadata)
+    }
+
+    static func tensor(_ bytes: TensorBytes, name: String, path: String) throws -> TensorEntry {
+        func bad(_ m: String) -> QConvertError { .badInput(path: path, message: "array '\(name)': \(m)") }
+        let (header, total) = try bytes.withUnsafeBytes { b in (try Npy.parseHeader(b, name: name + ".npy", path: path), b.count) }
+        guard let (dtype, size, bigEndian) = Npy.dtype(header.descr) else {
+            if header.descr.hasSuffix("O") { throw bad("object arrays (|O) hold pickled Python objects and are refused") }
+            throw bad("dtype '\(header.descr)' is not supported")
+        }
+        guard let n = Shape(header.shape).checkedElementCount, case (let nbytes, false) = n.multipliedReportingOverflow(by: size) else {
+            throw bad("shape \(Shape(header.shape)) overflows")
+        }
+        guard total - header.dataOffset == nbytes else {
+            throw bad("shape \(Shape(header.shape)) of \(header.descr) needs \(nbytes) bytes but the member holds \(total - header.dataOffset)")
+        }
+        var data: TensorBytes
+        switch bytes {
+        case .mapped(let f, let off, _): data = .mapped(f, offset: off + header.dataOffset, count: nbytes)
+        default: data = .owned(bytes.withUnsafeBytes { Array($0[header.dataOffset...]) })
+        }
+        if bigEndian || (header.fortranOrder && header.shape.count > 1) {
+            var a = data.withUnsafeBytes { Array($0) }
+            if bigEndian {
+                for e in 0..<n { a[(e * size)..<(e * size + size)].reverse() }
+                if dtype == .c64 || dtype == .c128 {   // complex: swap each half, not the whole
+                    let h = size / 2
+                    for e in 0..<n { let s = e * size; a[s..<(s + size)].reverse(); a[s..<(s + h)].reverse(); a[(s + h)..<(s + size)].reverse() }
+                }
+            }
+            if header.fortranOrder && header.shape.count > 1 { a = fortranToC(a, shape: header.shape, elementSize: size) }
+            data = .owned(a)
+        }
+        return TensorEntry(name: name, dtype: dtype, shape: header.shape, bytes: data, outputAxis: header.shape.count >= 2 ? 0 : nil)
+    }
+
+    static func fortranToC(_ a: [UInt8], shape: [Int], elementSize: Int) -> [UInt8] {
+        let n = shape.reduce(1, *)
+        var out = [UInt8](repeating: 0, count: a.count)
+        var fStrides = [Int](repeating: 1, count: shape.count)
+        for k in 1..<shape.count { fStrides[k] = fStrides[k - 1] * shape[k - 1] }
+        var idx = [Int](repeating: 0, count: shape.count)
+        for c in 0..<n {
+            let f = zip(idx, fStrides).reduce(0) { $0 + $1.0 * $1.1 }
+            for b in 0..<elementSize { out[c * elementSize + b] = a[f * elementSize + b] }
+            var k = shape.count - 1
+            while k >= 0 { idx[k] += 1; if idx[k] < shape[k] { break }; idx[k] = 0; k -= 1 }
+        }
+        return out
+    }
+
+    /// A 0-d `<U` array's text (qconvert's metadata members).
+    static func unicodeScalar(_ bytes: TensorBytes, name: String, path: String) throws -> String {
+        try bytes.withUnsafeBytes { b in
+            let h = try Npy.parseHeader(b, name: name, path: path)
+            guard h.descr.hasPrefix("<U"), h.shape.isEmpty else { throw QConvertError.badInput(path: path, message: "member '\(name)' is not a string") }
+            let data = UnsafeRawBufferPointer(rebasing: b[h.dataOffset...])
+            var s = ""
+            for k in 0..<(data.count / 4) {
+                let v = data.loadUnaligned(fromByteOffset: 4 * k, as: UInt32.self).littleEndian
+                if v == 0 { break }
+                guard let u = Unicode.Scalar(v) else { throw QConvertError.badInput(path: path, message: "member '\(name)' is not valid text") }
+                s.unicodeScalars.append(u)
+            }
+            return s
+        }
+    }
+}
+
+/// Writes stored, deterministic .npz archives that `numpy.load(allow_pickle=False)` reads.
+public struct NpzWriter: FormatWriter {
+    public init() {}
+    public var name: String { "npz" }
+    public var fileExtensions: [String] { [".npz"] }
+
+    public func open(path: String, tensors: [OutputTensor], source: Checkpoint, options: WriterOptions) throws -> CheckpointSink {
+        var seen = Set<String>()
+        for t in tensors where !seen.insert(t.name).inserted {
+            throw QConvertError.usage(message: "output would hold two arrays named '\(t.name)'")
+        }
+        let headers = tensors.map { Npy.headerBytes(descr: Npy.descr($0.dtype), shape: $0.shape) }
+        let zip = try ZipWriter(path: path, members: zip(tensors, headers).map { ($0.name + ".npy", $1.count + $0.byteCount, 1) })
+        return NpzSink(zip: zip, tensors: tensors, headers: headers)
+    }
+}
+
+final class NpzSink: CheckpointSink {
+    let zip: ZipWriter
+    let tensors: [OutputTensor]
+    let headers: [[UInt8]]
+
+    init(zip: ZipWriter, tensors: [OutputTensor], headers: [[UInt8]]) { self.zip = zip; self.tensors = tensors; self.headers = headers }
+
+    func put(_ index: Int, _ bytes: UnsafeRawBufferPointer) throws {
+        try zip.write(index, headers[index])
+        try zip.write(index, bytes, at: headers[index].count)
+    }
+
+    static func unicodeArray(_ s: String) -> [UInt8] {
+        let scalars = Array(s.unicodeScalars)
+        var out = Npy.headerBytes(descr: "<U\(max(scalars.count, 1))", shape: [])
+        for u in scalars { withUnsafeBytes(of: u.value.littleEndian) { out += $0 } }
+        if scalars.isEmpty { out += [0, 0, 0, 0] }
+        return out
+    }
+
+    func commit(metadata: [(key: String, value: String)], perShard: [String: [(key: String, value: String)]]) throws {
+        do {
+            var extra: [(String, [UInt8])] = []
+            if let doc = metadata.first(where: { $0.key == MetadataDocument.key })?.value {
+                extra.append((NpzReader.metadataMember, NpzSink.unicodeArray(doc)))
+            }
+            let exotic = tensors.filter { [.bf16, .f8e4m3, .f8e5m2, .int4, .uint4].contains($0.dtype) }
+            if !exotic.isEmpty {
+                let obj = JSONValue.object(exotic.map { ($0.name, .string($0.dtype.rawValue)) })
+                extra.append((NpzReader.dtypesMember, NpzSink.unicodeArray(obj.compact)))
+            }
+            try zip.finish(appending: extra)
+        } catch {
+            zip.abort()
+            throw error
+        }
+    }
+
+    func abort() { zip.abort() }
+}

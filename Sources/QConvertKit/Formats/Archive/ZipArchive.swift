@@ -1,0 +1,172 @@
+import Foundation
+import CZip
+
+/// A zip archive opened for reading. libzip validates it (consistency of the central directory
+/// with the local headers, encryption, CRCs on inflate); the member table parsed here gives each
+/// stored member's data offset, so that stored tensor data is used in place from the mapping.
+public final class ZipArchive: @unchecked Sendable {
+    public struct Member: Sendable {
+        public var name: String
+        public var index: Int
+        public var method: UInt16
+        public var compressedSize: Int
+        public var size: Int
+        public var crc: UInt32
+        public var dataOffset: Int
+    }
+
+    public let path: String
+    public let file: MappedFile
+    public private(set) var members: [Member] = []
+    private let handle: OpaquePointer
+
+    /// Limits against zip bombs.
+    public static let maxTotalSize = 1 << 40
+    public static let maxRatio = 1000
+
+    public init(path: String) throws {
+        self.path = path
+        file = try MappedFile(path: path)
+        func bad(_ m: String) -> QConvertError { .badInput(path: path, message: m) }
+        var err: Int32 = 0
+        guard let za = zip_open(path, ZIP_RDONLY | ZIP_CHECKCONS, &err) else {
+            var ze = zip_error_t()
+            zip_error_init_with_code(&ze, err)
+            let m = String(cString: zip_error_strerror(&ze))
+            zip_error_fini(&ze)
+            throw bad("not a valid zip archive (\(m.lowercased()))")
+        }
+        handle = za
+        do {
+            members = try ZipArchive.parseDirectory(file, path: path)
+            let n = Int(zip_get_num_entries(za, 0))
+            guard n == members.count else { throw bad("central directory lists \(members.count) members, libzip sees \(n)") }
+            var seen = Set<String>()
+            var total = 0
+            for (i, m) in members.enumerated() {
+                var st = zip_stat_t()
+                zip_stat_init(&st)
+                guard zip_stat_index(za, zip_uint64_t(i), 0, &st) == 0 else { throw bad("cannot read member \(i)") }
+                guard st.encryption_method == ZIP_EM_NONE else { throw bad("member '\(m.name)' is encrypted") }
+                guard m.method == 0 || m.method == 8 else { throw bad("member '\(m.name)' uses compression method \(m.method) (only stored and deflate are read)") }
+                guard ZipArchive.isSafeName(m.name) else { throw bad("member name '\(m.name)' is not a safe relative path") }
+                guard seen.insert(m.name).inserted else { throw bad("member name '\(m.name)' appears twice") }
+                if m.method == 8, m.size > 1 << 20, m.size / max(m.compressedSize, 1) > ZipArchive.maxRatio {
+                    throw bad("member '\(m.name)' expands \(m.size / max(m.compressedSize, 1))× (limit \(ZipArchive.maxRatio)×): refusing a likely zip bomb")
+                }
+                total += m.size
+                guard total <= ZipArchive.maxTotalSize else { throw bad("members expand to more than \(ZipArchive.maxTotalSize >> 30) GiB") }
+                members[i].index = i
+            }
+            let ranges = members.map { ($0.dataOffset, $0.dataOffset + $0.compressedSize) }.sorted { $0.0 < $1.0 }
+            for k in 1..<max(ranges.count, 1) where ranges[k].0 < ranges[k - 1].1 {
+                throw bad("member data ranges overlap")
+            }
+        } catch {
+            zip_discard(za)
+            throw error
+        }
+    }
+
+    deinit { zip_discard(handle) }
+
+    public func member(named name: String) -> Member? { members.first { $0.name == name } }
+
+    static func isSafeName(_ n: String) -> Bool {
+        guard !n.isEmpty, !n.hasPrefix("/"), !n.contains("\\"), !n.contains("\0") else { return false }
+        if n.count >= 2, n.dropFirst().first == ":" { return false }
+        return !n.split(separator: "/", omittingEmptySubsequences: false).contains("..")
+    }
+
+    /// The member's bytes: stored members in place (CRC checked), deflated ones inflated by libzip.
+    public func bytes(_ m: Member) throws -> TensorBytes {
+        func bad(_ msg: String) -> QConvertError { .badInput(path: path, message: "member '\(m.name)': \(msg)") }
+        if m.method == 0 {
+            guard m.compressedSize == m.size else { throw bad("stored sizes disagree") }
+            let b = file.bytes(at: m.dataOffset, count: m.size)
+            let crc = m.size == 0 ? 0 : UInt32(crc32_z(0, b.baseAddress!.assumingMemoryBound(to: UInt8.self), m.size))
+            guard crc == m.crc else { throw bad("CRC mismatch (stored \(String(m.crc, radix: 16)), data \(String(crc, radix: 16)))") }
+            return .mapped(file, offset: m.dataOffset, count: m.size)
+        }
+        guard let zf = zip_fopen_index(handle, zip_uint64_t(m.index), 0) else {
+            throw bad("cannot open: \(String(cString: zip_strerror(handle)))")
+        }
+        defer { zip_fclose(zf) }
+        var out = [UInt8](repeating: 0, count: m.size)
+        var done = 0
+        while done < m.size {
+            let n = out.withUnsafeMutableBytes { zip_fread(zf, $0.baseAddress! + done, zip_uint64_t(m.size - done)) }
+            if n < 0 { throw bad("cannot inflate (\(String(cString: zip_file_strerror(zf)).lowercased()))") }
+            if n == 0 { break }
+            done += Int(n)
+        }
+        guard done == m.size else { throw bad("inflates to \(done) bytes, expected \(m.size)") }
+        var extra: UInt8 = 0
+        if zip_fread(zf, &extra, 1) != 0 { throw bad("inflates past its declared size or fails its CRC") }
+        return .owned(out)
+    }
+
+    // MARK: - central directory
+
+    static func parseDirectory(_ f: MappedFile, path: String) throws -> [Member] {
+        func bad(_ m: String) -> QConvertError { .badInput(path: path, message: m) }
+        let b = f.bytes(at: 0, count: f.size)
+        func u16(_ o: Int) -> Int { Int(b[o]) | Int(b[o + 1]) << 8 }
+        func u32(_ o: Int) -> Int { u16(o) | u16(o + 2) << 16 }
+        func u64(_ o: Int) -> Int { u32(o) | u32(o + 4) << 32 }
+        guard f.size >= 22 else { throw bad("too small to be a zip archive") }
+        var eocd = -1
+        var o = f.size - 22
+        let lowest = max(0, f.size - 22 - 65535)
+        while o >= lowest {
+            if u32(o) == 0x06054b50 { eocd = o; break }
+            o -= 1
+        }
+        guard eocd >= 0 else { throw bad("no end of central directory record (truncated?)") }
+        var count = u16(eocd + 10)
+        var cdSize = u32(eocd + 12)
+        var cdOffset = u32(eocd + 16)
+        if eocd >= 20, u32(eocd - 20) == 0x07064b50 {
+            let z = u64(eocd - 20 + 8)
+            guard z + 56 <= f.size, z >= 0, u32(z) == 0x06064b50 else { throw bad("bad zip64 end of central directory") }
+            count = u64(z + 32)
+            cdSize = u64(z + 40)
+            cdOffset = u64(z + 48)
+        }
+        guard cdOffset >= 0, cdSize >= 0, cdOffset + cdSize <= f.size else { throw bad("central directory lies outside the file") }
+        var members: [Member] = []
+        var p = cdOffset
+        for _ in 0..<count {
+            guard p + 46 <= cdOffset + cdSize, u32(p) == 0x02014b50 else { throw bad("corrupt central directory") }
+            let flags = u16(p + 8), method = u16(p + 10)
+            let crc = UInt32(u32(p + 16))
+            var csize = u32(p + 20), usize = u32(p + 24)
+            let nl = u16(p + 28), el = u16(p + 30), cl = u16(p + 32)
+            var local = u32(p + 42)
+            guard p + 46 + nl + el + cl <= f.size else { throw bad("corrupt central directory") }
+            let name = String(decoding: UnsafeRawBufferPointer(rebasing: b[(p + 46)..<(p + 46 + nl)]), as: UTF8.self)
+            if flags & 1 != 0 { throw bad("member '\(name)' is encrypted") }
+            // zip64 extra field: the 0xFFFFFFFF fields, in order usize, csize, offset
+            var e = p + 46 + nl
+            let eEnd = e + el
+            while e + 4 <= eEnd {
+                let id = u16(e), len = u16(e + 2)
+                if id == 1 {
+                    var q = e + 4
+                    if usize == 0xFFFFFFFF, q + 8 <= e + 4 + len { usize = u64(q); q += 8 }
+                    if csize == 0xFFFFFFFF, q + 8 <= e + 4 + len { csize = u64(q); q += 8 }
+                    if local == 0xFFFFFFFF, q + 8 <= e + 4 + len { local = u64(q); q += 8 }
+                }
+                e += 4 + len
+            }
+            guard local >= 0, local + 30 <= f.size, u32(local) == 0x04034b50 else { throw bad("member '\(name)': bad local header") }
+            let data = local + 30 + u16(local + 26) + u16(local + 28)
+            guard csize >= 0, usize >= 0, data <= f.size, csize <= f.size - data else {
+                throw bad("member '\(name)': data runs past the end of the archive (truncated?)")
+            }
+            members.append(Member(name: name, index: members.count, method: UInt16(method), compressedSize: csize, size: usize, crc: crc, dataOffset: data))
+            p += 46 + nl + el + cl
+        }
+        return members
+    }
+}
