@@ -39,7 +39,8 @@ public struct NpzReader: FormatReader {
         }
         // Types numpy lacks were stored as raw integers; the dtypes member says what they are.
         for k in entries.indices {
-            if let d = storedTypes[entries[k].name], d.bits == entries[k].dtype.bits || d.bits == 4 { entries[k].dtype = d }
+            // 4-bit values stay packed bytes (u8); bf16 and fp8 get their type back
+            if let d = storedTypes[entries[k].name], d.bits == entries[k].dtype.bits { entries[k].dtype = d }
         }
         return Checkpoint(format: name, path: path, files: [zip.file], entries: entries, metadata: metadata)
     }
@@ -122,8 +123,16 @@ public struct NpzWriter: FormatWriter {
             throw QConvertError.usage(message: "output would hold two arrays named '\(t.name)'")
         }
         let headers = tensors.map { Npy.headerBytes(descr: Npy.descr($0.dtype), shape: $0.shape) }
+        // What numpy cannot hold natively is stored as raw integers; remember the real type.
+        var exotic: [(String, String)] = []
+        for (k, t) in tensors.enumerated() where [.bf16, .f8e4m3, .f8e5m2].contains(t.dtype) { exotic.append((tensors[k].name, t.dtype.rawValue)) }
+        for (pi, p) in options.plans.enumerated() {
+            if let s = p.decision.scheme, s.target == .int4 || s.target == .uint4 {
+                exotic.append((tensors[options.outputsOfPlan[pi][0]].name, s.target.rawValue))
+            }
+        }
         let zip = try ZipWriter(path: path, members: zip(tensors, headers).map { ($0.name + ".npy", $1.count + $0.byteCount, 1) })
-        return NpzSink(zip: zip, tensors: tensors, headers: headers)
+        return NpzSink(zip: zip, tensors: tensors, headers: headers, exotic: exotic)
     }
 }
 
@@ -131,8 +140,11 @@ final class NpzSink: CheckpointSink {
     let zip: ZipWriter
     let tensors: [OutputTensor]
     let headers: [[UInt8]]
+    let exotic: [(String, String)]
 
-    init(zip: ZipWriter, tensors: [OutputTensor], headers: [[UInt8]]) { self.zip = zip; self.tensors = tensors; self.headers = headers }
+    init(zip: ZipWriter, tensors: [OutputTensor], headers: [[UInt8]], exotic: [(String, String)]) {
+        self.zip = zip; self.tensors = tensors; self.headers = headers; self.exotic = exotic
+    }
 
     func put(_ index: Int, _ bytes: UnsafeRawBufferPointer) throws {
         try zip.write(index, headers[index])
@@ -153,9 +165,8 @@ final class NpzSink: CheckpointSink {
             if let doc = metadata.first(where: { $0.key == MetadataDocument.key })?.value {
                 extra.append((NpzReader.metadataMember, NpzSink.unicodeArray(doc)))
             }
-            let exotic = tensors.filter { [.bf16, .f8e4m3, .f8e5m2, .int4, .uint4].contains($0.dtype) }
             if !exotic.isEmpty {
-                let obj = JSONValue.object(exotic.map { ($0.name, .string($0.dtype.rawValue)) })
+                let obj = JSONValue.object(exotic.map { ($0.0, .string($0.1)) })
                 extra.append((NpzReader.dtypesMember, NpzSink.unicodeArray(obj.compact)))
             }
             try zip.finish(appending: extra)

@@ -62,10 +62,8 @@ public final class ZipArchive: @unchecked Sendable {
             for k in 1..<max(ranges.count, 1) where ranges[k].0 < ranges[k - 1].1 {
                 throw bad("member data ranges overlap")
             }
-        } catch {
-            zip_discard(za)
-            throw error
         }
+        // (on a throw after this point deinit runs and discards the handle)
     }
 
     deinit { zip_discard(handle) }
