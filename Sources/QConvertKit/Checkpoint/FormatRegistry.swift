@@ -2,8 +2,8 @@ import Foundation
 
 /// The format plugins, and how a path is matched to one: content first, then extension.
 public enum FormatRegistry {
-    public static let readers: [FormatReader] = [SafetensorsReader(), OnnxReader(), NpzReader()]
-    public static let writers: [FormatWriter] = [SafetensorsWriter(), OnnxWriter(), NpzWriter()]
+    public static let readers: [FormatReader] = [SafetensorsReader(), OnnxReader(), NpzReader(), PyTorchReader()]
+    public static let writers: [FormatWriter] = [SafetensorsWriter(), OnnxWriter(), NpzWriter(), PyTorchWriter()]
 
     public static func reader(named name: String) -> FormatReader? { readers.first { $0.name == name } }
 

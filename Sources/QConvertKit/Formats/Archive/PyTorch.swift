@@ -1,0 +1,271 @@
+import Foundation
+
+/// The object tree of a torch.save archive, kept so that a .pt output reproduces its structure.
+final class PTTree: @unchecked Sendable {
+    let root: PickleValue
+    /// Tensor leaves in walk order with their dotted paths.
+    var leaves: [(path: String, tensor: PTTensor)] = []
+    let zip: ZipArchive
+    init(root: PickleValue, zip: ZipArchive) { self.root = root; self.zip = zip }
+}
+
+/// Reads PyTorch `torch.save` zip archives (.pt, .pth, .bin) through the restricted pickle machine.
+public struct PyTorchReader: FormatReader {
+    public init() {}
+    public var name: String { "pytorch" }
+    public var fileExtensions: [String] { [".pt", ".pth", ".bin", ".ckpt"] }
+
+    static let legacyMagic: [UInt8] = [0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19]
+
+    /// A zip whose first member sits in a folder (`archive/data.pkl`), or a legacy torch.save file.
+    public func sniff(_ prefix: [UInt8], fileSize: Int) -> Bool {
+        if prefix.starts(with: PyTorchReader.legacyMagic) { return true }
+        guard prefix.count >= 30, prefix[0] == 0x50, prefix[1] == 0x4B, prefix[2] == 3, prefix[3] == 4 else { return false }
+        let nl = Int(prefix[26]) | Int(prefix[27]) << 8
+        let name = String(decoding: prefix[30..<min(prefix.count, 30 + nl)], as: UTF8.self)
+        return name.contains("/") && !name.hasSuffix(".npy")
+    }
+
+    public func recognizesFolder(_ path: String) -> Bool { false }
+
+    public func read(path: String) throws -> Checkpoint {
+        func bad(_ m: String) -> QConvertError { .badInput(path: path, message: m) }
+        if let head = try? FormatRegistry.readPrefix(path, count: 16), head.starts(with: PyTorchReader.legacyMagic) {
+            throw bad("legacy (pre-zip) torch.save format is not supported yet; re-save it with a current torch")
+        }
+        let zip = try ZipArchive(path: path)
+        guard let first = zip.members.first, let slash = first.name.firstIndex(of: "/") else {
+            throw bad("not a torch.save archive (no 'archive/' folder)")
+        }
+        let prefix = String(first.name[..<slash])
+        if zip.member(named: prefix + "/constants.pkl") != nil || zip.members.contains(where: { $0.name.hasPrefix(prefix + "/code/") }) {
+            throw bad("this is a TorchScript archive (torch.jit.save: code/ and constants.pkl), not a checkpoint; save the state_dict with torch.save instead")
+        }
+        if let bo = zip.member(named: prefix + "/byteorder") {
+            let text = String(decoding: try zip.bytes(bo).withUnsafeBytes { Array($0) }, as: UTF8.self)
+            guard text.hasPrefix("little") else { throw bad("byteorder '\(text)' is not supported (only little-endian)") }
+        }
+        guard let pkl = zip.member(named: prefix + "/data.pkl") else { throw bad("no \(prefix)/data.pkl in the archive") }
+        let pklBytes = try zip.bytes(pkl)
+        var storageBytes: [String: TensorBytes] = [:]
+        let root: PickleValue
+        do {
+            root = try pklBytes.withUnsafeBytes { raw -> PickleValue in
+                var u = Unpickler(raw) { pid in
+                    guard case .tuple(let t) = pid, t.count >= 5, case .string("storage") = t[0],
+                          case .global(let m, let cls) = t[1], case .string(let key) = t[2], case .int(let numel) = t[4] else {
+                        throw Unpickler.Failure(message: "unsupported persistent id")
+                    }
+                    var location = "cpu"
+                    if case .string(let l) = t[3] { location = l }
+                    let untyped = (m == "torch.storage" || m == "torch") && (cls == "UntypedStorage" || cls == "TypedStorage")
+                    guard let dtype = untyped ? DType.u8 : TorchTypes.storages[cls] else {
+                        throw Unpickler.Failure(message: "storage class '\(m).\(cls)' is not supported")
+                    }
+                    guard let rec = zip.member(named: "\(prefix)/data/\(key)") else {
+                        throw Unpickler.Failure(message: "storage '\(key)' has no record \(prefix)/data/\(key)")
+                    }
+                    let elsize = max(dtype.bits / 8, 1)
+                    guard numel >= 0, case (let need, false) = numel.multipliedReportingOverflow(by: elsize), need == rec.size else {
+                        throw Unpickler.Failure(message: "storage '\(key)' declares \(numel) elements of \(dtype.rawValue) but its record holds \(rec.size) bytes")
+                    }
+                    if storageBytes[key] == nil { storageBytes[key] = try zip.bytes(rec) }
+                    return .storage(PTStorage(key: key, dtype: dtype, numel: numel, location: location, untyped: untyped))
+                }
+                return try u.load()
+            }
+        } catch let f as Unpickler.Failure {
+            throw bad("\(prefix)/data.pkl: \(f.message)")
+        }
+        let tree = PTTree(root: root, zip: zip)
+        var entries: [TensorEntry] = []
+        var seen: [String: Int] = [:]
+        var names = Set<String>()
+        func walk(_ v: PickleValue, _ path: String, _ depth: Int) throws {
+            guard depth < 200 else { throw bad("object nesting deeper than 200 levels") }
+            switch v {
+            case .tensor(let t):
+                let id = "\(t.storage.key)|\(t.offset)|\(t.shape)|\(t.stride)|\(t.dtype.rawValue)"
+                if let e = seen[id] { t.entry = e } else {
+                    var name = path.isEmpty ? "tensor" : path
+                    var k = 2
+                    while names.contains(name) { name = "\(path)#\(k)"; k += 1 }
+                    names.insert(name)
+                    let bytes = try PyTorchReader.tensorBytes(t, storage: storageBytes[t.storage.key]!, name: name, path: path)
+                    t.entry = entries.count
+                    seen[id] = entries.count
+                    entries.append(TensorEntry(name: name, dtype: t.dtype, shape: t.shape, bytes: bytes,
+                                               outputAxis: t.shape.count >= 2 ? 0 : nil))
+                }
+                tree.leaves.append((path, t))
+            case .dict(let d):
+                for (k, item) in d.items {
+                    let ks: String
+                    switch k {
+                    case .string(let s): ks = s
+                    case .int(let i): ks = String(i)
+                    default: ks = "?"
+                    }
+                    try walk(item, path.isEmpty ? ks : path + "." + ks, depth + 1)
+                }
+            case .list(let l): for (i, item) in l.items.enumerated() { try walk(item, path.isEmpty ? "\(i)" : "\(path).\(i)", depth + 1) }
+            case .tuple(let items): for (i, item) in items.enumerated() { try walk(item, path.isEmpty ? "\(i)" : "\(path).\(i)", depth + 1) }
+            default: break
+            }
+        }
+        try walk(root, "", 0)
+        var metadata: [(key: String, value: String)] = []
+        if let m = zip.member(named: "\(prefix)/\(MetadataDocument.key).json") {
+            metadata.append((MetadataDocument.key, String(decoding: try zip.bytes(m).withUnsafeBytes { Array($0) }, as: UTF8.self)))
+        }
+        let ck = Checkpoint(format: name, path: path, files: [zip.file], entries: entries, metadata: metadata)
+        ck.container = tree
+        return ck
+    }
+
+    /// A tensor's bytes, contiguous: in place when the view is, gathered when it is strided.
+    static func tensorBytes(_ t: PTTensor, storage: TensorBytes, name: String, path: String) throws -> TensorBytes {
+        func bad(_ m: String) -> QConvertError { .badInput(path: path, message: "tensor '\(name)': \(m)") }
+        let elsize = max(t.dtype.bits / 8, 1)
+        guard t.shape.count == t.stride.count, t.shape.allSatisfy({ $0 >= 0 }), t.stride.allSatisfy({ $0 >= 0 }), t.offset >= 0 else {
+            throw bad("negative size, stride or offset")
+        }
+        guard let n = Shape(t.shape).checkedElementCount else { throw bad("shape overflows") }
+        let capacity = storage.count / elsize
+        if n > 0 {
+            var last = t.offset
+            for (s, st) in zip(t.shape, t.stride) {
+                let (p, o1) = (s - 1).multipliedReportingOverflow(by: st)
+                let (q, o2) = last.addingReportingOverflow(p)
+                guard !o1, !o2 else { throw bad("view extent overflows") }
+                last = q
+            }
+            guard last < capacity else { throw bad("view reaches element \(last) of a storage holding \(capacity)") }
+        }
+        var contiguous = [Int](repeating: 1, count: t.shape.count)
+        for k in stride(from: t.shape.count - 2, through: 0, by: -1) { contiguous[k] = contiguous[k + 1] * t.shape[k + 1] }
+        let isContiguous = n <= 1 || zip(zip(t.shape, t.stride), contiguous).allSatisfy { $0.0.0 == 1 || $0.0.1 == $0.1 }
+        if isContiguous {
+            switch storage {
+            case .mapped(let f, let off, _): return .mapped(f, offset: off + t.offset * elsize, count: n * elsize)
+            default: return .owned(storage.withUnsafeBytes { Array($0[(t.offset * elsize)..<((t.offset + n) * elsize)]) })
+            }
+        }
+        var out = [UInt8](repeating: 0, count: n * elsize)
+        storage.withUnsafeBytes { src in
+            var idx = [Int](repeating: 0, count: t.shape.count)
+            for e in 0..<n {
+                let s = t.offset + zip(idx, t.stride).reduce(0) { $0 + $1.0 * $1.1 }
+                for b in 0..<elsize { out[e * elsize + b] = src[s * elsize + b] }
+                var k = t.shape.count - 1
+                while k >= 0 { idx[k] += 1; if idx[k] < t.shape[k] { break }; idx[k] = 0; k -= 1 }
+            }
+        }
+        return .owned(out)
+    }
+}
+
+/// Writes torch.save archives that `torch.load(weights_only=True)` reads (also with mmap=True):
+/// a protocol-2 pickle, stored members, 64-byte aligned data, fixed timestamps.
+public struct PyTorchWriter: FormatWriter {
+    public init() {}
+    public var name: String { "pytorch" }
+    public var fileExtensions: [String] { [".pt", ".pth", ".bin", ".ckpt"] }
+
+    public func open(path: String, tensors: [OutputTensor], source: Checkpoint, options: WriterOptions) throws -> CheckpointSink {
+        var archive = URL(fileURLWithPath: path).deletingPathExtension().lastPathComponent
+        archive = String(archive.map { $0.isLetter || $0.isNumber || $0 == "_" || $0 == "-" || $0 == "." ? $0 : "_" })
+        if archive.isEmpty { archive = "archive" }
+        let zip = try ZipWriter(path: path, members: tensors.enumerated().map { ("\(archive)/data/\($0.offset)", $0.element.byteCount, 64) })
+        return PyTorchSink(zip: zip, archive: archive, tensors: tensors, source: source, options: options)
+    }
+}
+
+final class PyTorchSink: CheckpointSink {
+    let zip: ZipWriter
+    let archive: String
+    let tensors: [OutputTensor]
+    let source: Checkpoint
+    let options: WriterOptions
+
+    init(zip: ZipWriter, archive: String, tensors: [OutputTensor], source: Checkpoint, options: WriterOptions) {
+        self.zip = zip; self.archive = archive; self.tensors = tensors; self.source = source; self.options = options
+    }
+
+    func put(_ index: Int, _ bytes: UnsafeRawBufferPointer) throws { try zip.write(index, bytes) }
+
+    func abort() { zip.abort() }
+
+    func commit(metadata: [(key: String, value: String)], perShard: [String: [(key: String, value: String)]]) throws {
+        do {
+            var p = Pickler { k in (String(k), self.tensors[k].dtype, Shape(self.tensors[k].shape).elementCount) }
+            if let tree = source.container as? PTTree, !options.plans.isEmpty {
+                // entry index → its output tensors
+                var outputs: [Int: [Int]] = [:]
+                for (pi, plan) in options.plans.enumerated() { outputs[plan.entryIndex] = options.outputsOfPlan[pi] }
+                let root = rebuild(tree.root, outputs: outputs, emitted: Box(Set<Int>()))
+                p.value(root) { pk, t in
+                    let o = t.entry < 0 ? -1 - t.entry : (outputs[t.entry]?.first ?? 0)
+                    // integer tensors cannot require gradients (nor be trainable Parameters)
+                    let isFloat = self.tensors[o].dtype.isFloatingPoint
+                    pk.tensor(o, shape: self.tensors[o].shape, parameter: t.isParameter && isFloat, requiresGrad: t.requiresGrad && isFloat)
+                }
+            } else {
+                let d = PickleDict()
+                d.ordered = true
+                for (k, t) in tensors.enumerated() {
+                    let pt = PTTensor(storage: PTStorage(key: String(k), dtype: t.dtype, numel: 0, location: "cpu", untyped: false),
+                                      dtype: t.dtype, offset: 0, shape: t.shape, stride: [])
+                    pt.entry = k
+                    d.items.append((.string(t.name), .tensor(pt)))
+                }
+                p.value(.dict(d)) { pk, t in pk.tensor(t.entry, shape: self.tensors[t.entry].shape, parameter: false, requiresGrad: false) }
+            }
+            var extra: [(String, [UInt8])] = [("\(archive)/data.pkl", p.finish()),
+                                              ("\(archive)/byteorder", Array("little".utf8)),
+                                              ("\(archive)/version", Array("3\n".utf8))]
+            if let doc = metadata.first(where: { $0.key == MetadataDocument.key })?.value {
+                extra.append(("\(archive)/\(MetadataDocument.key).json", Array(doc.utf8)))
+            }
+            try zip.finish(appending: extra)
+        } catch {
+            zip.abort()
+            throw error
+        }
+    }
+
+    /// The source tree with each converted tensor's parameters inserted beside it (once, for tied tensors).
+    func rebuild(_ v: PickleValue, outputs: [Int: [Int]], emitted: Box<Set<Int>>) -> PickleValue {
+        switch v {
+        case .dict(let d):
+            let n = PickleDict()
+            n.ordered = d.ordered
+            n.state = d.state
+            for (k, item) in d.items {
+                n.items.append((k, rebuild(item, outputs: outputs, emitted: emitted)))
+                if case .tensor(let t) = item, case .string(let key) = k, let outs = outputs[t.entry], outs.count > 1,
+                   !emitted.value.contains(t.entry) {
+                    emitted.value.insert(t.entry)
+                    for (suffix, o) in Swift.zip(["_scale", "_zero_point"], outs.dropFirst()) {
+                        let pt = PTTensor(storage: t.storage, dtype: tensors[o].dtype, offset: 0, shape: tensors[o].shape, stride: [])
+                        pt.entry = -1 - o
+                        n.items.append((.string(key + suffix), .tensor(pt)))
+                    }
+                }
+            }
+            return .dict(n)
+        case .list(let l):
+            let n = PickleList()
+            n.items = l.items.map { rebuild($0, outputs: outputs, emitted: emitted) }
+            return .list(n)
+        case .tuple(let items): return .tuple(items.map { rebuild($0, outputs: outputs, emitted: emitted) })
+        case .tensor(let t):
+            let nt = PTTensor(storage: t.storage, dtype: t.dtype, offset: 0, shape: t.shape, stride: [])
+            nt.entry = t.entry
+            nt.isParameter = t.isParameter && t.dtype.isFloatingPoint
+            nt.requiresGrad = t.requiresGrad
+            return .tensor(nt)
+        default: return v
+        }
+    }
+}
