@@ -81,15 +81,15 @@ public struct PyTorchReader: FormatReader {
         var entries: [TensorEntry] = []
         var seen: [String: Int] = [:]
         var names = Set<String>()
-        func walk(_ v: PickleValue, _ path: String, _ depth: Int) throws {
+        func walk(_ v: PickleValue, _ keyPath: String, _ depth: Int) throws {
             guard depth < 200 else { throw bad("object nesting deeper than 200 levels") }
             switch v {
             case .tensor(let t):
                 let id = "\(t.storage.key)|\(t.offset)|\(t.shape)|\(t.stride)|\(t.dtype.rawValue)"
                 if let e = seen[id] { t.entry = e } else {
-                    var name = path.isEmpty ? "tensor" : path
+                    var name = keyPath.isEmpty ? "tensor" : keyPath
                     var k = 2
-                    while names.contains(name) { name = "\(path)#\(k)"; k += 1 }
+                    while names.contains(name) { name = "\(keyPath)#\(k)"; k += 1 }
                     names.insert(name)
                     let bytes = try PyTorchReader.tensorBytes(t, storage: storageBytes[t.storage.key]!, name: name, path: path)
                     t.entry = entries.count
@@ -97,7 +97,7 @@ public struct PyTorchReader: FormatReader {
                     entries.append(TensorEntry(name: name, dtype: t.dtype, shape: t.shape, bytes: bytes,
                                                outputAxis: t.shape.count >= 2 ? 0 : nil))
                 }
-                tree.leaves.append((path, t))
+                tree.leaves.append((keyPath, t))
             case .dict(let d):
                 for (k, item) in d.items {
                     let ks: String
@@ -106,10 +106,10 @@ public struct PyTorchReader: FormatReader {
                     case .int(let i): ks = String(i)
                     default: ks = "?"
                     }
-                    try walk(item, path.isEmpty ? ks : path + "." + ks, depth + 1)
+                    try walk(item, keyPath.isEmpty ? ks : keyPath + "." + ks, depth + 1)
                 }
-            case .list(let l): for (i, item) in l.items.enumerated() { try walk(item, path.isEmpty ? "\(i)" : "\(path).\(i)", depth + 1) }
-            case .tuple(let items): for (i, item) in items.enumerated() { try walk(item, path.isEmpty ? "\(i)" : "\(path).\(i)", depth + 1) }
+            case .list(let l): for (i, item) in l.items.enumerated() { try walk(item, keyPath.isEmpty ? "\(i)" : "\(keyPath).\(i)", depth + 1) }
+            case .tuple(let items): for (i, item) in items.enumerated() { try walk(item, keyPath.isEmpty ? "\(i)" : "\(keyPath).\(i)", depth + 1) }
             default: break
             }
         }
