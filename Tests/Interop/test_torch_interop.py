@@ -135,15 +135,26 @@ def test_fp8_and_int4_outputs_load(tmp_path):
     assert m["0.weight"].dtype == torch.uint8 and m["0.weight"].shape == (128, 32)
 
 
-def test_torchscript_and_legacy_files_are_refused_clearly(tmp_path):
+def test_torchscript_is_refused_clearly(tmp_path):
     scripted = torch.jit.script(torch.nn.Linear(4, 4))
     torch.jit.save(scripted, str(tmp_path / "ts.pt"))
     r = run(tmp_path / "ts.pt", "-o", tmp_path / "o.pt", check=False)
-    assert r.returncode == 3 and "TorchScript" in r.stderr
-    torch.save({"w": torch.ones(64, 64)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
-    r = run(tmp_path / "legacy.pt", "-o", tmp_path / "o.pt", check=False)
-    assert r.returncode == 3 and "legacy" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 3 and "TorchScript" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o.pt").exists()
+
+
+def test_legacy_files_are_read(tmp_path):
+    w = torch.arange(12.0).reshape(3, 4)
+    sd = {"w": w, "row": w[1], "t": w.t(), "h": torch.randn(40, 40).half(), "big": torch.randn(64, 64), "n": 5}
+    torch.save(sd, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    run(tmp_path / "legacy.pt", "-o", tmp_path / "k.pt", "--preset", "keep", "-q")
+    d = load(tmp_path / "k.pt")
+    assert d["n"] == 5
+    for k in ("w", "row", "t", "h", "big"):
+        assert torch.equal(d[k], sd[k]), k
+    run(tmp_path / "legacy.pt", "-o", tmp_path / "q.pt", "-q")
+    q = load(tmp_path / "q.pt")
+    assert q["big"].dtype == torch.int8 and torch.allclose(q["big"].float() * q["big_scale"], sd["big"], atol=0.03)
 
 
 class Evil:

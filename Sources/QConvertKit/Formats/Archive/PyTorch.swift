@@ -5,8 +5,7 @@ final class PTTree: @unchecked Sendable {
     let root: PickleValue
     /// Tensor leaves in walk order with their dotted paths.
     var leaves: [(path: String, tensor: PTTensor)] = []
-    let zip: ZipArchive
-    init(root: PickleValue, zip: ZipArchive) { self.root = root; self.zip = zip }
+    init(root: PickleValue) { self.root = root }
 }
 
 /// Reads PyTorch `torch.save` zip archives (.pt, .pth, .bin) through the restricted pickle machine.
@@ -31,7 +30,7 @@ public struct PyTorchReader: FormatReader {
     public func read(path: String) throws -> Checkpoint {
         func bad(_ m: String) -> QConvertError { .badInput(path: path, message: m) }
         if let head = try? FormatRegistry.readPrefix(path, count: 16), head.starts(with: PyTorchReader.legacyMagic) {
-            throw bad("legacy (pre-zip) torch.save format is not supported yet; re-save it with a current torch")
+            return try readLegacy(path: path)
         }
         let zip = try ZipArchive(path: path)
         guard let first = zip.members.first, let slash = first.name.firstIndex(of: "/") else {
@@ -52,32 +51,101 @@ public struct PyTorchReader: FormatReader {
         do {
             root = try pklBytes.withUnsafeBytes { raw -> PickleValue in
                 var u = Unpickler(raw) { pid in
-                    guard case .tuple(let t) = pid, t.count >= 5, case .string("storage") = t[0],
-                          case .global(let m, let cls) = t[1], case .string(let key) = t[2], case .int(let numel) = t[4] else {
-                        throw Unpickler.Failure(message: "unsupported persistent id")
+                    let st = try PyTorchReader.storage(pid)
+                    guard let rec = zip.member(named: "\(prefix)/data/\(st.key)") else {
+                        throw Unpickler.Failure(message: "storage '\(st.key)' has no record \(prefix)/data/\(st.key)")
                     }
-                    var location = "cpu"
-                    if case .string(let l) = t[3] { location = l }
-                    let untyped = (m == "torch.storage" || m == "torch") && (cls == "UntypedStorage" || cls == "TypedStorage")
-                    guard let dtype = untyped ? DType.u8 : TorchTypes.storages[cls] else {
-                        throw Unpickler.Failure(message: "storage class '\(m).\(cls)' is not supported")
+                    let elsize = max(st.dtype.bits / 8, 1)
+                    guard case (let need, false) = st.numel.multipliedReportingOverflow(by: elsize), need == rec.size else {
+                        throw Unpickler.Failure(message: "storage '\(st.key)' declares \(st.numel) elements of \(st.dtype.rawValue) but its record holds \(rec.size) bytes")
                     }
-                    guard let rec = zip.member(named: "\(prefix)/data/\(key)") else {
-                        throw Unpickler.Failure(message: "storage '\(key)' has no record \(prefix)/data/\(key)")
-                    }
-                    let elsize = max(dtype.bits / 8, 1)
-                    guard numel >= 0, case (let need, false) = numel.multipliedReportingOverflow(by: elsize), need == rec.size else {
-                        throw Unpickler.Failure(message: "storage '\(key)' declares \(numel) elements of \(dtype.rawValue) but its record holds \(rec.size) bytes")
-                    }
-                    if storageBytes[key] == nil { storageBytes[key] = try zip.bytes(rec) }
-                    return .storage(PTStorage(key: key, dtype: dtype, numel: numel, location: location, untyped: untyped))
+                    if storageBytes[st.key] == nil { storageBytes[st.key] = try zip.bytes(rec) }
+                    return .storage(st)
                 }
                 return try u.load()
             }
         } catch let f as Unpickler.Failure {
             throw bad("\(prefix)/data.pkl: \(f.message)")
         }
-        let tree = PTTree(root: root, zip: zip)
+        var metadata: [(key: String, value: String)] = []
+        if let m = zip.member(named: "\(prefix)/\(MetadataDocument.key).json") {
+            metadata.append((MetadataDocument.key, String(decoding: try zip.bytes(m).withUnsafeBytes { Array($0) }, as: UTF8.self)))
+        }
+        return try checkpoint(root: root, storageBytes: storageBytes, file: zip.file, metadata: metadata, path: path)
+    }
+
+    /// A persistent id ('storage', class, key, location, numel[, None]) as a storage.
+    static func storage(_ pid: PickleValue) throws -> PTStorage {
+        guard case .tuple(let t) = pid, t.count >= 5, case .string("storage") = t[0],
+              case .global(let m, let cls) = t[1], case .string(let key) = t[2], case .int(let numel) = t[4], numel >= 0 else {
+            throw Unpickler.Failure(message: "unsupported persistent id")
+        }
+        var location = "cpu"
+        if case .string(let l) = t[3] { location = l }
+        let untyped = (m == "torch.storage" || m == "torch") && (cls == "UntypedStorage" || cls == "TypedStorage")
+        guard let dtype = untyped ? DType.u8 : TorchTypes.storages[cls] else {
+            throw Unpickler.Failure(message: "storage class '\(m).\(cls)' is not supported")
+        }
+        return PTStorage(key: key, dtype: dtype, numel: numel, location: location, untyped: untyped)
+    }
+
+    /// Legacy (pre-zip) torch.save: five pickles (magic, protocol, sys_info, the object, the storage
+    /// keys), then each storage as an int64 element count and its raw bytes, in key-list order.
+    func readLegacy(path: String) throws -> Checkpoint {
+        func bad(_ m: String) -> QConvertError { .badInput(path: path, message: "legacy torch.save file: \(m)") }
+        let f = try MappedFile(path: path)
+        var storages: [String: PTStorage] = [:]
+        var root: PickleValue = .none
+        var keys: [String] = []
+        var pos = 0
+        do {
+            let raw = f.bytes(at: 0, count: f.size)
+            func next(_ load: @escaping (PickleValue) throws -> PickleValue) throws -> PickleValue {
+                var u = Unpickler(UnsafeRawBufferPointer(rebasing: raw[pos...]), persistentLoad: load)
+                let v = try u.load()
+                pos += u.pos
+                return v
+            }
+            let noPid: (PickleValue) throws -> PickleValue = { _ in throw Unpickler.Failure(message: "unexpected persistent id") }
+            guard case .bigInt(let magic) = try next(noPid), magic == [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19] else {
+                throw bad("bad magic number")
+            }
+            guard case .int(let proto) = try next(noPid), proto == 1001 else { throw bad("unsupported protocol version") }
+            guard case .dict(let info) = try next(noPid) else { throw bad("bad sys_info") }
+            for (k, v) in info.items {
+                if case .string("little_endian") = k, case .bool(false) = v { throw bad("big-endian files are not supported") }
+            }
+            root = try next { pid in
+                let st = try PyTorchReader.storage(pid)
+                if let seen = storages[st.key], seen.dtype != st.dtype { throw Unpickler.Failure(message: "storage '\(st.key)' used with two types") }
+                if let seen = storages[st.key], seen.numel >= st.numel { return .storage(seen) }
+                storages[st.key] = st
+                return .storage(st)
+            }
+            guard case .list(let keyList) = try next(noPid) else { throw bad("missing storage key list") }
+            keys = try keyList.items.map { guard case .string(let s) = $0 else { throw bad("storage key is not a string") }; return s }
+        } catch let u as Unpickler.Failure {
+            throw bad(u.message)
+        }
+        var storageBytes: [String: TensorBytes] = [:]
+        for key in keys {
+            guard let st = storages[key] else { throw bad("storage '\(key)' is listed but never used") }
+            guard pos + 8 <= f.size else { throw bad("storage '\(key)' runs past the end of the file") }
+            let numel = Int(Int64(littleEndian: f.bytes(at: pos, count: 8).loadUnaligned(as: Int64.self)))
+            let elsize = max(st.dtype.bits / 8, 1)
+            guard numel >= 0, case (let n, false) = numel.multipliedReportingOverflow(by: elsize), numel >= st.numel,
+                  n <= f.size - pos - 8 else { throw bad("storage '\(key)' runs past the end of the file") }
+            storageBytes[key] = .mapped(f, offset: pos + 8, count: n)
+            pos += 8 + n
+        }
+        for (key, _) in storages where storageBytes[key] == nil { throw bad("storage '\(key)' has no data") }
+        return try checkpoint(root: root, storageBytes: storageBytes, file: f, metadata: [], path: path)
+    }
+
+    func checkpoint(root: PickleValue, storageBytes: [String: TensorBytes], file: MappedFile,
+                    metadata: [(key: String, value: String)], path: String) throws -> Checkpoint {
+        func bad(_ m: String) -> QConvertError { .badInput(path: path, message: m) }
+        let tree = PTTree(root: root)
         var entries: [TensorEntry] = []
         var seen: [String: Int] = [:]
         var names = Set<String>()
@@ -114,11 +182,7 @@ public struct PyTorchReader: FormatReader {
             }
         }
         try walk(root, "", 0)
-        var metadata: [(key: String, value: String)] = []
-        if let m = zip.member(named: "\(prefix)/\(MetadataDocument.key).json") {
-            metadata.append((MetadataDocument.key, String(decoding: try zip.bytes(m).withUnsafeBytes { Array($0) }, as: UTF8.self)))
-        }
-        let ck = Checkpoint(format: name, path: path, files: [zip.file], entries: entries, metadata: metadata)
+        let ck = Checkpoint(format: name, path: path, files: [file], entries: entries, metadata: metadata)
         ck.container = tree
         return ck
     }

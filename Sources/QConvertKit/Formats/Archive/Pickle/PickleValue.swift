@@ -6,6 +6,8 @@ indirect enum PickleValue {
     case none
     case bool(Bool)
     case int(Int)
+    /// An integer wider than 64 bits, as its little-endian two's-complement bytes.
+    case bigInt([UInt8])
     case float(Double)
     case string(String)
     case bytes([UInt8])

@@ -88,6 +88,7 @@ struct Pickler {
         case .none, .mark: out.append(UInt8(ascii: "N"))
         case .bool(let b): out.append(b ? 0x88 : 0x89)
         case .int(let i): int(i)
+        case .bigInt(let b): out += [0x8a, UInt8(b.count)] + b
         case .float(let d): out.append(UInt8(ascii: "G")); withUnsafeBytes(of: d.bitPattern.bigEndian) { out += $0 }
         case .string(let s): string(s)
         case .bytes(let b):

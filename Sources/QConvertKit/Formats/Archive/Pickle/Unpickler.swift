@@ -99,8 +99,9 @@ struct Unpickler {
             case UInt8(ascii: "M"): try push(.int(Int(try uint(2))))
             case 0x8a, 0x8b:
                 let n = op == 0x8a ? Int(try byte()) : Int(try uint(4))
-                guard n <= 8 else { throw fail("integer of \(n) bytes is too large") }
+                guard n <= 64 else { throw fail("integer of \(n) bytes is too large") }
                 let b = try take(n)
+                if n > 8 { try push(.bigInt(Array(b))); continue }
                 var v: Int64 = 0
                 for k in (0..<n).reversed() { v = v << 8 | Int64(b[k]) }
                 if n > 0 && n < 8 && b[n - 1] & 0x80 != 0 { v -= Int64(1) << (8 * Int64(n)) }
