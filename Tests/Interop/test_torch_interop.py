@@ -266,3 +266,39 @@ def test_mutated_archives_never_crash(tmp_path):
         if r.returncode == 3:
             assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert outcomes.get(3, 0) > 0
+
+
+def test_sharded_bin_index_in(tmp_path):
+    from safetensors.numpy import load_file
+    torch.manual_seed(5)
+    a = {"a.weight": torch.randn(64, 64)}
+    b = {"b.weight": torch.randn(32, 64), "b.bias": torch.randn(32)}
+    torch.save(a, tmp_path / "pytorch_model-00001-of-00002.bin")
+    torch.save(b, tmp_path / "pytorch_model-00002-of-00002.bin")
+    wm = {"a.weight": "pytorch_model-00001-of-00002.bin", "b.weight": "pytorch_model-00002-of-00002.bin",
+          "b.bias": "pytorch_model-00002-of-00002.bin"}
+    json.dump({"metadata": {"total_size": 0}, "weight_map": wm}, open(tmp_path / "pytorch_model.bin.index.json", "w"))
+    run(tmp_path / "pytorch_model.bin.index.json", "-o", tmp_path / "model.safetensors", "--preset", "keep", "-q")
+    t = load_file(str(tmp_path / "model.safetensors"))
+    for k, v in {**a, **b}.items():
+        np.testing.assert_array_equal(t[k], v.numpy())
+    run(tmp_path, "-o", tmp_path / "q.pt", "-q")
+    d = load(tmp_path / "q.pt")
+    assert d["a.weight"].dtype == torch.int8 and d["b.bias"].dtype == torch.float32
+
+
+def test_minilm_as_pytorch_model_bin(tmp_path, minilm):
+    from safetensors.torch import load_file as load_pt
+    sd = load_pt(str(minilm))
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    run(tmp_path / "pytorch_model.bin", "-o", tmp_path / "model.safetensors", "--preset", "keep", "-q")
+    back = load_pt(str(tmp_path / "model.safetensors"))
+    for k, v in sd.items():
+        assert torch.equal(back[k], v), k
+    run(tmp_path / "pytorch_model.bin", "-o", tmp_path / "q.pt", "-q")
+    q = load(tmp_path / "q.pt", mmap=True)
+    for k, v in sd.items():
+        if q[k].dtype == torch.int8:
+            deq = q[k].float() * q[k + "_scale"]
+            assert torch.nn.functional.cosine_similarity(deq.flatten(), v.flatten(), dim=0) >= 0.999, k
+    assert os.path.getsize(tmp_path / "q.pt") <= 0.3 * os.path.getsize(tmp_path / "pytorch_model.bin")

@@ -12,7 +12,7 @@ final class PTTree: @unchecked Sendable {
 public struct PyTorchReader: FormatReader {
     public init() {}
     public var name: String { "pytorch" }
-    public var fileExtensions: [String] { [".pt", ".pth", ".bin", ".ckpt"] }
+    public var fileExtensions: [String] { [".pt", ".pth", ".bin", ".ckpt", ".bin.index.json"] }
 
     static let legacyMagic: [UInt8] = [0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19]
 
@@ -25,10 +25,16 @@ public struct PyTorchReader: FormatReader {
         return name.contains("/") && !name.hasSuffix(".npy")
     }
 
-    public func recognizesFolder(_ path: String) -> Bool { false }
+    public func recognizesFolder(_ path: String) -> Bool {
+        ((try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []).contains { $0.hasSuffix(".bin.index.json") }
+    }
 
     public func read(path: String) throws -> Checkpoint {
         func bad(_ m: String) -> QConvertError { .badInput(path: path, message: m) }
+        var isDir: ObjCBool = false
+        if path.hasSuffix(".index.json") || (FileManager.default.fileExists(atPath: path, isDirectory: &isDir) && isDir.boolValue) {
+            return try readIndexed(path)
+        }
         if let head = try? FormatRegistry.readPrefix(path, count: 16), head.starts(with: PyTorchReader.legacyMagic) {
             return try readLegacy(path: path)
         }
@@ -72,6 +78,50 @@ public struct PyTorchReader: FormatReader {
             metadata.append((MetadataDocument.key, String(decoding: try zip.bytes(m).withUnsafeBytes { Array($0) }, as: UTF8.self)))
         }
         return try checkpoint(root: root, storageBytes: storageBytes, file: zip.file, metadata: metadata, path: path)
+    }
+
+    /// Sharded checkpoints: `pytorch_model.bin.index.json` (or its folder) naming the shard of each tensor.
+    func readIndexed(_ path: String) throws -> Checkpoint {
+        var index = path
+        if !path.hasSuffix(".index.json") {
+            let items = ((try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []).sorted()
+            guard let i = items.first(where: { $0.hasSuffix(".bin.index.json") }) else {
+                throw QConvertError.badInput(path: path, message: "folder holds no pytorch_model.bin.index.json")
+            }
+            index = path + "/" + i
+        }
+        guard let data = FileManager.default.contents(atPath: index) else { throw QConvertError.io(path: index, message: "cannot read the index") }
+        let root: JSONValue
+        do { root = try data.withUnsafeBytes { try JSONParser.parse($0) } } catch {
+            throw QConvertError.badInput(path: index, message: "index is not valid JSON: \(error)")
+        }
+        guard let wm = root["weight_map"]?.objectValue else { throw QConvertError.badInput(path: index, message: "index has no 'weight_map' object") }
+        var shards: [String] = []
+        var want: [String: String] = [:]
+        for (k, v) in wm {
+            guard let s = v.stringValue, ZipArchive.isSafeName(s), !s.contains("/") else {
+                throw QConvertError.badInput(path: index, message: "weight_map entry '\(k)' does not name a file beside the index")
+            }
+            want[k] = s
+            if !shards.contains(s) { shards.append(s) }
+        }
+        let folder = URL(fileURLWithPath: index).deletingLastPathComponent().path
+        var files: [MappedFile] = []
+        var entries: [TensorEntry] = []
+        var seen = Set<String>()
+        for s in shards.sorted() {
+            let part = try read(path: folder + "/" + s)
+            files += part.files
+            for var e in part.entries {
+                guard seen.insert(e.name).inserted else { throw QConvertError.badInput(path: index, message: "tensor '\(e.name)' appears in two shards") }
+                e.shard = s
+                entries.append(e)
+            }
+        }
+        for (k, s) in want.sorted(by: { $0.key < $1.key }) where !seen.contains(k) {
+            throw QConvertError.badInput(path: index, message: "index lists tensor '\(k)' in \(s) but that file does not hold it")
+        }
+        return Checkpoint(format: name, path: path, files: files, entries: entries, shardNames: shards.sorted())
     }
 
     /// A persistent id ('storage', class, key, location, numel[, None]) as a storage.
