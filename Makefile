@@ -38,6 +38,7 @@ bench:
 	$(SWIFT) build -c release --product qconvert
 	.venv/bin/python Benchmarks/safetensors_int8.py
 	.venv/bin/python Benchmarks/onnx_int8.py
+	.venv/bin/python Benchmarks/pytorch_int8.py
 
 sample:
 	python3 Samples/make_sample.py Samples/tiny-transformer.safetensors

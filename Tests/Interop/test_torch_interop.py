@@ -302,3 +302,21 @@ def test_minilm_as_pytorch_model_bin(tmp_path, minilm):
             deq = q[k].float() * q[k + "_scale"]
             assert torch.nn.functional.cosine_similarity(deq.flatten(), v.flatten(), dim=0) >= 0.999, k
     assert os.path.getsize(tmp_path / "q.pt") <= 0.3 * os.path.getsize(tmp_path / "pytorch_model.bin")
+
+
+def test_corrupt_storage_crc_is_refused_and_nothing_written(tmp_path):
+    p, _ = training_checkpoint(tmp_path, seed=6)
+    raw = bytearray(open(p, "rb").read())
+    with zipfile.ZipFile(p) as z:
+        info = next(i for i in z.infolist() if "/data/" in i.filename and i.file_size > 1000)
+    local = info.header_offset
+    start = local + 30 + int.from_bytes(raw[local + 26:local + 28], "little") + int.from_bytes(raw[local + 28:local + 30], "little")
+    raw[start + 100] ^= 0xFF
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(bytes(raw))
+    out = tmp_path / "o.pt"
+    out.write_bytes(b"old")
+    r = run(bad, "-o", out, check=False)
+    assert r.returncode == 3 and "CRC mismatch" in r.stderr, r.stderr
+    assert out.read_bytes() == b"old"
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".")] == []

@@ -38,6 +38,12 @@ public final class Checkpoint: @unchecked Sendable {
     public var shardNames: [String]?
     /// The format's own structure that its writer needs (the ONNX model), if any.
     public var container: AnyObject?
+    /// Integrity checks left for later (CRCs of stored zip members), run before any output is
+    /// committed; the converter runs them on another thread while it works.
+    public var deferredChecks: [@Sendable () throws -> Void] = []
+
+    /// Runs the deferred checks now.
+    public func runDeferredChecks() throws { for c in deferredChecks { try c() } }
 
     public init(format: String, path: String, files: [MappedFile], entries: [TensorEntry],
                 metadata: [(key: String, value: String)] = [], shardNames: [String]? = nil) {

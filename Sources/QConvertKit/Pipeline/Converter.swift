@@ -133,6 +133,12 @@ public enum Converter {
         let hashBox = Box("")
         let hashGroup = DispatchGroup()
         DispatchQueue.global().async(group: hashGroup) { hashBox.value = ckpt.contentHash(options.inputHash) }
+        // Integrity checks the reader deferred (zip CRCs) run beside the conversion; nothing is
+        // committed until they pass.
+        let checkError = Box<Error?>(nil)
+        DispatchQueue.global().async(group: hashGroup) {
+            do { try ckpt.runDeferredChecks() } catch { checkError.value = error }
+        }
 
         var outputs: [OutputTensor] = []
         var outIndex: [[Int]] = []
@@ -199,6 +205,7 @@ public enum Converter {
             }
             progress?(ConvertProgress(tensorsDone: plans.count, tensorsTotal: plans.count, bytesDone: total, bytesTotal: total, current: ""))
             hashGroup.wait()
+            if let e = checkError.value { throw e }
             var meta = ckpt.metadata.filter { $0.key != MetadataDocument.key }
             meta.append((MetadataDocument.key, MetadataDocument.document(plans: plans, metrics: metrics, inputFormat: ckpt.format,
                                                                           inputHash: hashBox.value, policy: options.policy)))

@@ -10,6 +10,7 @@ public enum Dequantizer {
 
     public static func run(input: String, output: String, format: String? = nil) throws -> Result {
         let ckpt = try Converter.open(input)
+        try ckpt.runDeferredChecks()
         guard let text = ckpt.metadata.first(where: { $0.key == MetadataDocument.key })?.value else {
             throw QConvertError.badInput(path: input, message: "no '\(MetadataDocument.key)' metadata: not a qconvert-quantized file")
         }

@@ -25,9 +25,12 @@ public struct NpzReader: FormatReader {
         var entries: [TensorEntry] = []
         var metadata: [(key: String, value: String)] = []
         var storedTypes: [String: DType] = [:]
+        var deferred: [@Sendable () throws -> Void] = []
         for m in zip.members {
             guard m.name.hasSuffix(".npy") else { continue }
-            let bytes = try zip.bytes(m)
+            let isMeta = m.name == NpzReader.metadataMember || m.name == NpzReader.dtypesMember
+            let bytes = try zip.bytes(m, deferCRC: !isMeta)
+            if !isMeta && m.method == 0 { deferred.append { try zip.verifyCRC(m) } }
             if m.name == NpzReader.metadataMember || m.name == NpzReader.dtypesMember {
                 let text = try NpzReader.unicodeScalar(bytes, name: m.name, path: path)
                 if m.name == NpzReader.metadataMember { metadata.append((MetadataDocument.key, text)) } else if let obj = try? JSONParser.parse(text).objectValue {
@@ -42,7 +45,9 @@ public struct NpzReader: FormatReader {
             // 4-bit values stay packed bytes (u8); bf16 and fp8 get their type back
             if let d = storedTypes[entries[k].name], d.bits == entries[k].dtype.bits { entries[k].dtype = d }
         }
-        return Checkpoint(format: name, path: path, files: [zip.file], entries: entries, metadata: metadata)
+        let ck = Checkpoint(format: name, path: path, files: [zip.file], entries: entries, metadata: metadata)
+        ck.deferredChecks = deferred
+        return ck
     }
 
     static func tensor(_ bytes: TensorBytes, name: String, path: String) throws -> TensorEntry {

@@ -53,6 +53,7 @@ public struct PyTorchReader: FormatReader {
         guard let pkl = zip.member(named: prefix + "/data.pkl") else { throw bad("no \(prefix)/data.pkl in the archive") }
         let pklBytes = try zip.bytes(pkl)
         var storageBytes: [String: TensorBytes] = [:]
+        var deferred: [@Sendable () throws -> Void] = []
         let root: PickleValue
         do {
             root = try pklBytes.withUnsafeBytes { raw -> PickleValue in
@@ -65,7 +66,10 @@ public struct PyTorchReader: FormatReader {
                     guard case (let need, false) = st.numel.multipliedReportingOverflow(by: elsize), need == rec.size else {
                         throw Unpickler.Failure(message: "storage '\(st.key)' declares \(st.numel) elements of \(st.dtype.rawValue) but its record holds \(rec.size) bytes")
                     }
-                    if storageBytes[st.key] == nil { storageBytes[st.key] = try zip.bytes(rec) }
+                    if storageBytes[st.key] == nil {
+                        storageBytes[st.key] = try zip.bytes(rec, deferCRC: true)
+                        deferred.append { try zip.verifyCRC(rec) }
+                    }
                     return .storage(st)
                 }
                 return try u.load()
@@ -77,7 +81,9 @@ public struct PyTorchReader: FormatReader {
         if let m = zip.member(named: "\(prefix)/\(MetadataDocument.key).json") {
             metadata.append((MetadataDocument.key, String(decoding: try zip.bytes(m).withUnsafeBytes { Array($0) }, as: UTF8.self)))
         }
-        return try checkpoint(root: root, storageBytes: storageBytes, file: zip.file, metadata: metadata, path: path)
+        let ck = try checkpoint(root: root, storageBytes: storageBytes, file: zip.file, metadata: metadata, path: path)
+        ck.deferredChecks = deferred
+        return ck
     }
 
     /// Sharded checkpoints: `pytorch_model.bin.index.json` (or its folder) naming the shard of each tensor.

@@ -76,14 +76,14 @@ public final class ZipArchive: @unchecked Sendable {
         return !n.split(separator: "/", omittingEmptySubsequences: false).contains("..")
     }
 
-    /// The member's bytes: stored members in place (CRC checked), deflated ones inflated by libzip.
-    public func bytes(_ m: Member) throws -> TensorBytes {
+    /// The member's bytes: stored members in place, deflated ones inflated by libzip (which checks
+    /// their CRC). A stored member's CRC is checked here unless `deferCRC`, in which case the caller
+    /// must run `verifyCRC` before trusting the output (the converter does, on another thread).
+    public func bytes(_ m: Member, deferCRC: Bool = false) throws -> TensorBytes {
         func bad(_ msg: String) -> QConvertError { .badInput(path: path, message: "member '\(m.name)': \(msg)") }
         if m.method == 0 {
             guard m.compressedSize == m.size else { throw bad("stored sizes disagree") }
-            let b = file.bytes(at: m.dataOffset, count: m.size)
-            let crc = m.size == 0 ? 0 : UInt32(crc32_z(0, b.baseAddress!.assumingMemoryBound(to: UInt8.self), m.size))
-            guard crc == m.crc else { throw bad("CRC mismatch (stored \(String(m.crc, radix: 16)), data \(String(crc, radix: 16)))") }
+            if !deferCRC { try verifyCRC(m) }
             return .mapped(file, offset: m.dataOffset, count: m.size)
         }
         guard let zf = zip_fopen_index(handle, zip_uint64_t(m.index), 0) else {
@@ -102,6 +102,22 @@ public final class ZipArchive: @unchecked Sendable {
         var extra: UInt8 = 0
         if zip_fread(zf, &extra, 1) != 0 { throw bad("inflates past its declared size or fails its CRC") }
         return .owned(out)
+    }
+
+    /// Checks a stored member's CRC in 16 MB windows, releasing each window's pages after use.
+    public func verifyCRC(_ m: Member) throws {
+        var crc: uLong = 0
+        var off = 0
+        while off < m.size {
+            let n = Swift.min(16 << 20, m.size - off)
+            let b = file.bytes(at: m.dataOffset + off, count: n)
+            crc = crc32_z(crc, b.baseAddress!.assumingMemoryBound(to: UInt8.self), n)
+            file.release(offset: m.dataOffset + off, count: n)
+            off += n
+        }
+        guard UInt32(crc) == m.crc else {
+            throw QConvertError.badInput(path: path, message: "member '\(m.name)': CRC mismatch (stored \(String(m.crc, radix: 16)), data \(String(UInt32(crc), radix: 16)))")
+        }
     }
 
     // MARK: - central directory
