@@ -20,6 +20,8 @@ struct Convert: ParsableCommand {
 
     @OptionGroup var policyOptions: PolicyOptions
 
+    @OptionGroup var gateOptions: GateOptions
+
     @Option(name: .long, help: ArgumentHelp("Write a JSON report (per-tensor metrics) to this file.", valueName: "file.json"))
     var report: String?
 
@@ -57,6 +59,7 @@ struct Convert: ParsableCommand {
             if let m = maxShardSize { options.maxShardSize = try parseSize(m) }
             options.inputHash = ContentHash(rawValue: inputHash) ?? .xxh64
             options.externalData = externalData
+            options.gates = gateOptions.gates
             if dryRun {
                 let (ckpt, plans) = try Converter.plan(input: input, options: options)
                 PlanCommand.printTable(ckpt: ckpt, plans: plans, policy: policy)
@@ -72,6 +75,8 @@ struct Convert: ParsableCommand {
                 }
             }
             if !quiet { printSummary(result) }
+            let failures = options.gates.evaluate(result)
+            if !failures.isEmpty { throw GateFailure(failures: failures, outputWritten: true) }
         }
     }
 

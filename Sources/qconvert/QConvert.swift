@@ -20,10 +20,11 @@ struct QConvert: ParsableCommand {
               qconvert inspect model.int8.safetensors
 
             Exit codes: 0 success; 2 policy error; 3 bad input (unreadable, malformed, NaN in a tensor to \
-            quantize); 4 the output could not be written; 64 usage error; 130 interrupted.
+            quantize); 4 the output could not be written; 5 a quality gate failed; 6 some models of a batch \
+            failed; 64 usage error; 130 interrupted.
             """,
         version: QConvertVersion.string,
-        subcommands: [Convert.self, PlanCommand.self, Inspect.self, DequantizeCommand.self],
+        subcommands: [Convert.self, PlanCommand.self, Inspect.self, DequantizeCommand.self, DiffCommand.self, BatchCommand.self],
         defaultSubcommand: Convert.self
     )
 }
@@ -52,6 +53,9 @@ struct PolicyOptions: ParsableArguments {
     }
 }
 
+/// Exit code of a failed quality gate.
+let gateExitCode: Int32 = 5
+
 /// Runs a body, turning library errors into one line on stderr and a documented exit code.
 func runReportingErrors(_ body: () throws -> Void) throws {
     do {
@@ -59,7 +63,27 @@ func runReportingErrors(_ body: () throws -> Void) throws {
     } catch let e as QConvertError {
         FileHandle.standardError.write(Data("qconvert: error: \(e.description)\n".utf8))
         throw ExitCode(e.exitCode)
+    } catch let g as GateFailure {
+        FileHandle.standardError.write(Data("qconvert: \(g.description)\n".utf8))
+        throw ExitCode(gateExitCode)
     }
+}
+
+/// Quality gates shared by convert, batch and diff.
+struct GateOptions: ParsableArguments {
+    @Option(name: .long, help: ArgumentHelp("Fail (exit 5) when any converted tensor, or the whole model, has a lower SQNR (dB).", valueName: "dB"))
+    var minSqnr: Double?
+
+    @Option(name: .long, help: ArgumentHelp("Fail (exit 5) when any converted tensor, or the whole model, has a lower cosine similarity.", valueName: "x"))
+    var minCosine: Double?
+
+    @Option(name: .long, help: ArgumentHelp("Fail (exit 5) when the output is larger than this fraction of the input (whole model and per tensor).", valueName: "r"))
+    var maxSizeRatio: Double?
+
+    @Flag(name: .long, help: "With a failing gate, write no output (by default it is written so it can be inspected).")
+    var noOutputOnFail = false
+
+    var gates: QualityGates { QualityGates(minSQNR: minSqnr, minCosine: minCosine, maxSizeRatio: maxSizeRatio, noOutputOnFail: noOutputOnFail) }
 }
 
 /// On SIGINT/SIGTERM, removes the temporary files of outputs in flight and exits 128+signal.

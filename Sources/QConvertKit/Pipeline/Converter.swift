@@ -14,6 +14,8 @@ public struct ConvertOptions: Sendable {
     public var inputHash: ContentHash = .xxh64
     /// ONNX: write tensor data to a side file.
     public var externalData = false
+    /// Quality gates checked on the result.
+    public var gates = QualityGates()
 
     public init(policy: Policy, jobs: Int = 1, strict: Bool = false, format: String? = nil, maxShardSize: Int? = nil,
                 referenceKernels: Bool = false) {
@@ -125,14 +127,22 @@ public enum Converter {
 
     public static func convert(input: String, output: String, options: ConvertOptions,
                                progress: ((ConvertProgress) -> Void)? = nil) throws -> ConversionReport {
+        try convert(open(input), output: output, options: options, progress: progress)
+    }
+
+    /// Converts an opened checkpoint (batch conversion reads each input once for several variants).
+    /// `inputHash`, when known, is recorded instead of hashing again.
+    public static func convert(_ ckpt: Checkpoint, output: String, options: ConvertOptions, inputHash knownHash: String? = nil,
+                               progress: ((ConvertProgress) -> Void)? = nil) throws -> ConversionReport {
         let start = Date()
-        let (ckpt, plans) = try plan(input: input, options: options)
+        let input = ckpt.path
+        let plans = try Planner.plan(ckpt, policy: options.policy, strict: options.strict)
         let writer = try FormatRegistry.writer(for: output, format: options.format, inputFormat: ckpt.format)
 
         // Hash the input on another thread while converting; it is needed only at the end.
         let hashBox = Box("")
         let hashGroup = DispatchGroup()
-        DispatchQueue.global().async(group: hashGroup) { hashBox.value = ckpt.contentHash(options.inputHash) }
+        DispatchQueue.global().async(group: hashGroup) { hashBox.value = knownHash ?? ckpt.contentHash(options.inputHash) }
         // Integrity checks the reader deferred (zip CRCs) run beside the conversion; nothing is
         // committed until they pass.
         let checkError = Box<Error?>(nil)
@@ -206,6 +216,14 @@ public enum Converter {
             progress?(ConvertProgress(tensorsDone: plans.count, tensorsTotal: plans.count, bytesDone: total, bytesTotal: total, current: ""))
             hashGroup.wait()
             if let e = checkError.value { throw e }
+            // Quality gates that must hold before anything is committed.
+            if options.gates.noOutputOnFail {
+                let pending = ConversionReport(input: input, output: output, inputFormat: ckpt.format, outputFormat: writer.name,
+                                               policySource: options.policy.source, inputHash: hashBox.value,
+                                               tensors: plans.enumerated().map { TensorOutcome(plan: $1, metrics: metrics[$0]) }, seconds: 0)
+                let failures = options.gates.evaluate(pending)
+                if !failures.isEmpty { throw GateFailure(failures: failures, outputWritten: false) }
+            }
             var meta = ckpt.metadata.filter { $0.key != MetadataDocument.key }
             meta.append((MetadataDocument.key, MetadataDocument.document(plans: plans, metrics: metrics, inputFormat: ckpt.format,
                                                                           inputHash: hashBox.value, policy: options.policy)))

@@ -72,7 +72,7 @@ public enum Dequantizer {
         return Result(restored: jobs.count, copied: sources.count - jobs.count)
     }
 
-    static func restore(_ e: TensorEntry, record r: JSONValue, ckpt: Checkpoint, byName: [String: Int], path: String) throws -> [Float] {
+    public static func restore(_ e: TensorEntry, record r: JSONValue, ckpt: Checkpoint, byName: [String: Int], path: String) throws -> [Float] {
         func bad(_ m: String) -> QConvertError { .badInput(path: path, message: "tensor '\(e.name)': \(m)") }
         guard let dt = r["dtype"]?.stringValue, let target = TargetType(rawValue: dt) else { throw bad("unknown quantized dtype") }
         let shape = r["source_shape"]?.arrayValue?.compactMap(\.nonNegativeInt) ?? []

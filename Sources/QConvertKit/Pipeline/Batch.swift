@@ -1,0 +1,203 @@
+import Foundation
+
+/// Batch conversion of model zoos: discovery, variants, incremental skips, sharing work out.
+public enum Batch {
+    /// One model to convert: a file or a folder of shards, with its path relative to the source.
+    public struct Item: Sendable {
+        public var path: String
+        public var relative: String
+    }
+
+    /// One policy to apply, written under OUT/<name>/ (the empty name writes straight under OUT).
+    public struct Variant: Sendable {
+        public var name: String
+        public var policy: Policy
+        public init(name: String, policy: Policy) { self.name = name; self.policy = policy }
+    }
+
+    /// What happened to one model under one variant.
+    public struct Outcome: Sendable {
+        public var model: String
+        public var variant: String
+        public var format: String
+        public var output: String
+        public var status: String          // converted, skipped, failed, gate-failed
+        public var error: String?
+        public var bytesBefore: Int
+        public var bytesAfter: Int
+        public var worstSQNR: Double?
+        public var seconds: Double
+
+        public var json: String {
+            JSONValue.object([
+                ("model", .string(model)), ("variant", .string(variant)), ("format", .string(format)), ("output", .string(output)),
+                ("status", .string(status)), ("error", error.map(JSONValue.string) ?? .null),
+                ("bytes_before", .int(bytesBefore)), ("bytes_after", .int(bytesAfter)),
+                ("size_ratio", bytesBefore > 0 ? .number(Double(bytesAfter) / Double(bytesBefore)) : .null),
+                ("worst_sqnr_db", worstSQNR.map(JSONValue.number) ?? .null),
+                ("seconds", .number((seconds * 1000).rounded() / 1000)),
+            ]).compact
+        }
+
+        public static let csvHeader = "model,variant,format,status,bytes_before,bytes_after,size_ratio,worst_sqnr_db,seconds,error"
+        public var csv: String {
+            func q(_ s: String) -> String { s.contains(where: { ",\"\n".contains($0) }) ? "\"" + s.replacingOccurrences(of: "\"", with: "\"\"") + "\"" : s }
+            let ratio = bytesBefore > 0 ? String(format: "%.4f", Double(bytesAfter) / Double(bytesBefore)) : ""
+            return [q(model), q(variant), format, status, String(bytesBefore), String(bytesAfter), ratio,
+                    worstSQNR.map { String(format: "%.2f", $0) } ?? "", String(format: "%.3f", seconds), q(error ?? "")].joined(separator: ",")
+        }
+
+        public init(json: JSONValue) {
+            model = json["model"]?.stringValue ?? ""
+            variant = json["variant"]?.stringValue ?? ""
+            format = json["format"]?.stringValue ?? ""
+            output = json["output"]?.stringValue ?? ""
+            status = json["status"]?.stringValue ?? ""
+            error = json["error"]?.stringValue
+            bytesBefore = json["bytes_before"]?.nonNegativeInt ?? 0
+            bytesAfter = json["bytes_after"]?.nonNegativeInt ?? 0
+            worstSQNR = json["worst_sqnr_db"]?.doubleValue
+            seconds = json["seconds"]?.doubleValue ?? 0
+        }
+
+        init(model: String, variant: String, format: String, output: String, status: String, error: String?,
+             bytesBefore: Int, bytesAfter: Int, worstSQNR: Double?, seconds: Double) {
+            self.model = model; self.variant = variant; self.format = format; self.output = output; self.status = status
+            self.error = error; self.bytesBefore = bytesBefore; self.bytesAfter = bytesAfter; self.worstSQNR = worstSQNR; self.seconds = seconds
+        }
+    }
+
+    /// Models under a folder (by content, then extension; a folder with an index is one sharded
+    /// model), or listed one per line in a manifest file (relative to it; # starts a comment).
+    public static func discover(_ src: String) throws -> [Item] {
+        var isDir: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: src, isDirectory: &isDir) else {
+            throw QConvertError.io(path: src, message: "no such file or folder")
+        }
+        if !isDir.boolValue {
+            guard let text = try? String(contentsOfFile: src, encoding: .utf8) else {
+                throw QConvertError.badInput(path: src, message: "a batch source is a folder or a manifest (text, one path per line)")
+            }
+            let base = URL(fileURLWithPath: src).deletingLastPathComponent().path
+            return text.split(separator: "\n").compactMap { raw in
+                let line = raw.trimmingCharacters(in: .whitespaces)
+                guard !line.isEmpty, !line.hasPrefix("#") else { return nil }
+                let path = line.hasPrefix("/") ? line : base + "/" + line
+                return Item(path: path, relative: line.hasPrefix("/") ? URL(fileURLWithPath: line).lastPathComponent : line)
+            }
+        }
+        var items: [Item] = []
+        func walk(_ dir: String, _ rel: String) {
+            let names = ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).filter { !$0.hasPrefix(".") }.sorted()
+            if !rel.isEmpty, names.contains(where: { $0.hasSuffix(".index.json") }) {
+                items.append(Item(path: dir, relative: rel))
+                return
+            }
+            for n in names {
+                let p = dir + "/" + n
+                let r = rel.isEmpty ? n : rel + "/" + n
+                var d: ObjCBool = false
+                FileManager.default.fileExists(atPath: p, isDirectory: &d)
+                if d.boolValue { walk(p, r); continue }
+                if (try? FormatRegistry.reader(for: p)) != nil { items.append(Item(path: p, relative: r)) }
+            }
+        }
+        walk(src, "")
+        return items.sorted { $0.relative < $1.relative }
+    }
+
+    /// This copy's deterministic share of the work: items whose position is `index` modulo `count`.
+    public static func shard(_ items: [Item], index: Int, count: Int) -> [Item] {
+        items.enumerated().filter { $0.offset % count == index }.map(\.element)
+    }
+
+    public static func outputPath(out: String, variant: String, relative: String) -> String {
+        (variant.isEmpty ? out : out + "/" + variant) + "/" + relative
+    }
+
+    /// True when `output` was written by this qconvert version from the same input and policy.
+    public static func upToDate(output: String, inputHash: String, policy: Policy) -> Bool {
+        guard FileManager.default.fileExists(atPath: output), let ck = try? Converter.open(output),
+              let text = ck.metadata.first(where: { $0.key == MetadataDocument.key })?.value,
+              let doc = try? JSONParser.parse(text) else { return false }
+        return doc["input"]?["hash"]?.stringValue == inputHash
+            && doc["policy"]?["sha256"]?.stringValue == sha256Hex(policy.text)
+            && doc["tool"]?["version"]?.stringValue == QConvertVersion.string
+    }
+
+    /// Converts every item under every variant, `jobs` models at a time; one failure never stops
+    /// the others. `progress` is called after each model with (done, total, bytes done).
+    public static func run(_ items: [Item], variants: [Variant], out: String, template: ConvertOptions, jobs: Int,
+                           progress: (@Sendable (Int, Int, Int) -> Void)? = nil) -> [Outcome] {
+        let results = Box([[Outcome]](repeating: [], count: items.count))
+        let next = Box(0)
+        let done = Box((0, 0))
+        let lock = NSLock()
+        DispatchQueue.concurrentPerform(iterations: max(1, min(jobs, items.count))) { _ in
+            while true {
+                lock.lock()
+                let k = next.value
+                next.value += 1
+                lock.unlock()
+                guard k < items.count else { return }
+                let r = convertOne(items[k], variants: variants, out: out, template: template)
+                lock.lock()
+                results.value[k] = r
+                done.value.0 += 1
+                done.value.1 += r.first?.bytesBefore ?? 0
+                let snapshot = done.value
+                lock.unlock()
+                progress?(snapshot.0, items.count, snapshot.1)
+            }
+        }
+        return results.value.flatMap { $0 }
+    }
+
+    static func convertOne(_ item: Item, variants: [Variant], out: String, template: ConvertOptions) -> [Outcome] {
+        let start = Date()
+        let ck: Checkpoint
+        let hash: String
+        do {
+            ck = try Converter.open(item.path)
+            hash = ck.contentHash(template.inputHash)
+        } catch {
+            return variants.map { v in
+                Outcome(model: item.relative, variant: v.name, format: "?", output: outputPath(out: out, variant: v.name, relative: item.relative),
+                        status: "failed", error: "\(error)", bytesBefore: 0, bytesAfter: 0, worstSQNR: nil, seconds: Date().timeIntervalSince(start))
+            }
+        }
+        let before = ck.entries.reduce(0) { $0 + $1.bytes.count }
+        return variants.map { v in
+            let t0 = Date()
+            let output = outputPath(out: out, variant: v.name, relative: item.relative)
+            var o = Outcome(model: item.relative, variant: v.name, format: ck.format, output: output, status: "converted", error: nil,
+                            bytesBefore: before, bytesAfter: 0, worstSQNR: nil, seconds: 0)
+            if upToDate(output: output, inputHash: hash, policy: v.policy) {
+                o.status = "skipped"
+                if let oc = try? Converter.open(output) { o.bytesAfter = oc.entries.reduce(0) { $0 + $1.bytes.count } }
+                o.seconds = Date().timeIntervalSince(t0)
+                return o
+            }
+            do {
+                try FileManager.default.createDirectory(atPath: URL(fileURLWithPath: output).deletingLastPathComponent().path,
+                                                        withIntermediateDirectories: true)
+                var opts = template
+                opts.policy = v.policy
+                opts.jobs = 1
+                let r = try Converter.convert(ck, output: output, options: opts, inputHash: hash)
+                o.bytesAfter = r.bytesAfter
+                o.worstSQNR = r.worst?.metrics?.sqnrDB
+                let failures = template.gates.evaluate(r)
+                if !failures.isEmpty {
+                    o.status = "gate-failed"
+                    o.error = GateFailure(failures: failures, outputWritten: true).description
+                }
+            } catch {
+                o.status = error is GateFailure ? "gate-failed" : "failed"
+                o.error = "\(error)"
+            }
+            o.seconds = Date().timeIntervalSince(t0)
+            return o
+        }
+    }
+}

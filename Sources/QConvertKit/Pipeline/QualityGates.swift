@@ -1,0 +1,83 @@
+import Foundation
+
+/// Thresholds a CI step sets on a conversion (or a diff): each applies to every converted tensor
+/// and to the whole model.
+public struct QualityGates: Sendable, Equatable {
+    public var minSQNR: Double?
+    public var minCosine: Double?
+    public var maxSizeRatio: Double?
+    /// Refuse to write the output when a gate fails (by default it is written, for inspection).
+    public var noOutputOnFail = false
+
+    public init(minSQNR: Double? = nil, minCosine: Double? = nil, maxSizeRatio: Double? = nil, noOutputOnFail: Bool = false) {
+        self.minSQNR = minSQNR; self.minCosine = minCosine; self.maxSizeRatio = maxSizeRatio; self.noOutputOnFail = noOutputOnFail
+    }
+
+    public var isEmpty: Bool { minSQNR == nil && minCosine == nil && maxSizeRatio == nil }
+
+    /// One failed gate: which tensor (or "model"), which gate, the value and the threshold.
+    public struct Failure: Sendable, CustomStringConvertible {
+        public var tensor: String
+        public var gate: String
+        public var value: Double
+        public var threshold: Double
+        public var description: String {
+            "\(tensor): \(gate) \(String(format: "%.6g", value)) (limit \(String(format: "%.6g", threshold)))"
+        }
+    }
+
+    /// Per-tensor and whole-model checks on error sums.
+    public func evaluate(tensors: [(name: String, x2: Double, e2: Double, xq: Double, q2: Double, before: Int, after: Int)]) -> [Failure] {
+        var out: [Failure] = []
+        func sqnr(_ x2: Double, _ e2: Double) -> Double { e2 > 0 ? 10 * log10(x2 / e2) : .infinity }
+        func cosine(_ xq: Double, _ x2: Double, _ q2: Double) -> Double { x2 > 0 && q2 > 0 ? xq / (x2.squareRoot() * q2.squareRoot()) : 1 }
+        var X2 = 0.0, E2 = 0.0, XQ = 0.0, Q2 = 0.0, B = 0, A = 0
+        for t in tensors {
+            X2 += t.x2; E2 += t.e2; XQ += t.xq; Q2 += t.q2; B += t.before; A += t.after
+            if let m = minSQNR, sqnr(t.x2, t.e2) < m { out.append(Failure(tensor: t.name, gate: "sqnr_db", value: sqnr(t.x2, t.e2), threshold: m)) }
+            if let m = minCosine, cosine(t.xq, t.x2, t.q2) < m { out.append(Failure(tensor: t.name, gate: "cosine", value: cosine(t.xq, t.x2, t.q2), threshold: m)) }
+            if let m = maxSizeRatio, t.before > 0, Double(t.after) / Double(t.before) > m {
+                out.append(Failure(tensor: t.name, gate: "size_ratio", value: Double(t.after) / Double(t.before), threshold: m))
+            }
+        }
+        if let m = minSQNR, sqnr(X2, E2) < m { out.append(Failure(tensor: "model", gate: "sqnr_db", value: sqnr(X2, E2), threshold: m)) }
+        if let m = minCosine, cosine(XQ, X2, Q2) < m { out.append(Failure(tensor: "model", gate: "cosine", value: cosine(XQ, X2, Q2), threshold: m)) }
+        if let m = maxSizeRatio, B > 0, Double(A) / Double(B) > m { out.append(Failure(tensor: "model", gate: "size_ratio", value: Double(A) / Double(B), threshold: m)) }
+        return out
+    }
+
+    /// Gates on a conversion: quantized and cast tensors by their metrics; sizes over every tensor.
+    public func evaluate(_ r: ConversionReport) -> [Failure] {
+        var rows: [(name: String, x2: Double, e2: Double, xq: Double, q2: Double, before: Int, after: Int)] = []
+        for t in r.tensors {
+            if let m = t.metrics {
+                // Recover the sums from the metrics (mse·n = Σe², SQNR gives Σx²).
+                let n = Double(Shape(t.plan.shape).elementCount)
+                let e2 = m.mse * n
+                let x2 = m.sqnrDB.map { e2 * pow(10, $0 / 10) } ?? 1
+                let q2 = x2
+                rows.append((t.plan.name, x2, e2, m.cosine * x2, q2, m.bytesBefore, m.bytesAfter))
+            } else {
+                rows.append((t.plan.name, 0, 0, 0, 0, t.plan.bytesBefore, t.plan.bytesAfter))
+            }
+        }
+        var out = evaluate(tensors: rows)
+        // kept tensors have no error; only their sizes count
+        out.removeAll { f in f.gate != "size_ratio" && r.tensors.contains { $0.plan.name == f.tensor && $0.metrics == nil } }
+        return out
+    }
+}
+
+/// A quality gate failed: the command line exits with its own code and names the tensors.
+public struct GateFailure: Error, CustomStringConvertible {
+    public var failures: [QualityGates.Failure]
+    /// Whether an output was written anyway; nil where there is no output (diff).
+    public var outputWritten: Bool?
+    public init(failures: [QualityGates.Failure], outputWritten: Bool?) { self.failures = failures; self.outputWritten = outputWritten }
+    public var description: String {
+        "quality gate failed for \(failures.count) check\(failures.count == 1 ? "" : "s"): "
+            + failures.prefix(5).map(\.description).joined(separator: "; ")
+            + (failures.count > 5 ? "; … \(failures.count - 5) more" : "")
+            + (outputWritten.map { $0 ? " (output written for inspection)" : " (no output written)" } ?? "")
+    }
+}

@@ -1,0 +1,157 @@
+import ArgumentParser
+import Foundation
+import QConvertKit
+
+struct BatchCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "batch",
+        abstract: "Convert a whole model zoo: a folder (walked recursively) or a manifest of inputs.",
+        discussion: """
+            The output mirrors the input tree. An output is skipped when its metadata records the same input \
+            hash, policy hash and qconvert version, so a run that was stopped resumes where it was. One bad \
+            model never stops the others; the exit code is 6 when some failed, 5 when a gate failed.
+
+            Across machines: --shard I/N takes a deterministic share of the work (a Kubernetes Indexed Job, \
+            a Slurm array or a CI matrix, see Samples/zoo/), and 'qconvert batch merge' joins their manifests.
+            """,
+        subcommands: [BatchRun.self, BatchMerge.self],
+        defaultSubcommand: BatchRun.self
+    )
+}
+
+struct BatchRun: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "run", abstract: "Convert every model of SRC (the default).")
+
+    @Argument(help: ArgumentHelp("A folder of checkpoints, or a manifest file listing them.", valueName: "src"))
+    var src: String
+
+    @Option(name: [.short, .long], help: ArgumentHelp("Output folder.", valueName: "out"))
+    var output: String
+
+    @OptionGroup var policyOptions: PolicyOptions
+
+    @Option(name: .customLong("variant"), help: ArgumentHelp("NAME=preset:NAME or NAME=policy:FILE; several variants write OUT/NAME/... from one read of each input.", valueName: "spec"))
+    var variants: [String] = []
+
+    @Option(name: .long, help: "Models converted at once.")
+    var jobs: Int = 2
+
+    @Option(name: .long, help: ArgumentHelp("Take share I of N of the work list (0-based), e.g. 0/3.", valueName: "I/N"))
+    var shard: String?
+
+    @Option(name: .long, help: ArgumentHelp("Write one row per model and variant: JSON lines, or CSV when the name ends in .csv.", valueName: "file"))
+    var manifest: String?
+
+    @OptionGroup var gateOptions: GateOptions
+
+    @Flag(name: [.short, .long], help: "No progress and no table.")
+    var quiet = false
+
+    func parseShard() throws -> (Int, Int) {
+        guard let s = shard else { return (0, 1) }
+        let parts = s.split(separator: "/").compactMap { Int($0) }
+        guard parts.count == 2, parts[1] >= 1, parts[0] >= 0, parts[0] < parts[1] else {
+            throw ValidationError("--shard is I/N with 0 ≤ I < N, e.g. 1/4")
+        }
+        return (parts[0], parts[1])
+    }
+
+    func validate() throws { _ = try parseShard(); if jobs < 1 { throw ValidationError("--jobs must be at least 1") } }
+
+    func run() throws {
+        try runReportingErrors {
+            let base = try policyOptions.load()
+            var vs: [Batch.Variant] = []
+            for spec in variants {
+                guard let eq = spec.firstIndex(of: "=") else { throw ValidationError("--variant is NAME=preset:NAME or NAME=policy:FILE") }
+                let name = String(spec[..<eq]), what = String(spec[spec.index(after: eq)...])
+                guard !name.isEmpty, !name.contains("/") else { throw ValidationError("variant name '\(name)' must be a plain folder name") }
+                let p: Policy
+                if what.hasPrefix("preset:") { p = try PolicyLoader.preset(String(what.dropFirst(7))) }
+                else if what.hasPrefix("policy:") { p = try PolicyLoader.load(path: String(what.dropFirst(7))) }
+                else { throw ValidationError("variant '\(name)': give preset:NAME or policy:FILE") }
+                vs.append(Batch.Variant(name: name, policy: try PolicyLoader.applyOverrides(p, policyOptions.overrides)))
+            }
+            if vs.isEmpty { vs = [Batch.Variant(name: "", policy: base)] }
+            let (i, n) = try parseShard()
+            let items = Batch.shard(try Batch.discover(src), index: i, count: n)
+            installInterruptCleanup()
+            var template = ConvertOptions(policy: base, jobs: 1, strict: policyOptions.strict)
+            template.gates = gateOptions.gates
+            let start = Date()
+            let tty = !quiet && isatty(2) != 0
+            let outcomes = Batch.run(items, variants: vs, out: output, template: template, jobs: jobs) { done, total, bytes in
+                guard tty else { return }
+                let elapsed = Date().timeIntervalSince(start)
+                let eta = done > 0 ? elapsed / Double(done) * Double(total - done) : 0
+                let line = "\r\u{1B}[2K\(done)/\(total) models  \(formatBytes(bytes))  \(String(format: "%.0f", elapsed)) s  ETA \(String(format: "%.0f", eta)) s"
+                FileHandle.standardError.write(Data(line.utf8))
+            }
+            if tty { FileHandle.standardError.write(Data("\r\u{1B}[2K".utf8)) }
+            if let m = manifest {
+                let text = m.hasSuffix(".csv")
+                    ? ([Batch.Outcome.csvHeader] + outcomes.map(\.csv)).joined(separator: "\n") + "\n"
+                    : outcomes.map(\.json).joined(separator: "\n") + (outcomes.isEmpty ? "" : "\n")
+                do { try Data(text.utf8).write(to: URL(fileURLWithPath: m)) } catch {
+                    throw QConvertError.write(path: m, message: error.localizedDescription)
+                }
+            }
+            if !quiet { BatchRun.printTable(outcomes) }
+            let failed = outcomes.filter { $0.status == "failed" }
+            for f in failed { FileHandle.standardError.write(Data("qconvert: failed: \(f.model)\(f.variant.isEmpty ? "" : " [\(f.variant)]"): \(f.error ?? "")\n".utf8)) }
+            if !failed.isEmpty { throw ExitCode(6) }
+            if outcomes.contains(where: { $0.status == "gate-failed" }) {
+                for g in outcomes where g.status == "gate-failed" { FileHandle.standardError.write(Data("qconvert: \(g.model): \(g.error ?? "")\n".utf8)) }
+                throw ExitCode(gateExitCode)
+            }
+        }
+    }
+
+    static func printTable(_ outcomes: [Batch.Outcome]) {
+        var rows = [["model", "variant", "format", "size", "ratio", "worst SQNR", "time", "status"]]
+        for o in outcomes {
+            rows.append([o.model, o.variant.isEmpty ? "-" : o.variant, o.format,
+                         o.bytesAfter > 0 ? "\(formatBytes(o.bytesBefore)) → \(formatBytes(o.bytesAfter))" : formatBytes(o.bytesBefore),
+                         o.bytesBefore > 0 && o.bytesAfter > 0 ? String(format: "%.1f %%", 100 * Double(o.bytesAfter) / Double(o.bytesBefore)) : "-",
+                         o.worstSQNR.map { String(format: "%.1f dB", $0) } ?? "-", String(format: "%.2f s", o.seconds), o.status])
+        }
+        var w = [Int](repeating: 0, count: rows[0].count)
+        for r in rows { for (i, c) in r.enumerated() { w[i] = max(w[i], c.count) } }
+        for r in rows { print(r.enumerated().map { $1.padding(toLength: w[$0], withPad: " ", startingAt: 0) }.joined(separator: "  ")) }
+        let counts = Dictionary(grouping: outcomes, by: \.status).mapValues(\.count)
+        print("\(outcomes.count) conversions: " + counts.sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }.joined(separator: ", "))
+    }
+}
+
+struct BatchMerge: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "merge", abstract: "Join the JSON-lines manifests of several batch shards.")
+
+    @Argument(help: ArgumentHelp("Manifests written by 'qconvert batch --manifest'.", valueName: "manifest"))
+    var manifests: [String]
+
+    @Option(name: [.short, .long], help: ArgumentHelp("Write the joined manifest here (JSON lines, or CSV for .csv).", valueName: "file"))
+    var output: String?
+
+    func run() throws {
+        try runReportingErrors {
+            var all: [Batch.Outcome] = []
+            for m in manifests {
+                guard let text = try? String(contentsOfFile: m, encoding: .utf8) else { throw QConvertError.io(path: m, message: "cannot read") }
+                for (n, line) in text.split(separator: "\n").enumerated() where !line.isEmpty {
+                    guard let v = try? JSONParser.parse(String(line)) else {
+                        throw QConvertError.badInput(path: m, message: "line \(n + 1) is not JSON")
+                    }
+                    all.append(Batch.Outcome(json: v))
+                }
+            }
+            all.sort { ($0.model, $0.variant) < ($1.model, $1.variant) }
+            if let o = output {
+                let text = o.hasSuffix(".csv") ? ([Batch.Outcome.csvHeader] + all.map(\.csv)).joined(separator: "\n") + "\n"
+                                               : all.map(\.json).joined(separator: "\n") + "\n"
+                do { try Data(text.utf8).write(to: URL(fileURLWithPath: o)) } catch { throw QConvertError.write(path: o, message: error.localizedDescription) }
+            }
+            BatchRun.printTable(all)
+            if all.contains(where: { $0.status == "failed" }) { throw ExitCode(6) }
+        }
+    }
+}
