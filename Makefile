@@ -39,6 +39,7 @@ bench:
 	.venv/bin/python Benchmarks/safetensors_int8.py
 	.venv/bin/python Benchmarks/onnx_int8.py
 	.venv/bin/python Benchmarks/pytorch_int8.py
+	.venv/bin/python Benchmarks/batch_zoo.py
 
 sample:
 	python3 Samples/make_sample.py Samples/tiny-transformer.safetensors

@@ -1,0 +1,143 @@
+"""Model zoos: batch conversion across every format, incremental runs, resume, shards, gates, diff."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import make_onnx_models
+from conftest import QCONVERT, run
+
+
+@pytest.fixture
+def zoo(tmp_path):
+    """Every format: safetensors (single and sharded), ONNX with external data, npz, pt (when torch is
+    there), a corrupt file, a duplicate and files that are not checkpoints."""
+    z = tmp_path / "zoo"
+    (z / "vision").mkdir(parents=True)
+    (z / "text" / "sharded").mkdir(parents=True)
+    r = np.random.default_rng(0)
+    save_file({"enc.weight": r.standard_normal((64, 96)).astype(np.float32), "enc.bias": np.zeros(64, np.float32)}, str(z / "text" / "enc.safetensors"))
+    shutil.copy(z / "text" / "enc.safetensors", z / "text" / "enc-copy.safetensors")       # a duplicate
+    save_file({"a.weight": r.standard_normal((64, 64)).astype(np.float32)}, str(z / "text" / "sharded" / "model-00001-of-00002.safetensors"))
+    save_file({"b.weight": r.standard_normal((64, 64)).astype(np.float32)}, str(z / "text" / "sharded" / "model-00002-of-00002.safetensors"))
+    json.dump({"metadata": {"total_size": 32768}, "weight_map": {"a.weight": "model-00001-of-00002.safetensors",
+                                                                  "b.weight": "model-00002-of-00002.safetensors"}},
+              open(z / "text" / "sharded" / "model.safetensors.index.json", "w"))
+    make_onnx_models.external(str(z / "vision" / "ext.onnx"))
+    np.savez(z / "vision" / "arrays.npz", w=r.standard_normal((48, 64)).astype(np.float32))
+    try:
+        import torch
+        torch.save({"w": torch.randn(64, 80)}, z / "vision" / "net.pt")
+    except ImportError:
+        pass
+    (z / "vision" / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    (z / "README.md").write_text("not a model")
+    return z
+
+
+def batch(*args, check=False):
+    return subprocess.run([QCONVERT, "batch", *map(str, args)], capture_output=True, text=True)
+
+
+def rows(manifest):
+    return [json.loads(line) for line in open(manifest) if line.strip()]
+
+
+def test_zoo_converts_every_good_model_and_reports_the_corrupt_one(zoo, tmp_path):
+    out = tmp_path / "out"
+    r = batch(zoo, "-o", out, "--manifest", tmp_path / "m.jsonl")
+    assert r.returncode == 6, r.stderr
+    m = {x["model"]: x for x in rows(tmp_path / "m.jsonl")}
+    assert m["vision/broken.safetensors"]["status"] == "failed" and "broken.safetensors" in m["vision/broken.safetensors"]["error"]
+    assert "README.md" not in m
+    good = [k for k in m if k != "vision/broken.safetensors"]
+    assert len(good) >= 5 and all(m[k]["status"] == "converted" for k in good)
+    assert load_file(str(out / "text" / "enc.safetensors"))["enc.weight"].dtype == np.int8
+    assert (out / "text" / "sharded" / "model.safetensors.index.json").exists()
+    assert (out / "vision" / "ext.onnx").exists() and (out / "vision" / "arrays.npz").exists()
+    assert "vision/broken.safetensors" in r.stderr
+    # the second run skips everything that was converted
+    r2 = batch(zoo, "-o", out, "--manifest", tmp_path / "m2.jsonl")
+    m2 = {x["model"]: x["status"] for x in rows(tmp_path / "m2.jsonl")}
+    assert all(m2[k] == "skipped" for k in good), m2
+    # a policy change re-converts
+    batch(zoo, "-o", out, "--set", "granularity=tensor", "--manifest", tmp_path / "m3.jsonl")
+    m3 = {x["model"]: x["status"] for x in rows(tmp_path / "m3.jsonl")}
+    assert all(m3[k] == "converted" for k in good), m3
+
+
+def test_variants_from_one_read(zoo, tmp_path):
+    out = tmp_path / "out"
+    batch(zoo, "-o", out, "--variant", "int8=preset:int8", "--variant", "w4=preset:w4g128", "--manifest", tmp_path / "m.csv")
+    lines = open(tmp_path / "m.csv").read().splitlines()
+    assert lines[0].startswith("model,variant,format,status")
+    assert load_file(str(out / "int8" / "text" / "enc.safetensors"))["enc.weight"].dtype == np.int8
+    assert load_file(str(out / "w4" / "text" / "enc.safetensors"))["enc.weight"].shape == (64, 48)
+
+
+def test_shards_cover_every_model_exactly_once(zoo, tmp_path):
+    seen = []
+    for i in range(3):
+        batch(zoo, "-o", tmp_path / f"out{i}", "--shard", f"{i}/3", "--manifest", tmp_path / f"s{i}.jsonl", "-q")
+        seen += [x["model"] for x in rows(tmp_path / f"s{i}.jsonl")]
+    full = [x["model"] for x in (batch(zoo, "-o", tmp_path / "full", "--manifest", tmp_path / "full.jsonl", "-q") and rows(tmp_path / "full.jsonl"))]
+    assert sorted(seen) == sorted(full) and len(seen) == len(set(seen))
+    merged = subprocess.run([QCONVERT, "batch", "merge", *[str(tmp_path / f"s{i}.jsonl") for i in range(3)], "-o", str(tmp_path / "all.jsonl")],
+                            capture_output=True, text=True)
+    assert sorted(x["model"] for x in rows(tmp_path / "all.jsonl")) == sorted(full)
+    assert merged.returncode == 6      # the corrupt model is in one of the shards
+
+
+def test_killed_run_resumes(zoo, tmp_path):
+    out = tmp_path / "out"
+    p = subprocess.Popen([QCONVERT, "batch", str(zoo), "-o", str(out), "--jobs", "1", "-q"], stderr=subprocess.PIPE)
+    time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    p.wait()
+    leftovers = [f for d, _, fs in os.walk(out) for f in fs if f.startswith(".")] if out.exists() else []
+    assert leftovers == []
+    batch(zoo, "-o", out, "--manifest", tmp_path / "m.jsonl", "-q")
+    m = rows(tmp_path / "m.jsonl")
+    assert all(x["status"] in ("converted", "skipped") for x in m if x["model"] != "vision/broken.safetensors")
+    for x in m:
+        if x["status"] != "failed":
+            run("inspect", x["output"])       # every output is complete
+
+
+def test_gates_fail_exactly_when_they_should(tmp_path):
+    r = np.random.default_rng(1)
+    x = r.standard_normal((64, 128)).astype(np.float32)
+    save_file({"w": x}, str(tmp_path / "in.safetensors"))
+    ok = run(tmp_path / "in.safetensors", "-o", tmp_path / "a.safetensors", "--min-sqnr", "30", "--min-cosine", "0.999", "--max-size-ratio", "0.3", "-q", check=False)
+    assert ok.returncode == 0, ok.stderr
+    bad = run(tmp_path / "in.safetensors", "-o", tmp_path / "b.safetensors", "--preset", "w4g128", "--min-sqnr", "30", "-q", check=False)
+    assert bad.returncode == 5 and "w: sqnr_db" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "b.safetensors").exists()            # written for inspection
+    none = run(tmp_path / "in.safetensors", "-o", tmp_path / "c.safetensors", "--preset", "w4g128", "--min-sqnr", "30", "--no-output-on-fail", "-q", check=False)
+    assert none.returncode == 5 and not (tmp_path / "c.safetensors").exists()
+    size = run(tmp_path / "in.safetensors", "-o", tmp_path / "d.safetensors", "--preset", "fp16", "--max-size-ratio", "0.3", "-q", check=False)
+    assert size.returncode == 5 and "size_ratio" in size.stderr
+    # diff: the worst first, JSON for machines, and the same gates
+    d = subprocess.run([QCONVERT, "diff", str(tmp_path / "in.safetensors"), str(tmp_path / "b.safetensors"), "--json"], capture_output=True, text=True)
+    doc = json.loads(d.stdout)
+    assert doc["tensors"][0]["name"] == "w" and 15 < doc["tensors"][0]["sqnr_db"] < 30
+    g = subprocess.run([QCONVERT, "diff", str(tmp_path / "in.safetensors"), str(tmp_path / "a.safetensors"), "--min-sqnr", "30"], capture_output=True, text=True)
+    assert g.returncode == 0
+    g = subprocess.run([QCONVERT, "diff", str(tmp_path / "in.safetensors"), str(tmp_path / "b.safetensors"), "--min-sqnr", "30"], capture_output=True, text=True)
+    assert g.returncode == 5 and "w: sqnr_db" in g.stderr
+
+
+def test_diff_across_formats(tmp_path):
+    r = np.random.default_rng(2)
+    x = {"w": r.standard_normal((32, 64)).astype(np.float32), "b": r.standard_normal(32).astype(np.float32)}
+    np.savez(tmp_path / "a.npz", **x)
+    run(tmp_path / "a.npz", "-o", tmp_path / "q.safetensors", "-q")
+    d = json.loads(subprocess.run([QCONVERT, "diff", str(tmp_path / "a.npz"), str(tmp_path / "q.safetensors"), "--json"], capture_output=True, text=True).stdout)
+    by = {t["name"]: t for t in d["tensors"]}
+    assert by["b"]["sqnr_db"] is None and by["w"]["cosine"] > 0.999
