@@ -151,3 +151,15 @@ def test_hostile_archives_are_refused(tmp_path, case):
     assert r.returncode == 3, (case, r.returncode, r.stderr)
     assert len(r.stderr.strip().splitlines()) == 1 and str(p) in r.stderr, r.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("version", [(1, 0), (2, 0), (3, 0)])
+def test_npy_header_versions(tmp_path, version):
+    import io
+    a = np.random.default_rng(4).standard_normal((40, 64)).astype(np.float32)
+    b = io.BytesIO()
+    np.lib.format.write_array(b, a, version=version)
+    with zipfile.ZipFile(tmp_path / "v.npz", "w") as z:
+        z.writestr("w.npy", b.getvalue())
+    run(tmp_path / "v.npz", "-o", tmp_path / "k.npz", "--preset", "keep", "-q")
+    np.testing.assert_array_equal(np.load(tmp_path / "k.npz")["w"], a)

@@ -20,9 +20,11 @@ def validator(name):
     return jsonschema.Draft202012Validator(schema, registry=REGISTRY)
 
 
-@pytest.mark.parametrize("policy", sorted(p.name for p in (REPO / "Samples").rglob("*") if p.suffix in (".cfg", ".yaml")))
-def test_sample_policies_follow_the_schema(policy):
-    path = next((REPO / "Samples").rglob(policy))
+POLICIES = [REPO / "Samples" / "policy.cfg"] + sorted((REPO / "Samples" / "policies").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", POLICIES, ids=lambda p: p.name)
+def test_sample_policies_follow_the_schema(path):
     validator("policy.schema.json").validate(yaml.safe_load(open(path)) or {})
 
 

@@ -320,3 +320,12 @@ def test_corrupt_storage_crc_is_refused_and_nothing_written(tmp_path):
     assert r.returncode == 3 and "CRC mismatch" in r.stderr, r.stderr
     assert out.read_bytes() == b"old"
     assert [f for f in os.listdir(tmp_path) if f.startswith(".")] == []
+
+
+def test_pt_output_is_deterministic_whatever_jobs(tmp_path):
+    p, _ = training_checkpoint(tmp_path, seed=7)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "three").mkdir()
+    run(p, "-o", tmp_path / "one" / "q.pt", "--jobs", "1", "-q")
+    run(p, "-o", tmp_path / "three" / "q.pt", "--jobs", "3", "-q")
+    assert open(tmp_path / "one" / "q.pt", "rb").read() == open(tmp_path / "three" / "q.pt", "rb").read()
