@@ -89,9 +89,7 @@ struct BatchRun: ParsableCommand {
             }
             if tty { FileHandle.standardError.write(Data("\r\u{1B}[2K".utf8)) }
             if let m = manifest {
-                let text = m.hasSuffix(".csv")
-                    ? ([Batch.Outcome.csvHeader] + outcomes.map(\.csv)).joined(separator: "\n") + "\n"
-                    : outcomes.map(\.json).joined(separator: "\n") + (outcomes.isEmpty ? "" : "\n")
+                let text = Batch.Outcome.manifest(outcomes, csv: m.hasSuffix(".csv"))
                 do { try Data(text.utf8).write(to: URL(fileURLWithPath: m)) } catch {
                     throw QConvertError.write(path: m, message: error.localizedDescription)
                 }
@@ -146,8 +144,7 @@ struct BatchMerge: ParsableCommand {
             }
             all.sort { ($0.model, $0.variant) < ($1.model, $1.variant) }
             if let o = output {
-                let text = o.hasSuffix(".csv") ? ([Batch.Outcome.csvHeader] + all.map(\.csv)).joined(separator: "\n") + "\n"
-                                               : all.map(\.json).joined(separator: "\n") + "\n"
+                let text = Batch.Outcome.manifest(all, csv: o.hasSuffix(".csv"))
                 do { try Data(text.utf8).write(to: URL(fileURLWithPath: o)) } catch { throw QConvertError.write(path: o, message: error.localizedDescription) }
             }
             BatchRun.printTable(all)

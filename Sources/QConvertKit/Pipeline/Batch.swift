@@ -39,6 +39,12 @@ public enum Batch {
             ]).compact
         }
 
+        /// A manifest: JSON lines, or CSV (with a header row).
+        public static func manifest(_ rows: [Outcome], csv: Bool) -> String {
+            csv ? ([csvHeader] + rows.map(\.csv)).joined(separator: "\n") + "\n"
+                : rows.map(\.json).joined(separator: "\n") + (rows.isEmpty ? "" : "\n")
+        }
+
         public static let csvHeader = "model,variant,format,status,bytes_before,bytes_after,size_ratio,worst_sqnr_db,seconds,error"
         public var csv: String {
             func q(_ s: String) -> String { s.contains(where: { ",\"\n".contains($0) }) ? "\"" + s.replacingOccurrences(of: "\"", with: "\"\"") + "\"" : s }

@@ -126,23 +126,19 @@ final class OnnxSink: CheckpointSink {
                 extra.append(Proto.newNode(op: "Constant", name: model.uniqueName(out + "_Constant"), inputs: [], outputs: [out],
                                            attributes: [Proto.tensorAttr("value", t)]))
             }
-            let all = extra + nodes
             if let g {
-                var list = g.pointee.node
-                var n = g.pointee.n_node
-                let at = ((0..<n).first { list?[$0] == cnode } ?? -1) + 1
-                for (k, node) in all.enumerated() { Proto.insert(node, at: at + k, into: &list, count: &n) }
-                g.pointee.node = list
-                g.pointee.n_node = n
+                OnnxSink.insert(extra + nodes, after: cnode, list: &g.pointee.node, count: &g.pointee.n_node)
             } else if let f {
-                var list = f.pointee.node
-                var n = f.pointee.n_node
-                let at = ((0..<n).first { list?[$0] == cnode } ?? -1) + 1
-                for (k, node) in all.enumerated() { Proto.insert(node, at: at + k, into: &list, count: &n) }
-                f.pointee.node = list
-                f.pointee.n_node = n
+                OnnxSink.insert(extra + nodes, after: cnode, list: &f.pointee.node, count: &f.pointee.n_node)
             }
         }
+    }
+
+    /// Inserts nodes right after `anchor` in a node list (graph or function body), keeping the order topological.
+    static func insert(_ nodes: [Proto.NodeP], after anchor: Proto.NodeP,
+                       list: inout UnsafeMutablePointer<UnsafeMutablePointer<Onnx__NodeProto>?>?, count: inout Int) {
+        let at = ((0..<count).first { list?[$0] == anchor } ?? -1) + 1
+        for (k, node) in nodes.enumerated() { Proto.insert(node, at: at + k, into: &list, count: &count) }
     }
 
     /// Old IR versions also list initializers as graph inputs; a weight computed by a node cannot be one.
