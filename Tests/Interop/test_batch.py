@@ -141,3 +141,12 @@ def test_diff_across_formats(tmp_path):
     d = json.loads(subprocess.run([QCONVERT, "diff", str(tmp_path / "a.npz"), str(tmp_path / "q.safetensors"), "--json"], capture_output=True, text=True).stdout)
     by = {t["name"]: t for t in d["tensors"]}
     assert by["b"]["sqnr_db"] is None and by["w"]["cosine"] > 0.999
+
+
+def test_manifest_of_inputs(zoo, tmp_path):
+    listing = zoo / "list.txt"
+    listing.write_text("# two of the zoo's models\ntext/enc.safetensors\nvision/arrays.npz\n\n")
+    r = batch(listing, "-o", tmp_path / "out", "--manifest", tmp_path / "m.jsonl", "-q")
+    assert r.returncode == 0, r.stderr
+    assert sorted(x["model"] for x in rows(tmp_path / "m.jsonl")) == ["text/enc.safetensors", "vision/arrays.npz"]
+    assert (tmp_path / "out" / "vision" / "arrays.npz").exists()
