@@ -311,3 +311,22 @@ def test_output_is_deterministic_whatever_jobs(models, tmp_path):
     b = str(tmp_path / "b.onnx")
     run(models["cnn"], "-o", b, "-q", "--jobs", "3", "--set", "min_elements=256")
     assert open(b, "rb").read() == data
+
+
+@pytest.mark.parametrize("name,args", [("mlp21", []), ("mlp21", ["--preset", "w4g128", "--set", "group_size=32"]),
+                                       ("mlp21", ["--preset", "uint8"]), ("constants11", ["--set", "dtype=int4"])])
+def test_diff_and_dequantize_read_onnx_outputs(models, tmp_path, name, args):
+    out = quantize(models, name, tmp_path, *args)
+    doc, _, _ = metadata(out)
+    d = json.loads(run("diff", models[name], out, "--json").stdout)
+    by = {t["name"]: t for t in d["tensors"]}
+    for tensor, rec in doc["tensors"].items():
+        assert by[tensor]["sqnr_db"] == pytest.approx(rec["metrics"]["sqnr_db"], abs=0.01), tensor
+    back = tmp_path / "back.safetensors"
+    run("dequantize", out, "-o", back, "-q")
+    from safetensors.numpy import load_file
+    t = load_file(str(back))
+    src = initializers(models[name])
+    for tensor in doc["tensors"]:
+        assert t[tensor].shape == src[tensor].shape
+        assert cosine(t[tensor], src[tensor]) > 0.99

@@ -173,8 +173,11 @@ public enum Batch {
             }
         }
         let before = ck.entries.reduce(0) { $0 + $1.bytes.count }
-        return variants.map { v in
+        return variants.enumerated().map { vi, v in
             let t0 = Date()
+            // The ONNX writer edits the model it was given: each further variant reads it again.
+            var ck = ck
+            if vi > 0 && ck.container is OnnxModel, let again = try? Converter.open(item.path) { ck = again }
             let output = outputPath(out: out, variant: v.name, relative: item.relative)
             var o = Outcome(model: item.relative, variant: v.name, format: ck.format, output: output, status: "converted", error: nil,
                             bytesBefore: before, bytesAfter: 0, worstSQNR: nil, seconds: 0)

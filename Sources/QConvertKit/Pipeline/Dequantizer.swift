@@ -23,13 +23,14 @@ public enum Dequantizer {
         }
         let byName = Dictionary(ckpt.entries.enumerated().map { ($1.name, $0) }, uniquingKeysWith: { a, _ in a })
         var consumed = Set<String>()
-        struct Job { var entry: Int; var record: JSONValue }
+        struct Job { var entry: Int; var record: JSONValue; var name: String }
         var jobs: [String: Job] = [:]
         for (name, rec) in records {
-            guard let i = byName[name] else {
+            let stored = rec["values"]?.stringValue ?? name
+            guard let i = byName[stored] else {
                 throw QConvertError.badInput(path: input, message: "metadata describes tensor '\(name)' but the file does not hold it")
             }
-            jobs[name] = Job(entry: i, record: rec)
+            jobs[stored] = Job(entry: i, record: rec, name: name)
             if let s = rec["scale"]?.stringValue { consumed.insert(s) }
             if let z = rec["zero_point"]?.stringValue { consumed.insert(z) }
         }
@@ -42,7 +43,7 @@ public enum Dequantizer {
                     throw QConvertError.badInput(path: input, message: "tensor '\(e.name)': metadata lacks source_dtype or source_shape")
                 }
                 let outType: DType = [.f32, .f16, .bf16, .f64].contains(dtype) ? dtype : .f32
-                outputs.append(OutputTensor(name: e.name, dtype: outType, shape: shape,
+                outputs.append(OutputTensor(name: j.name, dtype: outType, shape: shape,
                                             byteCount: Shape(shape).checkedByteCount(outType) ?? 0, shard: e.shard))
                 sources.append((i, j))
             } else {
@@ -74,9 +75,18 @@ public enum Dequantizer {
 
     public static func restore(_ e: TensorEntry, record r: JSONValue, ckpt: Checkpoint, byName: [String: Int], path: String) throws -> [Float] {
         func bad(_ m: String) -> QConvertError { .badInput(path: path, message: "tensor '\(e.name)': \(m)") }
-        guard let dt = r["dtype"]?.stringValue, let target = TargetType(rawValue: dt) else { throw bad("unknown quantized dtype") }
+        guard let dt = r["dtype"]?.stringValue, var target = TargetType(rawValue: dt) else { throw bad("unknown quantized dtype") }
         let shape = r["source_shape"]?.arrayValue?.compactMap(\.nonNegativeInt) ?? []
-        let values = e.bytes.withUnsafeBytes { [UInt8]($0) }
+        var values = e.bytes.withUnsafeBytes { [UInt8]($0) }
+        let is4 = target == .int4 || target == .uint4
+        if is4, case .bool(true)? = r["packing"]?["unpacked"] {
+            // stored one value per byte (an ONNX model too old for 4-bit types)
+            target = target == .int4 ? .int8 : .uint8
+        } else if is4, r["packing"]?["axis"] == .null {
+            // packed over the flattened tensor (ONNX): repack along rows
+            let n = shape.reduce(1, *)
+            if values.count == (n + 1) / 2 { values = Packing.pack4(Packing.unpack4(values, shape: [n]), shape: shape) }
+        }
         let expected = Shape(Quantizer.storedShape(shape, target: target)).checkedByteCount(target.storageDType) ?? -1
         guard values.count == expected else { throw bad("holds \(values.count) bytes, metadata implies \(expected)") }
         var scale: [Float]? = nil
@@ -96,6 +106,9 @@ public enum Dequantizer {
             let ze = ckpt.entries[zi]
             guard ze.elementCount == layout.paramCount, ze.dtype.bits == 8 else { throw bad("zero-point tensor '\(zn)' has the wrong type or size") }
             zp = ze.bytes.withUnsafeBytes { [UInt8]($0) }
+            if is4, zp!.count == (layout.paramCount + 1) / 2, layout.paramCount > 1 || r["packing"]?["axis"] == .null {
+                zp = Packing.unpack4(zp!, shape: [layout.paramCount])   // ONNX packs 4-bit zero points too
+            }
         }
         return Quantizer.dequantize(values: values, target: target, shape: shape, scale: scale, zeroPoint: zp,
                                     granularity: granularity, axis: axis, groupSize: max(groupSize, 1))

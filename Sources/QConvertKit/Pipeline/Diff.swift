@@ -50,12 +50,14 @@ public enum Diff {
         }
         var out: [String: ([Float], Int)] = [:]
         for (name, r) in records {
-            guard let i = byName[name] else { continue }
+            guard let i = byName[r["values"]?.stringValue ?? name] else { continue }
+            params.insert(ck.entries[i].name)
             var size = ck.entries[i].bytes.count
             for key in ["scale", "zero_point"] { if let n = r[key]?.stringValue, let j = byName[n] { size += ck.entries[j].bytes.count } }
             out[name] = (try Dequantizer.restore(ck.entries[i], record: r, ckpt: ck, byName: byName, path: path), size)
         }
         for e in ck.entries where out[e.name] == nil && !params.contains(e.name) && e.dtype.isFloatingPoint {
+            guard records.first(where: { $0.0 == e.name }) == nil else { continue }
             out[e.name] = (e.bytes.withUnsafeBytes { FloatDecoding.toFloat32($0, dtype: e.dtype, count: e.elementCount) }, e.bytes.count)
         }
         return out

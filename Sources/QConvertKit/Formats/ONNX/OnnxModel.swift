@@ -28,6 +28,8 @@ public final class OnnxModel: @unchecked Sendable {
     var consumers: [String: [(op: String, index: Int, node: Proto.NodeP)]] = [:]
     /// Every name used anywhere (values, initializers, nodes), to keep new names unique.
     var usedNames = Set<String>()
+    /// The writer edits the model in place (and frees replaced payloads): one output per reading.
+    var written = false
 
     init(model: UnsafeMutablePointer<Onnx__ModelProto>, path: String) {
         self.model = model

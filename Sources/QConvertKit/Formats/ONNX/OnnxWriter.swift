@@ -16,6 +16,10 @@ public struct OnnxWriter: FormatWriter {
         guard !options.plans.isEmpty || tensors.isEmpty else {
             throw QConvertError.usage(message: "\(path): this operation cannot write ONNX")
         }
+        guard !model.written else {
+            throw QConvertError.usage(message: "\(path): an ONNX model that was read once can be written once; read it again")
+        }
+        model.written = true
         return OnnxSink(path: path, model: model, source: source, tensors: tensors, options: options)
     }
 }
@@ -27,6 +31,8 @@ final class OnnxSink: CheckpointSink {
     let tensors: [OutputTensor]
     let options: WriterOptions
     var data: [Int: [UInt8]] = [:]
+    /// What the graph holds for each converted tensor, for the metadata document.
+    var stored: [String: [(String, JSONValue)]] = [:]
 
     init(path: String, model: OnnxModel, source: Checkpoint, tensors: [OutputTensor], options: WriterOptions) {
         self.path = path; self.model = model; self.source = source; self.tensors = tensors; self.options = options
@@ -75,7 +81,7 @@ final class OnnxSink: CheckpointSink {
             m.pointee.ir_version = Int64(needIR)
             m.pointee.has_ir_version = 1
         }
-        setMetadata(metadata)
+        setMetadata(metadata.map { kv in kv.key == MetadataDocument.key ? (kv.key, patched(kv.value)) : kv })
         try write()
     }
 
@@ -287,6 +293,16 @@ final class OnnxSink: CheckpointSink {
                                        attributes: [Proto.intAttr("to", Int(Proto.dataType(floatOut)))]))
         }
         replaceTensor(loc, with: newTensors, nodes: nodes)
+        var facts: [(String, JSONValue)] = [("values", .string(qName)), ("scale", .string(scaleName)),
+                                            ("zero_point", zpName.map(JSONValue.string) ?? .null),
+                                            ("scale_shape", .array(pDims.map(JSONValue.int)))]
+        if is4 {
+            facts.append(("packing", decompose
+                ? .object([("bits", .int(4)), ("unpacked", .bool(true)), ("note", .string("one value per byte (the model's opset has no 4-bit types)"))])
+                : .object([("bits", .int(4)), ("signed", .bool(s.target == .int4)), ("axis", .null), ("order", .string("low_nibble_first")),
+                           ("note", .string("ONNX layout: two values per byte over the flattened tensor, element 0 in the low nibble"))])))
+        }
+        stored[p.name] = facts
         if is4 && !decompose { return 10 }
         if s.target.isFP8 { return 9 }
         return 0
@@ -302,6 +318,22 @@ final class OnnxSink: CheckpointSink {
         let cast = Proto.newNode(op: "Cast", name: model.uniqueName(w + "_Cast"), inputs: [name], outputs: [w],
                                  attributes: [Proto.intAttr("to", Int(Proto.dataType(p.dtype)))])
         replaceTensor(loc, with: [t], nodes: [cast])
+        stored[p.name] = [("values", .string(name))]
+    }
+
+    /// The metadata document with the names and layouts the graph really holds.
+    func patched(_ doc: String) -> String {
+        guard case .object(var top)? = try? JSONParser.parse(doc), let ti = top.firstIndex(where: { $0.0 == "tensors" }),
+              case .object(var tensors) = top[ti].1 else { return doc }
+        for k in tensors.indices {
+            guard let facts = stored[tensors[k].0], case .object(var rec) = tensors[k].1 else { continue }
+            for (key, value) in facts {
+                if let i = rec.firstIndex(where: { $0.0 == key }) { rec[i].1 = value } else { rec.append((key, value)) }
+            }
+            tensors[k].1 = .object(rec)
+        }
+        top[ti].1 = .object(tensors)
+        return JSONValue.object(top).compact
     }
 
     func setMetadata(_ metadata: [(key: String, value: String)]) {
