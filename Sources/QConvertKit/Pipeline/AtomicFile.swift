@@ -16,16 +16,7 @@ public final class AtomicFile {
         let url = URL(fileURLWithPath: path)
         let dir = url.deletingLastPathComponent().path
         tempPath = dir + "/." + url.lastPathComponent + ".qconvert-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).tmp"
-        fd = open(tempPath, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
-        guard fd >= 0 else {
-            throw QConvertError.write(path: path, message: String(cString: strerror(errno)))
-        }
-        guard TempFileRegistry.shared.add(tempPath) else {
-            close(fd)
-            fd = -1
-            unlink(tempPath)
-            throw QConvertError.write(path: path, message: "interrupted")
-        }
+        fd = try TempFileRegistry.shared.create(tempPath, finalPath: path)
     }
 
     deinit { if fd >= 0 { close(fd); unlink(tempPath); TempFileRegistry.shared.remove(tempPath) } }
@@ -97,12 +88,15 @@ public final class TempFileRegistry: @unchecked Sendable {
     private var paths = Set<String>()
     private var closed = false
 
-    /// Registers a temporary file; false once an interrupt has begun removing them.
-    func add(_ p: String) -> Bool {
+    /// Creates and registers a temporary file under the lock, so that an interrupt's cleanup
+    /// either sees it or happens before it exists (then creating it is refused).
+    func create(_ p: String, finalPath: String) throws -> Int32 {
         lock.lock(); defer { lock.unlock() }
-        if closed { return false }
+        if closed { throw QConvertError.write(path: finalPath, message: "interrupted") }
+        let fd = open(p, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw QConvertError.write(path: finalPath, message: String(cString: strerror(errno))) }
         paths.insert(p)
-        return true
+        return fd
     }
     func remove(_ p: String) { lock.lock(); paths.remove(p); lock.unlock() }
 
