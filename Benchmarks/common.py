@@ -18,6 +18,17 @@ def measure(cmd):
     return wall, usage.ru_maxrss * 1024
 
 
+def alternate(cmds, rounds, before_each=None):
+    """Runs the commands in turn, `rounds` times; returns {name: [(seconds, peak RSS)]}."""
+    results = {k: [] for k in cmds}
+    for _ in range(rounds):
+        for name, cmd in cmds.items():
+            if before_each:
+                before_each()
+            results[name].append(measure(cmd))
+    return results
+
+
 def report(title, results):
     """Prints median time and max peak RSS per command; returns {name: (median s, peak bytes)}."""
     print(f"\n{title}")

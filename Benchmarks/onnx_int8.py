@@ -12,7 +12,7 @@ import pathlib
 import subprocess
 import sys
 
-from common import measure, report
+from common import alternate, report
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -69,10 +69,7 @@ def main():
         "qconvert": [a.qconvert, str(src), "-o", str(out_q), "-q"],
         "onnxruntime": [sys.executable, __file__, "--ort", str(src), str(out_o)],
     }
-    results = {k: [] for k in cmds}
-    for _ in range(a.rounds):
-        for name, cmd in cmds.items():
-            results[name].append(measure(cmd))
+    results = alternate(cmds, a.rounds)
     med = report(f"input {src.name}: {src.stat().st_size / 1e6:.0f} MB, {a.rounds} rounds, medians", results)
     q, o = med["qconvert"], med["onnxruntime"]
     print(f"  output sizes: qconvert {out_q.stat().st_size / 1e6:.1f} MB, onnxruntime {out_o.stat().st_size / 1e6:.1f} MB")

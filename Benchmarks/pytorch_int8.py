@@ -17,7 +17,7 @@ import pathlib
 import subprocess
 import sys
 
-from common import measure, report
+from common import alternate, report
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -90,10 +90,7 @@ def main():
                                "python peer": [sys.executable, __file__, "--peer", "safetensors", str(src), str(p_st)]},
     }
     for title, cmds in runs.items():
-        results = {k: [] for k in cmds}
-        for _ in range(a.rounds):
-            for name, cmd in cmds.items():
-                results[name].append(measure(cmd))
+        results = alternate(cmds, a.rounds)
         med = report(f"{title}: input {src.stat().st_size / 1e6:.0f} MB, {a.rounds} rounds, medians", results)
         q, p = med["qconvert"], med["python peer"]
         print(f"  speed vs peer: {p[0] / q[0]:.1f}x faster (goal >= 3x); peak RSS {100 * q[1] / p[1]:.1f} % of the peer's (goal < 100 %)")

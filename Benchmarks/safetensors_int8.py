@@ -14,7 +14,7 @@ import pathlib
 import subprocess
 import sys
 
-from common import measure, report
+from common import alternate, measure, report
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -63,13 +63,8 @@ def run(size_mb, rounds, qconvert):
         "numpy": [sys.executable, str(HERE / "numpy_int8.py"), str(src), str(out)],
         "cp": ["cp", str(src), str(out)],
     }
-    results = {k: [] for k in cmds}
     measure(cmds["cp"])  # warm the page cache
-    for _ in range(rounds):
-        for name, cmd in cmds.items():
-            if out.exists():
-                out.unlink()
-            results[name].append(measure(cmd))
+    results = alternate(cmds, rounds, before_each=lambda: out.unlink(missing_ok=True))
     out.unlink(missing_ok=True)
     size = src.stat().st_size
     med = report(f"input {src.name}: {size / 1e6:.0f} MB, {rounds} rounds, medians", results)

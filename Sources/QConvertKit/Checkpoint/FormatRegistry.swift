@@ -5,7 +5,6 @@ public enum FormatRegistry {
     public static let readers: [FormatReader] = [SafetensorsReader(), OnnxReader(), NpzReader(), PyTorchReader()]
     public static let writers: [FormatWriter] = [SafetensorsWriter(), OnnxWriter(), NpzWriter(), PyTorchWriter()]
 
-    public static func reader(named name: String) -> FormatReader? { readers.first { $0.name == name } }
 
     /// The reader for an input path: by magic bytes, then by extension.
     public static func reader(for path: String) throws -> FormatReader {

@@ -121,14 +121,15 @@ public enum Batch {
         (variant.isEmpty ? out : out + "/" + variant) + "/" + relative
     }
 
-    /// True when `output` was written by this qconvert version from the same input and policy.
-    public static func upToDate(output: String, inputHash: String, policy: Policy) -> Bool {
+    /// The existing output, opened, when this qconvert version wrote it from the same input and policy.
+    public static func upToDate(output: String, inputHash: String, policy: Policy) -> Checkpoint? {
         guard FileManager.default.fileExists(atPath: output), let ck = try? Converter.open(output),
               let text = ck.metadata.first(where: { $0.key == MetadataDocument.key })?.value,
-              let doc = try? JSONParser.parse(text) else { return false }
-        return doc["input"]?["hash"]?.stringValue == inputHash
-            && doc["policy"]?["sha256"]?.stringValue == sha256Hex(policy.text)
-            && doc["tool"]?["version"]?.stringValue == QConvertVersion.string
+              let doc = try? JSONParser.parse(text),
+              doc["input"]?["hash"]?.stringValue == inputHash,
+              doc["policy"]?["sha256"]?.stringValue == sha256Hex(policy.text),
+              doc["tool"]?["version"]?.stringValue == QConvertVersion.string else { return nil }
+        return ck
     }
 
     /// Converts every item under every variant, `jobs` models at a time; one failure never stops
@@ -181,9 +182,9 @@ public enum Batch {
             let output = outputPath(out: out, variant: v.name, relative: item.relative)
             var o = Outcome(model: item.relative, variant: v.name, format: ck.format, output: output, status: "converted", error: nil,
                             bytesBefore: before, bytesAfter: 0, worstSQNR: nil, seconds: 0)
-            if upToDate(output: output, inputHash: hash, policy: v.policy) {
+            if let existing = upToDate(output: output, inputHash: hash, policy: v.policy) {
                 o.status = "skipped"
-                if let oc = try? Converter.open(output) { o.bytesAfter = oc.entries.reduce(0) { $0 + $1.bytes.count } }
+                o.bytesAfter = existing.entries.reduce(0) { $0 + $1.bytes.count }
                 o.seconds = Date().timeIntervalSince(t0)
                 return o
             }

@@ -181,6 +181,12 @@ public enum Converter {
         wopts.externalData = options.externalData
         let sink = try writer.open(path: output, tensors: outputs, source: ckpt, options: wopts)
         var metrics: [Int: TensorMetrics] = [:]
+        func report() -> ConversionReport {
+            ConversionReport(input: input, output: output, inputFormat: ckpt.format, outputFormat: writer.name,
+                             policySource: options.policy.source, inputHash: hashBox.value,
+                             tensors: plans.enumerated().map { TensorOutcome(plan: $1, metrics: metrics[$0]) },
+                             seconds: Date().timeIntervalSince(start))
+        }
         do {
             let total = plans.reduce(0) { $0 + $1.bytesBefore }
             var done = 0
@@ -218,10 +224,7 @@ public enum Converter {
             if let e = checkError.value { throw e }
             // Quality gates that must hold before anything is committed.
             if options.gates.noOutputOnFail {
-                let pending = ConversionReport(input: input, output: output, inputFormat: ckpt.format, outputFormat: writer.name,
-                                               policySource: options.policy.source, inputHash: hashBox.value,
-                                               tensors: plans.enumerated().map { TensorOutcome(plan: $1, metrics: metrics[$0]) }, seconds: 0)
-                let failures = options.gates.evaluate(pending)
+                let failures = options.gates.evaluate(report())
                 if !failures.isEmpty { throw GateFailure(failures: failures, outputWritten: false) }
             }
             var meta = ckpt.metadata.filter { $0.key != MetadataDocument.key }
@@ -244,10 +247,7 @@ public enum Converter {
             hashGroup.wait()
             throw error
         }
-        return ConversionReport(input: input, output: output, inputFormat: ckpt.format, outputFormat: writer.name,
-                                policySource: options.policy.source, inputHash: hashBox.value,
-                                tensors: plans.enumerated().map { TensorOutcome(plan: $1, metrics: metrics[$0]) },
-                                seconds: Date().timeIntervalSince(start))
+        return report()
     }
 
     /// Quantizes or casts one tensor; nil when it is kept as it is.

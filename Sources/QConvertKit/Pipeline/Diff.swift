@@ -57,7 +57,6 @@ public enum Diff {
             out[name] = (try Dequantizer.restore(ck.entries[i], record: r, ckpt: ck, byName: byName, path: path), size)
         }
         for e in ck.entries where out[e.name] == nil && !params.contains(e.name) && e.dtype.isFloatingPoint {
-            guard records.first(where: { $0.0 == e.name }) == nil else { continue }
             out[e.name] = (e.bytes.withUnsafeBytes { FloatDecoding.toFloat32($0, dtype: e.dtype, count: e.elementCount) }, e.bytes.count)
         }
         return out

@@ -60,7 +60,7 @@ public enum Planner {
             var p = try decide(e, settings: settings, rule: ruleLabel, entryIndex: i)
             if p.decision.scheme?.target.isQuantization == true {
                 p.scaleName = unique(e.name + "_scale", &used)
-                if requiresZeroPoint(p.decision.scheme!) { p.zeroPointName = unique(e.name + "_zero_point", &used) }
+                if p.decision.scheme!.hasZeroPoint { p.zeroPointName = unique(e.name + "_zero_point", &used) }
             }
             plans.append(p)
         }
@@ -72,10 +72,6 @@ public enum Planner {
             }
         }
         return plans
-    }
-
-    static func requiresZeroPoint(_ s: QuantScheme) -> Bool {
-        s.target.isIntegerQuantization && (s.mapping == .affine || !s.target.isSigned)
     }
 
     static func unique(_ base: String, _ used: inout Set<String>) -> String {
@@ -152,7 +148,7 @@ public enum Planner {
         let layout = ParamLayout(shape: e.shape, granularity: granularity, axis: axis, groupSize: scheme.groupSize)
         plan.paramShape = layout.paramShape
         let stored = Shape(Quantizer.storedShape(e.shape, target: target)).checkedByteCount(target.storageDType) ?? 0
-        plan.bytesAfter = stored + layout.paramCount * 4 + (requiresZeroPoint(scheme) ? layout.paramCount : 0)
+        plan.bytesAfter = stored + layout.paramCount * 4 + (scheme.hasZeroPoint ? layout.paramCount : 0)
         plan.decision = .quantize(scheme)
         return plan
     }

@@ -96,8 +96,7 @@ public enum Quantizer {
         } else {
             stored = q
         }
-        let zpBytes: [UInt8]? = (scheme.mapping == .affine || (scheme.target.isIntegerQuantization && !scheme.target.isSigned))
-            && !scheme.target.isFP8 ? zps.map { UInt8(truncatingIfNeeded: $0) } : nil
+        let zpBytes: [UInt8]? = scheme.hasZeroPoint ? zps.map { UInt8(truncatingIfNeeded: $0) } : nil
         let after = stored.count + scales.count * 4 + (zpBytes?.count ?? 0)
         if scheme.granularity == .element {
             warnings.append("per-element parameters make the tensor larger than float32")

@@ -102,6 +102,10 @@ public struct QuantScheme: Sendable, Equatable, Hashable {
         self.saturate = saturate
     }
 
+    /// Whether the scheme stores zero points: affine mappings, and unsigned types (whose symmetric
+    /// zero point is the midpoint).
+    public var hasZeroPoint: Bool { target.isIntegerQuantization && (mapping == .affine || !target.isSigned) }
+
     /// Integer range actually used: restricted and symmetric for scale mapping.
     public var integerRange: (qmin: Int32, qmax: Int32) {
         let full = target.fullRange

@@ -63,14 +63,6 @@ public final class MappedFile: @unchecked Sendable {
         return done
     }
 
-    /// Tells the kernel the pages of a range will be read sequentially soon.
-    public func willNeed(offset: Int, count: Int) {
-        guard let base, count > 0 else { return }
-        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
-        let start = offset / page * page
-        _ = madvise(UnsafeMutableRawPointer(mutating: base + start), offset + count - start, MADV_WILLNEED)
-    }
-
     /// Drops the resident pages of a range (they are file-backed: re-reading
     /// faults them in again), so resident memory does not grow with the file.
     public func release(offset: Int, count: Int) {

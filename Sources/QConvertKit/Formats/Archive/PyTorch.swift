@@ -3,8 +3,6 @@ import Foundation
 /// The object tree of a torch.save archive, kept so that a .pt output reproduces its structure.
 final class PTTree: @unchecked Sendable {
     let root: PickleValue
-    /// Tensor leaves in walk order with their dotted paths.
-    var leaves: [(path: String, tensor: PTTensor)] = []
     init(root: PickleValue) { self.root = root }
 }
 
@@ -136,13 +134,11 @@ public struct PyTorchReader: FormatReader {
               case .global(let m, let cls) = t[1], case .string(let key) = t[2], case .int(let numel) = t[4], numel >= 0 else {
             throw Unpickler.Failure(message: "unsupported persistent id")
         }
-        var location = "cpu"
-        if case .string(let l) = t[3] { location = l }
         let untyped = (m == "torch.storage" || m == "torch") && (cls == "UntypedStorage" || cls == "TypedStorage")
         guard let dtype = untyped ? DType.u8 : TorchTypes.storages[cls] else {
             throw Unpickler.Failure(message: "storage class '\(m).\(cls)' is not supported")
         }
-        return PTStorage(key: key, dtype: dtype, numel: numel, location: location, untyped: untyped)
+        return PTStorage(key: key, dtype: dtype, numel: numel)
     }
 
     /// Legacy (pre-zip) torch.save: five pickles (magic, protocol, sys_info, the object, the storage
@@ -221,7 +217,6 @@ public struct PyTorchReader: FormatReader {
                     entries.append(TensorEntry(name: name, dtype: t.dtype, shape: t.shape, bytes: bytes,
                                                outputAxis: t.shape.count >= 2 ? 0 : nil))
                 }
-                tree.leaves.append((keyPath, t))
             case .dict(let d):
                 for (k, item) in d.items {
                     let ks: String
@@ -334,7 +329,7 @@ final class PyTorchSink: CheckpointSink {
                 let d = PickleDict()
                 d.ordered = true
                 for (k, t) in tensors.enumerated() {
-                    let pt = PTTensor(storage: PTStorage(key: String(k), dtype: t.dtype, numel: 0, location: "cpu", untyped: false),
+                    let pt = PTTensor(storage: PTStorage(key: String(k), dtype: t.dtype, numel: 0),
                                       dtype: t.dtype, offset: 0, shape: t.shape, stride: [])
                     pt.entry = k
                     d.items.append((.string(t.name), .tensor(pt)))

@@ -119,7 +119,6 @@ struct LittleEndianBytes {
     var data: [UInt8] = []
     mutating func u16(_ v: UInt16) { data.append(UInt8(v & 0xFF)); data.append(UInt8(v >> 8)) }
     mutating func u32(_ v: UInt32) { for k in 0..<4 { data.append(UInt8((v >> (8 * UInt32(k))) & 0xFF)) } }
-    mutating func u32(_ v: Int) { u32(UInt32(v)) }
     mutating func u64(_ v: UInt64) { for k in 0..<8 { data.append(UInt8((v >> (8 * UInt64(k))) & 0xFF)) } }
     mutating func bytes(_ b: [UInt8]) { data += b }
 }

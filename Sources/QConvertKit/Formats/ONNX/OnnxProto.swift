@@ -89,14 +89,6 @@ enum Proto {
         return a
     }
 
-    static func intsAttr(_ name: String, _ v: [Int]) -> AttrP {
-        let a = newAttr(name)
-        a.pointee.type = ONNX__ATTRIBUTE_PROTO__ATTRIBUTE_TYPE__INTS
-        a.pointee.n_ints = v.count
-        a.pointee.ints = array(v.map(Int64.init))
-        return a
-    }
-
     static func tensorAttr(_ name: String, _ t: TensorP) -> AttrP {
         let a = newAttr(name)
         a.pointee.type = ONNX__ATTRIBUTE_PROTO__ATTRIBUTE_TYPE__TENSOR

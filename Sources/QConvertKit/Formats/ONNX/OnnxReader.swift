@@ -156,18 +156,14 @@ public struct OnnxReader: FormatReader {
         }
         func append<T>(_ v: T) { withUnsafeBytes(of: v) { out += $0 } }
         switch dtype {
-        case .f32:
-            try need(t.pointee.n_float_data, n, "float_data")
-            for i in 0..<n { append(t.pointee.float_data[i].bitPattern.littleEndian) }
-        case .c64:
-            try need(t.pointee.n_float_data, 2 * n, "float_data")
-            for i in 0..<(2 * n) { append(t.pointee.float_data[i].bitPattern.littleEndian) }
-        case .f64:
-            try need(t.pointee.n_double_data, n, "double_data")
-            for i in 0..<n { append(t.pointee.double_data[i].bitPattern.littleEndian) }
-        case .c128:
-            try need(t.pointee.n_double_data, 2 * n, "double_data")
-            for i in 0..<(2 * n) { append(t.pointee.double_data[i].bitPattern.littleEndian) }
+        case .f32, .c64:   // complex values are (re, im) pairs
+            let count = dtype == .c64 ? 2 * n : n
+            try need(t.pointee.n_float_data, count, "float_data")
+            for i in 0..<count { append(t.pointee.float_data[i].bitPattern.littleEndian) }
+        case .f64, .c128:
+            let count = dtype == .c128 ? 2 * n : n
+            try need(t.pointee.n_double_data, count, "double_data")
+            for i in 0..<count { append(t.pointee.double_data[i].bitPattern.littleEndian) }
         case .i64:
             try need(t.pointee.n_int64_data, n, "int64_data")
             for i in 0..<n { append(t.pointee.int64_data[i].littleEndian) }

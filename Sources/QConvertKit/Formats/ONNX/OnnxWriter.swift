@@ -38,15 +38,17 @@ final class OnnxSink: CheckpointSink {
         self.path = path; self.model = model; self.source = source; self.tensors = tensors; self.options = options
     }
 
+    /// Output index of each converted tensor's values → its plan; and every output a converted tensor yields.
     lazy var planOfValues: [Int: Int] = {
         var m: [Int: Int] = [:]
         for (pi, outs) in options.outputsOfPlan.enumerated() where options.plans[pi].decision.scheme != nil { m[outs[0]] = pi }
         return m
     }()
+    lazy var converted: Set<Int> = Set(planOfValues.keys.flatMap { options.outputsOfPlan[planOfValues[$0]!] })
 
     func put(_ index: Int, _ bytes: UnsafeRawBufferPointer) throws {
         // Kept tensors stay where they are in the graph; only converted ones are needed.
-        guard planOfValues[index] != nil || options.outputsOfPlan.contains(where: { $0.dropFirst().contains(index) }) else { return }
+        guard converted.contains(index) else { return }
         data[index] = [UInt8](bytes)
         // The float payload is no longer needed once its replacement is here.
         if let pi = planOfValues[index], let loc = model.located[options.plans[pi].name], loc.tensor.pointee.has_raw_data != 0 {
@@ -385,8 +387,9 @@ final class OnnxSink: CheckpointSink {
         // Bytes of tensors that live in the input's external files, by tensor.
         var externalBytes: [Proto.TensorP: TensorBytes] = [:]
         let present = Set(tensorsNow)
+        let entries = Dictionary(source.entries.map { ($0.name, $0.bytes) }, uniquingKeysWith: { a, _ in a })
         for (name, loc) in model.located where present.contains(loc.tensor) && isExternal(loc.tensor) {
-            if let e = source.entries.first(where: { $0.name == name }) { externalBytes[loc.tensor] = e.bytes }
+            if let b = entries[name] { externalBytes[loc.tensor] = b }
         }
         let inlineSize = onnx__model_proto__get_packed_size(m) + externalBytes.values.reduce(0) { $0 + $1.count }
         let useExternal = options.externalData || inlineSize >= 1_900_000_000

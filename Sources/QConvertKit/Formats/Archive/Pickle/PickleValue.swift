@@ -38,8 +38,6 @@ struct PTStorage {
     var dtype: DType
     /// Elements for typed storages; bytes for UntypedStorage.
     var numel: Int
-    var location: String
-    var untyped: Bool
 }
 
 /// A tensor rebuilt by _rebuild_tensor_v2/v3 (and _rebuild_parameter).

@@ -30,15 +30,6 @@ struct Pickler {
         out.append(UInt8(ascii: "X")); withUnsafeBytes(of: UInt32(u.count).littleEndian) { out += $0 }; out += u
     }
 
-    mutating func tuple(_ items: [() -> Void]) {
-        // callers pass closures that write each item
-        switch items.count {
-        case 0: out.append(UInt8(ascii: ")"))
-        case 1...3: for i in items { i() }; out.append([0x85, 0x86, 0x87][items.count - 1])
-        default: out.append(UInt8(ascii: "(")); for i in items { i() }; out.append(UInt8(ascii: "t"))
-        }
-    }
-
     mutating func ints(_ v: [Int]) {
         switch v.count {
         case 0: out.append(UInt8(ascii: ")"))
