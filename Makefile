@@ -40,6 +40,7 @@ bench:
 	.venv/bin/python Benchmarks/onnx_int8.py
 	.venv/bin/python Benchmarks/pytorch_int8.py
 	.venv/bin/python Benchmarks/batch_zoo.py
+	.venv/bin/python Benchmarks/calibration.py --only int8-channel
 
 sample:
 	python3 Samples/make_sample.py Samples/tiny-transformer.safetensors

@@ -51,4 +51,38 @@ void qk_xxh64_init(qk_xxh64_state *s);
 void qk_xxh64_update(qk_xxh64_state *s, const void *data, size_t len);
 uint64_t qk_xxh64_digest(const qk_xxh64_state *s);
 
+
+// ---- calibration (calibrate.c) ----
+
+/// Histogram of |x| over [0, amax] in `bins` equal bins (the last one closed), returned
+/// sparse: the non-empty bins ascending in bin_out and their counts in cnt_out (each with
+/// room for min(n, bins) entries); returns how many. `dense` holds `bins` zeros on entry
+/// and is left all zero.
+int64_t qk_sparse_abs_hist(const float *x, int64_t n, float amax, int64_t bins, uint32_t *dense,
+                           uint32_t *bin_out, uint32_t *cnt_out);
+/// Doubles of scratch that entropy calibration needs for a histogram of nz non-empty bins.
+int64_t qk_calib_scratch_doubles(int64_t nz, int64_t bins, int64_t levels);
+/// Entropy (KL) calibration over a sparse histogram: the chosen candidate in [levels, bins]
+/// (the threshold in bin widths). `prefix` has room for nz + 1 values, `scratch` for
+/// qk_calib_scratch_doubles(nz, bins, levels). `exhaustive` evaluates every candidate; otherwise
+/// the search is coarse-to-fine. `evaluations` (may be NULL) receives the number of candidates evaluated.
+int64_t qk_entropy_candidate(const uint32_t *bin, const uint32_t *cnt, int64_t nz, int64_t *prefix, int64_t bins,
+                             int64_t levels, double *scratch, int exhaustive, int64_t *evaluations);
+/// The KL divergence of one candidate (INFINITY where the reference skips it).
+double qk_entropy_objective(const uint32_t *bin, const uint32_t *cnt, int64_t nz, int64_t *prefix, int64_t bins,
+                            int64_t levels, double *scratch, int64_t i);
+/// mse calibration over a sparse histogram, for a symmetric grid of qmax steps.
+int64_t qk_mse_candidate(const uint32_t *bin, const uint32_t *cnt, int64_t nz, int64_t *prefix, int64_t bins,
+                         int64_t levels, int64_t qmax, int exhaustive, int64_t *evaluations);
+/// The expected squared error (in squared bin widths) of one mse candidate.
+double qk_mse_objective(const uint32_t *bin, const uint32_t *cnt, int64_t nz, int64_t *prefix, int64_t bins,
+                        int64_t levels, int64_t qmax, int64_t i);
+/// Partially orders a[0..n) so that a[k] is its k-th smallest value (0-based), the values
+/// before it no greater and those after it no smaller; returns a[k]. O(n) expected, O(n log n) worst.
+float qk_select_f32(float *a, int64_t n, int64_t k);
+/// The smallest of n > 0 values.
+float qk_min_f32(const float *a, int64_t n);
+/// out[i] = |x[i]|.
+void qk_abs_copy_f32(const float *x, int64_t n, float *out);
+
 #endif

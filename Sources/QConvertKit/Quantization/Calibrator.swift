@@ -1,4 +1,5 @@
 import Foundation
+import CQKernels
 
 /// Range selection (QUANTIZATION.md section 5). All functions are pure and deterministic.
 public enum Calibrator {
@@ -120,10 +121,11 @@ public enum Calibrator {
         return bestI
     }
 
-    /// The range [beta, alpha] of one group of values under a calibration method.
-    /// `lo` and `hi` are the group's min and max.
-    static func range(_ values: UnsafeBufferPointer<Float>, lo: Float, hi: Float, calibration: Calibration,
-                      mapping: Mapping, levels: Int, qmaxSymmetric: Int) -> (beta: Float, alpha: Float) {
+    /// The range [beta, alpha] of one group of values under a calibration method, by the
+    /// straightforward reference implementation above (a pass over every bin for every candidate,
+    /// full sorts for percentiles). `lo` and `hi` are the group's min and max.
+    static func referenceRange(_ values: UnsafeBufferPointer<Float>, lo: Float, hi: Float, calibration: Calibration,
+                               mapping: Mapping, levels: Int, qmaxSymmetric: Int) -> (beta: Float, alpha: Float) {
         let amax = Swift.max(abs(lo), abs(hi))
         switch calibration {
         case .max:
@@ -141,13 +143,149 @@ public enum Calibrator {
         case .entropy(let bins, let lv):
             let hist = absHistogram(values, amax: amax, bins: bins)
             let i = entropyCandidate(hist: hist, levels: lv ?? levels)
-            let a = amax > 0 ? Float(Double(amax) / Double(bins) * Double(i)) : 0
-            return mapping == .scale ? (-a, a) : (Swift.max(lo, -a), Swift.min(hi, a))
+            return threshold(i, bins: bins, amax: amax, lo: lo, hi: hi, mapping: mapping)
         case .mse(let bins):
             let hist = absHistogram(values, amax: amax, bins: bins)
             let i = mseCandidate(hist: hist, levels: levels, qmax: qmaxSymmetric)
-            let a = amax > 0 ? Float(Double(amax) / Double(bins) * Double(i)) : 0
-            return mapping == .scale ? (-a, a) : (Swift.max(lo, -a), Swift.min(hi, a))
+            return threshold(i, bins: bins, amax: amax, lo: lo, hi: hi, mapping: mapping)
+        }
+    }
+
+    /// The range for candidate `i` (the threshold in bin widths).
+    static func threshold(_ i: Int, bins: Int, amax: Float, lo: Float, hi: Float, mapping: Mapping) -> (beta: Float, alpha: Float) {
+        let a = amax > 0 ? Float(Double(amax) / Double(bins) * Double(i)) : 0
+        return mapping == .scale ? (-a, a) : (Swift.max(lo, -a), Swift.min(hi, a))
+    }
+}
+
+/// The fast calibration path: the same ranges as `Calibrator.referenceRange`, computed by the C
+/// kernels in calibrate.c with buffers allocated once per tensor (and per thread), never per group.
+///
+/// - percentile: the two order statistics numpy's linear method needs are found by selection
+///   (O(n)) instead of a sort; the result is exactly the reference's.
+/// - entropy: the histogram is kept sparse (non-empty bins only) and every candidate's KL divergence
+///   is evaluated from it as the reference defines it, regrouped so that a candidate costs one
+///   vectorised logarithm per group and one per distinct bin count instead of one per bin. The
+///   chosen candidate is the reference's up to rounding of the objective.
+/// - mse: each candidate's error is the reference's sum (multiplying by 1/step instead of dividing),
+///   and the candidates are searched coarse to fine (about 48 evenly spaced candidates, then finer
+///   passes around the two best, down to stride 1) unless `exhaustive` is set. That search is the
+///   one approximation: the tests bound its error against the exhaustive search's (within 1 %).
+final class CalibrationScratch {
+    let bins: Int
+    var dense: [UInt32]
+    var binIndex: [UInt32]
+    var counts: [UInt32]
+    var prefix: [Int64]
+    var floats: [Float]
+    var scratch: [Double] = []
+    var exhaustive = false
+    /// Candidates evaluated so far (entropy and mse), for tests and `plan`'s estimate.
+    var evaluations = 0
+
+    init(capacity: Int, calibration: Calibration) {
+        switch calibration {
+        case .entropy(let b, _), .mse(let b):
+            bins = Swift.max(b, 1)
+        case .max, .percentile:
+            bins = 0
+        }
+        let sparse = Swift.min(capacity, bins)
+        dense = [UInt32](repeating: 0, count: bins)
+        binIndex = [UInt32](repeating: 0, count: Swift.max(sparse, 1))
+        counts = [UInt32](repeating: 0, count: Swift.max(sparse, 1))
+        prefix = [Int64](repeating: 0, count: Swift.max(sparse, 1) + 1)
+        if case .percentile = calibration {
+            floats = [Float](repeating: 0, count: Swift.max(capacity, 1))
+        } else {
+            floats = []
+        }
+    }
+
+    /// The range [beta, alpha] of one group of values (`lo`, `hi` its min and max).
+    func range(_ values: UnsafeBufferPointer<Float>, lo: Float, hi: Float, calibration: Calibration, mapping: Mapping,
+               levels: Int, qmaxSymmetric: Int) -> (beta: Float, alpha: Float) {
+        let amax = Swift.max(abs(lo), abs(hi))
+        switch calibration {
+        case .max:
+            return mapping == .scale ? (-amax, amax) : (lo, hi)
+        case .percentile(let p):
+            return floats.withUnsafeMutableBufferPointer { buf in
+                let a = buf.baseAddress!
+                let n = values.count
+                if mapping == .scale {
+                    qk_abs_copy_f32(values.baseAddress, Int64(n), a)
+                    let v = percentile(a, n, p)
+                    return (-Float(v), Float(v))
+                }
+                _ = buf.initialize(from: values)
+                let b = percentile(a, n, (100 - p) / 2)
+                let t = percentile(a, n, 100 - (100 - p) / 2)
+                return (Float(b), Float(t))
+            }
+        case .entropy(let bins, let lv):
+            let nz = histogram(values, amax: amax)
+            let lev = Int64(lv ?? levels)
+            let need = Int(qk_calib_scratch_doubles(Int64(nz), Int64(bins), lev))
+            if scratch.count < need { scratch = [Double](repeating: 0, count: Swift.max(need, scratch.count * 2)) }
+            var evals: Int64 = 0
+            let i = binIndex.withUnsafeBufferPointer { b in
+                counts.withUnsafeBufferPointer { c in
+                    prefix.withUnsafeMutableBufferPointer { pf in
+                        scratch.withUnsafeMutableBufferPointer { sc in
+                            qk_entropy_candidate(b.baseAddress, c.baseAddress, Int64(nz), pf.baseAddress, Int64(bins),
+                                                 lev, sc.baseAddress, exhaustive ? 1 : 0, &evals)
+                        }
+                    }
+                }
+            }
+            evaluations += Int(evals)
+            return Calibrator.threshold(Int(i), bins: bins, amax: amax, lo: lo, hi: hi, mapping: mapping)
+        case .mse(let bins):
+            let nz = histogram(values, amax: amax)
+            var evals: Int64 = 0
+            let i = binIndex.withUnsafeBufferPointer { b in
+                counts.withUnsafeBufferPointer { c in
+                    prefix.withUnsafeMutableBufferPointer { pf in
+                        qk_mse_candidate(b.baseAddress, c.baseAddress, Int64(nz), pf.baseAddress, Int64(bins),
+                                         Int64(levels), Int64(qmaxSymmetric), exhaustive ? 1 : 0, &evals)
+                    }
+                }
+            }
+            evaluations += Int(evals)
+            return Calibrator.threshold(Int(i), bins: bins, amax: amax, lo: lo, hi: hi, mapping: mapping)
+        }
+    }
+
+    /// numpy's linear percentile from two order statistics found by selection; `a` is reordered.
+    private func percentile(_ a: UnsafeMutablePointer<Float>, _ n: Int, _ p: Double) -> Double {
+        let virtual = (p / 100.0) * Double(n - 1)
+        let prevIndex = Swift.max(0, Swift.min(n - 1, Int(virtual.rounded(.down))))
+        let nextIndex = Swift.min(n - 1, prevIndex + 1)
+        let t = virtual - Double(prevIndex)
+        let lower = Double(qk_select_f32(a, Int64(n), Int64(prevIndex)))
+        // After selection everything from prevIndex + 1 on is ≥ a[prevIndex]: its minimum is the next order statistic.
+        let upper = nextIndex == prevIndex ? lower : Double(qk_min_f32(a + nextIndex, Int64(n - nextIndex)))
+        let diff = upper - lower
+        return t >= 0.5 ? upper - diff * (1 - t) : lower + diff * t
+    }
+
+    /// Fills binIndex/counts with the sparse histogram of |x|; returns the number of non-empty bins.
+    private func histogram(_ values: UnsafeBufferPointer<Float>, amax: Float) -> Int {
+        let n = values.count
+        let need = Swift.min(n, bins)
+        if binIndex.count < need {
+            binIndex = [UInt32](repeating: 0, count: need)
+            counts = [UInt32](repeating: 0, count: need)
+            prefix = [Int64](repeating: 0, count: need + 1)
+        }
+        return dense.withUnsafeMutableBufferPointer { d in
+            binIndex.withUnsafeMutableBufferPointer { b in
+                counts.withUnsafeMutableBufferPointer { c in
+                    Int(qk_sparse_abs_hist(values.baseAddress, Int64(n), amax, Int64(bins), d.baseAddress, b.baseAddress,
+                                           c.baseAddress))
+                }
+            }
         }
     }
 }

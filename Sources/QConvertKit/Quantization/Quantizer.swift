@@ -56,8 +56,10 @@ public enum Quantizer {
 
     /// Quantizes (or casts) float32 values of the given shape. `bytesBefore` is the
     /// source's stored size, for the metrics. `reference` selects the scalar kernels.
+    /// `progress`, when given, receives counts of elements calibrated as a slow calibration goes on.
     public static func quantize(name: String, values x: UnsafeBufferPointer<Float>, shape: [Int], scheme: QuantScheme,
-                                bytesBefore: Int, reference: Bool = false) throws -> QuantizedTensor {
+                                bytesBefore: Int, reference: Bool = false,
+                                progress: (@Sendable (Int) -> Void)? = nil) throws -> QuantizedTensor {
         let n = x.count
         var lo: Float = 0, hi: Float = 0
         if n > 0 {
@@ -75,7 +77,9 @@ public enum Quantizer {
         }
         let layout = ParamLayout(shape: shape, granularity: scheme.granularity, axis: scheme.axis, groupSize: scheme.groupSize)
         var warnings: [String] = []
-        let (scales, zps) = computeParameters(x, layout: layout, scheme: scheme, warnings: &warnings)
+        var evaluations = 0
+        let (scales, zps) = computeParameters(x, layout: layout, scheme: scheme, warnings: &warnings, reference: reference,
+                                              candidateEvaluations: &evaluations, progress: progress)
 
         var sums = qk_metrics()
         var q = [UInt8](repeating: 0, count: n)
@@ -109,8 +113,14 @@ public enum Quantizer {
     }
 
     /// Per-parameter (Δ, z) from the calibrated ranges.
+    ///
+    /// `reference` calibrates with the straightforward Swift implementation, `exhaustiveSearch` makes the
+    /// fast path evaluate every entropy/mse candidate, and `progress` receives the number of elements
+    /// calibrated as the work goes on (from any thread).
     static func computeParameters(_ x: UnsafeBufferPointer<Float>, layout: ParamLayout, scheme: QuantScheme,
-                                  warnings: inout [String]) -> ([Float], [Int32]) {
+                                  warnings: inout [String], reference: Bool = false, exhaustiveSearch: Bool = false,
+                                  candidateEvaluations: inout Int,
+                                  progress: (@Sendable (Int) -> Void)? = nil) -> ([Float], [Int32]) {
         let pc = layout.paramCount
         var beta = [Float](repeating: .infinity, count: pc)
         var alpha = [Float](repeating: -.infinity, count: pc)
@@ -136,17 +146,44 @@ public enum Quantizer {
             var grouped = [Float](repeating: 0, count: x.count)
             var fill = counts
             for (e, i) in idx.enumerated() { grouped[fill[Int(i)]] = x[e]; fill[Int(i)] += 1 }
+            var longest = 0
+            for k in 0..<pc { longest = Swift.max(longest, counts[k + 1] - counts[k]) }
+            let calibration = scheme.calibration, mapping = scheme.mapping
+            let bounds = counts, widest = longest
+            // Parameters are independent: chunks of them run on every core, each chunk with its own
+            // scratch buffers. The result does not depend on the split.
+            let chunks = (reference || pc < 64) ? 1 : Swift.min(pc, ProcessInfo.processInfo.activeProcessorCount * 4)
+            let evaluations = Box([Int](repeating: 0, count: chunks))
             grouped.withUnsafeBufferPointer { g in
-                for k in 0..<pc {
-                    let part = UnsafeBufferPointer(rebasing: g[counts[k]..<counts[k + 1]])
-                    guard !part.isEmpty else { beta[k] = 0; alpha[k] = 0; continue }
-                    var lo: Float = 0, hi: Float = 0
-                    _ = qk_minmax_f32(part.baseAddress, Int64(part.count), &lo, &hi)
-                    let r = Calibrator.range(part, lo: lo, hi: hi, calibration: scheme.calibration, mapping: scheme.mapping,
-                                             levels: levels, qmaxSymmetric: qmaxSym)
-                    beta[k] = r.beta; alpha[k] = r.alpha
+                beta.withUnsafeMutableBufferPointer { betaOut in
+                    alpha.withUnsafeMutableBufferPointer { alphaOut in
+                        let betaOut = UnsafeMutableSendable(betaOut.baseAddress!)
+                        let alphaOut = UnsafeMutableSendable(alphaOut.baseAddress!)
+                        let g = UnsafeSendable(g)
+                        DispatchQueue.concurrentPerform(iterations: chunks) { chunk in
+                            let first = pc * chunk / chunks, end = pc * (chunk + 1) / chunks
+                            let scratch = reference ? nil : CalibrationScratch(capacity: widest, calibration: calibration)
+                            scratch?.exhaustive = exhaustiveSearch
+                            for k in first..<end {
+                                let part = UnsafeBufferPointer(rebasing: g.value[bounds[k]..<bounds[k + 1]])
+                                guard !part.isEmpty else { betaOut.value[k] = 0; alphaOut.value[k] = 0; continue }
+                                var lo: Float = 0, hi: Float = 0
+                                _ = qk_minmax_f32(part.baseAddress, Int64(part.count), &lo, &hi)
+                                let r = scratch?.range(part, lo: lo, hi: hi, calibration: calibration, mapping: mapping,
+                                                       levels: levels, qmaxSymmetric: qmaxSym)
+                                    ?? Calibrator.referenceRange(part, lo: lo, hi: hi, calibration: calibration, mapping: mapping,
+                                                                 levels: levels, qmaxSymmetric: qmaxSym)
+                                betaOut.value[k] = r.beta; alphaOut.value[k] = r.alpha
+                                if (k - first) % 256 == 255 { progress?(bounds[k + 1] - bounds[k - 255]) }
+                            }
+                            let rest = (end - first) % 256
+                            if rest > 0 { progress?(bounds[end] - bounds[end - rest]) }
+                            evaluations.value[chunk] = scratch?.evaluations ?? 0
+                        }
+                    }
                 }
             }
+            candidateEvaluations = evaluations.value.reduce(0, +)
         }
         var scales = [Float](repeating: 1, count: pc)
         var zps = [Int32](repeating: 0, count: pc)
@@ -321,6 +358,18 @@ public enum Quantizer {
         guard t == .int4 else { return b }
         return (b & 0x08) != 0 ? b | 0xF0 : b & 0x0F
     }
+}
+
+/// A pointer handed to concurrently running closures that each touch disjoint elements.
+struct UnsafeMutableSendable<T>: @unchecked Sendable {
+    let value: UnsafeMutablePointer<T>
+    init(_ v: UnsafeMutablePointer<T>) { value = v }
+}
+
+/// A read-only buffer handed to concurrently running closures.
+struct UnsafeSendable<T>: @unchecked Sendable {
+    let value: UnsafeBufferPointer<T>
+    init(_ v: UnsafeBufferPointer<T>) { value = v }
 }
 
 /// Double-precision metric sums for the scalar paths.
