@@ -132,6 +132,23 @@ public enum Batch {
         return ck
     }
 
+    /// The tensors an earlier run recorded in an output's metadata, as one document with a "tensors"
+    /// object: a folder of shards records in each shard the tensors it holds.
+    static func recordedTensors(output: String, existing: Checkpoint) -> JSONValue? {
+        func doc(_ ck: Checkpoint) -> JSONValue? {
+            ck.metadata.first(where: { $0.key == MetadataDocument.key }).flatMap { try? JSONParser.parse($0.value) }
+        }
+        var isDir: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: output, isDirectory: &isDir), isDir.boolValue,
+              Set(existing.entries.compactMap(\.shard)).count > 1 else { return doc(existing) }
+        var tensors: [(String, JSONValue)] = []
+        for shard in Set(existing.entries.compactMap(\.shard)).sorted() {
+            guard let ck = try? Converter.open(output + "/" + shard), let d = doc(ck) else { return nil }
+            tensors += d["tensors"]?.objectValue ?? []
+        }
+        return .object([("tensors", .object(tensors))])
+    }
+
     /// Converts every item under every variant, `jobs` models at a time; one failure never stops
     /// the others. `progress` is called after each model with (done, total, bytes done).
     public static func run(_ items: [Item], variants: [Variant], out: String, template: ConvertOptions, jobs: Int,
@@ -183,8 +200,20 @@ public enum Batch {
             var o = Outcome(model: item.relative, variant: v.name, format: ck.format, output: output, status: "converted", error: nil,
                             bytesBefore: before, bytesAfter: 0, worstSQNR: nil, seconds: 0)
             if let existing = upToDate(output: output, inputHash: hash, policy: v.policy) {
+                // Nothing to convert again, but the manifest row keeps the quality figures of the run that
+                // wrote it, and a gate it failed then fails again now: a retry never turns a failure into success.
                 o.status = "skipped"
                 o.bytesAfter = existing.entries.reduce(0) { $0 + $1.bytes.count }
+                if let doc = recordedTensors(output: output, existing: existing) {
+                    let sqnrs = (doc["tensors"]?.objectValue ?? []).compactMap { $0.1["metrics"]?["sqnr_db"]?.doubleValue }
+                    o.worstSQNR = sqnrs.min()
+                    let failures = template.gates.evaluate(tensors: QualityGates.rows(metadata: doc, bytesBefore: before,
+                                                                                      bytesAfter: o.bytesAfter))
+                    if !failures.isEmpty {
+                        o.status = "gate-failed"
+                        o.error = GateFailure(failures: failures, outputWritten: true).description + " (output of an earlier run)"
+                    }
+                }
                 o.seconds = Date().timeIntervalSince(t0)
                 return o
             }

@@ -70,7 +70,8 @@ public enum Diff {
             guard let (y, bytesB) = fb[name] else { continue }
             let (x, bytesA) = fa[name]!
             guard x.count == y.count else {
-                throw QConvertError.usage(message: "tensor '\(name)' has \(x.count) elements in \(a) but \(y.count) in \(b)")
+                // The checkpoints do not match: bad input (exit 3), not a mistake on the command line.
+                throw QConvertError.badInput(path: b, message: "tensor '\(name)' has \(y.count) elements here but \(x.count) in \(a)")
             }
             var x2 = 0.0, e2 = 0.0, xq = 0.0, q2 = 0.0, me = 0.0
             for k in 0..<x.count {

@@ -66,6 +66,29 @@ public struct QualityGates: Sendable, Equatable {
     }
 }
 
+extension QualityGates {
+    /// The per-tensor rows of an earlier conversion, from its metadata document: every converted tensor
+    /// by its recorded metrics, and the tensors it kept as one row (their size ratio is 1, their error 0).
+    /// `bytesBefore` and `bytesAfter` are the whole model's.
+    public static func rows(metadata doc: JSONValue, bytesBefore: Int, bytesAfter: Int)
+        -> [(name: String, x2: Double, e2: Double, xq: Double, q2: Double, before: Int, after: Int)] {
+        var rows: [(name: String, x2: Double, e2: Double, xq: Double, q2: Double, before: Int, after: Int)] = []
+        var before = 0, after = 0
+        for (name, record) in doc["tensors"]?.objectValue ?? [] {
+            guard let m = record["metrics"] else { continue }
+            let n = Double((record["source_shape"]?.arrayValue ?? []).reduce(1) { $0 * ($1.nonNegativeInt ?? 1) })
+            let e2 = (m["mse"]?.doubleValue ?? 0) * n
+            let x2 = m["sqnr_db"]?.doubleValue.map { e2 * pow(10, $0 / 10) } ?? 1
+            let b = m["bytes_before"]?.nonNegativeInt ?? 0, a = m["bytes_after"]?.nonNegativeInt ?? 0
+            before += b; after += a
+            rows.append((name, x2, e2, (m["cosine"]?.doubleValue ?? 1) * x2, x2, b, a))
+        }
+        let keptBefore = bytesBefore - before, keptAfter = bytesAfter - after
+        if keptBefore > 0 { rows.append(("kept tensors", 0, 0, 0, 0, keptBefore, max(keptAfter, 0))) }
+        return rows
+    }
+}
+
 /// A quality gate failed: the command line exits with its own code and names the tensors.
 public struct GateFailure: Error, CustomStringConvertible {
     public var failures: [QualityGates.Failure]
