@@ -32,10 +32,13 @@ public enum MetadataDocument {
             var cal: [(String, JSONValue)] = [("method", .string(s.calibration.name))]
             switch s.calibration {
             case .percentile(let pc): cal.append(("percentile", .number(pc)))
-            case .entropy(let bins, let lv):
+            case .entropy(let bins, let lv, let exhaustive):
                 cal.append(("bins", .int(bins)))
+                cal.append(("search", .string(exhaustive ? "exhaustive" : "fast")))
                 cal.append(("levels", .int(lv ?? (s.target.isFP8 ? 128 : 1 << (s.target.bits - 1)))))
-            case .mse(let bins): cal.append(("bins", .int(bins)))
+            case .mse(let bins, let exhaustive):
+                cal.append(("bins", .int(bins)))
+                cal.append(("search", .string(exhaustive ? "exhaustive" : "fast")))
             case .max: break
             }
             kv.append(("calibration", .object(cal)))

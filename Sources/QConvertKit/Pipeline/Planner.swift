@@ -131,13 +131,13 @@ public enum Planner {
         let calibration: Calibration
         switch s.calibration ?? "max" {
         case "percentile": calibration = .percentile(s.percentile ?? 99.99)
-        case "entropy": calibration = .entropy(bins: s.bins ?? 2048, levels: s.levels)
-        case "mse": calibration = .mse(bins: s.bins ?? 2048)
+        case "entropy": calibration = .entropy(bins: s.bins ?? 2048, levels: s.levels, exhaustive: s.search == "exhaustive")
+        case "mse": calibration = .mse(bins: s.bins ?? 2048, exhaustive: s.search == "exhaustive")
         default: calibration = .max
         }
         let scheme = QuantScheme(target: target, mapping: mapping, granularity: granularity, axis: axis,
                                  groupSize: s.groupSize ?? 128, calibration: calibration, saturate: s.saturate ?? false)
-        if case .entropy(let bins, let lv) = calibration {
+        if case .entropy(let bins, let lv, _) = calibration {
             let levels = lv ?? (target.isFP8 ? 128 : 1 << (target.bits - 1))
             if bins <= levels {
                 plan.warnings.append("entropy with bins \(bins) ≤ levels \(levels) has one candidate: it equals max")

@@ -17,6 +17,8 @@ public struct PolicySettings: Sendable, Equatable {
     public var percentile: Double?
     public var bins: Int?
     public var levels: Int?
+    /// entropy and mse: "fast" (coarse-to-fine over the thresholds) or "exhaustive" (every threshold).
+    public var search: String?
     public var minElements: Int?
     public var minRank: Int?
     public var saturate: Bool?
@@ -37,6 +39,7 @@ public struct PolicySettings: Sendable, Equatable {
         if let v = other.percentile { r.percentile = v }
         if let v = other.bins { r.bins = v }
         if let v = other.levels { r.levels = v }
+        if let v = other.search { r.search = v }
         if let v = other.minElements { r.minElements = v }
         if let v = other.minRank { r.minRank = v }
         if let v = other.saturate { r.saturate = v }
@@ -48,7 +51,7 @@ public struct PolicySettings: Sendable, Equatable {
     public static let builtIn: PolicySettings = {
         var s = PolicySettings()
         s.dtype = .int8; s.mapping = .scale; s.granularity = .channel; s.axis = .auto; s.groupSize = 128
-        s.calibration = "max"; s.percentile = 99.99; s.bins = 2048; s.levels = nil
+        s.calibration = "max"; s.percentile = 99.99; s.bins = 2048; s.levels = nil; s.search = "fast"
         s.minElements = 1024; s.minRank = 2; s.saturate = false; s.onnxFallback = "decompose"
         return s
     }()

@@ -69,7 +69,7 @@ public enum PolicyLoader {
     }
 
     static let settingKeys: Set<String> = ["dtype", "mapping", "granularity", "axis", "group_size", "calibration",
-                                           "percentile", "bins", "levels", "min_elements", "min_rank", "saturate",
+                                           "percentile", "bins", "levels", "search", "min_elements", "min_rank", "saturate",
                                            "onnx_fallback"]
     static let selectorKeys: Set<String> = ["match", "source_dtype", "rank", "elements", "op"]
 
@@ -219,6 +219,10 @@ public enum PolicyLoader {
                 let i = try int(v, key, path)
                 guard i >= 1 else { throw err(path, v, "levels must be at least 1") }
                 s.levels = i
+            case "search":
+                let t = try string(v, key, path)
+                guard ["fast", "exhaustive"].contains(t) else { throw err(path, v, "bad search '\(t)' (fast | exhaustive)") }
+                s.search = t
             case "min_elements":
                 let i = try int(v, key, path)
                 guard i >= 0 else { throw err(path, v, "min_elements must not be negative") }

@@ -140,11 +140,11 @@ public enum Calibrator {
             return s.withUnsafeBufferPointer {
                 (Float(percentileSorted($0, (100 - p) / 2)), Float(percentileSorted($0, 100 - (100 - p) / 2)))
             }
-        case .entropy(let bins, let lv):
+        case .entropy(let bins, let lv, _):
             let hist = absHistogram(values, amax: amax, bins: bins)
             let i = entropyCandidate(hist: hist, levels: lv ?? levels)
             return threshold(i, bins: bins, amax: amax, lo: lo, hi: hi, mapping: mapping)
-        case .mse(let bins):
+        case .mse(let bins, _):
             let hist = absHistogram(values, amax: amax, bins: bins)
             let i = mseCandidate(hist: hist, levels: levels, qmax: qmaxSymmetric)
             return threshold(i, bins: bins, amax: amax, lo: lo, hi: hi, mapping: mapping)
@@ -185,7 +185,7 @@ final class CalibrationScratch {
 
     init(capacity: Int, calibration: Calibration) {
         switch calibration {
-        case .entropy(let b, _), .mse(let b):
+        case .entropy(let b, _, _), .mse(let b, _):
             bins = Swift.max(b, 1)
         case .max, .percentile:
             bins = 0
@@ -223,7 +223,7 @@ final class CalibrationScratch {
                 let t = percentile(a, n, 100 - (100 - p) / 2)
                 return (Float(b), Float(t))
             }
-        case .entropy(let bins, let lv):
+        case .entropy(let bins, let lv, let exhaustiveSearch):
             let nz = histogram(values, amax: amax)
             let lev = Int64(lv ?? levels)
             let need = Int(qk_calib_scratch_doubles(Int64(nz), Int64(bins), lev))
@@ -234,21 +234,21 @@ final class CalibrationScratch {
                     prefix.withUnsafeMutableBufferPointer { pf in
                         scratch.withUnsafeMutableBufferPointer { sc in
                             qk_entropy_candidate(b.baseAddress, c.baseAddress, Int64(nz), pf.baseAddress, Int64(bins),
-                                                 lev, sc.baseAddress, exhaustive ? 1 : 0, &evals)
+                                                 lev, sc.baseAddress, exhaustive || exhaustiveSearch ? 1 : 0, &evals)
                         }
                     }
                 }
             }
             evaluations += Int(evals)
             return Calibrator.threshold(Int(i), bins: bins, amax: amax, lo: lo, hi: hi, mapping: mapping)
-        case .mse(let bins):
+        case .mse(let bins, let exhaustiveSearch):
             let nz = histogram(values, amax: amax)
             var evals: Int64 = 0
             let i = binIndex.withUnsafeBufferPointer { b in
                 counts.withUnsafeBufferPointer { c in
                     prefix.withUnsafeMutableBufferPointer { pf in
                         qk_mse_candidate(b.baseAddress, c.baseAddress, Int64(nz), pf.baseAddress, Int64(bins),
-                                         Int64(levels), Int64(qmaxSymmetric), exhaustive ? 1 : 0, &evals)
+                                         Int64(levels), Int64(qmaxSymmetric), exhaustive || exhaustiveSearch ? 1 : 0, &evals)
                     }
                 }
             }

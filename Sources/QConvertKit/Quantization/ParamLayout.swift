@@ -70,6 +70,37 @@ public struct ParamLayout: Sendable, Equatable {
         return .blocked(b)
     }
 
+    /// When every parameter's elements form one contiguous range of the row-major order (per tensor,
+    /// per channel of the first axis, groups along the last axis, per element), the start of each
+    /// parameter's range (`paramCount + 1` values, the last being the element count); nil otherwise.
+    public func contiguousBounds() -> [Int]? {
+        let n = shape.reduce(1, *)
+        let pc = paramCount
+        guard let last = shape.last, n > 0 else { return nil }
+        var bounds = [Int](repeating: -1, count: pc + 1)
+        bounds[pc] = n
+        var next = 0          // the parameter that must start next
+        var ok = true
+        let mode = lastAxisMode
+        forEachRow { row, pi in
+            guard ok else { return }
+            let base = row * last
+            switch mode {
+            case .shared:
+                if pi == next { bounds[pi] = base; next += 1 } else if pi != next - 1 { ok = false }
+            case .distinct:
+                if pi == next { for k in 0..<last { bounds[pi + k] = base + k }; next += last } else { ok = false }
+            case .blocked(let b):
+                if pi == next {
+                    var start = 0, blk = 0
+                    while start < last { bounds[pi + blk] = base + start; start += b; blk += 1 }
+                    next += blk
+                } else { ok = false }
+            }
+        }
+        return ok && next == pc ? bounds : nil
+    }
+
     /// Calls `body(rowIndex, firstParamIndexOfRow)` for each innermost row.
     func forEachRow(_ body: (Int, Int) throws -> Void) rethrows {
         let r = shape.count

@@ -126,7 +126,7 @@ public enum Quantizer {
         var alpha = [Float](repeating: -.infinity, count: pc)
         let levels = scheme.target.isFP8 ? 128 : 1 << (scheme.target.bits - 1)
         let qmaxSym = scheme.target.isFP8 ? 127 : (1 << (scheme.target.bits - 1)) - 1
-        if case .entropy(let bins, let lv) = scheme.calibration, bins <= (lv ?? levels) {
+        if case .entropy(let bins, let lv, _) = scheme.calibration, bins <= (lv ?? levels) {
             warnings.append("entropy calibration with bins (\(bins)) ≤ levels (\(lv ?? levels)) has only one candidate: it equals max")
         }
         if scheme.calibration == .max {
@@ -138,14 +138,22 @@ public enum Quantizer {
                 }
             }
         } else {
-            // Gather each parameter's values contiguously (counting sort by parameter index).
-            let idx = layout.paramIndices()
-            var counts = [Int](repeating: 0, count: pc + 1)
-            for i in idx { counts[Int(i) + 1] += 1 }
-            for k in 0..<pc { counts[k + 1] += counts[k] }
-            var grouped = [Float](repeating: 0, count: x.count)
-            var fill = counts
-            for (e, i) in idx.enumerated() { grouped[fill[Int(i)]] = x[e]; fill[Int(i)] += 1 }
+            // Each parameter's values as one contiguous range: in place when the layout already keeps
+            // them together (per tensor, per channel of axis 0, groups along the last axis), otherwise
+            // gathered (counting sort by parameter index).
+            var counts: [Int]
+            var grouped: [Float] = []
+            if let bounds = layout.contiguousBounds() {
+                counts = bounds
+            } else {
+                let idx = layout.paramIndices()
+                counts = [Int](repeating: 0, count: pc + 1)
+                for i in idx { counts[Int(i) + 1] += 1 }
+                for k in 0..<pc { counts[k + 1] += counts[k] }
+                grouped = [Float](repeating: 0, count: x.count)
+                var fill = counts
+                for (e, i) in idx.enumerated() { grouped[fill[Int(i)]] = x[e]; fill[Int(i)] += 1 }
+            }
             var longest = 0
             for k in 0..<pc { longest = Swift.max(longest, counts[k + 1] - counts[k]) }
             let calibration = scheme.calibration, mapping = scheme.mapping
@@ -154,7 +162,9 @@ public enum Quantizer {
             // scratch buffers. The result does not depend on the split.
             let chunks = (reference || pc < 64) ? 1 : Swift.min(pc, ProcessInfo.processInfo.activeProcessorCount * 4)
             let evaluations = Box([Int](repeating: 0, count: chunks))
-            grouped.withUnsafeBufferPointer { g in
+            let inPlace = grouped.isEmpty
+            grouped.withUnsafeBufferPointer { gathered in
+                let g = inPlace ? x : gathered
                 beta.withUnsafeMutableBufferPointer { betaOut in
                     alpha.withUnsafeMutableBufferPointer { alphaOut in
                         let betaOut = UnsafeMutableSendable(betaOut.baseAddress!)

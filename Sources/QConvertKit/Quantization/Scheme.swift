@@ -67,8 +67,9 @@ public enum Granularity: String, Sendable, Codable, CaseIterable { case tensor, 
 public enum Calibration: Sendable, Equatable, Hashable {
     case max
     case percentile(Double)
-    case entropy(bins: Int, levels: Int?)
-    case mse(bins: Int)
+    /// `exhaustive`: evaluate every candidate threshold instead of searching coarse to fine.
+    case entropy(bins: Int, levels: Int?, exhaustive: Bool = false)
+    case mse(bins: Int, exhaustive: Bool = false)
 
     public var name: String {
         switch self {
