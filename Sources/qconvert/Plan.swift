@@ -72,6 +72,12 @@ struct PlanCommand: ParsableCommand {
         out += "\n\(plans.count) tensors (\(ckpt.format), \(policy.source)): \(q) quantized, \(c) cast, \(plans.count - q - c) kept; "
         out += "\(formatBytes(before)) → \(formatBytes(after))"
         if before > 0 { out += String(format: " (%.1f %%)", 100 * Double(after) / Double(before)) }
+        let calibration = plans.reduce(0) { $0 + $1.calibrationSeconds }
+        if calibration >= 0.1 {
+            let slow = plans.filter { $0.calibrationSeconds >= CalibrationCost.slow }.count
+            out += String(format: "\ncalibration: about %.1f s of one core", calibration)
+            if slow > 0 { out += ", \(slow) slow tensor\(slow == 1 ? "" : "s") (see notes)" }
+        }
         print(out)
     }
 }

@@ -270,3 +270,36 @@ func contents(_ p: String) -> [UInt8] { [UInt8](FileManager.default.contents(atP
         }
     }
 }
+
+@Suite struct LongCalibrations {
+    /// A slow calibration reports progress while it runs, not only when the tensor is done, and `plan`
+    /// names the slow tensor before any work.
+    @Test func progressMovesDuringACalibrationAndPlanWarns() throws {
+        let d = Tool.tempDir()
+        let input = d + "/big.safetensors"
+        writeSafetensors(input, [("w", "F32", [768, 1024], floatBytes(randomFloats(768 * 1024, seed: 4)))])
+        let policy = try PolicyLoader.parse(text: "defaults:\n  calibration: entropy\n  search: exhaustive\n", source: "slow.yaml")
+        let seen = Box2([ConvertProgress]())
+        _ = try Converter.convert(input: input, output: d + "/out.safetensors", options: ConvertOptions(policy: policy, jobs: 2)) {
+            seen.value.append($0)
+        }
+        let total = seen.value.last!.bytesTotal
+        let partial = seen.value.filter { $0.tensorsDone == 0 && $0.bytesDone > 0 && $0.bytesDone < total }.map(\.bytesDone)
+        #expect(partial.count >= 2, "\(seen.value.map(\.bytesDone))")
+        #expect(partial == partial.sorted())
+        // plan reads no tensor data: a larger tensor costs nothing here.
+        let large = d + "/large.safetensors"
+        writeSafetensors(large, [("w", "F32", [4096, 1024], [UInt8](repeating: 0, count: 4096 * 1024 * 4))])
+        let plan = try Tool.run(["plan", large, "--set", "calibration=entropy", "--set", "search=exhaustive"])
+        #expect(plan.status == 0)
+        #expect(plan.stdout.contains("slow calibration: about"), "\(plan.stdout)")
+        #expect(plan.stdout.contains("calibration: about"))
+        let fast = try Tool.run(["plan", large, "--set", "calibration=entropy"])
+        #expect(!fast.stdout.contains("slow calibration"), "\(fast.stdout)")
+    }
+}
+
+final class Box2<T>: @unchecked Sendable {
+    var value: T
+    init(_ v: T) { value = v }
+}

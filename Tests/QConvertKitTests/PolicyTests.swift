@@ -104,6 +104,7 @@ import Testing
         ("defaults:\n  match: \"*\"\n", 2, 3, "belongs in a rule"),
         ("defaults: [1, 2\n", 2, 1, "YAML"),
         ("wat: 1\n", 1, 1, "unknown key 'wat'"),
+        ("defaults:\n  search: quick\n", 2, 11, "bad search 'quick' (fast | exhaustive)"),
     ])
     func errorsNameFileLineAndColumn(_ c: (String, Int, Int, String)) {
         let e = policyError(c.0)

@@ -194,11 +194,29 @@ public enum Converter {
             while k < plans.count {
                 let window = Array(k..<min(plans.count, k + options.jobs))
                 let results = Box([Result<QuantizedTensor?, Error>](repeating: .success(nil), count: window.count))
+                let calibrated = Box([Int](repeating: 0, count: window.count))   // elements calibrated so far
                 let lock = NSLock()
-                DispatchQueue.concurrentPerform(iterations: window.count) { w in
-                    let i = window[w]
-                    let r = Result { try process(plans[i], entry: ckpt.entries[plans[i].entryIndex], reference: options.referenceKernels) }
-                    lock.lock(); results.value[w] = r; lock.unlock()
+                let work = DispatchGroup()
+                let reference = options.referenceKernels
+                DispatchQueue.global().async(group: work) {
+                    DispatchQueue.concurrentPerform(iterations: window.count) { w in
+                        let i = window[w]
+                        let tick: @Sendable (Int) -> Void = { n in lock.lock(); calibrated.value[w] += n; lock.unlock() }
+                        let r = Result { try process(plans[i], entry: ckpt.entries[plans[i].entryIndex], reference: reference, progress: tick) }
+                        lock.lock(); results.value[w] = r; lock.unlock()
+                    }
+                }
+                // A long calibration moves the progress bar: the share of each tensor's elements calibrated.
+                while work.wait(timeout: .now() + .milliseconds(200)) == .timedOut {
+                    guard let progress else { continue }
+                    lock.lock()
+                    let partial = window.indices.reduce(0) { sum, w in
+                        let p = plans[window[w]], n = Shape(p.shape).elementCount
+                        return sum + (n > 0 ? Int(Double(p.bytesBefore) * Double(min(calibrated.value[w], n)) / Double(n)) : 0)
+                    }
+                    lock.unlock()
+                    progress(ConvertProgress(tensorsDone: k, tensorsTotal: plans.count, bytesDone: done + partial, bytesTotal: total,
+                                             current: plans[window[0]].name))
                 }
                 for (w, i) in window.enumerated() {
                     let produced = try results.value[w].get()
@@ -251,19 +269,20 @@ public enum Converter {
     }
 
     /// Quantizes or casts one tensor; nil when it is kept as it is.
-    static func process(_ p: TensorPlan, entry e: TensorEntry, reference: Bool) throws -> QuantizedTensor? {
+    static func process(_ p: TensorPlan, entry e: TensorEntry, reference: Bool,
+                        progress: (@Sendable (Int) -> Void)? = nil) throws -> QuantizedTensor? {
         guard let scheme = p.decision.scheme else { return nil }
         let n = e.elementCount
         return try e.bytes.withUnsafeBytes { raw -> QuantizedTensor in
             if e.dtype == .f32, let base = raw.baseAddress, Int(bitPattern: base) % MemoryLayout<Float>.alignment == 0 {
                 let floats = UnsafeBufferPointer(start: base.assumingMemoryBound(to: Float.self), count: n)
                 return try Quantizer.quantize(name: e.name, values: floats, shape: e.shape, scheme: scheme,
-                                              bytesBefore: p.bytesBefore, reference: reference)
+                                              bytesBefore: p.bytesBefore, reference: reference, progress: progress)
             }
             let floats = FloatDecoding.toFloat32(raw, dtype: e.dtype, count: n)
             return try floats.withUnsafeBufferPointer {
                 try Quantizer.quantize(name: e.name, values: $0, shape: e.shape, scheme: scheme, bytesBefore: p.bytesBefore,
-                                       reference: reference)
+                                       reference: reference, progress: progress)
             }
         }
     }

@@ -34,6 +34,8 @@ public struct TensorPlan: Sendable {
     public var paramShape: [Int]
     /// ONNX: "decompose" or "refuse" when the opset cannot express the scheme.
     public var onnxFallback: String = "decompose"
+    /// Estimated seconds of one core that calibrating this tensor takes (0 for max).
+    public var calibrationSeconds: Double = 0
 
     /// Bits per weight after conversion, parameters included.
     public var bitsPerWeight: Double {
@@ -147,6 +149,11 @@ public enum Planner {
         if plan.axisGuessed { plan.warnings.append("output-channel axis guessed as 0") }
         let layout = ParamLayout(shape: e.shape, granularity: granularity, axis: axis, groupSize: scheme.groupSize)
         plan.paramShape = layout.paramShape
+        plan.calibrationSeconds = CalibrationCost.seconds(scheme, layout: layout)
+        if plan.calibrationSeconds >= CalibrationCost.slow {
+            plan.warnings.append(String(format: "slow calibration: about %.0f s of one core (%@ %@)", plan.calibrationSeconds,
+                                        scheme.calibration.name, granularity.rawValue))
+        }
         let stored = Shape(Quantizer.storedShape(e.shape, target: target)).checkedByteCount(target.storageDType) ?? 0
         plan.bytesAfter = stored + layout.paramCount * 4 + (scheme.hasZeroPoint ? layout.paramCount : 0)
         plan.decision = .quantize(scheme)

@@ -289,3 +289,36 @@ final class CalibrationScratch {
         }
     }
 }
+
+/// A rough cost model of the fast calibration path, for `plan` to say which tensors will be slow:
+/// microseconds per parameter group from the group's length, fitted to measurements on this
+/// project's benchmark machine (Benchmarks/calibration.py) within a factor of about 2.
+public enum CalibrationCost {
+    /// Estimates at or above this many seconds are reported as slow.
+    public static let slow = 1.0
+
+    public static func seconds(_ scheme: QuantScheme, layout: ParamLayout) -> Double {
+        let groups = layout.paramCount
+        guard groups > 0 else { return 0 }
+        let n = Double(layout.shape.reduce(1, *)) / Double(groups)
+        let levels = scheme.target.isFP8 ? 128.0 : Double(1 << (scheme.target.bits - 1))
+        let micros: Double
+        switch scheme.calibration {
+        case .max:
+            return 0
+        case .percentile:
+            micros = 0.008 * n
+        case .entropy(let bins, let lv, let exhaustive):
+            let b = Double(bins), l = Double(lv ?? Int(levels))
+            let candidates = Swift.max(b - l + 1, 1)
+            let evaluations = exhaustive ? candidates : Swift.min(candidates, 50)
+            micros = 0.005 * n + evaluations * (0.1 + 0.002 * Swift.min(n, l, b) + 0.0003 * Swift.min(n, b))
+        case .mse(let bins, let exhaustive):
+            let b = Double(bins)
+            let candidates = Swift.max(b - levels + 1, 1)
+            let evaluations = exhaustive ? candidates : Swift.min(candidates, 70)
+            micros = 0.005 * n + evaluations * (0.05 + 0.0003 * Swift.min(n, b))
+        }
+        return micros * Double(groups) / 1e6
+    }
+}
