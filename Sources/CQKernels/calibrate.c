@@ -239,16 +239,6 @@ AVX2_CLONE(void, dense_groups, (const double *restrict mass_below, const double 
     }
 }
 
-// Each run's mass (into q) and length (into w) from the prefix sums and the runs' starts.
-AVX2_CLONE(void, run_masses, (const int64_t *restrict prefix, const int32_t *restrict start, int64_t n,
-                              double *restrict q, double *restrict w),
-           (prefix, start, n, q, w)) {
-    for (int64_t g = 0; g < n; g++) {
-        q[g] = (double)(prefix[start[g + 1]] - prefix[start[g]]);
-        w[g] = (double)(start[g + 1] - start[g]);
-    }
-}
-
 // From each group's mass (in q) and non-empty count (in w): q and the weight of log q, as dense_groups
 // makes them; a separate loop so that the divisions pipeline instead of chaining.
 AVX2_CLONE(void, group_weights, (double *restrict q, double *restrict w, int64_t n, double sumQ, double total, double e1P,
@@ -359,8 +349,35 @@ static double kl_objective(objective_ctx *c, int64_t i) {
             prev = g;
         }
         start[groups] = (int32_t)m;
-        run_masses(c->prefix, start, groups, q, w);
-        group_weights(q, w, groups, sumQ, total, e1P, e1Q);
+        // On a sparse histogram most groups hold one bin of count 1, and all of those have the same q
+        // and weight: they are counted and take one logarithm between them. The others (and the last
+        // group, which the outliers join) are packed into q and w.
+        const int64_t *prefix = c->prefix;
+        int64_t others = 0, singles = 0;
+        for (int64_t g = 0; g < groups - 1; g++) {
+            const int64_t len = start[g + 1] - start[g];
+            const int64_t mass = prefix[start[g + 1]] - prefix[start[g]];
+            const int single = (len == 1) & (mass == 1);
+            singles += single;
+            q[others] = (double)mass;
+            w[others] = (double)len;
+            others += !single;
+        }
+        q[others] = (double)(prefix[start[groups]] - prefix[start[groups - 1]]);
+        w[others] = (double)(start[groups] - start[groups - 1]);
+        others++;
+        group_weights(q, w, others, sumQ, total, e1P, e1Q);
+        if (last_nz) w[others - 1] += outliers / total;
+        double qmin = INFINITY;
+        for (int64_t g = 0; g < others; g++) qmin = q[g] < qmin ? q[g] : qmin;
+        double single_term = 0;
+        if (singles > 0) {
+            const double q1 = (1.0 / sumQ) - e1Q;   // as group_weights makes it for mass 1, count 1
+            qmin = q1 < qmin ? q1 : qmin;
+            if (q1 > 0) single_term = (double)singles * ((1.0 / total - e1P) * log_pos(q1));
+        }
+        if (!(qmin > 0)) return INFINITY;
+        return kl - (weighted_log_sum(w, q, others) + single_term);
     }
     if (last_nz) w[groups - 1] += outliers / total;
     double qmin = INFINITY;

@@ -103,7 +103,7 @@ public enum Batch {
                 let p = dir + "/" + n
                 let r = rel.isEmpty ? n : rel + "/" + n
                 var d: ObjCBool = false
-                FileManager.default.fileExists(atPath: p, isDirectory: &d)
+                guard FileManager.default.fileExists(atPath: p, isDirectory: &d) else { continue }
                 if d.boolValue { walk(p, r); continue }
                 if (try? FormatRegistry.reader(for: p)) != nil { items.append(Item(path: p, relative: r)) }
             }

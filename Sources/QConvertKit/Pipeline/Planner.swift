@@ -137,7 +137,7 @@ public enum Planner {
         case "mse": calibration = .mse(bins: s.bins ?? 2048, exhaustive: s.search == "exhaustive")
         default: calibration = .max
         }
-        let scheme = QuantScheme(target: target, mapping: mapping, granularity: granularity, axis: axis,
+        var scheme = QuantScheme(target: target, mapping: mapping, granularity: granularity, axis: axis,
                                  groupSize: s.groupSize ?? 128, calibration: calibration, saturate: s.saturate ?? false)
         if case .entropy(let bins, let lv, _) = calibration {
             let levels = lv ?? (target.isFP8 ? 128 : 1 << (target.bits - 1))
@@ -149,6 +149,14 @@ public enum Planner {
         if plan.axisGuessed { plan.warnings.append("output-channel axis guessed as 0") }
         let layout = ParamLayout(shape: e.shape, granularity: granularity, axis: axis, groupSize: scheme.groupSize)
         plan.paramShape = layout.paramShape
+        // With few parameter groups the exhaustive search costs little: use it (the metadata says so).
+        if layout.paramCount <= CalibrationCost.exhaustiveUpTo {
+            switch scheme.calibration {
+            case .entropy(let b, let l, false): scheme.calibration = .entropy(bins: b, levels: l, exhaustive: true)
+            case .mse(let b, false): scheme.calibration = .mse(bins: b, exhaustive: true)
+            default: break
+            }
+        }
         plan.calibrationSeconds = CalibrationCost.seconds(scheme, layout: layout)
         if plan.calibrationSeconds >= CalibrationCost.slow {
             plan.warnings.append(String(format: "slow calibration: about %.0f s of one core (%@ %@)", plan.calibrationSeconds,

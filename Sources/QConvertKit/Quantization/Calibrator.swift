@@ -296,6 +296,9 @@ final class CalibrationScratch {
 public enum CalibrationCost {
     /// Estimates at or above this many seconds are reported as slow.
     public static let slow = 1.0
+    /// Tensors with at most this many parameter groups (per tensor, few channels) are calibrated
+    /// with the exhaustive search whatever the policy's `search`: it costs milliseconds there.
+    public static let exhaustiveUpTo = 64
 
     public static func seconds(_ scheme: QuantScheme, layout: ParamLayout) -> Double {
         let groups = layout.paramCount

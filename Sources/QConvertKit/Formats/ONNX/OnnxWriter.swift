@@ -428,7 +428,7 @@ final class OnnxSink: CheckpointSink {
             let out = try AtomicFile(path: path)
             do {
                 let sink = PackSink(file: out)
-                var buffer = ProtobufCBuffer(append: { buf, len, data in
+                let buffer = ProtobufCBuffer(append: { buf, len, data in
                     let box = UnsafeMutableRawPointer(buf!).assumingMemoryBound(to: PackBuffer.self)
                     Unmanaged<PackSink>.fromOpaque(box.pointee.sink).takeUnretainedValue().append(data, len)
                 })
