@@ -128,3 +128,19 @@ def test_slurm_job_arrays_on_a_real_cluster(zoo, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "FAIL" not in r.stdout and r.stdout.count("ok ") >= 10
     assert not subprocess.run(["pgrep", "-f", str(tmp_path / "cluster")], capture_output=True).stdout   # daemons stopped
+
+
+def test_github_actions_report_job_builds_merges_and_uploads():
+    wf = yaml.safe_load(open(ZOO_SAMPLES / "github-actions-matrix.yml"))
+    convert, report = wf["jobs"]["convert"], wf["jobs"]["report"]
+    n = len(convert["strategy"]["matrix"]["shard"])
+    line = next(s["run"] for s in convert["steps"] if "batch zoo" in str(s.get("run", "")))
+    assert f"/{n}" in line and "--manifest" in line
+    steps = report["steps"]
+    names = [str(s.get("run", "")) + str(s.get("uses", "")) for s in steps]
+    build = next(i for i, s in enumerate(names) if "swift build" in s)
+    merge = next(i for i, s in enumerate(names) if "batch merge" in s)
+    upload = [i for i, s in enumerate(names) if "upload-artifact" in s]
+    assert build < merge and upload and upload[-1] > merge
+    assert "manifest.csv" in str(steps[upload[-1]]["with"]["path"])
+    assert report["needs"] == "convert" and report["if"] == "always()"
