@@ -179,7 +179,9 @@ public enum Quantizer {
                                 guard !part.isEmpty else { betaOut.value[k] = 0; alphaOut.value[k] = 0; continue }
                                 var lo: Float = 0, hi: Float = 0
                                 _ = qk_minmax_f32(part.baseAddress, Int64(part.count), &lo, &hi)
-                                let r = scratch?.range(part, lo: lo, hi: hi, calibration: calibration, mapping: mapping,
+                                // The kernels count a histogram bin in 32 bits: a larger group takes the reference path.
+                                let fast = part.count <= Int(UInt32.max) ? scratch : nil
+                                let r = fast?.range(part, lo: lo, hi: hi, calibration: calibration, mapping: mapping,
                                                        levels: levels, qmaxSymmetric: qmaxSym)
                                     ?? Calibrator.referenceRange(part, lo: lo, hi: hi, calibration: calibration, mapping: mapping,
                                                                  levels: levels, qmaxSymmetric: qmaxSym)
