@@ -74,7 +74,7 @@ struct BatchRun: ParsableCommand {
             }
             if vs.isEmpty { vs = [Batch.Variant(name: "", policy: base)] }
             let (i, n) = try parseShard()
-            let items = Batch.shard(try Batch.discover(src), index: i, count: n)
+            let items = Batch.shard(try Batch.discover(src, excluding: output), index: i, count: n)
             installInterruptCleanup()
             var template = ConvertOptions(policy: base, jobs: 1, strict: policyOptions.strict)
             template.gates = gateOptions.gates

@@ -65,6 +65,7 @@ struct Convert: ParsableCommand {
                 PlanCommand.printTable(ckpt: ckpt, plans: plans, policy: policy)
                 return
             }
+            if let report { try PathGuard.checkReport(report, input: input, output: output) }
             installInterruptCleanup()
             let bar = ProgressBar(enabled: !quiet)
             let result = try Converter.convert(input: input, output: output!, options: options) { bar.update($0) }

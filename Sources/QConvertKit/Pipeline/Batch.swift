@@ -75,7 +75,12 @@ public enum Batch {
 
     /// Models under a folder (by content, then extension; a folder with an index is one sharded
     /// model), or listed one per line in a manifest file (relative to it; # starts a comment).
-    public static func discover(_ src: String) throws -> [Item] {
+    /// `excluding` (the batch's output folder) is never walked into, so outputs are never read back.
+    public static func discover(_ src: String, excluding: String? = nil) throws -> [Item] {
+        if let out = excluding, PathGuard.isDirectory(src), PathGuard.isInside(src, out) {
+            throw QConvertError.usage(message: "\(out): the output folder is the source folder or holds it; outputs would replace the models (choose another -o)")
+        }
+        let skip = excluding.flatMap(PathGuard.identity)
         var isDir: ObjCBool = false
         guard FileManager.default.fileExists(atPath: src, isDirectory: &isDir) else {
             throw QConvertError.io(path: src, message: "no such file or folder")
@@ -104,7 +109,11 @@ public enum Batch {
                 let r = rel.isEmpty ? n : rel + "/" + n
                 var d: ObjCBool = false
                 guard FileManager.default.fileExists(atPath: p, isDirectory: &d) else { continue }
-                if d.boolValue { walk(p, r); continue }
+                if d.boolValue {
+                    if let skip, PathGuard.identity(p) == skip { continue }   // the batch's own outputs
+                    walk(p, r)
+                    continue
+                }
                 if (try? FormatRegistry.reader(for: p)) != nil { items.append(Item(path: p, relative: r)) }
             }
         }

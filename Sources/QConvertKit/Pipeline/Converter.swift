@@ -138,6 +138,7 @@ public enum Converter {
         let input = ckpt.path
         let plans = try Planner.plan(ckpt, policy: options.policy, strict: options.strict)
         let writer = try FormatRegistry.writer(for: output, format: options.format, inputFormat: ckpt.format)
+        try PathGuard.checkOutput(output, input: ckpt)
 
         // Hash the input on another thread while converting; it is needed only at the end.
         let hashBox = Box("")

@@ -1,0 +1,95 @@
+"""Never destroy a user's data: outputs and reports that would replace what a run reads are refused
+before anything is written, whatever the spelling of the path (part of the reliability issue)."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import make_onnx_models
+from conftest import QCONVERT, run
+
+
+def digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): (digest(p), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def model(tmp_path):
+    d = tmp_path / "models"
+    d.mkdir()
+    save_file({"w": np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)}, str(d / "model.safetensors"))
+    return d / "model.safetensors"
+
+
+def refused(r, code=64):
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_output_that_is_the_input_is_refused_whatever_its_spelling(model, tmp_path):
+    d = model.parent
+    os.symlink(model, tmp_path / "link.safetensors")
+    os.link(model, tmp_path / "hard.safetensors")
+    before = snapshot(tmp_path)
+    spellings = [(str(model), d), ("model.safetensors", d), ("./model.safetensors", d), (str(d / ".." / "models" / "model.safetensors"), d),
+                 (str(tmp_path / "link.safetensors"), d), (str(tmp_path / "hard.safetensors"), d)]
+    for out, cwd in spellings:
+        r = subprocess.run([QCONVERT, "model.safetensors", "-o", out], capture_output=True, text=True, cwd=cwd)
+        refused(r)
+        assert "is the input" in r.stderr
+    # the folder that holds the input, as a folder output
+    refused(subprocess.run([QCONVERT, str(model), "-o", str(d)], capture_output=True, text=True))
+    assert snapshot(tmp_path) == before
+
+
+def test_report_cannot_replace_the_input_or_the_output_and_is_checked_first(model, tmp_path):
+    before = snapshot(model.parent)
+    refused(run(model, "-o", tmp_path / "o.safetensors", "--report", model, check=False))
+    refused(run(model, "-o", tmp_path / "o.safetensors", "--report", tmp_path / "o.safetensors", check=False))
+    r = run(model, "-o", tmp_path / "o.safetensors", "--report", tmp_path / "nodir" / "r.json", check=False)
+    refused(r, code=4)
+    assert not (tmp_path / "o.safetensors").exists()           # nothing converted before the report failed
+    assert snapshot(model.parent) == before
+    ok = run(model, "-o", tmp_path / "o.safetensors", "--report", tmp_path / "r.json")
+    assert json.load(open(tmp_path / "r.json"))["tensors"]
+
+
+def test_onnx_external_data_the_input_reads_is_not_overwritten(tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    make_onnx_models.external(str(d / "b.onnx"))       # weights in b.onnx.data
+    os.rename(d / "b.onnx", d / "a.onnx")               # a.onnx still reads b.onnx.data
+    before = snapshot(d)
+    r = run(d / "a.onnx", "-o", d / "b.onnx", "--external-data", check=False)
+    refused(r)
+    assert "b.onnx.data" in r.stderr
+    assert snapshot(d) == before
+    run(d / "a.onnx", "-o", d / "c.onnx", "--external-data")
+    assert (d / "c.onnx.data").exists()
+
+
+def test_batch_never_writes_into_its_source_or_reads_its_outputs(model, tmp_path):
+    zoo = model.parent
+    before = snapshot(zoo)
+    r = subprocess.run([QCONVERT, "batch", str(zoo), "-o", str(zoo)], capture_output=True, text=True)
+    refused(r)
+    r = subprocess.run([QCONVERT, "batch", str(zoo), "-o", str(zoo / ".." / zoo.name)], capture_output=True, text=True)
+    refused(r)
+    assert snapshot(zoo) == before
+    for k in range(2):
+        m = tmp_path / f"m{k}.jsonl"
+        r = subprocess.run([QCONVERT, "batch", str(zoo), "-o", str(zoo / "out"), "--manifest", str(m), "-q"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        models = [json.loads(x)["model"] for x in open(m) if x.strip()]
+        assert models == ["model.safetensors"], models
+    assert not (zoo / "out" / "out").exists()
+    assert digest(model) == before["model.safetensors"][0]
