@@ -33,7 +33,7 @@ struct BatchRun: ParsableCommand {
     @Option(name: .customLong("variant"), help: ArgumentHelp("NAME=preset:NAME or NAME=policy:FILE; several variants write OUT/NAME/... from one read of each input.", valueName: "spec"))
     var variants: [String] = []
 
-    @Option(name: .long, help: "Models converted at once.")
+    @Option(name: .long, parsing: .unconditional, help: "Models converted at once.")
     var jobs: Int = 2
 
     @Option(name: .long, help: ArgumentHelp("Take share I of N of the work list (0-based), e.g. 0/3.", valueName: "I/N"))

@@ -25,13 +25,14 @@ struct Convert: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Write a JSON report (per-tensor metrics) to this file.", valueName: "file.json"))
     var report: String?
 
-    @Option(name: .long, help: "Tensors processed at once (output bytes do not depend on it).")
+    @Option(name: .long, parsing: .unconditional, help: "Tensors processed at once (output bytes do not depend on it).")
     var jobs: Int = 2
 
     @Option(name: .long, help: ArgumentHelp("Output format, when the extension does not say (safetensors).", valueName: "name"))
     var format: String?
 
-    @Option(name: .long, help: ArgumentHelp("Split the output into shards of at most this size (e.g. 5GB); the output is then a folder.", valueName: "size"))
+    @Option(name: .long, parsing: .unconditional,
+            help: ArgumentHelp("Split the output into shards of at most this size (e.g. 5GB); the output is then a folder.", valueName: "size"))
     var maxShardSize: String?
 
     @Option(name: .long, help: ArgumentHelp("Input fingerprint recorded in the metadata: xxh64 (fast) or sha256 (checkable with sha256sum).", valueName: "algorithm"))
@@ -47,6 +48,13 @@ struct Convert: ParsableCommand {
     var quiet = false
 
     func validate() throws {
+        if !FileManager.default.fileExists(atPath: input), !input.contains("/"), !input.contains(".") {
+            // Not a path: most likely a mistyped subcommand (the default subcommand took it as the input).
+            let names = ["plan", "inspect", "dequantize", "diff", "batch", "help"]
+            let near = names.min { editDistance(input, $0) < editDistance(input, $1) }!
+            let hint = editDistance(input, near) <= 2 ? " (did you mean '\(near)'?)" : ""
+            throw ValidationError("'\(input)' is neither a file nor a subcommand\(hint)")
+        }
         if !dryRun && output == nil { throw ValidationError("missing -o/--output (or use --dry-run to see the plan)") }
         if jobs < 1 { throw ValidationError("--jobs must be at least 1") }
         if ContentHash(rawValue: inputHash) == nil { throw ValidationError("--input-hash is xxh64 or sha256") }
@@ -127,4 +135,20 @@ final class ProgressBar: @unchecked Sendable {
     func finish() {
         if drawn { FileHandle.standardError.write(Data("\r\u{1B}[2K".utf8)) }
     }
+}
+
+/// Levenshtein distance, for suggesting a subcommand.
+func editDistance(_ a: String, _ b: String) -> Int {
+    let a = Array(a), b = Array(b)
+    var row = Array(0...b.count)
+    for i in 1...max(a.count, 1) where !a.isEmpty {
+        var prev = row[0]
+        row[0] = i
+        for j in 1...max(b.count, 1) where !b.isEmpty {
+            let old = row[j]
+            row[j] = min(row[j] + 1, row[j - 1] + 1, prev + (a[i - 1] == b[j - 1] ? 0 : 1))
+            prev = old
+        }
+    }
+    return row[b.count]
 }

@@ -21,12 +21,26 @@ struct QConvert: ParsableCommand {
 
             Exit codes: 0 success; 2 policy error; 3 bad input (unreadable, malformed, NaN in a tensor to \
             quantize); 4 the output could not be written; 5 a quality gate failed; 6 some models of a batch \
-            failed; 64 usage error; 130 interrupted.
+            failed; 64 usage error; 128+N interrupted by signal N (130 Ctrl-C, 143 SIGTERM).
             """,
         version: QConvertVersion.string,
         subcommands: [Convert.self, PlanCommand.self, Inspect.self, DequantizeCommand.self, DiffCommand.self, BatchCommand.self],
         defaultSubcommand: Convert.self
     )
+
+    /// Every error is one line on stderr: usage errors too (swift-argument-parser's default adds the
+    /// usage lines, and its usage line is the root's even for a subcommand's option).
+    static func main() {
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch {
+            if error is ExitCode || error is CleanExit || exitCode(for: error) == .success { exit(withError: error) }
+            let message = message(for: error).split(separator: "\n").first.map(String.init) ?? "\(error)"
+            FileHandle.standardError.write(Data("qconvert: error: \(message) (qconvert --help shows the usage)\n".utf8))
+            Foundation.exit(exitCode(for: error).rawValue)
+        }
+    }
 }
 
 /// Policy selection shared by convert and plan.
@@ -114,10 +128,23 @@ func formatBytes(_ n: Int) -> String {
 
 func parseSize(_ s: String) throws -> Int {
     let t = s.trimmingCharacters(in: .whitespaces).uppercased()
-    let units: [(String, Double)] = [("GIB", 1073741824), ("MIB", 1048576), ("KIB", 1024), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("G", 1e9), ("M", 1e6), ("K", 1e3), ("B", 1)]
-    for (u, m) in units where t.hasSuffix(u) {
-        if let v = Double(t.dropLast(u.count).trimmingCharacters(in: .whitespaces)), v > 0 { return Int(v * m) }
+    let units: [(String, Double)] = [
+        ("TIB", 1099511627776), ("GIB", 1073741824), ("MIB", 1048576), ("KIB", 1024),
+        ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3), ("B", 1),
+    ]
+    var number = t, multiplier = 1.0
+    if let (u, m) = units.first(where: { t.hasSuffix($0.0) }) {
+        number = String(t.dropLast(u.count)).trimmingCharacters(in: .whitespaces)
+        multiplier = m
     }
-    if let v = Int(t), v > 0 { return v }
-    throw ValidationError("bad size '\(s)' (examples: 5GB, 500MB, 2GiB)")
+    // Digits and one decimal point only: no signs, exponents, "inf" or "nan".
+    guard !number.isEmpty, number.allSatisfy({ $0.isASCII && ($0.isNumber || $0 == ".") }),
+          number.filter({ $0 == "." }).count <= 1, let v = Double(number) else {
+        throw ValidationError("bad size '\(s)' (examples: 5GB, 500MB, 2GiB, 1TB)")
+    }
+    let bytes = v * multiplier
+    guard bytes >= 1 else { throw ValidationError("size '\(s)' must be at least 1 byte") }
+    // 2^62 bytes (4 EiB) is far beyond any file; larger values would not fit the arithmetic.
+    guard bytes <= 4_611_686_018_427_387_904 else { throw ValidationError("size '\(s)' is too large (at most 4 EiB)") }
+    return Int(bytes)
 }

@@ -93,3 +93,27 @@ def test_batch_never_writes_into_its_source_or_reads_its_outputs(model, tmp_path
         assert models == ["model.safetensors"], models
     assert not (zoo / "out" / "out").exists()
     assert digest(model) == before["model.safetensors"][0]
+
+
+@pytest.mark.parametrize("args,code,words", [
+    (["inpsect", "{model}"], 64, "did you mean 'inspect'"),
+    (["{model}", "-o", "{out}", "--jobs", "-1"], 64, "--jobs must be at least 1"),
+    (["{model}", "-o", "{out}", "--max-shard-size", "99999999999999999999GB"], 64, "too large"),
+    (["{model}", "-o", "{out}", "--max-shard-size", "0"], 64, "at least 1 byte"),
+    (["{model}", "-o", "{out}", "--max-shard-size", "-5GB"], 64, "bad size"),
+    (["{model}", "-o", "{out}", "--max-shard-size", "infGB"], 64, "bad size"),
+    (["plan", "{model}", "--bogus"], 64, "Unknown option '--bogus'"),
+    (["inspect", "{text}"], 3, "not a safetensors file"),
+])
+def test_errors_are_one_line(model, tmp_path, args, code, words):
+    (tmp_path / "text.safetensors").write_text("hello, this is a text file and not a model\n")
+    fill = {"model": str(model), "out": str(tmp_path / "o"), "text": str(tmp_path / "text.safetensors")}
+    r = subprocess.run([QCONVERT, *[a.format(**fill) for a in args]], capture_output=True, text=True)
+    refused(r, code)
+    assert words in r.stderr and "Usage" not in r.stderr
+
+
+def test_shard_sizes_in_terabytes_work(model, tmp_path):
+    for size in ["5TB", "10000GB", "1TiB", "1.5GB"]:
+        run(model, "-o", tmp_path / f"o-{size}", "--max-shard-size", size, "-q")
+        assert (tmp_path / f"o-{size}").is_dir()

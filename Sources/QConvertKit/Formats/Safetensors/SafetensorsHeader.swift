@@ -23,6 +23,11 @@ public struct SafetensorsHeader: Sendable {
         let len = file.count
         guard len >= 8 else { throw bad("file is \(len) bytes, too small for a safetensors header (needs 8-byte length)") }
         let n64 = file.loadUnaligned(as: UInt64.self).littleEndian
+        // A length the file cannot hold and no '{' after it: not a safetensors file at all (a text
+        // file, another format), rather than a broken one.
+        if (n64 > UInt64(len - 8)) && (len == 8 || file[8] != UInt8(ascii: "{")) {
+            throw bad("not a safetensors file (its first 8 bytes are no header length and no JSON header follows)")
+        }
         guard n64 <= UInt64(maxHeaderLength) else { throw bad("header length \(n64) exceeds the 100 MB limit") }
         let n = Int(n64)
         guard 8 + n <= len else { throw bad("header length \(n) runs past the end of the \(len)-byte file (truncated?)") }
