@@ -115,5 +115,25 @@ def test_errors_are_one_line(model, tmp_path, args, code, words):
 
 def test_shard_sizes_in_terabytes_work(model, tmp_path):
     for size in ["5TB", "10000GB", "1TiB", "1.5GB"]:
-        run(model, "-o", tmp_path / f"o-{size}", "--max-shard-size", size, "-q")
-        assert (tmp_path / f"o-{size}").is_dir()
+        out = tmp_path / ("o-" + size.replace(".", "_"))
+        run(model, "-o", out, "--max-shard-size", size, "-q")
+        assert out.is_dir()
+
+
+def test_output_format_is_never_guessed_into_a_folder(model, tmp_path):
+    for args, words in [(["-o", tmp_path / "out.ggml"], "unknown output extension '.ggml'"), (["-o", "-"], "standard output"),
+                        (["-o", tmp_path / "x.safetensors", "--format", "npz"], "does not match the extension")]:
+        r = run(model, *args, check=False)
+        refused(r)
+        assert words in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]      # nothing created
+    run(model, "-o", str(tmp_path / "folder.v1") + "/", "-q")             # a trailing / says folder
+    assert (tmp_path / "folder.v1" / "model.safetensors").exists()
+    run(model, "-o", tmp_path / "plain", "-q")                           # no extension: a folder
+    assert (tmp_path / "plain").is_dir()
+    # batch keeps the format of a model found by its content under an unknown extension
+    shutil.copy(model, model.parent / "weights.data")
+    r = subprocess.run([QCONVERT, "batch", str(model.parent), "-o", str(tmp_path / "zoo-out"), "-q"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    from safetensors.numpy import load_file
+    assert "w_scale" in load_file(str(tmp_path / "zoo-out" / "weights.data.safetensors"))

@@ -26,15 +26,32 @@ public enum FormatRegistry {
 
     /// The writer for an output path: `format` if given, else by extension; a path
     /// without a known extension is a folder of shards in the input's format.
+    /// The writer for an output path: by `format` when given (it must agree with a known extension),
+    /// else by the extension; a path without one (or ending in "/", or an existing folder) is a folder
+    /// in the input's format. An extension no writer knows is refused rather than taken for a folder.
     public static func writer(for path: String, format: String?, inputFormat: String) throws -> FormatWriter {
+        if path == "-" || path.isEmpty {
+            throw QConvertError.usage(message: "'\(path)': give an output path (writing to standard output is not supported)")
+        }
+        let lower = path.lowercased()
+        let byExtension = writers.first(where: { $0.fileExtensions.contains { lower.hasSuffix($0) } })
         if let f = format {
             guard let w = writers.first(where: { $0.name == f }) else {
                 throw QConvertError.usage(message: "unknown output format '\(f)' (supported: \(writers.map(\.name).joined(separator: ", ")))")
             }
+            if let e = byExtension, e.name != w.name {
+                throw QConvertError.usage(message: "\(path): --format \(f) does not match the extension, which means \(e.name)")
+            }
             return w
         }
-        let lower = path.lowercased()
-        if let w = writers.first(where: { $0.fileExtensions.contains { lower.hasSuffix($0) } }) { return w }
+        if let w = byExtension { return w }
+        var isDir: ObjCBool = false
+        let folder = path.hasSuffix("/") || (FileManager.default.fileExists(atPath: path, isDirectory: &isDir) && isDir.boolValue)
+        let name = URL(fileURLWithPath: path).lastPathComponent
+        if !folder, let dot = name.lastIndex(of: "."), dot != name.startIndex {
+            let known = Set(writers.flatMap(\.fileExtensions)).sorted().joined(separator: " ")
+            throw QConvertError.usage(message: "\(path): unknown output extension '\(name[dot...])' (known: \(known)); a folder output has none, or ends in /")
+        }
         if let w = writers.first(where: { $0.name == inputFormat }) { return w }
         throw QConvertError.usage(message: "\(path): cannot tell the output format from the extension; use --format")
     }

@@ -205,7 +205,13 @@ public enum Batch {
             // The ONNX writer edits the model it was given: each further variant reads it again.
             var ck = ck
             if vi > 0 && ck.container is OnnxModel, let again = try? Converter.open(item.path) { ck = again }
-            let output = outputPath(out: out, variant: v.name, relative: item.relative)
+            var output = outputPath(out: out, variant: v.name, relative: item.relative)
+            // A model found by its content under an extension no writer knows: the output gets its
+            // format's extension, so that it is one file of that format, never a folder by accident.
+            if (try? FormatRegistry.writer(for: output, format: nil, inputFormat: ck.format)) == nil,
+               let ext = FormatRegistry.writers.first(where: { $0.name == ck.format })?.fileExtensions.first {
+                output += ext
+            }
             var o = Outcome(model: item.relative, variant: v.name, format: ck.format, output: output, status: "converted", error: nil,
                             bytesBefore: before, bytesAfter: 0, worstSQNR: nil, seconds: 0)
             if let existing = upToDate(output: output, inputHash: hash, policy: v.policy) {
