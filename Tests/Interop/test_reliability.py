@@ -137,3 +137,28 @@ def test_output_format_is_never_guessed_into_a_folder(model, tmp_path):
     assert r.returncode == 0, r.stderr
     from safetensors.numpy import load_file
     assert "w_scale" in load_file(str(tmp_path / "zoo-out" / "weights.data.safetensors"))
+
+
+def test_temporaries_of_killed_runs_are_removed_by_the_next_run(tmp_path):
+    import socket
+    import time
+    save_file({"w": np.random.default_rng(1).standard_normal((768, 1024)).astype(np.float32)}, str(tmp_path / "in.safetensors"))
+    out = tmp_path / "out" / "model.safetensors"
+    out.parent.mkdir()
+    slow = ["--set", "calibration=entropy", "--set", "search=exhaustive"]
+    p = subprocess.Popen([QCONVERT, str(tmp_path / "in.safetensors"), "-o", str(out), *slow, "-q"])
+    deadline = time.time() + 20
+    while time.time() < deadline and not any(x.name.endswith(".tmp") for x in out.parent.iterdir()):
+        time.sleep(0.01)
+    p.kill()                                   # SIGKILL: no chance to clean up
+    p.wait()
+    left = [x.name for x in out.parent.iterdir()]
+    assert any(x.endswith(".tmp") for x in left), left
+    host = "".join(c for c in socket.gethostname() if c.isalnum() or c in "._")[:64] or "host"
+    alive = out.parent / f".other.safetensors.qconvert-{host}-{os.getpid()}-7.tmp"          # a running process
+    foreign = out.parent / f".other.safetensors.qconvert-otherhost-{p.pid}-8.tmp"          # another machine
+    alive.write_bytes(b"x")
+    foreign.write_bytes(b"x")
+    run(tmp_path / "in.safetensors", "-o", out, "-q")
+    left = sorted(x.name for x in out.parent.iterdir())
+    assert left == sorted(["model.safetensors", alive.name, foreign.name]), left

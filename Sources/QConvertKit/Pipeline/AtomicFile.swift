@@ -15,8 +15,35 @@ public final class AtomicFile {
         finalPath = path
         let url = URL(fileURLWithPath: path)
         let dir = url.deletingLastPathComponent().path
-        tempPath = dir + "/." + url.lastPathComponent + ".qconvert-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).tmp"
+        AtomicFile.removeStaleTemporaries(in: dir)
+        tempPath = dir + "/." + url.lastPathComponent + ".qconvert-\(AtomicFile.host)-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).tmp"
         fd = try TempFileRegistry.shared.create(tempPath, finalPath: path)
+    }
+
+    /// This machine's name as it appears in temporary names (letters, digits, '.', '_' only).
+    static let host: String = {
+        var buf = [CChar](repeating: 0, count: 256)
+        let name = gethostname(&buf, buf.count - 1) == 0
+            ? String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self) : "host"
+        let kept = String(name.unicodeScalars.filter { $0.isASCII && (CharacterSet.alphanumerics.contains($0) || $0 == "." || $0 == "_") })
+        return kept.isEmpty ? "host" : String(kept.prefix(64))
+    }()
+
+    /// Removes the temporary outputs that processes killed without a chance to clean up (kill -9, a
+    /// power cut) left in `dir`: those named for this machine whose process no longer runs. Temporaries
+    /// of other machines sharing the folder (NFS, a Kubernetes volume) are never touched, since their
+    /// process ids mean nothing here.
+    static func removeStaleTemporaries(in dir: String) {
+        guard let names = try? FileManager.default.contentsOfDirectory(atPath: dir) else { return }
+        for name in names where name.hasPrefix(".") && name.hasSuffix(".tmp") {
+            guard let r = name.range(of: ".qconvert-", options: .backwards) else { continue }
+            let fields = name[r.upperBound...].dropLast(4).split(separator: "-")
+            guard fields.count >= 3, let pid = Int32(fields[fields.count - 2]), pid > 0,
+                  fields.dropLast(2).joined(separator: "-") == host else { continue }
+            if pid == getpid() { continue }
+            if kill(pid, 0) == 0 || errno != ESRCH { continue }   // alive (or not ours to probe)
+            unlink(dir + "/" + name)
+        }
     }
 
     deinit { if fd >= 0 { close(fd); unlink(tempPath); TempFileRegistry.shared.remove(tempPath) } }
