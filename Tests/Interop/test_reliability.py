@@ -162,3 +162,41 @@ def test_temporaries_of_killed_runs_are_removed_by_the_next_run(tmp_path):
     run(tmp_path / "in.safetensors", "-o", out, "-q")
     left = sorted(x.name for x in out.parent.iterdir())
     assert left == sorted(["model.safetensors", alive.name, foreign.name]), left
+
+
+def rewrite_metadata(src, dst, edit):
+    """Copies a qconvert safetensors output with its metadata document changed by `edit`."""
+    from safetensors import safe_open
+    with safe_open(str(src), "numpy") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    doc = json.loads(meta["qconvert.quantization"])
+    edit(doc)
+    meta["qconvert.quantization"] = json.dumps(doc)
+    save_file(tensors, str(dst), metadata=meta)
+
+
+@pytest.mark.parametrize("axis", [2, 100000, "x"])
+def test_dequantize_and_diff_refuse_a_metadata_axis_outside_the_shape(model, tmp_path, axis):
+    q = tmp_path / "q.safetensors"
+    run(model, "-o", q, "-q")
+    bad = tmp_path / "bad.safetensors"
+
+    def edit(doc):
+        doc["tensors"]["w"]["axis"] = axis
+    rewrite_metadata(q, bad, edit)
+    for args in (["dequantize", bad, "-o", tmp_path / "d.safetensors"], ["diff", model, bad]):
+        r = run(*args, check=False)
+        refused(r, 3)
+        assert "axis" in r.stderr or "metadata" in r.stderr
+
+
+def test_a_group_size_near_int_max_means_one_group_per_row(model, tmp_path):
+    out = tmp_path / "g.safetensors"
+    run(model, "-o", out, "--set", "granularity=group", "--set", f"group_size={2**63 - 2}", "-q")
+    from safetensors.numpy import load_file
+    t = load_file(str(out))
+    assert t["w_scale"].shape == (64, 1) and (t["w_scale"] > 0).all()
+    ch = tmp_path / "c.safetensors"
+    run(model, "-o", ch, "-q")
+    np.testing.assert_array_equal(load_file(str(ch))["w_scale"], t["w_scale"])

@@ -76,7 +76,11 @@ public enum Dequantizer {
     public static func restore(_ e: TensorEntry, record r: JSONValue, ckpt: Checkpoint, byName: [String: Int], path: String) throws -> [Float] {
         func bad(_ m: String) -> QConvertError { .badInput(path: path, message: "tensor '\(e.name)': \(m)") }
         guard let dt = r["dtype"]?.stringValue, var target = TargetType(rawValue: dt) else { throw bad("unknown quantized dtype") }
-        let shape = r["source_shape"]?.arrayValue?.compactMap(\.nonNegativeInt) ?? []
+        let rawShape = r["source_shape"]?.arrayValue ?? []
+        let shape = rawShape.compactMap(\.nonNegativeInt)
+        guard shape.count == rawShape.count, Shape(shape).checkedByteCount(.f32) != nil else {
+            throw bad("metadata source_shape is not a valid shape")
+        }
         var values = e.bytes.withUnsafeBytes { [UInt8]($0) }
         let is4 = target == .int4 || target == .uint4
         if is4, case .bool(true)? = r["packing"]?["unpacked"] {
@@ -94,6 +98,11 @@ public enum Dequantizer {
         let granularity = Granularity(rawValue: r["granularity"]?.stringValue ?? "tensor") ?? .tensor
         let axis = r["axis"]?.nonNegativeInt ?? 0
         let groupSize = r["group_size"]?.nonNegativeInt ?? 1
+        // The metadata is input like any other: an axis outside the shape would index out of bounds.
+        if let a = r["axis"], a != .null, a.nonNegativeInt == nil { throw bad("metadata axis \(a.compact) is not an axis") }
+        if granularity == .channel || granularity == .group {
+            guard !shape.isEmpty, axis < shape.count else { throw bad("metadata axis \(r["axis"]?.compact ?? "null") is outside the rank-\(shape.count) shape") }
+        }
         let layout = ParamLayout(shape: shape, granularity: granularity, axis: axis, groupSize: max(groupSize, 1))
         if let sn = r["scale"]?.stringValue {
             guard let si = byName[sn] else { throw bad("scale tensor '\(sn)' is missing") }

@@ -31,7 +31,8 @@ public struct ParamLayout: Sendable, Equatable {
                 let g = ParamLayout.groupAxis(rank: r, channelAxis: axis)
                 gAxis = g
                 for j in 0..<r where j != g { p[j] = shape[j]; d[j] = 1 }
-                p[g] = (shape[g] + groupSize - 1) / groupSize
+                // ceil(D / B) without D + B - 1, which overflows for a group size near Int.max
+                p[g] = shape[g] / groupSize + (shape[g] % groupSize == 0 ? 0 : 1)
                 d[g] = groupSize
             }
         }
