@@ -45,7 +45,9 @@ let package = Package(
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "Crypto", package: "swift-crypto"),
             ],
-            swiftSettings: [.unsafeFlags(["-Ounchecked"], .when(configuration: .release))]
+            // Checked arithmetic and bounds in release too: the library parses hostile files, and a missed
+            // check must trap rather than corrupt memory. The hot loops are C kernels (CQKernels).
+            swiftSettings: []
         ),
         .executableTarget(
             name: "qconvert",
