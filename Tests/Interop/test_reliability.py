@@ -200,3 +200,12 @@ def test_a_group_size_near_int_max_means_one_group_per_row(model, tmp_path):
     ch = tmp_path / "c.safetensors"
     run(model, "-o", ch, "-q")
     np.testing.assert_array_equal(load_file(str(ch))["w_scale"], t["w_scale"])
+
+
+def test_an_index_that_lists_itself_is_refused(tmp_path):
+    d = tmp_path / "sharded"
+    d.mkdir()
+    json.dump({"weight_map": {"w": "pytorch_model.bin.index.json"}}, open(d / "pytorch_model.bin.index.json", "w"))
+    r = run(d / "pytorch_model.bin.index.json", "-o", tmp_path / "o.safetensors", check=False)
+    refused(r, 3)
+    assert "an index, not a shard" in r.stderr

@@ -101,13 +101,18 @@ public struct PyTorchReader: FormatReader {
         }
         guard let wm = root["weight_map"]?.objectValue else { throw QConvertError.badInput(path: index, message: "index has no 'weight_map' object") }
         var shards: [String] = []
+        var shardSet = Set<String>()
         var want: [String: String] = [:]
         for (k, v) in wm {
             guard let s = v.stringValue, ZipArchive.isSafeName(s), !s.contains("/") else {
                 throw QConvertError.badInput(path: index, message: "weight_map entry '\(k)' does not name a file beside the index")
             }
+            // A shard that is itself an index (this one, or another) would be read recursively.
+            guard !s.lowercased().hasSuffix(".json") else {
+                throw QConvertError.badInput(path: index, message: "weight_map entry '\(k)' names '\(s)', an index, not a shard")
+            }
             want[k] = s
-            if !shards.contains(s) { shards.append(s) }
+            if shardSet.insert(s).inserted { shards.append(s) }
         }
         let folder = URL(fileURLWithPath: index).deletingLastPathComponent().path
         var files: [MappedFile] = []

@@ -67,13 +67,14 @@ public struct SafetensorsReader: FormatReader {
         }
         var map: [String: String] = [:]
         var shardOrder: [String] = []
+        var shardSet = Set<String>()
         for (k, v) in wm {
             guard let s = v.stringValue else { throw QConvertError.badInput(path: indexPath, message: "weight_map entry '\(k)' is not a file name") }
             guard !s.contains("/"), !s.contains("\\"), s != "..", !s.isEmpty else {
                 throw QConvertError.badInput(path: indexPath, message: "weight_map entry '\(k)' names '\(s)', which is not a file beside the index")
             }
             map[k] = s
-            if !shardOrder.contains(s) { shardOrder.append(s) }
+            if shardSet.insert(s).inserted { shardOrder.append(s) }
         }
         let folder = URL(fileURLWithPath: indexPath).deletingLastPathComponent().path
         return try readShards(folder: folder, shardNames: shardOrder.sorted(), weightMap: map, userPath: userPath)
