@@ -209,3 +209,29 @@ def test_an_index_that_lists_itself_is_refused(tmp_path):
     r = run(d / "pytorch_model.bin.index.json", "-o", tmp_path / "o.safetensors", check=False)
     refused(r, 3)
     assert "an index, not a shard" in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["flow", "block", "dashes", "set"])
+def test_deeply_nested_policies_are_refused_not_crashed(model, tmp_path, kind):
+    depth = 5000
+    if kind == "flow":
+        text = "defaults: " + "[" * depth + "]" * depth + "\n"
+    elif kind == "block":
+        text = "defaults:\n" + "".join(" " * (2 * k) + f"k{k}:\n" for k in range(1, depth))
+    else:
+        text = "rules:\n" + "- " * depth + "x\n"
+    p = tmp_path / "deep.yaml"
+    p.write_text(text)
+    args = ["--set", "dtype=" + "[" * depth + "]" * depth] if kind == "set" else ["--policy", p]
+    r = run("plan", model, *args, check=False)
+    refused(r, 2)
+    assert "nested deeper than 64 levels" in r.stderr
+
+
+def test_every_sample_policy_still_loads(model):
+    import glob
+    samples = os.path.join(os.path.dirname(__file__), "..", "..", "Samples")
+    policies = [os.path.join(samples, "policy.cfg")] + glob.glob(os.path.join(samples, "policies", "*"))
+    assert len(policies) >= 4
+    for p in policies:
+        run("plan", model, "--policy", p)

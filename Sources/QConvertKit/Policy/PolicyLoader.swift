@@ -73,7 +73,55 @@ public enum PolicyLoader {
                                            "onnx_fallback"]
     static let selectorKeys: Set<String> = ["match", "source_dtype", "rank", "elements", "op"]
 
+    /// Deepest nesting a policy may have (flow brackets, or indentation columns / 2 plus "- " markers).
+    /// Real policies need 4; the limit keeps the YAML parser, which recurses, far from the stack's end.
+    public static let maxNesting = 64
+
+    /// Refuses text nested deeper than `maxNesting`, before the YAML parser sees it: a document
+    /// nested thousands of levels deep would overflow the parser's stack.
+    static func checkNesting(_ text: String, path: String) throws {
+        var line = 1
+        var flow = 0
+        var quote: Character? = nil
+        var atLineStart = true
+        var indent = 0
+        var comment = false
+        var column = 0
+        for ch in text {
+            column += 1
+            if ch == "\n" {
+                line += 1; column = 0; atLineStart = true; indent = 0; comment = false
+                continue
+            }
+            if comment { continue }
+            if atLineStart {
+                if ch == " " { indent += 1; continue }
+                if ch == "-" || (ch == " " && indent > 0) { indent += 2; continue }
+                atLineStart = false
+                if indent / 2 > maxNesting {
+                    throw QConvertError.policy(path: path, line: line, column: column, message: "nested deeper than \(maxNesting) levels")
+                }
+            }
+            if let q = quote {
+                if ch == q { quote = nil }
+                continue
+            }
+            switch ch {
+            case "'", "\"": quote = ch
+            case "#": comment = true
+            case "[", "{":
+                flow += 1
+                if flow > maxNesting {
+                    throw QConvertError.policy(path: path, line: line, column: column, message: "nested deeper than \(maxNesting) levels")
+                }
+            case "]", "}": flow = max(0, flow - 1)
+            default: break
+            }
+        }
+    }
+
     public static func parse(text: String, source: String) throws -> Policy {
+        try checkNesting(text, path: source)
         let node: Node?
         do {
             node = try Yams.compose(yaml: text)
@@ -125,6 +173,7 @@ public enum PolicyLoader {
             let value = String(s[s.index(after: eq)...]).trimmingCharacters(in: .whitespaces)
             let yaml = "\(key): \(value.isEmpty ? "''" : value)"
             let node: Node?
+            try checkNesting(yaml, path: "--set")
             do { node = try Yams.compose(yaml: yaml) } catch {
                 throw QConvertError.policy(path: "--set", line: 0, column: 0, message: "'\(s)': cannot read the value")
             }
