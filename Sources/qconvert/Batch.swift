@@ -96,10 +96,10 @@ struct BatchRun: ParsableCommand {
             }
             if !quiet { BatchRun.printTable(outcomes) }
             let failed = outcomes.filter { $0.status == "failed" }
-            for f in failed { FileHandle.standardError.write(Data("qconvert: failed: \(f.model)\(f.variant.isEmpty ? "" : " [\(f.variant)]"): \(f.error ?? "")\n".utf8)) }
+            for f in failed { FileHandle.standardError.write(Data((oneLine("qconvert: failed: \(f.model)\(f.variant.isEmpty ? "" : " [\(f.variant)]"): \(f.error ?? "")") + "\n").utf8)) }
             if !failed.isEmpty { throw ExitCode(6) }
             if outcomes.contains(where: { $0.status == "gate-failed" }) {
-                for g in outcomes where g.status == "gate-failed" { FileHandle.standardError.write(Data("qconvert: \(g.model): \(g.error ?? "")\n".utf8)) }
+                for g in outcomes where g.status == "gate-failed" { FileHandle.standardError.write(Data((oneLine("qconvert: \(g.model): \(g.error ?? "")") + "\n").utf8)) }
                 throw ExitCode(gateExitCode)
             }
         }

@@ -37,7 +37,7 @@ struct QConvert: ParsableCommand {
         } catch {
             if error is ExitCode || error is CleanExit || exitCode(for: error) == .success { exit(withError: error) }
             let message = message(for: error).split(separator: "\n").first.map(String.init) ?? "\(error)"
-            FileHandle.standardError.write(Data("qconvert: error: \(message) (qconvert --help shows the usage)\n".utf8))
+            FileHandle.standardError.write(Data("qconvert: error: \(oneLine(message)) (qconvert --help shows the usage)\n".utf8))
             Foundation.exit(exitCode(for: error).rawValue)
         }
     }
@@ -75,12 +75,26 @@ func runReportingErrors(_ body: () throws -> Void) throws {
     do {
         try body()
     } catch let e as QConvertError {
-        FileHandle.standardError.write(Data("qconvert: error: \(e.description)\n".utf8))
+        FileHandle.standardError.write(Data("qconvert: error: \(oneLine(e.description))\n".utf8))
         throw ExitCode(e.exitCode)
     } catch let g as GateFailure {
-        FileHandle.standardError.write(Data("qconvert: \(g.description)\n".utf8))
+        FileHandle.standardError.write(Data("qconvert: \(oneLine(g.description))\n".utf8))
         throw ExitCode(gateExitCode)
     }
+}
+
+/// A message as one printable line: control characters (newlines, terminal escapes) that names from a
+/// hostile file may carry are shown as \u{..}, and the line is cut at 2,000 characters.
+func oneLine(_ s: String) -> String {
+    var out = ""
+    for u in s.unicodeScalars {
+        if u.value < 0x20 || (u.value >= 0x7f && u.value < 0xa0) || u.value == 0x2028 || u.value == 0x2029 {
+            out += "\\u{" + String(u.value, radix: 16) + "}"
+        } else {
+            out.unicodeScalars.append(u)
+        }
+    }
+    return out.count > 2000 ? String(out.prefix(2000)) + "… (cut)" : out
 }
 
 /// Quality gates shared by convert, batch and diff.

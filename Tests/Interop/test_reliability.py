@@ -235,3 +235,23 @@ def test_every_sample_policy_still_loads(model):
     assert len(policies) >= 4
     for p in policies:
         run("plan", model, "--policy", p)
+
+
+@pytest.mark.parametrize("name", ["../../evil", "/abs/path", "a/../../b", "x" * 70000], ids=["dotdot", "absolute", "inner-dotdot", "too-long"])
+def test_unsafe_tensor_names_never_become_npz_members(tmp_path, name):
+    src = tmp_path / "in.safetensors"
+    save_file({name: np.ones((4, 4), np.float32)}, str(src))
+    r = run(src, "-o", tmp_path / "o.npz", "--preset", "keep", check=False)
+    refused(r, 3)
+    assert "member name" in r.stderr and len(r.stderr) < 3000
+    assert not (tmp_path / "o.npz").exists()
+
+
+def test_names_with_control_characters_are_printed_escaped(tmp_path):
+    src = tmp_path / "in.safetensors"
+    x = np.ones((64, 64), np.float32)
+    x[3, 3] = np.nan
+    save_file({"w\n\x1b[31mred": x}, str(src))
+    r = run(src, "-o", tmp_path / "o.safetensors", check=False)
+    refused(r, 3)
+    assert "\x1b" not in r.stderr and "\\u{1b}" in r.stderr and "\\u{a}" in r.stderr

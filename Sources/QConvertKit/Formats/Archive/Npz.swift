@@ -127,6 +127,15 @@ public struct NpzWriter: FormatWriter {
         for t in tensors where !seen.insert(t.name).inserted {
             throw QConvertError.usage(message: "output would hold two arrays named '\(t.name)'")
         }
+        // Member names come from tensor names, which the input chose: none may climb out of the folder an
+        // archive is extracted to, be absolute, hold NUL, or pass the zip format's 65,535-byte limit.
+        for t in tensors {
+            let member = t.name + ".npy"
+            guard ZipArchive.isSafeName(member), member.utf8.count <= 65_535 else {
+                let shown = t.name.count > 200 ? String(t.name.prefix(200)) + "…" : t.name
+                throw QConvertError.badInput(path: source.path, message: "a tensor name cannot be an .npz member name (unsafe to extract, or longer than a zip allows): '\(shown)'")
+            }
+        }
         let headers = tensors.map { Npy.headerBytes(descr: Npy.descr($0.dtype), shape: $0.shape) }
         // What numpy cannot hold natively is stored as raw integers; remember the real type.
         var exotic: [(String, String)] = []
