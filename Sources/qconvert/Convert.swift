@@ -41,6 +41,9 @@ struct Convert: ParsableCommand {
     @Flag(name: .long, help: "ONNX: write tensor data to OUT.data beside the model (automatic past 2 GB).")
     var externalData = false
 
+    @Option(name: .long, help: ArgumentHelp("When a quality gate fails, write the rejected result here for inspection (the output is never created or replaced by a rejected result).", valueName: "path"))
+    var rejectedOutput: String?
+
     @Flag(name: .long, help: "Print the plan and stop, as 'qconvert plan' does.")
     var dryRun = false
 
@@ -74,9 +77,30 @@ struct Convert: ParsableCommand {
                 return
             }
             if let report { try PathGuard.checkReport(report, input: input, output: output) }
+            if let r = rejectedOutput, let o = output,
+               URL(fileURLWithPath: r).standardizedFileURL == URL(fileURLWithPath: o).standardizedFileURL
+                || PathGuard.identity(r).map({ $0 == PathGuard.identity(o) }) == true {
+                throw QConvertError.usage(message: "\(r): --rejected-output must differ from the output")
+            }
             installInterruptCleanup()
             let bar = ProgressBar(enabled: !quiet)
-            let result = try Converter.convert(input: input, output: output!, options: options) { bar.update($0) }
+            let result: ConversionReport
+            do {
+                result = try Converter.convert(input: input, output: output!, options: options) { bar.update($0) }
+            } catch var g as GateFailure {
+                bar.finish()
+                // The output is untouched; the rejected result goes where the user asked, to be inspected.
+                if let rejected = rejectedOutput {
+                    var again = options
+                    again.gates = QualityGates()
+                    _ = try Converter.convert(input: input, output: rejected, options: again)
+                    g.rejectedPath = rejected
+                }
+                if let report, let r = g.report {
+                    try? Data(r.json.utf8).write(to: URL(fileURLWithPath: report))
+                }
+                throw g
+            }
             bar.finish()
             if let report {
                 do { try Data(result.json.utf8).write(to: URL(fileURLWithPath: report)) } catch {
@@ -84,8 +108,6 @@ struct Convert: ParsableCommand {
                 }
             }
             if !quiet { printSummary(result) }
-            let failures = options.gates.evaluate(result)
-            if !failures.isEmpty { throw GateFailure(failures: failures, outputWritten: true) }
         }
     }
 

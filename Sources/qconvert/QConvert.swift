@@ -108,7 +108,7 @@ struct GateOptions: ParsableArguments {
     @Option(name: .long, help: ArgumentHelp("Fail (exit 5) when the output is larger than this fraction of the input (whole model and per tensor).", valueName: "r"))
     var maxSizeRatio: Double?
 
-    @Flag(name: .long, help: "With a failing gate, write no output (by default it is written so it can be inspected).")
+    @Flag(name: .long, help: "Kept for compatibility: a failing gate never writes the output.")
     var noOutputOnFail = false
 
     var gates: QualityGates { QualityGates(minSQNR: minSqnr, minCosine: minCosine, maxSizeRatio: maxSizeRatio, noOutputOnFail: noOutputOnFail) }

@@ -140,7 +140,14 @@ def test_gates_fail_exactly_when_they_should(tmp_path):
     assert ok.returncode == 0, ok.stderr
     bad = run(tmp_path / "in.safetensors", "-o", tmp_path / "b.safetensors", "--preset", "w4g128", "--min-sqnr", "30", "-q", check=False)
     assert bad.returncode == 5 and "w: sqnr_db" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
-    assert (tmp_path / "b.safetensors").exists()            # written for inspection
+    assert not (tmp_path / "b.safetensors").exists()        # a rejected result never creates the output
+    # ... nor replaces an existing one; --rejected-output keeps it elsewhere for inspection
+    before = open(tmp_path / "a.safetensors", "rb").read()
+    rej = run(tmp_path / "in.safetensors", "-o", tmp_path / "a.safetensors", "--preset", "w4g128", "--min-sqnr", "30",
+              "--rejected-output", tmp_path / "b.safetensors", "-q", check=False)
+    assert rej.returncode == 5 and "rejected result is in" in rej.stderr
+    assert open(tmp_path / "a.safetensors", "rb").read() == before
+    assert (tmp_path / "b.safetensors").exists()
     none = run(tmp_path / "in.safetensors", "-o", tmp_path / "c.safetensors", "--preset", "w4g128", "--min-sqnr", "30", "--no-output-on-fail", "-q", check=False)
     assert none.returncode == 5 and not (tmp_path / "c.safetensors").exists()
     size = run(tmp_path / "in.safetensors", "-o", tmp_path / "d.safetensors", "--preset", "fp16", "--max-size-ratio", "0.3", "-q", check=False)

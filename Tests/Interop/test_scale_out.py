@@ -26,6 +26,9 @@ def test_gate_failure_stays_a_failure_on_every_retry(zoo, tmp_path):
     assert first.returncode == 6, first.stderr      # the corrupt model; gate failures too
     failed = {x["model"]: x for x in rows(tmp_path / "m1.jsonl") if x["status"] == "gate-failed"}
     assert failed, rows(tmp_path / "m1.jsonl")
+    for k, x in failed.items():
+        assert not os.path.exists(x["output"]), k     # a rejected result is never written
+        assert x["worst_sqnr_db"] is not None and x["worst_sqnr_db"] < 30
     for attempt in range(2):                        # a CI retry, a requeue: same answer
         again = batch(zoo, "-o", out, "--preset", "w4g128", "--min-sqnr", "30", "--manifest", tmp_path / f"r{attempt}.jsonl", "-q")
         assert again.returncode == first.returncode
@@ -33,10 +36,16 @@ def test_gate_failure_stays_a_failure_on_every_retry(zoo, tmp_path):
         for k, x in failed.items():
             assert now[k]["status"] == "gate-failed", now[k]
             assert now[k]["worst_sqnr_db"] == pytest.approx(x["worst_sqnr_db"], abs=1e-9)
-            assert "earlier run" in now[k]["error"]
-    # Without the gate the same outputs are simply up to date.
+    # An output written by an earlier version despite its failed gate is not skipped as a success either:
+    # the gate is checked again from the figures its metadata records.
+    k = sorted(failed)[0]
+    run(zoo / k, "-o", failed[k]["output"], "--preset", "w4g128", "-q")
+    again = batch(zoo, "-o", out, "--preset", "w4g128", "--min-sqnr", "30", "--manifest", tmp_path / "old.jsonl", "-q")
+    row = next(x for x in rows(tmp_path / "old.jsonl") if x["model"] == k)
+    assert row["status"] == "gate-failed" and "earlier run" in row["error"], row
+    # Without the gate nothing is gate-failed (a model the format cannot hold at all still fails).
     ok = batch(zoo, "-o", out, "--preset", "w4g128", "--manifest", tmp_path / "ok.jsonl", "-q")
-    assert {x["status"] for x in rows(tmp_path / "ok.jsonl") if x["model"] in failed} == {"skipped"}
+    assert "gate-failed" not in {x["status"] for x in rows(tmp_path / "ok.jsonl")}
     assert ok.returncode == 6
 
 

@@ -241,13 +241,14 @@ public enum Batch {
                 let r = try Converter.convert(ck, output: output, options: opts, inputHash: hash)
                 o.bytesAfter = r.bytesAfter
                 o.worstSQNR = r.worst?.metrics?.sqnrDB
-                let failures = template.gates.evaluate(r)
-                if !failures.isEmpty {
-                    o.status = "gate-failed"
-                    o.error = GateFailure(failures: failures, outputWritten: true).description
-                }
+            } catch let g as GateFailure {
+                // Not written: the next run converts it again and fails again until input or policy change.
+                o.status = "gate-failed"
+                o.error = g.description
+                o.bytesAfter = g.report?.bytesAfter ?? 0
+                o.worstSQNR = g.report?.worst?.metrics?.sqnrDB
             } catch {
-                o.status = error is GateFailure ? "gate-failed" : "failed"
+                o.status = "failed"
                 o.error = "\(error)"
             }
             o.seconds = Date().timeIntervalSince(t0)

@@ -241,10 +241,11 @@ public enum Converter {
             progress?(ConvertProgress(tensorsDone: plans.count, tensorsTotal: plans.count, bytesDone: total, bytesTotal: total, current: ""))
             hashGroup.wait()
             if let e = checkError.value { throw e }
-            // Quality gates that must hold before anything is committed.
-            if options.gates.noOutputOnFail {
+            // Quality gates hold before anything is committed: a rejected result never creates or
+            // replaces the output (the command line can write it elsewhere with --rejected-output).
+            if !options.gates.isEmpty {
                 let failures = options.gates.evaluate(report())
-                if !failures.isEmpty { throw GateFailure(failures: failures, outputWritten: false) }
+                if !failures.isEmpty { throw GateFailure(failures: failures, outputWritten: false, report: report()) }
             }
             var meta = ckpt.metadata.filter { $0.key != MetadataDocument.key }
             meta.append((MetadataDocument.key, MetadataDocument.document(plans: plans, metrics: metrics, inputFormat: ckpt.format,

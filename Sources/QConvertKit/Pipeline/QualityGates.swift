@@ -6,7 +6,7 @@ public struct QualityGates: Sendable, Equatable {
     public var minSQNR: Double?
     public var minCosine: Double?
     public var maxSizeRatio: Double?
-    /// Refuse to write the output when a gate fails (by default it is written, for inspection).
+    /// Kept for compatibility: a failing gate never writes the output (see `Converter.convert`).
     public var noOutputOnFail = false
 
     public init(minSQNR: Double? = nil, minCosine: Double? = nil, maxSizeRatio: Double? = nil, noOutputOnFail: Bool = false) {
@@ -94,11 +94,18 @@ public struct GateFailure: Error, CustomStringConvertible {
     public var failures: [QualityGates.Failure]
     /// Whether an output was written anyway; nil where there is no output (diff).
     public var outputWritten: Bool?
-    public init(failures: [QualityGates.Failure], outputWritten: Bool?) { self.failures = failures; self.outputWritten = outputWritten }
+    /// The conversion that failed, for its figures (batch manifests).
+    public var report: ConversionReport?
+    /// Where the rejected result was written for inspection, if anywhere.
+    public var rejectedPath: String?
+    public init(failures: [QualityGates.Failure], outputWritten: Bool?, report: ConversionReport? = nil) {
+        self.failures = failures; self.outputWritten = outputWritten; self.report = report
+    }
     public var description: String {
         "quality gate failed for \(failures.count) check\(failures.count == 1 ? "" : "s"): "
             + failures.prefix(5).map(\.description).joined(separator: "; ")
             + (failures.count > 5 ? "; … \(failures.count - 5) more" : "")
-            + (outputWritten.map { $0 ? " (output written for inspection)" : " (no output written)" } ?? "")
+            + (rejectedPath.map { " (output not written; the rejected result is in \($0))" }
+                ?? outputWritten.map { $0 ? " (output written for inspection)" : " (output not written)" } ?? "")
     }
 }

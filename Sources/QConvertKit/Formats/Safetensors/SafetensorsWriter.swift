@@ -16,6 +16,7 @@ public struct SafetensorsWriter: FormatWriter {
             throw QConvertError.usage(message: "tensor '\(t.name)': safetensors has no \(t.dtype.rawValue) dtype")
         }
         let isFile = path.hasSuffix(".safetensors")
+        var createdFolder = false
         var plan: [(file: String, members: [Int])] = []
         if isFile {
             if options.maxShardSize != nil {
@@ -23,6 +24,7 @@ public struct SafetensorsWriter: FormatWriter {
             }
             plan = [(path, Array(tensors.indices))]
         } else {
+            createdFolder = !FileManager.default.fileExists(atPath: path)
             try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
             if let max = options.maxShardSize {
                 var groups: [[Int]] = [[]]
@@ -49,8 +51,15 @@ public struct SafetensorsWriter: FormatWriter {
             }
             plan = plan.map { (path + "/" + $0.file, $0.members) }
         }
-        return try SafetensorsSink(folder: isFile ? nil : path, plan: plan, tensors: tensors,
-                                   metadataHint: options.metadataSizeHint)
+        do {
+            let sink = try SafetensorsSink(folder: isFile ? nil : path, plan: plan, tensors: tensors,
+                                           metadataHint: options.metadataSizeHint)
+            sink.createdFolder = createdFolder
+            return sink
+        } catch {
+            if createdFolder { rmdir(path) }
+            throw error
+        }
     }
 }
 
@@ -199,5 +208,11 @@ final class SafetensorsSink: CheckpointSink {
         return out + "\n  }\n}\n"
     }
 
-    func abort() { for s in shards { s.file.abort() } }
+    /// Whether this conversion created the output folder: an aborted one then removes it (if empty).
+    var createdFolder = false
+
+    func abort() {
+        for s in shards { s.file.abort() }
+        if createdFolder, let folder { rmdir(folder) }   // only succeeds when nothing else is in it
+    }
 }
