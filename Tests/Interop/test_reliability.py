@@ -255,3 +255,42 @@ def test_names_with_control_characters_are_printed_escaped(tmp_path):
     r = run(src, "-o", tmp_path / "o.safetensors", check=False)
     refused(r, 3)
     assert "\x1b" not in r.stderr and "\\u{1b}" in r.stderr and "\\u{a}" in r.stderr
+
+
+def test_fifos_are_refused_not_waited_on(tmp_path):
+    import time
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    t = time.time()
+    r = subprocess.run([QCONVERT, "inspect", str(tmp_path / "pipe.safetensors")], capture_output=True, text=True, timeout=20)
+    refused(r, 3)
+    assert "not a regular file" in r.stderr and time.time() - t < 10
+    # ONNX external data that is a FIFO
+    d = tmp_path / "m"
+    d.mkdir()
+    make_onnx_models.external(str(d / "m.onnx"))
+    os.remove(d / "m.onnx.data")
+    os.mkfifo(d / "m.onnx.data")
+    r = subprocess.run([QCONVERT, "inspect", str(d / "m.onnx")], capture_output=True, text=True, timeout=20)
+    refused(r, 3)
+    assert "not a regular file" in r.stderr
+
+
+def test_many_tensors_and_repeated_names_stay_linear(tmp_path):
+    """8,000 tensors to fp16 took 109 s (a quadratic header writer); 60,000 ONNX initializers sharing a
+    name hung. Both finish in well under the bound now (it is generous: this is a hang check)."""
+    import time
+    import onnx
+    from onnx import helper, numpy_helper, TensorProto
+    save_file({f"t{i}": np.ones((4, 4), np.float32) for i in range(8000)}, str(tmp_path / "many.safetensors"))
+    t = time.time()
+    run(tmp_path / "many.safetensors", "-o", tmp_path / "many16.safetensors", "--preset", "fp16", "-q")
+    assert time.time() - t < 30
+    from safetensors.numpy import load_file
+    assert len(load_file(str(tmp_path / "many16.safetensors"))) == 8000
+    inits = [numpy_helper.from_array(np.ones((2,), np.float32), name="w") for _ in range(60000)]
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], inits)
+    (tmp_path / "dup.onnx").write_bytes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString())
+    t = time.time()
+    r = run("inspect", tmp_path / "dup.onnx", check=False)
+    assert time.time() - t < 30 and r.returncode in (0, 3)

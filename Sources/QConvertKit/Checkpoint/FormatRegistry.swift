@@ -57,6 +57,11 @@ public enum FormatRegistry {
     }
 
     static func readPrefix(_ path: String, count: Int) throws -> [UInt8] {
+        // A FIFO or a device would block the read (or never end): only regular files are sniffed.
+        if let attrs = try? FileManager.default.attributesOfItem(atPath: path),
+           let type = attrs[.type] as? FileAttributeType, type != .typeRegular, type != .typeDirectory {
+            throw QConvertError.io(path: path, message: "is not a regular file (a FIFO, socket or device)")
+        }
         guard let h = FileHandle(forReadingAtPath: path) else {
             throw QConvertError.io(path: path, message: "cannot open")
         }

@@ -15,7 +15,9 @@ public final class MappedFile: @unchecked Sendable {
 
     public init(path: String) throws {
         self.path = path
-        let fd = open(path, O_RDONLY)
+        // O_NONBLOCK: opening a FIFO or a device must not wait for a writer; anything but a regular
+        // file is refused below.
+        let fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC)
         guard fd >= 0 else { throw QConvertError.io(path: path, message: "cannot open: \(String(cString: strerror(errno)))") }
         var st = stat()
         guard fstat(fd, &st) == 0 else {
@@ -25,6 +27,10 @@ public final class MappedFile: @unchecked Sendable {
         if (st.st_mode & S_IFMT) == S_IFDIR {
             close(fd)
             throw QConvertError.io(path: path, message: "is a directory")
+        }
+        if (st.st_mode & S_IFMT) != S_IFREG {
+            close(fd)
+            throw QConvertError.io(path: path, message: "is not a regular file (a FIFO, socket or device)")
         }
         self.fd = fd
         self.size = Int(st.st_size)

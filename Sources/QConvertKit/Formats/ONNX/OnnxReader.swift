@@ -44,12 +44,16 @@ public struct OnnxReader: FormatReader {
         _ = graph
         var entries: [TensorEntry] = []
         var names = Set<String>()
+        var nextSuffix: [String: Int] = [:]
 
         func register(_ t: Proto.TensorP, graphName: String, home: OnnxModel.Home) throws {
             guard t.pointee.has_data_type != 0, let dtype = Proto.dtype(t.pointee.data_type) else { return }   // strings and exotic types stay as they are
             var name = graphName
-            var k = 2
+            // Repeated names (across subgraphs, or a hostile file's thousands of copies) get #2, #3, ...;
+            // the next suffix to try is remembered per name, so this stays linear.
+            var k = nextSuffix[graphName] ?? 2
             while names.contains(name) { name = "\(graphName)#\(k)"; k += 1 }
+            if name != graphName { nextSuffix[graphName] = k }
             names.insert(name)
             var dims: [Int] = []
             for i in 0..<t.pointee.n_dims {

@@ -114,7 +114,9 @@ final class SafetensorsSink: CheckpointSink {
 
     static func headerJSON(order: [Int], begins: [Int: Int], tensors: [OutputTensor], metadata: [(key: String, value: String)]) -> String {
         var out = "{"
+        var first = true   // (String.count walks the whole string: asking it per tensor was quadratic)
         if !metadata.isEmpty {
+            first = false
             out += "\"__metadata__\":{"
             for (k, (key, value)) in metadata.enumerated() {
                 if k > 0 { out += "," }
@@ -124,7 +126,8 @@ final class SafetensorsSink: CheckpointSink {
         }
         for i in order {
             let t = tensors[i]
-            if out.count > 1 { out += "," }
+            if !first { out += "," }
+            first = false
             JSONValue.writeString(t.name, &out)
             let b = begins[i]!
             out += ":{\"dtype\":\"\(t.dtype.safetensorsName!)\",\"shape\":[\(t.shape.map(String.init).joined(separator: ","))],\"data_offsets\":[\(b),\(b + t.byteCount)]}"
