@@ -294,3 +294,49 @@ def test_many_tensors_and_repeated_names_stay_linear(tmp_path):
     t = time.time()
     r = run("inspect", tmp_path / "dup.onnx", check=False)
     assert time.time() - t < 30 and r.returncode in (0, 3)
+
+
+def pt_archive(path, pkl):
+    import zipfile
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", pkl)
+        z.writestr("archive/version", "3\n")
+
+
+DEPTH = 100000
+HOSTILE_PICKLES = {
+    # lists nested DEPTH deep: EMPTY_LIST x DEPTH, then APPEND x (DEPTH - 1)
+    "nested-lists": b"\x80\x02" + b"]" * DEPTH + b"a" * (DEPTH - 1) + b".",
+    # tuples nested DEPTH deep: EMPTY_TUPLE, then TUPLE1 x DEPTH
+    "nested-tuples": b"\x80\x02)" + b"\x85" * DEPTH + b".",
+    # dicts nested through SETITEM
+    "nested-dicts": b"\x80\x02" + b"}K\x01" * DEPTH + b"s" * (DEPTH - 1) + b".",
+    # a list placed in another list, then deepened through the memo
+    "deepen-held": b"\x80\x02]q\x00]h\x00a" + b"h\x00]a" + b".",
+    # a DAG: one tuple twice in the next, 60 times (2^60 places), under a dict key
+    "memo-dag": b"\x80\x02}X\x01\x00\x00\x00w)" + b"q\x00h\x00\x86" * 60 + b"s.",
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_PICKLES))
+def test_hostile_pickles_are_refused_quickly_in_one_line(tmp_path, case):
+    import time
+    pt_archive(tmp_path / "x.pt", HOSTILE_PICKLES[case])
+    t = time.time()
+    r = subprocess.run([QCONVERT, "inspect", str(tmp_path / "x.pt")], capture_output=True, text=True, timeout=60)
+    refused(r, 3)
+    assert time.time() - t < 20
+
+
+def test_large_dicts_and_sets_unpickle_in_linear_time(tmp_path):
+    """200,000 SETITEMs into one dict and 100,000 ADDITEMS into one set were quadratic."""
+    import time
+    n = 200000
+    body = b"".join(b"X" + len(k).to_bytes(4, "little") + k + b"K\x01s" for k in (f"k{i}".encode() for i in range(n)))
+    adds = b"\x8f" + b"(K\x01\x90" * 100000
+    pkl = b"\x80\x04}X\x01\x00\x00\x00d}" + body + b"sX\x01\x00\x00\x00s" + adds + b"s."
+    pt_archive(tmp_path / "big.pt", pkl)
+    t = time.time()
+    r = subprocess.run([QCONVERT, "inspect", str(tmp_path / "big.pt")], capture_output=True, text=True, timeout=120)
+    assert time.time() - t < 20, r.stderr
+    assert r.returncode in (0, 3) and len(r.stderr.strip().splitlines()) <= 1

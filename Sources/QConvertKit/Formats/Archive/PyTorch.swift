@@ -206,8 +206,16 @@ public struct PyTorchReader: FormatReader {
         var entries: [TensorEntry] = []
         var seen: [String: Int] = [:]
         var names = Set<String>()
+        // Values shared through the pickle's memo are walked once per place they appear: a few hundred
+        // bytes can describe a tree of 2^60 places. Past `maxPlaces` the file is refused.
+        var places = 0
+        let maxPlaces = 1 << 22
         func walk(_ v: PickleValue, _ keyPath: String, _ depth: Int) throws {
             guard depth < 200 else { throw bad("object nesting deeper than 200 levels") }
+            places += 1
+            guard places <= maxPlaces else {
+                throw bad("the pickle's values expand to more than \(maxPlaces) places (shared references repeated)")
+            }
             switch v {
             case .tensor(let t):
                 let id = "\(t.storage.key)|\(t.offset)|\(t.shape)|\(t.stride)|\(t.dtype.rawValue)"

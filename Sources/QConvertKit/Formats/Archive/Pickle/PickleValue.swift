@@ -22,10 +22,20 @@ indirect enum PickleValue {
     case mark
 }
 
-final class PickleList { var items: [PickleValue] = [] }
+final class PickleList {
+    var items: [PickleValue] = []
+    /// Nesting depth (1 + the deepest item) and whether another container holds this one: the
+    /// unpickler adds nothing to a held container, so a recorded depth never goes stale.
+    var depth = 1
+    var embedded = false
+}
 
 final class PickleDict {
     var items: [(key: PickleValue, value: PickleValue)] = []
+    /// Position of each string key in `items`, so that SETITEM finds an existing key at once.
+    var stringKeys: [String: Int] = [:]
+    var depth = 1
+    var embedded = false
     /// collections.OrderedDict rather than dict.
     var ordered = false
     /// State set by BUILD (Module.state_dict's `_metadata`), written back the same way.

@@ -9,13 +9,17 @@ struct Unpickler {
     let data: UnsafeRawBufferPointer
     var pos = 0
     var stack: [PickleValue] = []
+    /// The nesting depth of each stack value (0 for scalars): a value nested deeper than `maxDepth`
+    /// is refused while it is built, since freeing (or walking) it would recurse that deep.
+    var depths: [Int] = []
     var marks: [Int] = []
-    var memo: [Int: PickleValue] = [:]
+    var memo: [Int: (value: PickleValue, depth: Int)] = [:]
     /// Turns a persistent id (a tuple) into a storage.
     let persistentLoad: (PickleValue) throws -> PickleValue
 
     static let maxStack = 1 << 22
     static let maxMemo = 1 << 22
+    static let maxDepth = 256
 
     init(_ data: UnsafeRawBufferPointer, persistentLoad: @escaping (PickleValue) throws -> PickleValue) {
         self.data = data
@@ -50,28 +54,82 @@ struct Unpickler {
         return s
     }
 
-    mutating func pop() throws -> PickleValue {
-        guard let v = stack.popLast() else { throw fail("stack underflow") }
-        if case .mark = v { throw fail("unexpected MARK") }
-        return v
+    /// A value's depth: lists and dicts carry theirs (it grows while they are filled).
+    func depthOf(_ v: PickleValue, recorded: Int) -> Int {
+        switch v {
+        case .list(let l): return l.depth
+        case .dict(let d): return d.depth
+        default: return recorded
+        }
     }
 
-    mutating func popMark() throws -> [PickleValue] {
+    mutating func pop() throws -> PickleValue { try popWithDepth().value }
+
+    mutating func popWithDepth() throws -> (value: PickleValue, depth: Int) {
+        guard let v = stack.popLast() else { throw fail("stack underflow") }
+        let d = depths.removeLast()
+        if case .mark = v { throw fail("unexpected MARK") }
+        return (v, depthOf(v, recorded: d))
+    }
+
+    mutating func popMark() throws -> [PickleValue] { try popMarkWithDepth().items }
+
+    /// The items since the last MARK and the deepest of their depths.
+    mutating func popMarkWithDepth() throws -> (items: [PickleValue], deepest: Int) {
         guard let m = marks.popLast(), m <= stack.count else { throw fail("no MARK to pop to") }
         let items = Array(stack[m...])
+        var deepest = 0
+        for (k, v) in items.enumerated() { deepest = max(deepest, depthOf(v, recorded: depths[m + k])) }
         stack.removeSubrange(m...)
-        return items
+        depths.removeSubrange(m...)
+        return (items, deepest)
     }
 
-    mutating func push(_ v: PickleValue) throws {
+    mutating func push(_ v: PickleValue, depth: Int = 0) throws {
         guard stack.count < Unpickler.maxStack else { throw fail("pickle stack grows past \(Unpickler.maxStack)") }
+        guard depth <= Unpickler.maxDepth else { throw fail("values nested deeper than \(Unpickler.maxDepth) levels") }
         stack.append(v)
+        depths.append(depth)
+    }
+
+    /// Pushes a new container holding `items` (whose deepest depth is `deepest`).
+    mutating func pushContainer(_ v: PickleValue, items: [PickleValue], deepest: Int) throws {
+        embed(items)
+        let d = deepest + 1
+        if case .list(let l) = v { l.depth = d }
+        if case .dict(let dict) = v { dict.depth = d }
+        try push(v, depth: d)
+    }
+
+    /// Marks lists and dicts as held by another value: nothing may be added to them afterwards.
+    func embed(_ items: [PickleValue]) {
+        for v in items {
+            if case .list(let l) = v { l.embedded = true } else if case .dict(let d) = v { d.embedded = true }
+        }
+    }
+
+    /// The list or dict on top of the stack, to add items to: never one another value already holds
+    /// (CPython's pickler fills a container before placing it; only a hostile pickle does otherwise).
+    mutating func growTop(by deepest: Int, _ what: String) throws {
+        guard let top = stack.last else { throw fail("\(what) on an empty stack") }
+        let d = max(depthOf(top, recorded: depths[depths.count - 1]), deepest + 1)
+        guard d <= Unpickler.maxDepth else { throw fail("values nested deeper than \(Unpickler.maxDepth) levels") }
+        switch top {
+        case .list(let l):
+            guard !l.embedded else { throw fail("\(what) to a list that another value already holds") }
+            l.depth = d
+        case .dict(let dict):
+            guard !dict.embedded else { throw fail("\(what) to a dict that another value already holds") }
+            dict.depth = d
+        default: break
+        }
+        depths[depths.count - 1] = d
     }
 
     mutating func memoize(_ k: Int) throws {
         guard let top = stack.last else { throw fail("memoize on an empty stack") }
         guard memo.count < Unpickler.maxMemo else { throw fail("pickle memo grows past \(Unpickler.maxMemo)") }
-        memo[k] = top
+        memo[k] = (top, depths[depths.count - 1])
     }
 
     mutating func load() throws -> PickleValue {
@@ -86,7 +144,7 @@ struct Unpickler {
             case UInt8(ascii: "("): marks.append(stack.count)
             case UInt8(ascii: "0"): _ = try pop()
             case UInt8(ascii: "1"): _ = try popMark()
-            case UInt8(ascii: "2"): guard let t = stack.last else { throw fail("DUP on an empty stack") }; try push(t)
+            case UInt8(ascii: "2"): guard let t = stack.last else { throw fail("DUP on an empty stack") }; try push(t, depth: depths[depths.count - 1])
             case UInt8(ascii: "N"): try push(.none)
             case 0x88: try push(.bool(true))
             case 0x89: try push(.bool(false))
@@ -123,43 +181,64 @@ struct Unpickler {
             case UInt8(ascii: "B"), UInt8(ascii: "C"), 0x8e, 0x96:
                 let n = op == UInt8(ascii: "C") ? Int(try byte()) : (op == UInt8(ascii: "B") ? Int(try uint(4)) : Int(try uint(8)))
                 try push(.bytes(Array(try take(n))))
-            case UInt8(ascii: ")"): try push(.tuple([]))
-            case UInt8(ascii: "t"): try push(.tuple(try popMark()))
-            case 0x85: let a = try pop(); try push(.tuple([a]))
-            case 0x86: let b = try pop(), a = try pop(); try push(.tuple([a, b]))
-            case 0x87: let c = try pop(), b = try pop(), a = try pop(); try push(.tuple([a, b, c]))
-            case UInt8(ascii: "]"): try push(.list(PickleList()))
-            case UInt8(ascii: "l"): let l = PickleList(); l.items = try popMark(); try push(.list(l))
+            case UInt8(ascii: ")"): try push(.tuple([]), depth: 1)
+            case UInt8(ascii: "t"): let (items, deepest) = try popMarkWithDepth(); try pushContainer(.tuple(items), items: items, deepest: deepest)
+            case 0x85, 0x86, 0x87:
+                var items: [PickleValue] = []
+                var deepest = 0
+                for _ in 0..<Int(op - 0x84) { let (v, d) = try popWithDepth(); items.insert(v, at: 0); deepest = max(deepest, d) }
+                try pushContainer(.tuple(items), items: items, deepest: deepest)
+            case UInt8(ascii: "]"): try push(.list(PickleList()), depth: 1)
+            case UInt8(ascii: "l"):
+                let (items, deepest) = try popMarkWithDepth()
+                let l = PickleList()
+                l.items = items
+                try pushContainer(.list(l), items: items, deepest: deepest)
             case UInt8(ascii: "a"):
-                let v = try pop()
+                let (v, d) = try popWithDepth()
                 guard case .list(let l)? = stack.last else { throw fail("APPEND on something that is not a list") }
+                try growTop(by: d, "APPEND")
+                embed([v])
                 l.items.append(v)
             case UInt8(ascii: "e"):
-                let items = try popMark()
+                let (items, deepest) = try popMarkWithDepth()
                 guard case .list(let l)? = stack.last else { throw fail("APPENDS on something that is not a list") }
+                try growTop(by: deepest, "APPENDS")
+                embed(items)
                 l.items += items
-            case UInt8(ascii: "}"): try push(.dict(PickleDict()))
+            case UInt8(ascii: "}"): try push(.dict(PickleDict()), depth: 1)
             case UInt8(ascii: "d"):
-                let items = try popMark()
+                let (items, deepest) = try popMarkWithDepth()
                 guard items.count % 2 == 0 else { throw fail("DICT with an odd number of items") }
                 let d = PickleDict()
-                for k in stride(from: 0, to: items.count, by: 2) { d.items.append((items[k], items[k + 1])) }
-                try push(.dict(d))
+                for k in stride(from: 0, to: items.count, by: 2) { set(d, items[k], items[k + 1]) }
+                try pushContainer(.dict(d), items: items, deepest: deepest)
             case UInt8(ascii: "s"):
-                let v = try pop(), k = try pop()
+                let (v, dv) = try popWithDepth(), (k, dk) = try popWithDepth()
                 guard case .dict(let d)? = stack.last else { throw fail("SETITEM on something that is not a dict") }
+                try growTop(by: max(dv, dk), "SETITEM")
+                embed([k, v])
                 set(d, k, v)
             case UInt8(ascii: "u"):
-                let items = try popMark()
+                let (items, deepest) = try popMarkWithDepth()
                 guard items.count % 2 == 0 else { throw fail("SETITEMS with an odd number of items") }
                 guard case .dict(let d)? = stack.last else { throw fail("SETITEMS on something that is not a dict") }
+                try growTop(by: deepest, "SETITEMS")
+                embed(items)
                 for k in stride(from: 0, to: items.count, by: 2) { set(d, items[k], items[k + 1]) }
-            case 0x8f: try push(.set([]))
+            case 0x8f: try push(.set([]), depth: 1)
             case 0x90:
-                let items = try popMark()
-                guard case .set(let s)? = stack.last else { throw fail("ADDITEMS on something that is not a set") }
-                stack[stack.count - 1] = .set(s + items)
-            case 0x91: try push(.set(try popMark()))
+                let (items, deepest) = try popMarkWithDepth()
+                guard case .set? = stack.last else { throw fail("ADDITEMS on something that is not a set") }
+                // Taken off the stack and put back: the array is then uniquely held and grows in place
+                // (adding to a copy made every ADDITEMS quadratic).
+                var (top, d) = try popWithDepth()
+                guard case .set(var members) = top else { throw fail("ADDITEMS on something that is not a set") }
+                top = .none   // the last other reference to the array: `members` now grows in place
+                members += items
+                embed(items)
+                try push(.set(members), depth: max(d, deepest + 1))
+            case 0x91: let (items, deepest) = try popMarkWithDepth(); try pushContainer(.set(items), items: items, deepest: deepest)
             case UInt8(ascii: "c"):
                 let module = try line(), name = try line()
                 try push(try global(module, name))
@@ -167,19 +246,19 @@ struct Unpickler {
                 let name = try pop(), module = try pop()
                 guard case .string(let n) = name, case .string(let m) = module else { throw fail("STACK_GLOBAL needs two strings") }
                 try push(try global(m, n))
-            case UInt8(ascii: "R"):
-                let args = try pop(), callable = try pop()
-                guard case .tuple(let a) = args else { throw fail("REDUCE arguments are not a tuple") }
-                try push(try reduce(callable, a))
-            case 0x81:
-                let args = try pop(), cls = try pop()
-                guard case .tuple(let a) = args else { throw fail("NEWOBJ arguments are not a tuple") }
-                try push(try reduce(cls, a))
+            case UInt8(ascii: "R"), 0x81:
+                let (args, da) = try popWithDepth(), callable = try pop()
+                guard case .tuple(let a) = args else { throw fail("\(op == 0x81 ? "NEWOBJ" : "REDUCE") arguments are not a tuple") }
+                let result = try reduce(callable, a)
+                try pushContainer(result, items: [args], deepest: da)
             case UInt8(ascii: "b"):
-                let state = try pop()
+                let (state, ds) = try popWithDepth()
                 guard let target = stack.last else { throw fail("BUILD on an empty stack") }
                 switch target {
-                case .dict(let d): d.state = state
+                case .dict(let d):
+                    try growTop(by: ds, "BUILD")
+                    embed([state])
+                    d.state = state
                 case .tensor: break   // _rebuild_parameter_with_state: no Python state is kept
                 default: throw fail("BUILD on something that is not an OrderedDict or a tensor")
                 }
@@ -198,17 +277,19 @@ struct Unpickler {
         }
     }
 
+    /// Sets a key as Python would: an existing string key is replaced (found through the dict's index,
+    /// not a scan: SETITEMS on a large dict was quadratic), other keys are appended.
     func set(_ d: PickleDict, _ k: PickleValue, _ v: PickleValue) {
-        if case .string(let ks) = k, let i = d.items.firstIndex(where: { if case .string(let s) = $0.key { return s == ks }; return false }) {
-            d.items[i].value = v
-        } else {
-            d.items.append((k, v))
+        if case .string(let ks) = k {
+            if let i = d.stringKeys[ks] { d.items[i].value = v; return }
+            d.stringKeys[ks] = d.items.count
         }
+        d.items.append((k, v))
     }
 
     mutating func get(_ k: Int) throws {
         guard let v = memo[k] else { throw fail("memo key \(k) was never stored") }
-        try push(v)
+        try push(v.value, depth: depthOf(v.value, recorded: v.depth))
     }
 
     func global(_ module: String, _ name: String) throws -> PickleValue {
@@ -236,7 +317,7 @@ struct Unpickler {
             let d = PickleDict()
             d.ordered = n == "OrderedDict"
             if let first = a.first, case .list(let l) = first {
-                for item in l.items { if case .tuple(let kv) = item, kv.count == 2 { d.items.append((kv[0], kv[1])) } }
+                for item in l.items { if case .tuple(let kv) = item, kv.count == 2 { set(d, kv[0], kv[1]) } }
             }
             return .dict(d)
         case ("torch", "Size"):
