@@ -340,3 +340,23 @@ def test_large_dicts_and_sets_unpickle_in_linear_time(tmp_path):
     r = subprocess.run([QCONVERT, "inspect", str(tmp_path / "big.pt")], capture_output=True, text=True, timeout=120)
     assert time.time() - t < 20, r.stderr
     assert r.returncode in (0, 3) and len(r.stderr.strip().splitlines()) <= 1
+
+
+def test_stride_zero_views_of_huge_shapes_are_refused(tmp_path):
+    """A stride-0 view of a huge shape overflowed a byte count (memory corruption), or made inspect
+    gather gigabytes from a few bytes."""
+    def tup(v):
+        return b"(" + b"".join(b"J" + int(x).to_bytes(4, "little", signed=True) for x in v) + b"t"
+    def pickle_for(shape, stride):
+        return (b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n("
+                b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQ"
+                b"K\x00" + tup(shape) + tup(stride) + b"\x89ccollections\nOrderedDict\n)RtRs.")
+    import zipfile
+    for shape, stride in [([2**31 - 1, 2**31 - 1, 2**31 - 1], [0, 0, 0]), ([1 << 20, 1 << 10], [0, 0])]:
+        with zipfile.ZipFile(tmp_path / "v.pt", "w", zipfile.ZIP_STORED) as z:
+            z.writestr("archive/data.pkl", pickle_for(shape, stride))
+            z.writestr("archive/data/0", b"\x00" * 16)
+            z.writestr("archive/version", "3\n")
+        r = subprocess.run([QCONVERT, "inspect", str(tmp_path / "v.pt")], capture_output=True, text=True, timeout=60)
+        refused(r, 3)
+        assert "overflows" in r.stderr or "gathers" in r.stderr, r.stderr

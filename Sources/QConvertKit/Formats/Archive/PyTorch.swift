@@ -252,6 +252,11 @@ public struct PyTorchReader: FormatReader {
     }
 
     /// A tensor's bytes, contiguous: in place when the view is, gathered when it is strided.
+    static func maxMaterialized(storageBytes: Int) -> Int {
+        let (scaled, o) = storageBytes.multipliedReportingOverflow(by: 64)
+        return o ? Int.max : scaled + 256 << 20
+    }
+
     static func tensorBytes(_ t: PTTensor, storage: TensorBytes, name: String, path: String) throws -> TensorBytes {
         func bad(_ m: String) -> QConvertError { .badInput(path: path, message: "tensor '\(name)': \(m)") }
         let elsize = max(t.dtype.bits / 8, 1)
@@ -270,16 +275,23 @@ public struct PyTorchReader: FormatReader {
             }
             guard last < capacity else { throw bad("view reaches element \(last) of a storage holding \(capacity)") }
         }
+        let (byteCount, overflow) = n.multipliedReportingOverflow(by: elsize)
+        guard !overflow else { throw bad("byte count of shape \(t.shape) overflows") }
         var contiguous = [Int](repeating: 1, count: t.shape.count)
         for k in stride(from: t.shape.count - 2, through: 0, by: -1) { contiguous[k] = contiguous[k + 1] * t.shape[k + 1] }
         let isContiguous = n <= 1 || zip(zip(t.shape, t.stride), contiguous).allSatisfy { $0.0.0 == 1 || $0.0.1 == $0.1 }
         if isContiguous {
             switch storage {
-            case .mapped(let f, let off, _): return .mapped(f, offset: off + t.offset * elsize, count: n * elsize)
-            default: return .owned(storage.withUnsafeBytes { Array($0[(t.offset * elsize)..<((t.offset + n) * elsize)]) })
+            case .mapped(let f, let off, _): return .mapped(f, offset: off + t.offset * elsize, count: byteCount)
+            default: return .owned(storage.withUnsafeBytes { Array($0[(t.offset * elsize)..<(t.offset * elsize + byteCount)]) })
             }
         }
-        var out = [UInt8](repeating: 0, count: n * elsize)
+        // A strided view is gathered into memory; one that repeats elements (stride 0) can describe far
+        // more bytes than its storage holds. Past 64 times the storage plus 256 MB it is refused.
+        guard byteCount <= PyTorchReader.maxMaterialized(storageBytes: storage.count) else {
+            throw bad("a view of \(byteCount) bytes over a storage of \(storage.count) bytes is more than qconvert gathers (64 × the storage + 256 MB)")
+        }
+        var out = [UInt8](repeating: 0, count: byteCount)
         storage.withUnsafeBytes { src in
             var idx = [Int](repeating: 0, count: t.shape.count)
             for e in 0..<n {
