@@ -360,3 +360,14 @@ def test_stride_zero_views_of_huge_shapes_are_refused(tmp_path):
         r = subprocess.run([QCONVERT, "inspect", str(tmp_path / "v.pt")], capture_output=True, text=True, timeout=60)
         refused(r, 3)
         assert "overflows" in r.stderr or "gathers" in r.stderr, r.stderr
+
+
+def test_diff_gate_agrees_with_the_printed_cosine_against_zeros(tmp_path):
+    save_file({"w": np.random.default_rng(3).standard_normal((8, 8)).astype(np.float32)}, str(tmp_path / "a.safetensors"))
+    save_file({"w": np.zeros((8, 8), np.float32)}, str(tmp_path / "z.safetensors"))
+    d = json.loads(run("diff", tmp_path / "a.safetensors", tmp_path / "z.safetensors", "--json").stdout)
+    assert d["tensors"][0]["cosine"] == 0
+    r = run("diff", tmp_path / "a.safetensors", tmp_path / "z.safetensors", "--min-cosine", "0.9", check=False)
+    assert r.returncode == 5 and "cosine" in r.stderr
+    same = run("diff", tmp_path / "z.safetensors", tmp_path / "z.safetensors", "--min-cosine", "0.9", check=False)
+    assert same.returncode == 0

@@ -30,7 +30,12 @@ public struct QualityGates: Sendable, Equatable {
     public func evaluate(tensors: [(name: String, x2: Double, e2: Double, xq: Double, q2: Double, before: Int, after: Int)]) -> [Failure] {
         var out: [Failure] = []
         func sqnr(_ x2: Double, _ e2: Double) -> Double { e2 > 0 ? 10 * log10(x2 / e2) : .infinity }
-        func cosine(_ xq: Double, _ x2: Double, _ q2: Double) -> Double { x2 > 0 && q2 > 0 ? xq / (x2.squareRoot() * q2.squareRoot()) : 1 }
+        // The same definition as the per-tensor metrics: two all-zero tensors agree (1); one all-zero
+        // tensor against any other agrees in nothing (0).
+        func cosine(_ xq: Double, _ x2: Double, _ q2: Double) -> Double {
+            if x2 > 0 && q2 > 0 { return xq / (x2.squareRoot() * q2.squareRoot()) }
+            return x2 == 0 && q2 == 0 ? 1 : 0
+        }
         var X2 = 0.0, E2 = 0.0, XQ = 0.0, Q2 = 0.0, B = 0, A = 0
         for t in tensors {
             X2 += t.x2; E2 += t.e2; XQ += t.xq; Q2 += t.q2; B += t.before; A += t.after
