@@ -371,3 +371,21 @@ def test_diff_gate_agrees_with_the_printed_cosine_against_zeros(tmp_path):
     assert r.returncode == 5 and "cosine" in r.stderr
     same = run("diff", tmp_path / "z.safetensors", tmp_path / "z.safetensors", "--min-cosine", "0.9", check=False)
     assert same.returncode == 0
+
+
+def test_pt_output_keeps_the_planners_unique_parameter_names(tmp_path):
+    """A checkpoint holding `w` and a float `w_scale` (fp8 exports do): .pt → .pt int8 wrote two `w_scale`
+    keys, torch kept the original, and dequantize failed."""
+    torch = pytest.importorskip("torch")
+    r = np.random.default_rng(5)
+    w = r.standard_normal((64, 64)).astype(np.float32)
+    save_file({"w": w, "w_scale": r.standard_normal((64, 32)).astype(np.float32)}, str(tmp_path / "a.safetensors"))
+    run(tmp_path / "a.safetensors", "-o", tmp_path / "keep.pt", "--preset", "keep", "-q")
+    run(tmp_path / "keep.pt", "-o", tmp_path / "q.pt", "-q")
+    sd = torch.load(tmp_path / "q.pt", weights_only=True)
+    assert sorted(sd) == ["w", "w_scale", "w_scale_1", "w_scale_scale"], sorted(sd)
+    assert sd["w_scale_1"].shape == (64, 1)
+    run("dequantize", tmp_path / "q.pt", "-o", tmp_path / "back.safetensors")
+    from safetensors.numpy import load_file
+    back = load_file(str(tmp_path / "back.safetensors"))
+    assert np.abs(back["w"] - w).max() <= np.abs(w).max(axis=1).max() / 127

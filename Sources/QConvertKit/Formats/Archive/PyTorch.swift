@@ -386,7 +386,12 @@ final class PyTorchSink: CheckpointSink {
                 if case .tensor(let t) = item, case .string(let key) = k, let outs = outputs[t.entry], outs.count > 1,
                    !emitted.value.contains(t.entry) {
                     emitted.value.insert(t.entry)
-                    for (suffix, o) in Swift.zip(["_scale", "_zero_point"], outs.dropFirst()) {
+                    // The planner named the parameters (and made the names unique: a checkpoint may already
+                    // hold a `w_scale`); here they sit beside the values under the same relative suffix.
+                    let valuesName = tensors[outs[0]].name
+                    for (fallback, o) in Swift.zip(["_scale", "_zero_point"], outs.dropFirst()) {
+                        let full = tensors[o].name
+                        let suffix = full.hasPrefix(valuesName) ? String(full.dropFirst(valuesName.count)) : fallback
                         let pt = PTTensor(storage: t.storage, dtype: tensors[o].dtype, offset: 0, shape: tensors[o].shape, stride: [])
                         pt.entry = -1 - o
                         n.items.append((.string(key + suffix), .tensor(pt)))
