@@ -49,6 +49,12 @@ def test_output_that_is_the_input_is_refused_whatever_its_spelling(model, tmp_pa
     # the folder that holds the input, as a folder output
     refused(subprocess.run([QCONVERT, str(model), "-o", str(d)], capture_output=True, text=True))
     assert snapshot(tmp_path) == before
+    # dequantize is held to the same rule
+    q = tmp_path / "q.safetensors"
+    run(model, "-o", q, "-q")
+    before_q = digest(q)
+    refused(run("dequantize", q, "-o", tmp_path / "." / "q.safetensors", check=False))
+    assert digest(q) == before_q
 
 
 def test_report_cannot_replace_the_input_or_the_output_and_is_checked_first(model, tmp_path):

@@ -52,6 +52,7 @@ public enum Dequantizer {
             }
         }
         let writer = try FormatRegistry.writer(for: output, format: format, inputFormat: ckpt.format)
+        try PathGuard.checkOutput(output, input: ckpt)
         let sink = try writer.open(path: output, tensors: outputs, source: ckpt, options: WriterOptions())
         do {
             for (k, s) in sources.enumerated() {
