@@ -162,6 +162,7 @@ public enum Quantizer {
             // scratch buffers. The result does not depend on the split.
             let chunks = (reference || pc < 64) ? 1 : Swift.min(pc, ProcessInfo.processInfo.activeProcessorCount * 4)
             let evaluations = Box([Int](repeating: 0, count: chunks))
+            let evaluationsLock = NSLock()
             let inPlace = grouped.isEmpty
             grouped.withUnsafeBufferPointer { gathered in
                 let g = inPlace ? x : gathered
@@ -190,7 +191,9 @@ public enum Quantizer {
                             }
                             let rest = (end - first) % 256
                             if rest > 0 { progress?(bounds[end] - bounds[end - rest]) }
+                            evaluationsLock.lock()
                             evaluations.value[chunk] = scratch?.evaluations ?? 0
+                            evaluationsLock.unlock()
                         }
                     }
                 }
