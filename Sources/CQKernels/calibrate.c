@@ -164,8 +164,9 @@ int64_t qk_sparse_abs_hist(const float *x, int64_t n, float amax, int64_t bins, 
             dense[bin_out[j]] = 0;
         }
     } else {
+        // j < nz bounds every write to the nz entries the caller has room for.
         int64_t j = 0;
-        for (int64_t b = 0; b < bins; b++) {
+        for (int64_t b = 0; b < bins && j < nz; b++) {
             const uint32_t h = dense[b];
             bin_out[j] = (uint32_t)b;
             cnt_out[j] = h;

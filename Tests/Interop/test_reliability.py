@@ -65,6 +65,9 @@ def test_report_cannot_replace_the_input_or_the_output_and_is_checked_first(mode
     refused(r, code=4)
     assert not (tmp_path / "o.safetensors").exists()           # nothing converted before the report failed
     assert snapshot(model.parent) == before
+    # a folder input: none of its files may be the report
+    refused(run(model.parent, "-o", tmp_path / "f", "--report", model, check=False))
+    assert snapshot(model.parent) == before
     ok = run(model, "-o", tmp_path / "o.safetensors", "--report", tmp_path / "r.json")
     assert json.load(open(tmp_path / "r.json"))["tensors"]
 

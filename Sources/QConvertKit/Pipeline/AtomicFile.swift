@@ -20,6 +20,9 @@ public final class AtomicFile {
         fd = try TempFileRegistry.shared.create(tempPath, finalPath: path)
     }
 
+    nonisolated(unsafe) private static var swept = Set<String>()
+    private static let sweptLock = NSLock()
+
     /// This machine's name as it appears in temporary names (letters, digits, '.', '_' only).
     static let host: String = {
         var buf = [CChar](repeating: 0, count: 256)
@@ -34,7 +37,11 @@ public final class AtomicFile {
     /// of other machines sharing the folder (NFS, a Kubernetes volume) are never touched, since their
     /// process ids mean nothing here.
     static func removeStaleTemporaries(in dir: String) {
-        guard let names = try? FileManager.default.contentsOfDirectory(atPath: dir) else { return }
+        // Once per folder and process: a folder output of many shards lists its folder once.
+        sweptLock.lock()
+        let first = swept.insert(dir).inserted
+        sweptLock.unlock()
+        guard first, let names = try? FileManager.default.contentsOfDirectory(atPath: dir) else { return }
         for name in names where name.hasPrefix(".") && name.hasSuffix(".tmp") {
             guard let r = name.range(of: ".qconvert-", options: .backwards) else { continue }
             let fields = name[r.upperBound...].dropLast(4).split(separator: "-")

@@ -56,13 +56,15 @@ public enum PathGuard {
         }
     }
 
-    /// Refuses a report path that names the input or the output, or whose folder does not exist.
+    /// Refuses a report path that names the input (or, for a folder input, a file in it) or the output,
+    /// or whose folder does not exist.
     public static func checkReport(_ report: String, input: String, output: String?) throws {
-        let target = identity(report)
-        for other in [input, output].compactMap({ $0 }) {
-            if let t = target, let o = identity(other), t == o {
-                throw QConvertError.usage(message: "\(report): the report would overwrite \(other); choose another report path")
-            }
+        var others = [input, output].compactMap { $0 }
+        if isDirectory(input), let items = try? FileManager.default.contentsOfDirectory(atPath: input) {
+            others += items.map { input + "/" + $0 }
+        }
+        if let t = identity(report), let other = others.first(where: { identity($0) == t }) {
+            throw QConvertError.usage(message: "\(report): the report would overwrite \(other); choose another report path")
         }
         if let o = output, URL(fileURLWithPath: report).standardizedFileURL == URL(fileURLWithPath: o).standardizedFileURL {
             throw QConvertError.usage(message: "\(report): the report and the output are the same path")
@@ -71,7 +73,7 @@ public enum PathGuard {
         guard isDirectory(folder) else {
             throw QConvertError.write(path: report, message: "its folder \(folder) does not exist (nothing was converted)")
         }
-        if target.map({ _ in isDirectory(report) }) == true {
+        if isDirectory(report) {
             throw QConvertError.write(path: report, message: "is a folder (nothing was converted)")
         }
     }

@@ -96,7 +96,7 @@ public enum PolicyLoader {
             if comment { continue }
             if atLineStart {
                 if ch == " " { indent += 1; continue }
-                if ch == "-" || (ch == " " && indent > 0) { indent += 2; continue }
+                if ch == "-" { indent += 2; continue }   // "- " markers nest like indentation
                 atLineStart = false
                 if indent / 2 > maxNesting {
                     throw QConvertError.policy(path: path, line: line, column: column, message: "nested deeper than \(maxNesting) levels")

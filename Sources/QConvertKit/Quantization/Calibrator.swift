@@ -163,14 +163,13 @@ public enum Calibrator {
 ///
 /// - percentile: the two order statistics numpy's linear method needs are found by selection
 ///   (O(n)) instead of a sort; the result is exactly the reference's.
-/// - entropy: the histogram is kept sparse (non-empty bins only) and every candidate's KL divergence
-///   is evaluated from it as the reference defines it, regrouped so that a candidate costs one
-///   vectorised logarithm per group and one per distinct bin count instead of one per bin. The
-///   chosen candidate is the reference's up to rounding of the objective.
-/// - mse: each candidate's error is the reference's sum (multiplying by 1/step instead of dividing),
-///   and the candidates are searched coarse to fine (about 48 evenly spaced candidates, then finer
-///   passes around the two best, down to stride 1) unless `exhaustive` is set. That search is the
-///   one approximation: the tests bound its error against the exhaustive search's (within 1 %).
+/// - entropy and mse: the histogram is kept sparse (non-empty bins only) and each candidate's
+///   objective is evaluated from it as the reference defines it (KL regrouped so that a candidate costs
+///   one vectorised logarithm per group and one per distinct bin count instead of one per bin).
+/// - The calibration's `exhaustive` flag evaluates every candidate: the reference's choice up to
+///   rounding of the objective. Otherwise the candidates are searched coarse to fine (calibrate.c's
+///   KL_SEARCH and MSE_SEARCH): the one approximation, bounded by the tests against the exhaustive
+///   search (mse within 1 % of its error; entropy's reconstruction error within 1 % of its).
 final class CalibrationScratch {
     let bins: Int
     var dense: [UInt32]
@@ -179,9 +178,6 @@ final class CalibrationScratch {
     var prefix: [Int64]
     var floats: [Float]
     var scratch: [Double] = []
-    var exhaustive = false
-    /// Candidates evaluated so far (entropy and mse), for tests and `plan`'s estimate.
-    var evaluations = 0
 
     init(capacity: Int, calibration: Calibration) {
         switch calibration {
@@ -223,36 +219,32 @@ final class CalibrationScratch {
                 let t = percentile(a, n, 100 - (100 - p) / 2)
                 return (Float(b), Float(t))
             }
-        case .entropy(let bins, let lv, let exhaustiveSearch):
+        case .entropy(let bins, let lv, let exhaustive):
             let nz = histogram(values, amax: amax)
             let lev = Int64(lv ?? levels)
             let need = Int(qk_calib_scratch_doubles(Int64(nz), Int64(bins), lev))
             if scratch.count < need { scratch = [Double](repeating: 0, count: Swift.max(need, scratch.count * 2)) }
-            var evals: Int64 = 0
             let i = binIndex.withUnsafeBufferPointer { b in
                 counts.withUnsafeBufferPointer { c in
                     prefix.withUnsafeMutableBufferPointer { pf in
                         scratch.withUnsafeMutableBufferPointer { sc in
                             qk_entropy_candidate(b.baseAddress, c.baseAddress, Int64(nz), pf.baseAddress, Int64(bins),
-                                                 lev, sc.baseAddress, exhaustive || exhaustiveSearch ? 1 : 0, &evals)
+                                                 lev, sc.baseAddress, exhaustive ? 1 : 0, nil)
                         }
                     }
                 }
             }
-            evaluations += Int(evals)
             return Calibrator.threshold(Int(i), bins: bins, amax: amax, lo: lo, hi: hi, mapping: mapping)
-        case .mse(let bins, let exhaustiveSearch):
+        case .mse(let bins, let exhaustive):
             let nz = histogram(values, amax: amax)
-            var evals: Int64 = 0
             let i = binIndex.withUnsafeBufferPointer { b in
                 counts.withUnsafeBufferPointer { c in
                     prefix.withUnsafeMutableBufferPointer { pf in
                         qk_mse_candidate(b.baseAddress, c.baseAddress, Int64(nz), pf.baseAddress, Int64(bins),
-                                         Int64(levels), Int64(qmaxSymmetric), exhaustive || exhaustiveSearch ? 1 : 0, &evals)
+                                         Int64(levels), Int64(qmaxSymmetric), exhaustive ? 1 : 0, nil)
                     }
                 }
             }
-            evaluations += Int(evals)
             return Calibrator.threshold(Int(i), bins: bins, amax: amax, lo: lo, hi: hi, mapping: mapping)
         }
     }

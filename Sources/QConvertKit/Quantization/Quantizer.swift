@@ -77,9 +77,8 @@ public enum Quantizer {
         }
         let layout = ParamLayout(shape: shape, granularity: scheme.granularity, axis: scheme.axis, groupSize: scheme.groupSize)
         var warnings: [String] = []
-        var evaluations = 0
         let (scales, zps) = computeParameters(x, layout: layout, scheme: scheme, warnings: &warnings, reference: reference,
-                                              candidateEvaluations: &evaluations, progress: progress)
+                                              progress: progress)
 
         var sums = qk_metrics()
         var q = [UInt8](repeating: 0, count: n)
@@ -114,12 +113,10 @@ public enum Quantizer {
 
     /// Per-parameter (Δ, z) from the calibrated ranges.
     ///
-    /// `reference` calibrates with the straightforward Swift implementation, `exhaustiveSearch` makes the
-    /// fast path evaluate every entropy/mse candidate, and `progress` receives the number of elements
-    /// calibrated as the work goes on (from any thread).
+    /// `reference` calibrates with the straightforward Swift implementation, and `progress` receives the
+    /// number of elements calibrated as the work goes on (from any thread).
     static func computeParameters(_ x: UnsafeBufferPointer<Float>, layout: ParamLayout, scheme: QuantScheme,
-                                  warnings: inout [String], reference: Bool = false, exhaustiveSearch: Bool = false,
-                                  candidateEvaluations: inout Int,
+                                  warnings: inout [String], reference: Bool = false,
                                   progress: (@Sendable (Int) -> Void)? = nil) -> ([Float], [Int32]) {
         let pc = layout.paramCount
         var beta = [Float](repeating: .infinity, count: pc)
@@ -161,8 +158,6 @@ public enum Quantizer {
             // Parameters are independent: chunks of them run on every core, each chunk with its own
             // scratch buffers. The result does not depend on the split.
             let chunks = (reference || pc < 64) ? 1 : Swift.min(pc, ProcessInfo.processInfo.activeProcessorCount * 4)
-            let evaluations = Box([Int](repeating: 0, count: chunks))
-            let evaluationsLock = NSLock()
             let inPlace = grouped.isEmpty
             grouped.withUnsafeBufferPointer { gathered in
                 let g = inPlace ? x : gathered
@@ -174,7 +169,6 @@ public enum Quantizer {
                         DispatchQueue.concurrentPerform(iterations: chunks) { chunk in
                             let first = pc * chunk / chunks, end = pc * (chunk + 1) / chunks
                             let scratch = reference ? nil : CalibrationScratch(capacity: widest, calibration: calibration)
-                            scratch?.exhaustive = exhaustiveSearch
                             for k in first..<end {
                                 let part = UnsafeBufferPointer(rebasing: g.value[bounds[k]..<bounds[k + 1]])
                                 guard !part.isEmpty else { betaOut.value[k] = 0; alphaOut.value[k] = 0; continue }
@@ -191,14 +185,10 @@ public enum Quantizer {
                             }
                             let rest = (end - first) % 256
                             if rest > 0 { progress?(bounds[end] - bounds[end - rest]) }
-                            evaluationsLock.lock()
-                            evaluations.value[chunk] = scratch?.evaluations ?? 0
-                            evaluationsLock.unlock()
                         }
                     }
                 }
             }
-            candidateEvaluations = evaluations.value.reduce(0, +)
         }
         var scales = [Float](repeating: 1, count: pc)
         var zps = [Int32](repeating: 0, count: pc)
