@@ -66,7 +66,7 @@ func writeSafetensors(_ path: String, _ tensors: [(String, String, [Int], [UInt8
     }
     header += "}"
     let file = safetensorsFile(header, data)
-    FileManager.default.createFile(atPath: path, contents: Data(file))
+    _ = FileManager.default.createFile(atPath: path, contents: Data(file))
 }
 
 func safetensorsFile(_ header: String, _ data: [UInt8]) -> [UInt8] {
@@ -127,7 +127,7 @@ func contents(_ p: String) -> [UInt8] { [UInt8](FileManager.default.contents(atP
     @Test func failureLeavesExistingOutputUntouched() throws {
         let d = Tool.tempDir()
         let out = d + "/out.safetensors"
-        FileManager.default.createFile(atPath: out, contents: Data("previous".utf8))
+        _ = FileManager.default.createFile(atPath: out, contents: Data("previous".utf8))
         writeSafetensors(d + "/nan.safetensors", [("w", "F32", [32, 64], floatBytes(randomFloats(2047, seed: 1) + [.nan]))])
         let r = try Tool.run([d + "/nan.safetensors", "-o", out])
         #expect(r.status == 3)
@@ -159,7 +159,7 @@ func contents(_ p: String) -> [UInt8] { [UInt8](FileManager.default.contents(atP
         for cut in [9, 100, 2000, good.count / 2, good.count - 1] { corpus.append(("truncated-\(cut)", Array(good[0..<cut]))) }
         for (name, bytes) in corpus {
             let inPath = d + "/\(name).safetensors"
-            FileManager.default.createFile(atPath: inPath, contents: Data(bytes))
+            _ = FileManager.default.createFile(atPath: inPath, contents: Data(bytes))
             let outPath = d + "/out-\(name).safetensors"
             let r = try Tool.run([inPath, "-o", outPath])
             #expect(!r.signaled, "\(name) crashed")
@@ -175,7 +175,7 @@ func contents(_ p: String) -> [UInt8] { [UInt8](FileManager.default.contents(atP
 
     @Test func policyErrorsAndUsage() throws {
         let d = Tool.tempDir()
-        FileManager.default.createFile(atPath: d + "/p.cfg", contents: Data("defaults:\n  dtype: int8\nrules:\n  - match: \"*\"\n    granularty: group\n".utf8))
+        _ = FileManager.default.createFile(atPath: d + "/p.cfg", contents: Data("defaults:\n  dtype: int8\nrules:\n  - match: \"*\"\n    granularty: group\n".utf8))
         let r = try Tool.run([sample, "-o", d + "/o.safetensors", "--policy", d + "/p.cfg"])
         #expect(r.status == 2)
         #expect(r.stderr.contains("p.cfg:5:5: unknown key 'granularty'"), "\(r.stderr)")
@@ -239,7 +239,7 @@ func contents(_ p: String) -> [UInt8] { [UInt8](FileManager.default.contents(atP
         writeSafetensors(shardDir + "/model-00002-of-00002.safetensors", [("b.weight", "F32", [64, 32], floatBytes(randomFloats(2048, seed: 2))),
                                                                          ("b.bias", "F32", [64], floatBytes(randomFloats(64, seed: 3)))])
         let index = #"{"metadata":{"total_size":16640},"weight_map":{"a.weight":"model-00001-of-00002.safetensors","b.bias":"model-00002-of-00002.safetensors","b.weight":"model-00002-of-00002.safetensors"}}"#
-        FileManager.default.createFile(atPath: shardDir + "/model.safetensors.index.json", contents: Data(index.utf8))
+        _ = FileManager.default.createFile(atPath: shardDir + "/model.safetensors.index.json", contents: Data(index.utf8))
         let r = try Tool.run([shardDir + "/model.safetensors.index.json", "-o", d + "/out"])
         #expect(r.status == 0, "\(r.stderr)")
         let files = try FileManager.default.contentsOfDirectory(atPath: d + "/out").sorted()

@@ -144,6 +144,40 @@ import Testing
         #expect(NamePattern("re:.*(norm|ln_).*")!.matches("model.ln_f.weight"))
         #expect(!NamePattern("re:norm")!.matches("layernorm"))   // anchored
         #expect(NamePattern("re:([a") == nil)
+        #expect(NamePattern("w[") != nil && NamePattern("w[")!.matches("w["))  // an unclosed class is literal
+    }
+
+    /// The linear-time engine agrees with Foundation's (backtracking) engine on whole-name matches.
+    @Test func linearRegexAgreesWithFoundation() throws {
+        let patterns = [
+            "a*", "a+b", "(ab|a)*b?", "[a-c]{2,3}", "x{2}", "x{2,}", "(?:q|r)+s", "\\d+\\.\\w*", "[^.]+\\.bias",
+            ".*(norm|ln_).*", "a{0,2}b", "(a|)+c", "[\\d_]+", "\\D\\S\\W", "(a*)*", "^a$", "a|b|", "[]a]", "[a-]+",
+        ]
+        let subjects = [
+            "", "a", "aa", "ab", "aab", "abab", "abb", "bb", "b", "abc", "cab", "xx", "xxx", "x", "qrs", "qqs", "s", "12.a_b", "1.",
+            "w.bias", "a.b.bias", "model.ln_f.weight", "layernorm", "c", "aac", "_9", "x y", "a-", "]", "{x", "a{,2}", "ac",
+        ]
+        for p in patterns {
+            let ours = try LinearRegex("^(?:" + p + ")$")
+            let theirs = try NSRegularExpression(pattern: "^(?:" + p + ")$")
+            for s in subjects {
+                let expected = theirs.firstMatch(in: s, range: NSRange(s.startIndex..., in: s)) != nil
+                #expect(ours.matches(s) == expected, "pattern \(p) on '\(s)'")
+            }
+        }
+    }
+
+    /// Nested quantifiers on a long name: a backtracking engine takes exponential time here.
+    @Test func regexCostIsLinear() throws {
+        let name = String(repeating: "a", count: 20_000) + "!"
+        let start = Date()
+        #expect(!NamePattern("re:(a+)+$")!.matches(name))
+        #expect(!NamePattern("re:(a|a|aa)*(a*)*b")!.matches(name))
+        #expect(Date().timeIntervalSince(start) < 5)
+        for bad in ["re:a{1001}", "re:(?=a)", "re:\\1", "re:" + String(repeating: "(", count: 70) + String(repeating: ")", count: 70),
+                    "re:(a{1000}){1000}", "re:*a"] {
+            #expect(NamePattern(bad) == nil, "\(bad)")
+        }
     }
 
     @Test func axisOutOfRangeIsAnError() throws {

@@ -82,7 +82,7 @@ public enum Dequantizer {
         guard shape.count == rawShape.count, Shape(shape).checkedByteCount(.f32) != nil else {
             throw bad("metadata source_shape is not a valid shape")
         }
-        var values = e.bytes.withUnsafeBytes { [UInt8]($0) }
+        var values = try e.bytes.withUnsafeBytes { [UInt8]($0) }
         let is4 = target == .int4 || target == .uint4
         if is4, case .bool(true)? = r["packing"]?["unpacked"] {
             // stored one value per byte (an ONNX model too old for 4-bit types)
@@ -109,13 +109,13 @@ public enum Dequantizer {
             guard let si = byName[sn] else { throw bad("scale tensor '\(sn)' is missing") }
             let se = ckpt.entries[si]
             guard se.dtype == .f32, se.elementCount == layout.paramCount else { throw bad("scale tensor '\(sn)' has the wrong type or size") }
-            scale = se.bytes.withUnsafeBytes { FloatDecoding.toFloat32($0, dtype: .f32, count: se.elementCount) }
+            scale = try se.bytes.withUnsafeBytes { FloatDecoding.toFloat32($0, dtype: .f32, count: se.elementCount) }
         }
         if let zn = r["zero_point"]?.stringValue {
             guard let zi = byName[zn] else { throw bad("zero-point tensor '\(zn)' is missing") }
             let ze = ckpt.entries[zi]
             guard ze.elementCount == layout.paramCount, ze.dtype.bits == 8 else { throw bad("zero-point tensor '\(zn)' has the wrong type or size") }
-            zp = ze.bytes.withUnsafeBytes { [UInt8]($0) }
+            zp = try ze.bytes.withUnsafeBytes { [UInt8]($0) }
             if is4, zp!.count == (layout.paramCount + 1) / 2, layout.paramCount > 1 || r["packing"]?["axis"] == .null {
                 zp = Packing.unpack4(zp!, shape: [layout.paramCount])   // ONNX packs 4-bit zero points too
             }

@@ -57,7 +57,7 @@ public enum Diff {
             out[name] = (try Dequantizer.restore(ck.entries[i], record: r, ckpt: ck, byName: byName, path: path), size)
         }
         for e in ck.entries where out[e.name] == nil && !params.contains(e.name) && e.dtype.isFloatingPoint {
-            out[e.name] = (e.bytes.withUnsafeBytes { FloatDecoding.toFloat32($0, dtype: e.dtype, count: e.elementCount) }, e.bytes.count)
+            out[e.name] = (try e.bytes.withUnsafeBytes { FloatDecoding.toFloat32($0, dtype: e.dtype, count: e.elementCount) }, e.bytes.count)
         }
         return out
     }

@@ -76,11 +76,17 @@ public struct IntComparison: Sendable, Equatable {
 }
 
 /// A tensor-name pattern: a glob (`*`, `?`, `[...]`) or a regular expression (`re:`).
-public struct NamePattern: @unchecked Sendable {
+public struct NamePattern: Sendable {
     public let text: String
-    let regex: NSRegularExpression
+    let regex: LinearRegex
 
     public init?(_ text: String) {
+        guard let p = try? NamePattern(parsing: text) else { return nil }
+        self = p
+    }
+
+    /// Compiles the pattern; the error says what is wrong with it.
+    public init(parsing text: String) throws {
         self.text = text
         let pattern: String
         if text.hasPrefix("re:") {
@@ -88,12 +94,12 @@ public struct NamePattern: @unchecked Sendable {
         } else {
             pattern = NamePattern.globToRegex(text)
         }
-        guard let re = try? NSRegularExpression(pattern: pattern) else { return nil }
-        regex = re
+        regex = try LinearRegex(pattern)
     }
 
+    /// Whether the whole name matches; linear in the name's length (see `LinearRegex`).
     public func matches(_ name: String) -> Bool {
-        regex.firstMatch(in: name, range: NSRange(name.startIndex..., in: name)) != nil
+        regex.matches(name)
     }
 
     /// `*` matches any run of characters (dots included), `?` one character, `[...]` a class.
@@ -115,7 +121,9 @@ public struct NamePattern: @unchecked Sendable {
             default: out.append(c)
             }
         }
-        if inClass { return "^\\[" + NSRegularExpression.escapedPattern(for: String(g.dropFirst())) + "$" }
+        if inClass {  // an unclosed '[': the whole glob is literal text
+            return "^" + g.unicodeScalars.map { $0.properties.isAlphabetic || ("0"..."9").contains($0) ? String($0) : "\\" + String($0) }.joined() + "$"
+        }
         return out + "$"
     }
 }

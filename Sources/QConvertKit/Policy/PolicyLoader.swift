@@ -204,10 +204,12 @@ public enum PolicyLoader {
                 switch key {
                 case "match":
                     let text = try string(v, key, path)
-                    guard let pat = NamePattern(text) else {
-                        throw err(path, v, text.hasPrefix("re:") ? "bad regular expression '\(text.dropFirst(3))'" : "bad glob '\(text)'")
+                    do {
+                        rule.match = try NamePattern(parsing: text)
+                    } catch {
+                        let what = text.hasPrefix("re:") ? "bad regular expression '\(text.dropFirst(3))'" : "bad glob '\(text)'"
+                        throw err(path, v, "\(what): \(error)")
                     }
-                    rule.match = pat
                 case "source_dtype":
                     rule.sourceDTypes = try stringList(v, key, path).map { name in
                         guard let d = DType(rawValue: name.lowercased()) ?? DType(safetensorsName: name.uppercased()) else {

@@ -7,27 +7,53 @@ public enum TensorBytes: @unchecked Sendable {
     case owned([UInt8])
     /// Memory owned by another object (e.g. an unpacked protobuf), kept alive by `owner`.
     case borrowed(UnsafeRawPointer?, count: Int, owner: AnyObject)
+    /// Bytes produced on each use (a deflated zip member, inflated only while a tensor is worked
+    /// on, so an archive's memory never holds all of its members at once).
+    case deferred(DeferredBytes)
 
     public var count: Int {
         switch self {
         case .mapped(_, _, let c): return c
         case .owned(let a): return a.count
         case .borrowed(_, let c, _): return c
+        case .deferred(let d): return d.count
         }
     }
 
-    public func withUnsafeBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
+    /// Calls `body` with the bytes; throws when deferred bytes cannot be produced (a corrupt stream).
+    public func withUnsafeBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
         switch self {
         case .mapped(let f, let off, let c): return try body(f.bytes(at: off, count: c))
         case .owned(let a): return try a.withUnsafeBytes(body)
         case .borrowed(let p, let c, let owner):
             return try withExtendedLifetime(owner) { try body(UnsafeRawBufferPointer(start: c > 0 ? p : nil, count: c)) }
+        case .deferred(let d):
+            let a = try d.produce()
+            guard a.count == d.count else {
+                throw QConvertError.badInput(path: d.path, message: "\(d.what) produced \(a.count) bytes, expected \(d.count)")
+            }
+            return try a.withUnsafeBytes(body)
         }
     }
 
     /// Releases the resident pages of a mapped window after use.
     public func release() {
         if case .mapped(let f, let off, let c) = self { f.release(offset: off, count: c) }
+    }
+}
+
+/// Bytes made on demand by `produce` (which must give `count` bytes or throw).
+public final class DeferredBytes: Sendable {
+    public let count: Int
+    let path: String
+    let what: String
+    let produce: @Sendable () throws -> [UInt8]
+
+    public init(count: Int, path: String, what: String, produce: @escaping @Sendable () throws -> [UInt8]) {
+        self.count = count
+        self.path = path
+        self.what = what
+        self.produce = produce
     }
 }
 

@@ -29,9 +29,15 @@ public struct NpzReader: FormatReader {
         for m in zip.members {
             guard m.name.hasSuffix(".npy") else { continue }
             let isMeta = m.name == NpzReader.metadataMember || m.name == NpzReader.dtypesMember
+            if !isMeta && m.method == 8 {
+                // Only the header is inflated now; the data is inflated each time it is used.
+                let head = try zip.inflate(m, prefix: 12 + Npy.maxHeader)
+                entries.append(try NpzReader.deflatedTensor(head, member: m, zip: zip, path: path))
+                continue
+            }
             let bytes = try zip.bytes(m, deferCRC: !isMeta)
             if !isMeta && m.method == 0 { deferred.append { try zip.verifyCRC(m) } }
-            if m.name == NpzReader.metadataMember || m.name == NpzReader.dtypesMember {
+            if isMeta {
                 let text = try NpzReader.unicodeScalar(bytes, name: m.name, path: path)
                 if m.name == NpzReader.metadataMember { metadata.append((MetadataDocument.key, text)) } else if let obj = try? JSONParser.parse(text).objectValue {
                     for (k, v) in obj { if let s = v.stringValue, let d = DType(rawValue: s) { storedTypes[k] = d } }
@@ -50,9 +56,20 @@ public struct NpzReader: FormatReader {
         return ck
     }
 
-    static func tensor(_ bytes: TensorBytes, name: String, path: String) throws -> TensorEntry {
+    /// The array's layout from its .npy header, checked against the member's size.
+    struct Layout {
+        var header: Npy.Header
+        var dtype: DType
+        var size: Int
+        var bigEndian: Bool
+        var count: Int
+        var nbytes: Int
+        var needsReorder: Bool { bigEndian || (header.fortranOrder && header.shape.count > 1) }
+    }
+
+    static func layout(_ head: UnsafeRawBufferPointer, total: Int, name: String, path: String) throws -> Layout {
         func bad(_ m: String) -> QConvertError { .badInput(path: path, message: "array '\(name)': \(m)") }
-        let (header, total) = try bytes.withUnsafeBytes { b in (try Npy.parseHeader(b, name: name + ".npy", path: path), b.count) }
+        let header = try Npy.parseHeader(head, name: name + ".npy", path: path)
         guard let (dtype, size, bigEndian) = Npy.dtype(header.descr) else {
             if header.descr.hasSuffix("O") { throw bad("object arrays (|O) hold pickled Python objects and are refused") }
             throw bad("dtype '\(header.descr)' is not supported")
@@ -63,24 +80,50 @@ public struct NpzReader: FormatReader {
         guard total - header.dataOffset == nbytes else {
             throw bad("shape \(Shape(header.shape)) of \(header.descr) needs \(nbytes) bytes but the member holds \(total - header.dataOffset)")
         }
-        var data: TensorBytes
-        switch bytes {
-        case .mapped(let f, let off, _): data = .mapped(f, offset: off + header.dataOffset, count: nbytes)
-        default: data = .owned(bytes.withUnsafeBytes { Array($0[header.dataOffset...]) })
-        }
-        if bigEndian || (header.fortranOrder && header.shape.count > 1) {
-            var a = data.withUnsafeBytes { Array($0) }
-            if bigEndian {
-                for e in 0..<n { a[(e * size)..<(e * size + size)].reverse() }
-                if dtype == .c64 || dtype == .c128 {   // complex: swap each half, not the whole
-                    let h = size / 2
-                    for e in 0..<n { let s = e * size; a[s..<(s + size)].reverse(); a[s..<(s + h)].reverse(); a[(s + h)..<(s + size)].reverse() }
+        return Layout(header: header, dtype: dtype, size: size, bigEndian: bigEndian, count: n, nbytes: nbytes)
+    }
+
+    /// Big-endian and Fortran-order arrays become little-endian, C-order bytes.
+    static func reorder(_ bytes: [UInt8], _ l: Layout) -> [UInt8] {
+        var a = bytes
+        let size = l.size, n = l.count
+        if l.bigEndian {
+            for e in 0..<n { a[(e * size)..<(e * size + size)].reverse() }
+            if l.dtype == .c64 || l.dtype == .c128 {  // complex: swap each half, not the whole
+                let h = size / 2
+                for e in 0..<n {
+                    let s = e * size
+                    a[s..<(s + size)].reverse()
+                    a[s..<(s + h)].reverse()
+                    a[(s + h)..<(s + size)].reverse()
                 }
             }
-            if header.fortranOrder && header.shape.count > 1 { a = fortranToC(a, shape: header.shape, elementSize: size) }
-            data = .owned(a)
         }
-        return TensorEntry(name: name, dtype: dtype, shape: header.shape, bytes: data, outputAxis: header.shape.count >= 2 ? 0 : nil)
+        if l.header.fortranOrder && l.header.shape.count > 1 { a = fortranToC(a, shape: l.header.shape, elementSize: size) }
+        return a
+    }
+
+    static func tensor(_ bytes: TensorBytes, name: String, path: String) throws -> TensorEntry {
+        let l = try bytes.withUnsafeBytes { b in try layout(b, total: b.count, name: name, path: path) }
+        var data: TensorBytes
+        switch bytes {
+        case .mapped(let f, let off, _): data = .mapped(f, offset: off + l.header.dataOffset, count: l.nbytes)
+        default: data = .owned(try bytes.withUnsafeBytes { Array($0[l.header.dataOffset...]) })
+        }
+        if l.needsReorder { data = .owned(reorder(try data.withUnsafeBytes { Array($0) }, l)) }
+        return TensorEntry(name: name, dtype: l.dtype, shape: l.header.shape, bytes: data, outputAxis: l.header.shape.count >= 2 ? 0 : nil)
+    }
+
+    /// A deflated member: its header is read now (from `head`, the first inflated bytes), its data
+    /// is inflated on each use.
+    static func deflatedTensor(_ head: [UInt8], member m: ZipArchive.Member, zip: ZipArchive, path: String) throws -> TensorEntry {
+        let name = String(m.name.dropLast(4))
+        let l = try head.withUnsafeBytes { try layout($0, total: m.size, name: name, path: path) }
+        let data = DeferredBytes(count: l.nbytes, path: path, what: "member '\(m.name)'") {
+            let body = try zip.inflate(m, skip: l.header.dataOffset)
+            return l.needsReorder ? reorder(body, l) : body
+        }
+        return TensorEntry(name: name, dtype: l.dtype, shape: l.header.shape, bytes: .deferred(data), outputAxis: l.header.shape.count >= 2 ? 0 : nil)
     }
 
     static func fortranToC(_ a: [UInt8], shape: [Int], elementSize: Int) -> [UInt8] {

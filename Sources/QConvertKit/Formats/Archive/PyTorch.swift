@@ -283,7 +283,7 @@ public struct PyTorchReader: FormatReader {
         if isContiguous {
             switch storage {
             case .mapped(let f, let off, _): return .mapped(f, offset: off + t.offset * elsize, count: byteCount)
-            default: return .owned(storage.withUnsafeBytes { Array($0[(t.offset * elsize)..<(t.offset * elsize + byteCount)]) })
+            default: return .owned(try storage.withUnsafeBytes { Array($0[(t.offset * elsize)..<(t.offset * elsize + byteCount)]) })
             }
         }
         // A strided view is gathered into memory; one that repeats elements (stride 0) can describe far
@@ -292,7 +292,7 @@ public struct PyTorchReader: FormatReader {
             throw bad("a view of \(byteCount) bytes over a storage of \(storage.count) bytes is more than qconvert gathers (64 × the storage + 256 MB)")
         }
         var out = [UInt8](repeating: 0, count: byteCount)
-        storage.withUnsafeBytes { src in
+        try storage.withUnsafeBytes { src in
             var idx = [Int](repeating: 0, count: t.shape.count)
             for e in 0..<n {
                 let s = t.offset + zip(idx, t.stride).reduce(0) { $0 + $1.0 * $1.1 }

@@ -19,6 +19,8 @@ public final class ZipArchive: @unchecked Sendable {
     public let file: MappedFile
     public private(set) var members: [Member] = []
     private let handle: OpaquePointer
+    /// libzip's archive handle serves one reader at a time.
+    private let lock = NSLock()
 
     /// Limits against zip bombs.
     public static let maxTotalSize = 1 << 40
@@ -86,22 +88,47 @@ public final class ZipArchive: @unchecked Sendable {
             if !deferCRC { try verifyCRC(m) }
             return .mapped(file, offset: m.dataOffset, count: m.size)
         }
+        return .owned(try inflate(m))
+    }
+
+    /// The most bytes one deflated member may inflate to: 32× the archive's size + 128 MiB, so that
+    /// two members in flight stay within the memory bound of 64× the input + 256 MiB.
+    public var inflateLimit: Int { 32 * file.size + (128 << 20) }
+
+    /// Inflates a deflated member (all of it, or its first `prefix` bytes), dropping its first `skip`
+    /// bytes from the result. The buffer grows with
+    /// the data actually inflated, never with the size the archive declares, and a member declared
+    /// larger than `inflateLimit` is refused before any work. libzip checks the CRC at the end.
+    public func inflate(_ m: Member, prefix: Int? = nil, skip: Int = 0) throws -> [UInt8] {
+        func bad(_ msg: String) -> QConvertError { .badInput(path: path, message: "member '\(m.name)': \(msg)") }
+        guard m.size <= inflateLimit else {
+            throw bad("declares \(m.size) bytes inflated, more than the limit of 32× the archive's size + 128 MiB (\(inflateLimit) bytes)")
+        }
+        let want = Swift.min(prefix ?? m.size, m.size)
+        lock.lock()
+        defer { lock.unlock() }
         guard let zf = zip_fopen_index(handle, zip_uint64_t(m.index), 0) else {
             throw bad("cannot open: \(String(cString: zip_strerror(handle)))")
         }
         defer { zip_fclose(zf) }
-        var out = [UInt8](repeating: 0, count: m.size)
+        var out = [UInt8]()
+        var chunk = [UInt8](repeating: 0, count: Swift.max(1, Swift.min(want, 1 << 20)))
         var done = 0
-        while done < m.size {
-            let n = out.withUnsafeMutableBytes { zip_fread(zf, $0.baseAddress! + done, zip_uint64_t(m.size - done)) }
+        while done < want {
+            let ask = Swift.min(chunk.count, want - done)
+            let n = Int(chunk.withUnsafeMutableBytes { zip_fread(zf, $0.baseAddress!, zip_uint64_t(ask)) })
             if n < 0 { throw bad("cannot inflate (\(String(cString: zip_file_strerror(zf)).lowercased()))") }
             if n == 0 { break }
-            done += Int(n)
+            let drop = Swift.max(0, Swift.min(n, skip - done))
+            if drop < n { out.append(contentsOf: chunk[drop..<n]) }
+            done += n
         }
-        guard done == m.size else { throw bad("inflates to \(done) bytes, expected \(m.size)") }
-        var extra: UInt8 = 0
-        if zip_fread(zf, &extra, 1) != 0 { throw bad("inflates past its declared size or fails its CRC") }
-        return .owned(out)
+        guard done == want else { throw bad("inflates to \(done) bytes, expected \(m.size)") }
+        if prefix == nil {
+            var extra: UInt8 = 0
+            if zip_fread(zf, &extra, 1) != 0 { throw bad("inflates past its declared size or fails its CRC") }
+        }
+        return out
     }
 
     /// Checks a stored member's CRC in 16 MB windows, releasing each window's pages after use.

@@ -418,7 +418,7 @@ final class OnnxSink: CheckpointSink {
             } else {
                 for (t, b) in externalBytes {
                     clearExternal(t)
-                    b.withUnsafeBytes { t.pointee.raw_data = Proto.bytes($0) }
+                    try b.withUnsafeBytes { t.pointee.raw_data = Proto.bytes($0) }
                     t.pointee.has_raw_data = 1
                 }
             }

@@ -1,0 +1,139 @@
+"""Hostile inputs are refused in one line, within bounded time and memory (the reliability issue).
+
+Each run is measured: exit code, the one-line message, wall time and the peak resident memory of
+the qconvert process. The bound the README promises is peak memory <= 64 x the input's size + 256 MiB
+and a few seconds per MB."""
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from conftest import QCONVERT
+
+MiB = 1 << 20
+
+# Runs qconvert as a child of a small Python process that reports the child's peak RSS.
+MEASURE = (
+    "import json, resource, subprocess, sys, time\n"
+    "t = time.monotonic()\n"
+    "p = subprocess.run(sys.argv[1:], capture_output=True, text=True, timeout=float(__import__('os').environ['QC_TIMEOUT']))\n"
+    "print(json.dumps([p.returncode, p.stderr, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, time.monotonic() - t]))\n"
+)
+
+
+def measured(*args, timeout=60, cwd=None):
+    env = dict(os.environ, QC_TIMEOUT=str(timeout))
+    out = subprocess.run([sys.executable, "-c", MEASURE, QCONVERT, *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd)
+    assert out.returncode == 0, out.stderr
+    code, stderr, rss, seconds = json.loads(out.stdout)
+    return code, stderr, rss, seconds
+
+
+def within_bounds(path, rss, seconds):
+    size = os.path.getsize(path)
+    assert rss <= 64 * size + 256 * MiB, f"peak RSS {rss / MiB:.0f} MiB for a {size / MiB:.1f} MiB input"
+    assert seconds <= 10 + 3 * size / MiB, f"{seconds:.1f} s for a {size / MiB:.1f} MiB input"
+
+
+def one_line(stderr):
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_regex_rules_cost_linear_time_on_long_names(tmp_path):
+    src = tmp_path / "long.safetensors"
+    # 40 names of 20,000 characters and a pattern that backtracks on each: Foundation's engine
+    # did not finish in 30 s; linear matching takes a fraction of a second
+    save_file({"a" * 20000 + str(i): np.ones((2,), np.float32) for i in range(40)}, str(src))
+    policy = tmp_path / "p.yaml"
+    policy.write_text('rules:\n  - match: "re:(a|aa)*.*.*.*.*.*b"\n    dtype: keep\n')
+    code, stderr, rss, seconds = measured(src, "-o", tmp_path / "out.safetensors", "--policy", policy, "-q", timeout=30)
+    assert code == 0, stderr
+    assert seconds < 10
+    # look-around and back-references are refused at load time, naming the file, line and column
+    policy.write_text('rules:\n  - match: "re:(?=a)b"\n    dtype: keep\n')
+    code, stderr, _, _ = measured(src, "-o", tmp_path / "out2.safetensors", "--policy", policy)
+    assert code == 2 and "p.yaml:2" in one_line(stderr) and "look-around" in stderr
+    assert not (tmp_path / "out2.safetensors").exists()
+
+
+def deflated_npz(path, members):
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as z:
+        for name, arr in members.items():
+            with z.open(name + ".npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, arr)
+
+
+def test_npz_members_are_inflated_one_at_a_time(tmp_path):
+    """Six deflated members of 96 MiB each (mostly zeros, 2.5 MB of archive): every tensor is
+    converted, and the process never holds them all (eager inflation peaked at 700 MiB)."""
+    rng = np.random.default_rng(0)
+    members = {}
+    for k in range(6):
+        a = np.zeros((96 * MiB // 4,), np.float32).reshape(4096, -1)
+        a[:, ::512] = rng.standard_normal(a[:, ::512].shape).astype(np.float32)
+        members[f"w{k}"] = a
+    src = tmp_path / "sparse.npz"
+    deflated_npz(src, members)
+    code, stderr, rss, seconds = measured(src, "-o", tmp_path / "out.safetensors", "-q", "--preset", "int8")
+    assert code == 0, stderr
+    within_bounds(src, rss, seconds)
+    assert rss < 6 * 96 * MiB  # less than all members inflated at once
+    from safetensors.numpy import load_file
+
+    out = load_file(str(tmp_path / "out.safetensors"))
+    assert sum(1 for k in out if k.startswith("w") and not k.endswith("_scale")) == 6
+
+
+def patch_declared_size(path, member, new_size):
+    """Rewrites a zip64 member's uncompressed size in the local header and the central directory."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(member)
+    # local header zip64 extra: after the name, id 1: usize, csize
+    lh = info.header_offset
+    nl, el = struct.unpack_from("<HH", data, lh + 26)
+    e = lh + 30 + nl
+    while e < lh + 30 + nl + el:
+        eid, ln = struct.unpack_from("<HH", data, e)
+        if eid == 1:
+            struct.pack_into("<Q", data, e + 4, new_size)
+        e += 4 + ln
+    # central directory
+    cd = data.rfind(b"PK\x01\x02")
+    while cd > 0:
+        nl, el, cl = struct.unpack_from("<HHH", data, cd + 28)
+        if data[cd + 46:cd + 46 + nl].decode() == member:
+            e = cd + 46 + nl
+            while e < cd + 46 + nl + el:
+                eid, ln = struct.unpack_from("<HH", data, e)
+                if eid == 1:
+                    struct.pack_into("<Q", data, e + 4, new_size)
+                e += 4 + ln
+            if struct.unpack_from("<I", data, cd + 24)[0] != 0xFFFFFFFF:
+                struct.pack_into("<I", data, cd + 24, new_size)
+        cd = data.rfind(b"PK\x01\x02", 0, cd)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("declared", [1100 * MiB, 100 * MiB], ids=["over-the-limit", "under-the-limit"])
+def test_npz_lying_about_sizes_allocates_nothing_first(tmp_path, declared):
+    src = tmp_path / "liar.npz"
+    deflated_npz(src, {"w": np.random.default_rng(1).standard_normal((512, 512)).astype(np.float32)})
+    patch_declared_size(src, "w.npy", declared)
+    for args in (["inspect", src], [src, "-o", tmp_path / "o.safetensors"]):
+        code, stderr, rss, seconds = measured(*args)
+        assert code == 3, stderr
+        line = one_line(stderr)
+        assert "liar.npz" in line and ("'w'" in line or "'w.npy'" in line)
+        assert rss < 64 * MiB + 64 * os.path.getsize(src)  # never the declared size
+        within_bounds(src, rss, seconds)
+    assert not (tmp_path / "o.safetensors").exists()
