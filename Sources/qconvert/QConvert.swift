@@ -31,6 +31,7 @@ struct QConvert: ParsableCommand {
     /// Every error is one line on stderr: usage errors too (swift-argument-parser's default adds the
     /// usage lines, and its usage line is the root's even for a subcommand's option).
     static func main() {
+        TempFileRegistry.installTruncationGuard()
         do {
             var command = try parseAsRoot()
             try command.run()

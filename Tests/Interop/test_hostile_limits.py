@@ -137,3 +137,28 @@ def test_npz_lying_about_sizes_allocates_nothing_first(tmp_path, declared):
         assert rss < 64 * MiB + 64 * os.path.getsize(src)  # never the declared size
         within_bounds(src, rss, seconds)
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_an_input_truncated_while_converting_fails_in_one_line(tmp_path):
+    """Truncating the input under a running conversion used to end in SIGBUS with no message and
+    a temporary file left behind."""
+    rng = np.random.default_rng(0)
+    tensors = {f"w{i}": rng.standard_normal((1024, 4096)).astype(np.float32) for i in range(24)}
+    outcomes = []
+    for k in range(4):
+        for f in tmp_path.iterdir():
+            f.unlink()
+        src = tmp_path / "in.safetensors"
+        save_file(tensors, str(src))
+        p = subprocess.Popen([QCONVERT, src, "-o", tmp_path / "out.safetensors", "-q", "--jobs", "1"], stderr=subprocess.PIPE, text=True)
+        time.sleep(0.05 + 0.03 * k)
+        os.truncate(src, 1000)
+        err = p.communicate(timeout=60)[1]
+        outcomes.append(p.returncode)
+        if p.returncode == 0:
+            continue  # finished before the truncation
+        assert p.returncode == 3, err
+        line = one_line(err)
+        assert str(src) in line and "shorter" in line
+        assert sorted(f.name for f in tmp_path.iterdir()) == ["in.safetensors"]  # no output, no temporary
+    assert 3 in outcomes

@@ -85,4 +85,12 @@ float qk_min_f32(const float *a, int64_t n);
 /// out[i] = |x[i]|.
 void qk_abs_copy_f32(const float *x, int64_t n, float *out);
 
+/// SIGBUS guard (guard.c): mapped inputs and temporary outputs are registered so that a file
+/// truncated under a running conversion ends in one line naming it, temporaries removed, exit 3.
+void qk_guard_install(void);
+void qk_guard_add_mapping(const void *base, size_t length, const char *path);
+void qk_guard_remove_mapping(const void *base);
+void qk_guard_add_temp(const char *path);
+void qk_guard_remove_temp(const char *path);
+
 #endif

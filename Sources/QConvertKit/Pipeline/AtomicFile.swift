@@ -1,3 +1,4 @@
+import CQKernels
 import Foundation
 #if canImport(Glibc)
 import Glibc
@@ -130,13 +131,25 @@ public final class TempFileRegistry: @unchecked Sendable {
         let fd = open(p, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
         guard fd >= 0 else { throw QConvertError.write(path: finalPath, message: String(cString: strerror(errno))) }
         paths.insert(p)
+        qk_guard_add_temp(p)
         return fd
     }
-    func remove(_ p: String) { lock.lock(); paths.remove(p); lock.unlock() }
+    func remove(_ p: String) {
+        lock.lock()
+        paths.remove(p)
+        qk_guard_remove_temp(p)
+        lock.unlock()
+    }
+
+    /// Makes a SIGBUS from a truncated input end in one line and exit 3, removing temporaries.
+    public static func installTruncationGuard() { qk_guard_install() }
 
     /// Removes every temporary file still registered (called on SIGINT/SIGTERM).
     public func removeAll() {
         lock.lock(); let ps = paths; paths.removeAll(); closed = true; lock.unlock()
-        for p in ps { unlink(p) }
+        for p in ps {
+            unlink(p)
+            qk_guard_remove_temp(p)
+        }
     }
 }

@@ -1,3 +1,4 @@
+import CQKernels
 import Foundation
 #if canImport(Glibc)
 import Glibc
@@ -43,11 +44,15 @@ public final class MappedFile: @unchecked Sendable {
                 throw QConvertError.io(path: path, message: "cannot map: \(String(cString: strerror(errno)))")
             }
             base = UnsafeRawPointer(p)
+            qk_guard_add_mapping(base, size, path)
         }
     }
 
     deinit {
-        if let base { munmap(UnsafeMutableRawPointer(mutating: base), size) }
+        if let base {
+            qk_guard_remove_mapping(base)
+            munmap(UnsafeMutableRawPointer(mutating: base), size)
+        }
         close(fd)
     }
 

@@ -1,0 +1,118 @@
+// A SIGBUS guard for memory-mapped inputs. When another process truncates a file qconvert has
+// mapped, touching a page past the new end raises SIGBUS. The handler below names the file whose
+// mapping holds the faulting address, removes the temporary outputs in flight and exits 3, all
+// with async-signal-safe calls only (the tables are fixed arrays of atomics, no locks, no malloc).
+#include "CQKernels.h"
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define QK_GUARD_SLOTS 1024
+
+typedef struct {
+    _Atomic(uintptr_t) base;  // 0 = free
+    _Atomic(size_t) length;
+    _Atomic(char *) path;
+} qk_mapping_slot;
+
+static qk_mapping_slot mappings[QK_GUARD_SLOTS];
+static _Atomic(char *) temps[QK_GUARD_SLOTS];
+
+static char *copy_string(const char *s) {
+    size_t n = strlen(s);
+    char *c = malloc(n + 1);
+    if (c) memcpy(c, s, n + 1);
+    return c;
+}
+
+void qk_guard_add_mapping(const void *base, size_t length, const char *path) {
+    char *p = copy_string(path);
+    if (!p) return;
+    for (int i = 0; i < QK_GUARD_SLOTS; i++) {
+        uintptr_t expected = 0;
+        // claim the slot with a placeholder base first, then publish path, length and base
+        if (atomic_compare_exchange_strong(&mappings[i].base, &expected, (uintptr_t)1)) {
+            atomic_store(&mappings[i].path, p);
+            atomic_store(&mappings[i].length, length);
+            atomic_store(&mappings[i].base, (uintptr_t)base);
+            return;
+        }
+    }
+    free(p);  // table full: this mapping is not named on SIGBUS (the generic message is used)
+}
+
+void qk_guard_remove_mapping(const void *base) {
+    for (int i = 0; i < QK_GUARD_SLOTS; i++) {
+        if (atomic_load(&mappings[i].base) == (uintptr_t)base) {
+            char *p = atomic_exchange(&mappings[i].path, NULL);
+            atomic_store(&mappings[i].length, 0);
+            atomic_store(&mappings[i].base, 0);
+            free(p);
+            return;
+        }
+    }
+}
+
+void qk_guard_add_temp(const char *path) {
+    char *p = copy_string(path);
+    if (!p) return;
+    for (int i = 0; i < QK_GUARD_SLOTS; i++) {
+        char *expected = NULL;
+        if (atomic_compare_exchange_strong(&temps[i], &expected, p)) return;
+    }
+    free(p);
+}
+
+void qk_guard_remove_temp(const char *path) {
+    for (int i = 0; i < QK_GUARD_SLOTS; i++) {
+        char *p = atomic_load(&temps[i]);
+        if (p && strcmp(p, path) == 0 && atomic_compare_exchange_strong(&temps[i], &p, NULL)) {
+            free(p);
+            return;
+        }
+    }
+}
+
+static void put(const char *s) {
+    size_t n = strlen(s);
+    while (n > 0) {
+        ssize_t w = write(2, s, n);
+        if (w <= 0) return;
+        s += w;
+        n -= (size_t)w;
+    }
+}
+
+static void on_sigbus(int sig, siginfo_t *info, void *context) {
+    (void)sig;
+    (void)context;
+    uintptr_t addr = (uintptr_t)info->si_addr;
+    const char *path = NULL;
+    for (int i = 0; i < QK_GUARD_SLOTS && !path; i++) {
+        uintptr_t b = atomic_load(&mappings[i].base);
+        size_t n = atomic_load(&mappings[i].length);
+        if (b > 1 && addr >= b && addr - b < n) path = atomic_load(&mappings[i].path);
+    }
+    for (int i = 0; i < QK_GUARD_SLOTS; i++) {
+        char *t = atomic_load(&temps[i]);
+        if (t) unlink(t);
+    }
+    put("qconvert: error: ");
+    if (path) {
+        put(path);
+        put(": ");
+    }
+    put("the file became shorter while it was being read (truncated or replaced by another process); no output written\n");
+    _exit(3);
+}
+
+void qk_guard_install(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_sigbus;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGBUS, &sa, NULL);
+}
