@@ -116,3 +116,16 @@ void qk_guard_install(void) {
     sigemptyset(&sa.sa_mask);
     sigaction(SIGBUS, &sa, NULL);
 }
+
+#include <fcntl.h>
+#include <sys/syscall.h>
+#include <errno.h>
+
+int qk_rename_exchange(const char *from, const char *to) {
+#ifdef SYS_renameat2
+    return (int)syscall(SYS_renameat2, AT_FDCWD, from, AT_FDCWD, to, 2 /* RENAME_EXCHANGE */);
+#else
+    errno = ENOSYS;
+    return -1;
+#endif
+}

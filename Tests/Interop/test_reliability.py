@@ -398,3 +398,77 @@ def test_pt_output_keeps_the_planners_unique_parameter_names(tmp_path):
     from safetensors.numpy import load_file
     back = load_file(str(tmp_path / "back.safetensors"))
     assert np.abs(back["w"] - w).max() <= np.abs(w).max(axis=1).max() / 127
+
+
+def folder_state(folder):
+    """The shards an output folder's index names, checked against the files present."""
+    names = sorted(p.name for p in folder.iterdir())
+    if "model.safetensors.index.json" in names:
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        shards = sorted(set(index["weight_map"].values()))
+    else:
+        shards = ["model.safetensors"]
+    weights = [n for n in names if n.endswith(".safetensors")]
+    assert weights == shards, (names, shards)  # no stale shard, none missing
+    return len(shards)
+
+
+@pytest.fixture
+def eight(tmp_path):
+    src = tmp_path / "in.safetensors"
+    save_file({f"w{i}": np.random.default_rng(i).standard_normal((256, 256)).astype(np.float32) for i in range(8)}, str(src))
+    return src
+
+
+def test_a_folder_output_is_replaced_whole_keeping_other_files(eight, tmp_path):
+    out = tmp_path / "out"
+    run(eight, "-o", out, "--max-shard-size", "70KB", "-q")
+    assert folder_state(out) == 8
+    (out / "README.md").write_text("mine")
+    run(eight, "-o", out, "--max-shard-size", "300KB", "-q")   # a different shard plan
+    assert folder_state(out) == 2
+    assert (out / "README.md").read_text() == "mine"
+    run(eight, "-o", out, "-q")                                 # one file, no index
+    assert folder_state(out) == 1 and not (out / "model.safetensors.index.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors", "out"]  # no staging folder left
+
+
+def test_a_failed_folder_conversion_creates_nothing_and_keeps_the_old_folder(eight, tmp_path):
+    out = tmp_path / "new" / "deeper"
+    r = run(eight, "-o", out, "--max-shard-size", "70KB", "--min-sqnr", "200", check=False)
+    assert r.returncode == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+    old = tmp_path / "old"
+    run(eight, "-o", old, "--max-shard-size", "70KB", "-q")
+    before = snapshot(old)
+    assert run(eight, "-o", old, "--max-shard-size", "300KB", "--min-sqnr", "200", check=False).returncode == 5
+    assert snapshot(old) == before
+
+
+def test_a_killed_folder_conversion_leaves_the_old_folder_whole(eight, tmp_path):
+    import time
+    big = tmp_path / "big.safetensors"
+    save_file({f"w{i}": np.random.default_rng(i).standard_normal((512, 1024)).astype(np.float32) for i in range(6)}, str(big))
+    out = tmp_path / "out"
+    run(eight, "-o", out, "--max-shard-size", "70KB", "-q")
+    before = snapshot(out)
+    slow = ["--set", "calibration=entropy", "--set", "search=exhaustive"]
+    for delay in (0.05, 0.2, 0.4):
+        p = subprocess.Popen([QCONVERT, str(big), "-o", str(out), "--max-shard-size", "1MB", *slow, "-q"])
+        time.sleep(delay)
+        p.kill()
+        p.wait()
+        assert snapshot(out) == before
+    run(eight, "-o", out, "--max-shard-size", "300KB", "-q")   # the next run sweeps the dead staging folders
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.safetensors", "in.safetensors", "out"]
+    assert folder_state(out) == 2
+
+
+def test_concurrent_folder_outputs_never_mix(eight, tmp_path):
+    out = tmp_path / "out"
+    for _ in range(5):
+        procs = [subprocess.Popen([QCONVERT, str(eight), "-o", str(out), "--max-shard-size", size, "-q"])
+                 for size in ("70KB", "300KB", "70KB", "300KB")]
+        assert [p.wait() for p in procs] == [0, 0, 0, 0]
+        assert folder_state(out) in (2, 8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors", "out"]

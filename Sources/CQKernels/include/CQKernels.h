@@ -92,5 +92,7 @@ void qk_guard_add_mapping(const void *base, size_t length, const char *path);
 void qk_guard_remove_mapping(const void *base);
 void qk_guard_add_temp(const char *path);
 void qk_guard_remove_temp(const char *path);
+/// Atomically swaps two paths (renameat2 with RENAME_EXCHANGE); -1 and errno on failure.
+int qk_rename_exchange(const char *from, const char *to);
 
 #endif

@@ -50,7 +50,9 @@ public final class AtomicFile {
                   fields.dropLast(2).joined(separator: "-") == host else { continue }
             if pid == getpid() { continue }
             if kill(pid, 0) == 0 || errno != ESRCH { continue }   // alive (or not ours to probe)
-            unlink(dir + "/" + name)
+            if unlink(dir + "/" + name) != 0, errno == EISDIR {  // a folder output's staging folder
+                try? FileManager.default.removeItem(atPath: dir + "/" + name)
+            }
         }
     }
 
@@ -116,11 +118,97 @@ public final class AtomicFile {
     }
 }
 
+/// A folder output built whole in a staging folder beside it and swapped into place in one step
+/// (rename, or an atomic exchange with the folder already there), so that a kill or a concurrent
+/// run never leaves a mixture of old and new shards: the last complete conversion wins. Files of
+/// the existing folder that are not weights or indexes (a README, a report) are carried over by
+/// hard link; its old shards and index go with the old folder.
+public final class FolderOutput {
+    public let finalPath: String
+    public let stagingPath: String
+    private var open = true
+    private var createdParents: [String] = []
+
+    public init(path: String) throws {
+        guard !path.isEmpty else { throw QConvertError.usage(message: "the output folder name is empty") }
+        finalPath = path
+        var isDir: ObjCBool = false
+        if FileManager.default.fileExists(atPath: path, isDirectory: &isDir), !isDir.boolValue {
+            throw QConvertError.usage(message: "\(path): exists and is not a folder (a folder output was asked for)")
+        }
+        let url = URL(fileURLWithPath: path).standardized
+        let parent = url.deletingLastPathComponent().path
+        // missing parents are created, and removed again if the conversion fails
+        var missing: [String] = []
+        var p = URL(fileURLWithPath: parent)
+        while !FileManager.default.fileExists(atPath: p.path), p.path != "/" {
+            missing.append(p.path)
+            p = p.deletingLastPathComponent()
+        }
+        for m in missing.reversed() where mkdir(m, 0o755) != 0 && errno != EEXIST {
+            let e = String(cString: strerror(errno))
+            for made in missing where made != m { rmdir(made) }
+            throw QConvertError.write(path: path, message: "cannot create folder \(m): \(e)")
+        }
+        createdParents = missing
+        AtomicFile.removeStaleTemporaries(in: parent)
+        stagingPath = parent + "/." + url.lastPathComponent + ".qconvert-\(AtomicFile.host)-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).tmp"
+        try TempFileRegistry.shared.createFolder(stagingPath, finalPath: path)
+    }
+
+    deinit { abort() }
+
+    /// Whether a file of an existing output folder belongs to the weights (replaced as a whole).
+    static func isWeightFile(_ name: String) -> Bool {
+        name.hasSuffix(".safetensors") || name.hasSuffix(".safetensors.index.json")
+    }
+
+    public func commit() throws {
+        guard open else { return }
+        let fm = FileManager.default
+        // carry the other files of the folder being replaced over into the new one
+        if let names = try? fm.contentsOfDirectory(atPath: finalPath) {
+            for name in names where !FolderOutput.isWeightFile(name) && !(name.hasPrefix(".") && name.hasSuffix(".tmp")) {
+                let dst = stagingPath + "/" + name
+                if fm.fileExists(atPath: dst) { continue }
+                if link(finalPath + "/" + name, dst) != 0 {
+                    do { try fm.copyItem(atPath: finalPath + "/" + name, toPath: dst) } catch {
+                        abort()
+                        throw QConvertError.write(path: finalPath, message: "cannot carry '\(name)' over into the new folder: \(error.localizedDescription)")
+                    }
+                }
+            }
+        }
+        // a new name (or an empty folder) takes a plain rename; an existing folder is exchanged
+        if rename(stagingPath, finalPath) != 0 {
+            let first = errno
+            guard first == ENOTEMPTY || first == EEXIST, qk_rename_exchange(stagingPath, finalPath) == 0 else {
+                let m = String(cString: strerror(first == ENOTEMPTY || first == EEXIST ? errno : first))
+                abort()
+                throw QConvertError.write(path: finalPath, message: m)
+            }
+            // the staging name now holds the replaced folder
+            try? fm.removeItem(atPath: stagingPath)
+        }
+        open = false
+        TempFileRegistry.shared.remove(stagingPath)
+    }
+
+    public func abort() {
+        guard open else { return }
+        open = false
+        try? FileManager.default.removeItem(atPath: stagingPath)
+        TempFileRegistry.shared.remove(stagingPath)
+        for m in createdParents { rmdir(m) }  // innermost first; only empty ones go
+    }
+}
+
 /// Temporary files in flight, so that an interrupted process can remove them.
 public final class TempFileRegistry: @unchecked Sendable {
     public static let shared = TempFileRegistry()
     private let lock = NSLock()
     private var paths = Set<String>()
+    private var folders = Set<String>()
     private var closed = false
 
     /// Creates and registers a temporary file under the lock, so that an interrupt's cleanup
@@ -134,9 +222,18 @@ public final class TempFileRegistry: @unchecked Sendable {
         qk_guard_add_temp(p)
         return fd
     }
+    /// Creates and registers a staging folder (removed with its contents on an interrupt).
+    func createFolder(_ p: String, finalPath: String) throws {
+        lock.lock(); defer { lock.unlock() }
+        if closed { throw QConvertError.write(path: finalPath, message: "interrupted") }
+        guard mkdir(p, 0o755) == 0 else { throw QConvertError.write(path: finalPath, message: String(cString: strerror(errno))) }
+        folders.insert(p)
+    }
+
     func remove(_ p: String) {
         lock.lock()
         paths.remove(p)
+        folders.remove(p)
         qk_guard_remove_temp(p)
         lock.unlock()
     }
@@ -146,10 +243,11 @@ public final class TempFileRegistry: @unchecked Sendable {
 
     /// Removes every temporary file still registered (called on SIGINT/SIGTERM).
     public func removeAll() {
-        lock.lock(); let ps = paths; paths.removeAll(); closed = true; lock.unlock()
+        lock.lock(); let ps = paths, fs = folders; paths.removeAll(); folders.removeAll(); closed = true; lock.unlock()
         for p in ps {
             unlink(p)
             qk_guard_remove_temp(p)
         }
+        for f in fs { try? FileManager.default.removeItem(atPath: f) }
     }
 }

@@ -16,7 +16,6 @@ public struct SafetensorsWriter: FormatWriter {
             throw QConvertError.usage(message: "tensor '\(t.name)': safetensors has no \(t.dtype.rawValue) dtype")
         }
         let isFile = path.hasSuffix(".safetensors")
-        var createdFolder = false
         var plan: [(file: String, members: [Int])] = []
         if isFile {
             if options.maxShardSize != nil {
@@ -24,8 +23,6 @@ public struct SafetensorsWriter: FormatWriter {
             }
             plan = [(path, Array(tensors.indices))]
         } else {
-            createdFolder = !FileManager.default.fileExists(atPath: path)
-            try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
             if let max = options.maxShardSize {
                 var groups: [[Int]] = [[]]
                 var size = 0
@@ -49,15 +46,15 @@ public struct SafetensorsWriter: FormatWriter {
             } else {
                 plan = [("model.safetensors", Array(tensors.indices))]
             }
-            plan = plan.map { (path + "/" + $0.file, $0.members) }
         }
+        // A folder is built whole beside its final name and swapped in on commit.
+        let folder = isFile ? nil : try FolderOutput(path: path)
+        if let folder { plan = plan.map { (folder.stagingPath + "/" + $0.file, $0.members) } }
         do {
-            let sink = try SafetensorsSink(folder: isFile ? nil : path, plan: plan, tensors: tensors,
-                                           metadataHint: options.metadataSizeHint)
-            sink.createdFolder = createdFolder
+            let sink = try SafetensorsSink(folder: folder, plan: plan, tensors: tensors, metadataHint: options.metadataSizeHint)
             return sink
         } catch {
-            if createdFolder { rmdir(path) }
+            folder?.abort()
             throw error
         }
     }
@@ -74,13 +71,13 @@ final class SafetensorsSink: CheckpointSink {
         var reserved: Int
     }
 
-    let folder: String?
+    let folder: FolderOutput?
     let tensors: [OutputTensor]
     var shards: [ShardFile] = []
     /// Output tensor index → (shard, absolute file offset).
     var location: [(shard: Int, offset: Int)]
 
-    init(folder: String?, plan: [(file: String, members: [Int])], tensors: [OutputTensor], metadataHint: Int) throws {
+    init(folder: FolderOutput?, plan: [(file: String, members: [Int])], tensors: [OutputTensor], metadataHint: Int) throws {
         self.folder = folder
         self.tensors = tensors
         location = Array(repeating: (0, 0), count: tensors.count)
@@ -160,10 +157,11 @@ final class SafetensorsSink: CheckpointSink {
             }
             if shards.count > 1, let folder {
                 let index = indexJSON(metadata: metadata)
-                let f = try AtomicFile(path: folder + "/model.safetensors.index.json")
+                let f = try AtomicFile(path: folder.stagingPath + "/model.safetensors.index.json")
                 do { try f.pwrite(Array(index.utf8), at: 0); try f.commit() } catch { f.abort(); throw error }
             }
             for s in shards { try s.file.commit() }
+            try folder?.commit()
         } catch {
             abort()
             throw error
@@ -211,11 +209,8 @@ final class SafetensorsSink: CheckpointSink {
         return out + "\n  }\n}\n"
     }
 
-    /// Whether this conversion created the output folder: an aborted one then removes it (if empty).
-    var createdFolder = false
-
     func abort() {
         for s in shards { s.file.abort() }
-        if createdFolder, let folder { rmdir(folder) }   // only succeeds when nothing else is in it
+        folder?.abort()
     }
 }
