@@ -129,3 +129,10 @@ int qk_rename_exchange(const char *from, const char *to) {
     return -1;
 #endif
 }
+
+#include <sys/prctl.h>
+
+int qk_die_with_parent(int sig) {
+    if (prctl(PR_SET_PDEATHSIG, sig) != 0) return -1;
+    return getppid() == 1 ? 1 : 0;  // the parent is already gone
+}

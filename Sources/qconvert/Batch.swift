@@ -47,6 +47,14 @@ struct BatchRun: ParsableCommand {
     @Flag(name: [.short, .long], help: "No progress and no table.")
     var quiet = false
 
+    // A worker process of the supervisor (see BatchSupervisor): converts the items listed in a
+    // file and reports each start and end in a journal.
+    @Option(name: .customLong("worker-items"), help: .hidden)
+    var workerItems: String?
+
+    @Option(name: .customLong("worker-journal"), help: .hidden)
+    var workerJournal: String?
+
     func parseShard() throws -> (Int, Int) {
         guard let s = shard else { return (0, 1) }
         let parts = s.split(separator: "/").compactMap { Int($0) }
@@ -73,20 +81,17 @@ struct BatchRun: ParsableCommand {
                 vs.append(Batch.Variant(name: name, policy: try PolicyLoader.applyOverrides(p, policyOptions.overrides)))
             }
             if vs.isEmpty { vs = [Batch.Variant(name: "", policy: base)] }
-            let (i, n) = try parseShard()
-            let items = Batch.shard(try Batch.discover(src, excluding: output), index: i, count: n)
-            installInterruptCleanup()
             var template = ConvertOptions(policy: base, jobs: 1, strict: policyOptions.strict)
             template.gates = gateOptions.gates
-            let start = Date()
             let tty = !quiet && isatty(2) != 0
-            let outcomes = Batch.run(items, variants: vs, out: output, template: template, jobs: jobs) { done, total, bytes in
-                guard tty else { return }
-                let elapsed = Date().timeIntervalSince(start)
-                let eta = done > 0 ? elapsed / Double(done) * Double(total - done) : 0
-                let line = "\r\u{1B}[2K\(done)/\(total) models  \(formatBytes(bytes))  \(String(format: "%.0f", elapsed)) s  ETA \(String(format: "%.0f", eta)) s"
-                FileHandle.standardError.write(Data(line.utf8))
+            if let itemsFile = workerItems, let journal = workerJournal {
+                try BatchSupervisor.work(itemsFile: itemsFile, journal: journal, variants: vs, out: output, template: template,
+                                         jobs: jobs, tty: tty)
+                return
             }
+            let (i, n) = try parseShard()
+            let items = Batch.shard(try Batch.discover(src, excluding: output), index: i, count: n)
+            let outcomes = try BatchSupervisor.supervise(items, jobs: jobs, variants: vs, out: output)
             if tty { FileHandle.standardError.write(Data("\r\u{1B}[2K".utf8)) }
             if let m = manifest {
                 let text = Batch.Outcome.manifest(outcomes, csv: m.hasSuffix(".csv"))

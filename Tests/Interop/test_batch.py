@@ -179,3 +179,59 @@ def test_manifest_of_inputs(zoo, tmp_path):
     assert r.returncode == 0, r.stderr
     assert sorted(x["model"] for x in rows(tmp_path / "m.jsonl")) == ["text/enc.safetensors", "vision/arrays.npz"]
     assert (tmp_path / "out" / "vision" / "arrays.npz").exists()
+
+
+def test_a_model_that_crashes_the_process_never_takes_the_others_down(tmp_path):
+    """QCONVERT_TEST_CRASH_ON makes the named models crash the worker (SIGSEGV) as a hostile file
+    would: each is recorded as failed, every other model is converted, the manifest lists all."""
+    import os
+    import subprocess
+
+    src = tmp_path / "zoo"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        save_file({"w": rng.standard_normal((64, 64)).astype(np.float32)}, str(src / f"m{i}.safetensors"))
+    out = tmp_path / "out"
+    manifest = tmp_path / "manifest.jsonl"
+    env = dict(os.environ, QCONVERT_TEST_CRASH_ON="m2.safetensors,m3.safetensors,m6.safetensors")
+    r = subprocess.run([QCONVERT, "batch", str(src), "-o", str(out), "--jobs", "2", "--manifest", str(manifest), "-q"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 6, r.stderr
+    rows = {row["model"]: row for row in map(json.loads, manifest.read_text().splitlines())}
+    assert sorted(rows) == [f"m{i}.safetensors" for i in range(8)]
+    crashed = sorted(m for m, row in rows.items() if row["status"] == "failed")
+    assert crashed == ["m2.safetensors", "m3.safetensors", "m6.safetensors"]
+    for m in crashed:
+        assert "crashed" in rows[m]["error"] and "signal 11" in rows[m]["error"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"m{i}.safetensors" for i in range(8) if i not in (2, 3, 6))
+    assert all(len(line) < 400 for line in r.stderr.splitlines())
+    # a second run converts nothing again and blames the same models
+    r2 = subprocess.run([QCONVERT, "batch", str(src), "-o", str(out), "--manifest", str(manifest), "-q"],
+                        capture_output=True, text=True, env=env, timeout=120)
+    assert r2.returncode == 6
+    rows = {row["model"]: row["status"] for row in map(json.loads, manifest.read_text().splitlines())}
+    assert sorted(m for m, s in rows.items() if s == "skipped") == sorted(f"m{i}.safetensors" for i in range(8) if i not in (2, 3, 6))
+
+
+def test_killing_the_batch_stops_its_worker(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    src = tmp_path / "zoo"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        save_file({"w": rng.standard_normal((768, 1024)).astype(np.float32)}, str(src / f"m{i}.safetensors"))
+    slow = ["--set", "calibration=entropy", "--set", "search=exhaustive"]
+    p = subprocess.Popen([QCONVERT, "batch", str(src), "-o", str(tmp_path / "out"), *slow, "-q"])
+    time.sleep(1.0)
+    workers = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+    assert workers, "no worker process"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(os.path.exists(f"/proc/{w}") for w in workers):
+        time.sleep(0.05)
+    assert not any(os.path.exists(f"/proc/{w}") and "Z" not in open(f"/proc/{w}/stat").read().split()[2] for w in workers)

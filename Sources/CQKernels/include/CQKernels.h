@@ -94,5 +94,7 @@ void qk_guard_add_temp(const char *path);
 void qk_guard_remove_temp(const char *path);
 /// Atomically swaps two paths (renameat2 with RENAME_EXCHANGE); -1 and errno on failure.
 int qk_rename_exchange(const char *from, const char *to);
+/// Asks the kernel to send `sig` to this process when its parent dies; 1 if it already has.
+int qk_die_with_parent(int sig);
 
 #endif

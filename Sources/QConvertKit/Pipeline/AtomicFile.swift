@@ -241,6 +241,10 @@ public final class TempFileRegistry: @unchecked Sendable {
     /// Makes a SIGBUS from a truncated input end in one line and exit 3, removing temporaries.
     public static func installTruncationGuard() { qk_guard_install() }
 
+    /// Has the kernel send SIGTERM to this process when its parent dies (a batch worker whose
+    /// supervisor was killed must not run on alone); true if the parent is already gone.
+    public static func dieWithParent() -> Bool { qk_die_with_parent(SIGTERM) == 1 }
+
     /// Removes every temporary file still registered (called on SIGINT/SIGTERM).
     public func removeAll() {
         lock.lock(); let ps = paths, fs = folders; paths.removeAll(); folders.removeAll(); closed = true; lock.unlock()

@@ -6,6 +6,10 @@ public enum Batch {
     public struct Item: Sendable {
         public var path: String
         public var relative: String
+        public init(path: String, relative: String) {
+            self.path = path
+            self.relative = relative
+        }
     }
 
     /// One policy to apply, written under OUT/<name>/ (the empty name writes straight under OUT).
@@ -66,7 +70,7 @@ public enum Batch {
             seconds = json["seconds"]?.doubleValue ?? 0
         }
 
-        init(model: String, variant: String, format: String, output: String, status: String, error: String?,
+        public init(model: String, variant: String, format: String, output: String, status: String, error: String?,
              bytesBefore: Int, bytesAfter: Int, worstSQNR: Double?, seconds: Double) {
             self.model = model; self.variant = variant; self.format = format; self.output = output; self.status = status
             self.error = error; self.bytesBefore = bytesBefore; self.bytesAfter = bytesAfter; self.worstSQNR = worstSQNR; self.seconds = seconds
@@ -160,8 +164,12 @@ public enum Batch {
 
     /// Converts every item under every variant, `jobs` models at a time; one failure never stops
     /// the others. `progress` is called after each model with (done, total, bytes done).
+    /// `started` and `finished` report each item (by position) as it begins and ends, for a
+    /// supervising process that must know which model was in flight if this one crashes.
     public static func run(_ items: [Item], variants: [Variant], out: String, template: ConvertOptions, jobs: Int,
-                           progress: (@Sendable (Int, Int, Int) -> Void)? = nil) -> [Outcome] {
+                           progress: (@Sendable (Int, Int, Int) -> Void)? = nil,
+                           started: (@Sendable (Int) -> Void)? = nil,
+                           finished: (@Sendable (Int, [Outcome]) -> Void)? = nil) -> [Outcome] {
         let results = Box([[Outcome]](repeating: [], count: items.count))
         let next = Box(0)
         let done = Box((0, 0))
@@ -173,7 +181,9 @@ public enum Batch {
                 next.value += 1
                 lock.unlock()
                 guard k < items.count else { return }
+                started?(k)
                 let r = convertOne(items[k], variants: variants, out: out, template: template)
+                finished?(k, r)
                 lock.lock()
                 results.value[k] = r
                 done.value.0 += 1
