@@ -11,9 +11,6 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/jpsim/Yams", from: "5.0.1"),
-        // SHA-256 of inputs and policies for the metadata document: BoringSSL's
-        // hardware-accelerated hash keeps a 400 MB input hash well under a second.
-        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
     ],
     targets: [
         .target(
@@ -43,7 +40,6 @@ let package = Package(
                 "COnnxProto",
                 "CZip",
                 .product(name: "Yams", package: "Yams"),
-                .product(name: "Crypto", package: "swift-crypto"),
             ],
             // Checked arithmetic and bounds in release too: the library parses hostile files, and a missed
             // check must trap rather than corrupt memory. The hot loops are C kernels (CQKernels).

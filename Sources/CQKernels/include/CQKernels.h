@@ -85,6 +85,18 @@ float qk_min_f32(const float *a, int64_t n);
 /// out[i] = |x[i]|.
 void qk_abs_copy_f32(const float *x, int64_t n, float *out);
 
+/// SHA-256 (sha256.c), streaming; `portable` = 1 forces the plain C rounds (tests compare both).
+typedef struct {
+    uint32_t h[8];
+    uint64_t length;
+    uint8_t buf[64];
+    size_t fill;
+    int portable;
+} qk_sha256_state;
+void qk_sha256_init(qk_sha256_state *s, int portable);
+void qk_sha256_update(qk_sha256_state *s, const void *data, size_t n);
+void qk_sha256_final(qk_sha256_state *s, uint8_t out[32]);
+
 /// SIGBUS guard (guard.c): mapped inputs and temporary outputs are registered so that a file
 /// truncated under a running conversion ends in one line naming it, temporaries removed, exit 3.
 void qk_guard_install(void);

@@ -1,5 +1,4 @@
 import Foundation
-import Crypto
 import CQKernels
 
 /// One tensor of a checkpoint: what it is, where its bytes are, and what the format knows of its role.
@@ -92,26 +91,37 @@ public enum ContentHash: String, Sendable, CaseIterable {
 }
 
 struct Digester {
-    var sha: SHA256?
+    var isSHA: Bool
+    var sha = qk_sha256_state()
     var xx = qk_xxh64_state()
 
-    init(_ a: ContentHash) {
-        if a == .sha256 { sha = SHA256() } else { qk_xxh64_init(&xx) }
+    /// `portable` forces SHA-256's plain C rounds (the tests compare them with the SHA extensions).
+    init(_ a: ContentHash, portable: Bool = false) {
+        isSHA = a == .sha256
+        if isSHA { qk_sha256_init(&sha, portable ? 1 : 0) } else { qk_xxh64_init(&xx) }
     }
 
     mutating func update(_ b: UnsafeRawBufferPointer) {
-        if sha != nil { sha!.update(bufferPointer: b) } else if let base = b.baseAddress { qk_xxh64_update(&xx, base, b.count) }
+        guard let base = b.baseAddress else { return }
+        if isSHA { qk_sha256_update(&sha, base, b.count) } else { qk_xxh64_update(&xx, base, b.count) }
     }
 
     func hex() -> String {
-        if let sha { return sha.finalize().map { String(format: "%02x", $0) }.joined() }
+        if isSHA {
+            var state = sha
+            var out = [UInt8](repeating: 0, count: 32)
+            qk_sha256_final(&state, &out)
+            return out.map { String(format: "%02x", $0) }.joined()
+        }
         var state = xx
         return String(format: "%016llx", qk_xxh64_digest(&state))
     }
 }
 
 public func sha256Hex(_ s: String) -> String {
-    SHA256.hash(data: Data(s.utf8)).map { String(format: "%02x", $0) }.joined()
+    var d = Digester(.sha256)
+    Array(s.utf8).withUnsafeBytes { d.update($0) }
+    return d.hex()
 }
 
 /// One tensor of an output, known before any data is produced.
