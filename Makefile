@@ -4,7 +4,7 @@
 SWIFT ?= swift
 BIN = .build/release/qconvert
 
-.PHONY: demo test setup build release swift-test interop bench clean sample
+.PHONY: demo test setup build release swift-test interop bench clean sample fuzz
 
 setup:
 	scripts/setup.sh
@@ -41,6 +41,10 @@ bench:
 	.venv/bin/python Benchmarks/pytorch_int8.py
 	.venv/bin/python Benchmarks/batch_zoo.py
 	.venv/bin/python Benchmarks/calibration.py --only int8-channel
+
+# Fuzzes every hostile-format reader under ASan + UBSan, FUZZ_SECONDS per target (default 30).
+fuzz: setup
+	scripts/fuzz.sh
 
 sample:
 	python3 Samples/make_sample.py Samples/tiny-transformer.safetensors

@@ -52,6 +52,12 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
+        // Fuzz targets for the readers of hostile formats (make fuzz builds them with sanitizers).
+        .target(name: "CFuzzDriver"),
+        .executableTarget(
+            name: "qconvert-fuzz",
+            dependencies: ["QConvertKit", "CFuzzDriver"]
+        ),
         .testTarget(
             name: "QConvertKitTests",
             dependencies: ["QConvertKit"]

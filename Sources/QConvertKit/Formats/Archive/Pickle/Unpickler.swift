@@ -47,6 +47,13 @@ struct Unpickler {
         return v
     }
 
+    /// A length field of `width` bytes that must fit in what is left of the data.
+    mutating func length(_ width: Int) throws -> Int {
+        let v = try uint(width)
+        guard v <= UInt64(data.count - pos) else { throw fail("a length of \(v) bytes runs past the end of the pickle") }
+        return Int(v)
+    }
+
     mutating func line() throws -> String {
         guard let nl = data[pos...].firstIndex(of: 0x0A) else { throw fail("unterminated text field") }
         let s = String(decoding: UnsafeRawBufferPointer(rebasing: data[pos..<nl]), as: UTF8.self)
@@ -172,14 +179,14 @@ struct Unpickler {
             case UInt8(ascii: "G"): try push(.float(Double(bitPattern: try (0..<8).reduce(UInt64(0)) { acc, _ in acc << 8 | UInt64(try byte()) })))
             case UInt8(ascii: "F"): guard let v = Double(try line()) else { throw fail("bad FLOAT") }; try push(.float(v))
             case UInt8(ascii: "X"), 0x8c, 0x8d:
-                let n = op == 0x8c ? Int(try byte()) : op == 0x8d ? Int(try uint(8)) : Int(try uint(4))
+                let n = op == 0x8c ? Int(try byte()) : op == 0x8d ? try length(8) : try length(4)
                 guard let s = String(validating: try take(n), as: UTF8.self) else { throw fail("string is not UTF-8") }
                 try push(.string(s))
             case UInt8(ascii: "T"), UInt8(ascii: "U"):
-                let n = op == UInt8(ascii: "U") ? Int(try byte()) : Int(Int32(truncatingIfNeeded: try uint(4)))
+                let n = op == UInt8(ascii: "U") ? Int(try byte()) : try length(4)  // a negative BINSTRING length is huge here
                 try push(.string(String(decoding: try take(n), as: UTF8.self)))
             case UInt8(ascii: "B"), UInt8(ascii: "C"), 0x8e, 0x96:
-                let n = op == UInt8(ascii: "C") ? Int(try byte()) : (op == UInt8(ascii: "B") ? Int(try uint(4)) : Int(try uint(8)))
+                let n = op == UInt8(ascii: "C") ? Int(try byte()) : (op == UInt8(ascii: "B") ? try length(4) : try length(8))
                 try push(.bytes(Array(try take(n))))
             case UInt8(ascii: ")"): try push(.tuple([]), depth: 1)
             case UInt8(ascii: "t"): let (items, deepest) = try popMarkWithDepth(); try pushContainer(.tuple(items), items: items, deepest: deepest)

@@ -1,0 +1,2 @@
+// Declarations only (see include/CFuzzDriver.h); this file gives the C target a source to build.
+#include "CFuzzDriver.h"

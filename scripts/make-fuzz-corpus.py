@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Writes the seed corpus of the fuzz targets: small valid inputs of every format qconvert reads,
+made with the formats' own Python libraries, one folder per target (see FuzzEntries.swift).
+
+usage: make-fuzz-corpus.py OUTDIR"""
+import io
+import pathlib
+import pickle
+import shutil
+import sys
+import zipfile
+
+import numpy as np
+import torch
+from safetensors.numpy import save as st_save
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "Tests" / "Interop"))
+import make_onnx_models  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def arrays():
+    r = np.random.default_rng(0)
+    return [
+        {"w": r.standard_normal((4, 3)).astype(np.float32), "b": np.arange(3, dtype=np.float32)},
+        {"h": r.standard_normal((2, 2)).astype(np.float16), "i": np.arange(5, dtype=np.int64)},
+        {"s": np.float32(1.5).reshape(()), "e": np.zeros((0, 4), np.float32), "u": np.arange(6, dtype=np.uint8).reshape(2, 3)},
+        {"f": np.asfortranarray(r.standard_normal((3, 2))), "big": np.arange(4, dtype=">f4")},
+    ]
+
+
+def main(out):
+    out = pathlib.Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    dirs = {t: out / t for t in ["safetensors", "safetensors-header", "pickle", "zip", "npy", "npz", "pytorch", "onnx", "policy"]}
+    for d in dirs.values():
+        d.mkdir(parents=True)
+
+    for k, a in enumerate(arrays()):
+        le = {n: np.ascontiguousarray(v).astype(v.dtype.newbyteorder("<")) for n, v in a.items()}
+        data = st_save(le, metadata={"format": "pt"} if k % 2 else None)
+        (dirs["safetensors"] / f"st{k}.safetensors").write_bytes(data)
+        (dirs["safetensors-header"] / f"st{k}.safetensors").write_bytes(data)
+        for n, v in a.items():
+            b = io.BytesIO()
+            np.lib.format.write_array(b, v, version=(1, 0) if k < 2 else (2, 0))
+            (dirs["npy"] / f"{k}-{n}.npy").write_bytes(b.getvalue())
+        b = io.BytesIO()
+        np.savez(b, **a)
+        (dirs["npz"] / f"plain{k}.npz").write_bytes(b.getvalue())
+        (dirs["zip"] / f"plain{k}.npz").write_bytes(b.getvalue())
+        b = io.BytesIO()
+        np.savez_compressed(b, **a)
+        (dirs["npz"] / f"deflated{k}.npz").write_bytes(b.getvalue())
+        (dirs["zip"] / f"deflated{k}.npz").write_bytes(b.getvalue())
+
+        sd = {n: torch.from_numpy(np.ascontiguousarray(v).astype(v.dtype.newbyteorder("="))) for n, v in a.items()}
+        b = io.BytesIO()
+        torch.save(sd, b)
+        (dirs["pytorch"] / f"zip{k}.pt").write_bytes(b.getvalue())
+        (dirs["zip"] / f"torch{k}.pt").write_bytes(b.getvalue())
+        with zipfile.ZipFile(io.BytesIO(b.getvalue())) as z:
+            pkl = [m for m in z.namelist() if m.endswith("data.pkl")][0]
+            (dirs["pickle"] / f"torch{k}.pkl").write_bytes(z.read(pkl))
+        b = io.BytesIO()
+        torch.save(sd, b, _use_new_zipfile_serialization=False)
+        (dirs["pytorch"] / f"legacy{k}.pt").write_bytes(b.getvalue())
+    # views, tied storages and nesting
+    base = torch.arange(12, dtype=torch.float32)
+    b = io.BytesIO()
+    torch.save({"model": {"a": base[2:8].view(2, 3), "t": base.view(3, 4).t(), "tied": base}, "step": 3}, b)
+    (dirs["pytorch"] / "views.pt").write_bytes(b.getvalue())
+
+    for proto in (2, 3, 4, 5):
+        obj = {"a": [1, 2.5, "x", None, True], "b": (1, (2, 3)), "c": {"d": b"bytes"}, "e": list(range(20))}
+        (dirs["pickle"] / f"plain{proto}.pkl").write_bytes(pickle.dumps(obj, protocol=proto))
+
+    tmp = out / ".onnx-build"
+    tmp.mkdir()
+    for name in ["mlp", "gemm", "cnn", "constants_opset11", "if_subgraph", "shared", "fp16", "old_ir_inputs", "function_body", "mlp21"]:
+        path = tmp / f"{name}.onnx"
+        getattr(make_onnx_models, name)(str(path))
+        data = path.read_bytes()
+        if len(data) < 200_000:
+            (dirs["onnx"] / path.name).write_bytes(data)
+    shutil.rmtree(tmp)
+
+    for p in [REPO / "Samples" / "policy.cfg", *sorted((REPO / "Samples" / "policies").glob("*.yaml"))]:
+        shutil.copy(p, dirs["policy"] / p.name)
+    (dirs["policy"] / "rules.yaml").write_text(
+        'defaults:\n  dtype: int4\n  granularity: group\n  group_size: 32\nrules:\n'
+        '  - match: "re:.*(q|k)_proj\\\\.weight"\n    dtype: int8\n  - match: "*.bias"\n    dtype: keep\n'
+        '  - rank: ">= 3"\n    elements: "< 4096"\n    dtype: fp16\n')
+    for t, d in dirs.items():
+        print(f"{t}: {len(list(d.iterdir()))} seeds")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else ".cache/fuzz-corpus")
