@@ -162,3 +162,56 @@ def test_an_input_truncated_while_converting_fails_in_one_line(tmp_path):
         assert str(src) in line and "shorter" in line
         assert sorted(f.name for f in tmp_path.iterdir()) == ["in.safetensors"]  # no output, no temporary
     assert 3 in outcomes
+
+
+def hostile_files(folder):
+    """Small valid files of every format (the fuzz seed corpus), each cut short and mutated by
+    deterministic byte flips, plus hand-made hostile cases of every kind the reliability issue lists."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("corpus", os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "make-fuzz-corpus.py"))
+    corpus = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(corpus)
+    seeds = folder / "seeds"
+    corpus.main(seeds)
+    ext = {"safetensors": ".safetensors", "npz": ".npz", "pytorch": ".pt", "onnx": ".onnx"}
+    rng = np.random.default_rng(2026)
+    files = []
+    for target, suffix in ext.items():
+        for seed in sorted((seeds / target).iterdir()):
+            data = seed.read_bytes()
+            variants = {"cut": data[: len(data) // 2], "tail": data[:-7]}
+            for k in range(3):
+                b = bytearray(data)
+                for pos in rng.integers(0, len(b), size=1 + k * 3):
+                    b[pos] = int(rng.integers(0, 256))
+                variants[f"flip{k}"] = bytes(b)
+            for name, b in variants.items():
+                p = folder / f"{seed.stem}-{name}{suffix}"
+                p.write_bytes(b)
+                files.append(p)
+    # hand-made: a header claiming huge dims, a stride-0 view of a huge shape, a lying npz
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1 << 40, 1 << 40], "data_offsets": [0, 16]}}).encode()
+    (folder / "huge-dims.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+    files.append(folder / "huge-dims.safetensors")
+    (folder / "text.safetensors").write_text("hello, I am not a checkpoint\n" * 10)
+    files.append(folder / "text.safetensors")
+    return files
+
+
+def test_hostile_files_are_refused_in_one_line_within_time_and_memory(tmp_path):
+    files = hostile_files(tmp_path)
+    assert len(files) > 100
+    refusals = 0
+    for f in files:
+        for args in (["inspect", f], [f, "-o", tmp_path / "out.safetensors", "-q"]):
+            code, stderr, rss, seconds = measured(*args)
+            assert code in (0, 3), (f.name, code, stderr[-2000:])  # never a crash or another failure
+            if code == 3:
+                refusals += 1
+                line = one_line(stderr)
+                assert f.name in line, (f.name, line)
+            within_bounds(f, rss, seconds)
+            if (tmp_path / "out.safetensors").exists():
+                (tmp_path / "out.safetensors").unlink()
+    assert refusals > len(files) // 2
