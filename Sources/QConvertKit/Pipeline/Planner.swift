@@ -34,6 +34,11 @@ public struct TensorPlan: Sendable {
     public var paramShape: [Int]
     /// ONNX: "decompose" or "refuse" when the opset cannot express the scheme.
     public var onnxFallback: String = "decompose"
+    /// ONNX: the requested form of a quantized MatMul/Gemm weight, and MatMulNBits' accuracy_level.
+    public var onnxForm: OnnxForm = .auto
+    public var accuracyLevel: Int = 4
+    /// ONNX: the form the writer chose and why (filled in by the ONNX writer's check, shown by plan).
+    public var onnxFormChosen: String?
     /// Estimated seconds of one core that calibrating this tensor takes (0 for max).
     public var calibrationSeconds: Double = 0
 
@@ -92,6 +97,8 @@ public enum Planner {
                               valuesName: e.name, scaleName: nil, zeroPointName: nil, paramShape: [])
         let target = s.dtype ?? .int8
         plan.onnxFallback = s.onnxFallback ?? "decompose"
+        plan.onnxForm = s.onnxForm ?? .auto
+        plan.accuracyLevel = s.accuracyLevel ?? 4
         func keep(_ why: String) -> TensorPlan { var p = plan; p.decision = .keep(reason: why); return p }
         if target == .keep { return keep("policy: keep") }
         guard e.dtype.isFloatingPoint else { return keep("not floating point (\(e.dtype.rawValue))") }

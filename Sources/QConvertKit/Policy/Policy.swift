@@ -6,6 +6,18 @@ public enum AxisSetting: Sendable, Equatable, Hashable {
     case fixed(Int)
 }
 
+/// How an ONNX output holds a quantized MatMul/Gemm weight (see OnnxForms.swift).
+public enum OnnxForm: String, Sendable, CaseIterable {
+    /// MatMulNBits where the weight fits, DequantizeLinear elsewhere: never slower than float in onnxruntime.
+    case auto
+    /// DequantizeLinear on the weight: portable to any ONNX runtime.
+    case qdq
+    /// onnxruntime's com.microsoft.MatMulNBits (integer kernels, weights stay packed).
+    case matmulnbits
+    /// DynamicQuantizeLinear on activations + MatMulInteger (onnxruntime's quantize_dynamic pattern).
+    case dynamic
+}
+
 /// Settings a policy's `defaults` or a rule may give. A rule sets only the keys it names.
 public struct PolicySettings: Sendable, Equatable {
     public var dtype: TargetType?
@@ -24,6 +36,10 @@ public struct PolicySettings: Sendable, Equatable {
     public var saturate: Bool?
     /// ONNX: when the model's opset cannot express a scheme, "decompose" (Cast + Mul) or "refuse".
     public var onnxFallback: String?
+    /// ONNX: the form of quantized MatMul/Gemm weights.
+    public var onnxForm: OnnxForm?
+    /// ONNX MatMulNBits: accuracy_level (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute).
+    public var accuracyLevel: Int?
 
     public init() {}
 
@@ -44,6 +60,8 @@ public struct PolicySettings: Sendable, Equatable {
         if let v = other.minRank { r.minRank = v }
         if let v = other.saturate { r.saturate = v }
         if let v = other.onnxFallback { r.onnxFallback = v }
+        if let v = other.onnxForm { r.onnxForm = v }
+        if let v = other.accuracyLevel { r.accuracyLevel = v }
         return r
     }
 
@@ -53,6 +71,7 @@ public struct PolicySettings: Sendable, Equatable {
         s.dtype = .int8; s.mapping = .scale; s.granularity = .channel; s.axis = .auto; s.groupSize = 128
         s.calibration = "max"; s.percentile = 99.99; s.bins = 2048; s.levels = nil; s.search = "fast"
         s.minElements = 1024; s.minRank = 2; s.saturate = false; s.onnxFallback = "decompose"
+        s.onnxForm = .auto; s.accuracyLevel = 4
         return s
     }()
 }

@@ -70,7 +70,7 @@ public enum PolicyLoader {
 
     static let settingKeys: Set<String> = ["dtype", "mapping", "granularity", "axis", "group_size", "calibration",
                                            "percentile", "bins", "levels", "search", "min_elements", "min_rank", "saturate",
-                                           "onnx_fallback"]
+                                           "onnx_fallback", "onnx_form", "accuracy_level"]
     static let selectorKeys: Set<String> = ["match", "source_dtype", "rank", "elements", "op"]
 
     /// Deepest nesting a policy may have (flow brackets, or indentation columns / 2 plus "- " markers).
@@ -292,6 +292,16 @@ public enum PolicyLoader {
                 let t = try string(v, key, path)
                 guard t == "decompose" || t == "refuse" else { throw err(path, v, "onnx_fallback must be decompose or refuse") }
                 s.onnxFallback = t
+            case "onnx_form":
+                let t = try string(v, key, path)
+                guard let f = OnnxForm(rawValue: t) else {
+                    throw err(path, v, "onnx_form must be one of \(OnnxForm.allCases.map(\.rawValue).joined(separator: ", "))")
+                }
+                s.onnxForm = f
+            case "accuracy_level":
+                let i = try int(v, key, path)
+                guard (0...4).contains(i) else { throw err(path, v, "accuracy_level is 0 to 4 (4: int8 compute, the fast one)") }
+                s.accuracyLevel = i
             default: break
             }
         }

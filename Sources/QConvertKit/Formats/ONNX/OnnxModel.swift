@@ -23,7 +23,14 @@ public final class OnnxModel: @unchecked Sendable {
     }
 
     /// Entry name → location.
-    var located: [String: Located] = [:]
+    var located: [String: Located] = [:] { didSet { byGraphName = nil } }
+    private var byGraphName: [String: Located]?
+
+    /// The tensor a graph knows by `name` (an initializer or a Constant's output).
+    func located(graphName name: String) -> Located? {
+        if byGraphName == nil { byGraphName = Dictionary(located.values.map { ($0.graphName, $0) }, uniquingKeysWith: { a, _ in a }) }
+        return byGraphName?[name]
+    }
     /// Value name → (op type, input index, node) of every consumer, across all graphs and functions.
     var consumers: [String: [(op: String, index: Int, node: Proto.NodeP)]] = [:]
     /// Every name used anywhere (values, initializers, nodes), to keep new names unique.

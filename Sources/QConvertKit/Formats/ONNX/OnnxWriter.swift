@@ -33,6 +33,10 @@ final class OnnxSink: CheckpointSink {
     var data: [Int: [UInt8]] = [:]
     /// What the graph holds for each converted tensor, for the metadata document.
     var stored: [String: [(String, JSONValue)]] = [:]
+    /// Nodes taken out of the graph, freed once the model is written.
+    var retired: [Proto.NodeP] = []
+    /// DynamicQuantizeLinear outputs per activation (the dynamic form shares them).
+    var dynamicInputs: [String: (String, String, String)] = [:]
 
     init(path: String, model: OnnxModel, source: Checkpoint, tensors: [OutputTensor], options: WriterOptions) {
         self.path = path; self.model = model; self.source = source; self.tensors = tensors; self.options = options
@@ -64,6 +68,11 @@ final class OnnxSink: CheckpointSink {
     func commit(metadata: [(key: String, value: String)], perShard: [String: [(key: String, value: String)]]) throws {
         let opset = model.opset
         var needIR = 0
+        let planByName = Dictionary(options.plans.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
+        defer {
+            for n in retired { onnx__node_proto__free_unpacked(n, nil) }
+            retired = []
+        }
         for (pi, p) in options.plans.enumerated() {
             guard let scheme = p.decision.scheme else { continue }
             guard let loc = model.located[p.name] else { continue }
@@ -74,7 +83,16 @@ final class OnnxSink: CheckpointSink {
             } else {
                 let scale = data[outs[1]]!
                 let zp = outs.count > 2 ? data[outs[2]] : nil
-                needIR = max(needIR, try applyQuantize(p, scheme: scheme, loc: loc, values: values, scale: scale, zeroPoint: zp, opset: opset))
+                let choice = OnnxForms.choose(p, loc: loc, model: model, plans: planByName)
+                switch choice {
+                case .qdq:
+                    needIR = max(needIR, try applyQuantize(p, scheme: scheme, loc: loc, values: values, scale: scale, zeroPoint: zp, opset: opset))
+                    stored[p.name, default: []].append(("onnx", .object([("form", .string("qdq"))] + (choice.note.map { [("note", .string($0))] } ?? []))))
+                case .matMulNBits(let f, let bits, let bs, _):
+                    try applyMatMulNBits(p, scheme: scheme, loc: loc, fit: f, bits: bits, blockSize: bs, values: values, scale: scale, zeroPoint: zp)
+                case .dynamic(let f):
+                    try applyDynamic(p, scheme: scheme, loc: loc, fit: f, values: values, scale: scale, zeroPoint: zp)
+                }
             }
             data[outs[0]] = nil
         }

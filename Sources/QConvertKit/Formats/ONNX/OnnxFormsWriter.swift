@@ -1,0 +1,142 @@
+import COnnxProto
+import Foundation
+
+/// Writing the MatMulNBits and dynamic forms (see OnnxForms): new weight tensors, the replacement
+/// nodes at the position of the MatMul/Gemm they replace, and the domain import.
+extension OnnxSink {
+    var mainGraph: Proto.GraphP? { model.model.pointee.graph }
+
+    /// Replaces `old` by `new` (in order, at its position) in the main graph; `old` is freed after writing.
+    func replaceNode(_ old: Proto.NodeP, with new: [Proto.NodeP]) {
+        guard let g = mainGraph else { return }
+        var list = g.pointee.node
+        var n = g.pointee.n_node
+        guard let idx = (0..<n).first(where: { list?[$0] == old }) else { return }
+        for k in idx..<(n - 1) { list![k] = list![k + 1] }
+        n -= 1
+        for (j, node) in new.enumerated() { Proto.insert(node, at: idx + j, into: &list, count: &n) }
+        g.pointee.node = list
+        g.pointee.n_node = n
+        retired.append(old)
+    }
+
+    /// Inserts nodes right after the node that produces `value` (first, when a graph input or initializer does).
+    func insertAfterProducer(of value: String, _ nodes: [Proto.NodeP]) {
+        guard let g = mainGraph else { return }
+        var list = g.pointee.node
+        var n = g.pointee.n_node
+        let at = (0..<n).first(where: { i in list?[i].map { OnnxForms.outputs($0).contains(value) } ?? false }).map { $0 + 1 } ?? 0
+        for (j, node) in nodes.enumerated() { Proto.insert(node, at: at + j, into: &list, count: &n) }
+        g.pointee.node = list
+        g.pointee.n_node = n
+    }
+
+    /// Imports the com.microsoft domain at version 1 (once).
+    func importMicrosoftDomain() {
+        let m = model.model
+        for i in 0..<m.pointee.n_opset_import where Proto.string(m.pointee.opset_import[i]?.pointee.domain) == "com.microsoft" { return }
+        let o = calloc(1, MemoryLayout<Onnx__OperatorSetIdProto>.stride)!.bindMemory(to: Onnx__OperatorSetIdProto.self, capacity: 1)
+        onnx__operator_set_id_proto__init(o)
+        o.pointee.domain = Proto.cstring("com.microsoft")
+        o.pointee.version = 1
+        o.pointee.has_version = 1
+        var list = m.pointee.opset_import
+        var n = m.pointee.n_opset_import
+        Proto.append(o, to: &list, count: &n)
+        m.pointee.opset_import = list
+        m.pointee.n_opset_import = n
+    }
+
+    func applyMatMulNBits(_ p: TensorPlan, scheme s: QuantScheme, loc: OnnxModel.Located, fit f: OnnxForms.Fit, bits: Int, blockSize: Int,
+                          values: [UInt8], scale: [UInt8], zeroPoint: [UInt8]?) throws {
+        let w = loc.graphName
+        let layout = MatMulNBitsLayout(k: f.k, n: f.n, nAxis: f.nAxis, bits: bits, blockSize: blockSize, signed: s.target.isSigned)
+        let params = ParamLayout(shape: p.shape, granularity: s.granularity, axis: s.axis, groupSize: s.groupSize)
+        let scales = scale.withUnsafeBytes { Array($0.bindMemory(to: Float.self)) }
+        guard let packed = layout.pack(values: values, scale: scales, zeroPoint: zeroPoint, paramIndex: params.paramIndices()) else {
+            throw fail("internal: tensor '\(w)' does not fit MatMulNBits blocks of \(blockSize)")
+        }
+        let bName = model.uniqueName(w + "_quantized")
+        let sName = model.uniqueName(w + "_scale")
+        var tensors = [
+            packed.b.withUnsafeBytes { Proto.newTensor(name: bName, dataType: 2, dims: [f.n, layout.blocks, layout.blob], raw: $0) },
+            packed.scales.withUnsafeBytes { Proto.newTensor(name: sName, dataType: 1, dims: [f.n, layout.blocks], raw: $0) },
+        ]
+        var zName: String? = nil
+        if let z = packed.zp {
+            let name = model.uniqueName(w + "_zero_point")
+            tensors.append(z.withUnsafeBytes { Proto.newTensor(name: name, dataType: 2, dims: [z.count], raw: $0) })
+            zName = name
+        }
+        replaceTensor(loc, with: tensors, nodes: [])
+        for use in f.uses {
+            var inputs = [use.a, bName, sName, zName ?? "", "", use.bias ?? ""]
+            while inputs.last == "" { inputs.removeLast() }
+            let node = Proto.newNode(op: "MatMulNBits", name: model.uniqueName(w + "_MatMulNBits"), inputs: inputs, outputs: [use.output],
+                                     attributes: [Proto.intAttr("K", f.k), Proto.intAttr("N", f.n), Proto.intAttr("bits", bits),
+                                                  Proto.intAttr("block_size", blockSize), Proto.intAttr("accuracy_level", p.accuracyLevel)])
+            node.pointee.domain = Proto.cstring("com.microsoft")
+            replaceNode(use.node, with: [node])
+            if let add = use.biasAdd { replaceNode(add, with: []) }
+        }
+        importMicrosoftDomain()
+        stored[p.name] = [("values", .string(bName)), ("scale", .string(sName)), ("zero_point", zName.map(JSONValue.string) ?? .null),
+                          ("scale_shape", .array([.int(f.n), .int(layout.blocks)])),
+                          ("onnx", .object([("form", .string("matmulnbits")), ("K", .int(f.k)), ("N", .int(f.n)), ("n_axis", .int(f.nAxis)),
+                                            ("bits", .int(bits)), ("block_size", .int(blockSize)), ("accuracy_level", .int(p.accuracyLevel)),
+                                            ("bias_folded", .bool(f.uses.contains { $0.bias != nil }))]))]
+    }
+
+    func applyDynamic(_ p: TensorPlan, scheme s: QuantScheme, loc: OnnxModel.Located, fit f: OnnxForms.Fit,
+                      values: [UInt8], scale: [UInt8], zeroPoint: [UInt8]?) throws {
+        let w = loc.graphName
+        let qType: Int32 = s.target == .int8 ? 3 : 2
+        let pDims = s.granularity == .channel ? [f.n] : []
+        let qName = model.uniqueName(w + "_quantized")
+        let sName = model.uniqueName(w + "_scale")
+        var tensors = [
+            values.withUnsafeBytes { Proto.newTensor(name: qName, dataType: qType, dims: p.shape, raw: $0) },
+            scale.withUnsafeBytes { Proto.newTensor(name: sName, dataType: 1, dims: pDims, raw: $0) },
+        ]
+        var zName: String? = nil
+        if let z = zeroPoint {
+            let name = model.uniqueName(w + "_zero_point")
+            tensors.append(z.withUnsafeBytes { Proto.newTensor(name: name, dataType: qType, dims: pDims, raw: $0) })
+            zName = name
+        }
+        replaceTensor(loc, with: tensors, nodes: [])
+        for use in f.uses {
+            // one DynamicQuantizeLinear per activation, shared by every weight that multiplies it
+            let (aq, ascale, azp): (String, String, String)
+            if let known = dynamicInputs[use.a] {
+                (aq, ascale, azp) = known
+            } else {
+                aq = model.uniqueName(use.a + "_quantized")
+                ascale = model.uniqueName(use.a + "_scale")
+                azp = model.uniqueName(use.a + "_zero_point")
+                insertAfterProducer(of: use.a, [Proto.newNode(op: "DynamicQuantizeLinear", name: model.uniqueName(use.a + "_DynamicQuantizeLinear"),
+                                                              inputs: [use.a], outputs: [aq, ascale, azp])])
+                dynamicInputs[use.a] = (aq, ascale, azp)
+            }
+            let yi = model.uniqueName(w + "_MatMulInteger_out")
+            let yf = model.uniqueName(w + "_MatMulInteger_float")
+            let sc = model.uniqueName(w + "_output_scale")
+            // with a Gemm bias the product goes through an Add; a MatMul's own following Add stays as it was
+            let product = use.biasAdd == nil && use.bias != nil ? model.uniqueName(w + "_product") : use.product
+            var nodes = [
+                Proto.newNode(op: "MatMulInteger", name: model.uniqueName(w + "_MatMulInteger"),
+                              inputs: [aq, qName, azp] + (zName.map { [$0] } ?? []), outputs: [yi]),
+                Proto.newNode(op: "Cast", name: model.uniqueName(w + "_Cast"), inputs: [yi], outputs: [yf], attributes: [Proto.intAttr("to", 1)]),
+                Proto.newNode(op: "Mul", name: model.uniqueName(w + "_ScaleMul"), inputs: [ascale, sName], outputs: [sc]),
+                Proto.newNode(op: "Mul", name: model.uniqueName(w + "_Mul"), inputs: [yf, sc], outputs: [product]),
+            ]
+            if use.biasAdd == nil, let b = use.bias {
+                nodes.append(Proto.newNode(op: "Add", name: model.uniqueName(w + "_BiasAdd"), inputs: [product, b], outputs: [use.output]))
+            }
+            replaceNode(use.node, with: nodes)
+        }
+        stored[p.name] = [("values", .string(qName)), ("scale", .string(sName)), ("zero_point", zName.map(JSONValue.string) ?? .null),
+                          ("scale_shape", .array(pDims.map(JSONValue.int))),
+                          ("onnx", .object([("form", .string("dynamic")), ("activations", .string("uint8, DynamicQuantizeLinear per run"))]))]
+    }
+}
