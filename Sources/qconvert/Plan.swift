@@ -55,6 +55,7 @@ struct PlanCommand: ParsableCommand {
                 }
                 if s.mapping == .affine { gran += " affine" }
                 if s.calibration != .max { gran += " " + s.calibration.name }
+                if let form = p.onnxFormChosen { notes.insert("onnx: " + form, at: 0) }
             }
             rows.append([p.name, shape, to, gran, p.rule, "\(formatBytes(p.bytesBefore)) → \(formatBytes(p.bytesAfter))",
                          String(format: "%.2f", p.bitsPerWeight), notes.joined(separator: "; ")])

@@ -58,15 +58,26 @@ struct PolicyOptions: ParsableArguments {
     @Flag(name: .long, help: "Fail when a policy rule matches no tensor.")
     var strict = false
 
+    @Option(name: .long, help: ArgumentHelp(
+        "ONNX outputs: how quantized MatMul/Gemm weights run in onnxruntime, overriding every rule: auto (MatMulNBits where it fits, the default), qdq (portable DequantizeLinear), matmulnbits, dynamic (activations quantized per run).",
+        valueName: "form"))
+    var onnxForm: OnnxForm?
+
     func validate() throws {
         if policy != nil && preset != nil { throw ValidationError("give either --policy or --preset, not both") }
     }
 
     func load() throws -> Policy {
         let base = try policy.map(PolicyLoader.load(path:)) ?? PolicyLoader.preset(preset ?? "int8")
-        return try PolicyLoader.applyOverrides(base, overrides)
+        var p = try PolicyLoader.applyOverrides(base, overrides + (onnxForm.map { ["onnx_form=\($0.rawValue)"] } ?? []))
+        if onnxForm != nil {
+            for i in p.rules.indices { p.rules[i].settings.onnxForm = nil }  // the command line wins over every rule
+        }
+        return p
     }
 }
+
+extension OnnxForm: ExpressibleByArgument {}
 
 /// Exit code of a failed quality gate.
 let gateExitCode: Int32 = 5

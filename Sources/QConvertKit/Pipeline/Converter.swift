@@ -122,7 +122,9 @@ public enum Converter {
 
     public static func plan(input: String, options: ConvertOptions) throws -> (Checkpoint, [TensorPlan]) {
         let ckpt = try open(input)
-        return (ckpt, try Planner.plan(ckpt, policy: options.policy, strict: options.strict))
+        var plans = try Planner.plan(ckpt, policy: options.policy, strict: options.strict)
+        OnnxWriter.annotate(&plans, source: ckpt)
+        return (ckpt, plans)
     }
 
     public static func convert(input: String, output: String, options: ConvertOptions,
@@ -136,8 +138,10 @@ public enum Converter {
                                progress: ((ConvertProgress) -> Void)? = nil) throws -> ConversionReport {
         let start = Date()
         let input = ckpt.path
-        let plans = try Planner.plan(ckpt, policy: options.policy, strict: options.strict)
+        var planned = try Planner.plan(ckpt, policy: options.policy, strict: options.strict)
         let writer = try FormatRegistry.writer(for: output, format: options.format, inputFormat: ckpt.format)
+        if writer is OnnxWriter { OnnxWriter.annotate(&planned, source: ckpt) }
+        let plans = planned
         try PathGuard.checkOutput(output, input: ckpt)
 
         // Hash the input on another thread while converting; it is needed only at the end.

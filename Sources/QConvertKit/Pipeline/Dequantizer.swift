@@ -82,6 +82,9 @@ public enum Dequantizer {
         guard shape.count == rawShape.count, Shape(shape).checkedByteCount(.f32) != nil else {
             throw bad("metadata source_shape is not a valid shape")
         }
+        if r["onnx"]?["form"]?.stringValue == "matmulnbits" {
+            return try restoreMatMulNBits(e, record: r, target: target, shape: shape, ckpt: ckpt, byName: byName, path: path)
+        }
         var values = try e.bytes.withUnsafeBytes { [UInt8]($0) }
         let is4 = target == .int4 || target == .uint4
         if is4, case .bool(true)? = r["packing"]?["unpacked"] {
@@ -122,6 +125,44 @@ public enum Dequantizer {
         }
         return Quantizer.dequantize(values: values, target: target, shape: shape, scale: scale, zeroPoint: zp,
                                     granularity: granularity, axis: axis, groupSize: max(groupSize, 1))
+    }
+
+    /// A weight stored as onnxruntime's MatMulNBits (B [N, blocks, blob], scales [N, blocks], packed zero
+    /// points): back to qconvert's layout, then dequantized like any other. The metadata is checked
+    /// against the shape first (it is input like any other).
+    static func restoreMatMulNBits(_ e: TensorEntry, record r: JSONValue, target: TargetType, shape: [Int], ckpt: Checkpoint,
+                                   byName: [String: Int], path: String) throws -> [Float] {
+        func bad(_ m: String) -> QConvertError { .badInput(path: path, message: "tensor '\(e.name)': \(m)") }
+        let o = r["onnx"]
+        guard let k = o?["K"]?.nonNegativeInt, let n = o?["N"]?.nonNegativeInt, let nAxis = o?["n_axis"]?.nonNegativeInt,
+              let bits = o?["bits"]?.nonNegativeInt, let bs = o?["block_size"]?.nonNegativeInt,
+              nAxis <= 1, shape.count == 2, shape[nAxis] == n, shape[1 - nAxis] == k, k > 0, n > 0,
+              bs >= 16, bs <= 1 << 20, bs & (bs - 1) == 0,
+              bits == ((target == .int4 || target == .uint4) ? 4 : 8), target == .int8 || target == .uint8 || target == .int4 || target == .uint4
+        else { throw bad("metadata of its MatMulNBits form does not match its shape \(Shape(shape))") }
+        let granularity = Granularity(rawValue: r["granularity"]?.stringValue ?? "tensor") ?? .tensor
+        let axis = r["axis"]?.nonNegativeInt ?? nAxis
+        let groupSize = max(r["group_size"]?.nonNegativeInt ?? 1, 1)
+        guard axis < 2 else { throw bad("metadata axis is outside the rank-2 shape") }
+        let params = ParamLayout(shape: shape, granularity: granularity, axis: axis, groupSize: groupSize)
+        let layout = MatMulNBitsLayout(k: k, n: n, nAxis: nAxis, bits: bits, blockSize: bs, signed: target.isSigned)
+        guard let sn = r["scale"]?.stringValue, let si = byName[sn], ckpt.entries[si].dtype == .f32 else { throw bad("scale tensor is missing") }
+        let se = ckpt.entries[si]
+        let scales = try se.bytes.withUnsafeBytes { FloatDecoding.toFloat32($0, dtype: .f32, count: se.elementCount) }
+        var zp: [UInt8]? = nil
+        if let zn = r["zero_point"]?.stringValue {
+            guard let zi = byName[zn] else { throw bad("zero-point tensor '\(zn)' is missing") }
+            zp = try ckpt.entries[zi].bytes.withUnsafeBytes { [UInt8]($0) }
+        }
+        let b = try e.bytes.withUnsafeBytes { [UInt8]($0) }
+        let canonical: (values: [UInt8], scale: [Float], zeroPoint: [UInt8]?)
+        do {
+            canonical = try layout.unpack(b: b, scales: scales, zp: zp, paramIndex: params.paramIndices(), paramCount: params.paramCount)
+        } catch {
+            throw bad("\(error)")
+        }
+        return Quantizer.dequantize(values: canonical.values, target: target, shape: shape, scale: canonical.scale, zeroPoint: canonical.zeroPoint,
+                                    granularity: granularity, axis: axis, groupSize: groupSize)
     }
 
     static func encode(_ v: [Float], as dtype: DType) -> [UInt8] {

@@ -22,6 +22,23 @@ public struct OnnxWriter: FormatWriter {
         model.written = true
         return OnnxSink(path: path, model: model, source: source, tensors: tensors, options: options)
     }
+
+    /// Records in each quantized weight's plan the ONNX form it will take (for `plan` and the report),
+    /// and adds a warning where the form falls back or onnxruntime would run it slowly.
+    public static func annotate(_ plans: inout [TensorPlan], source: Checkpoint) {
+        guard let model = source.container as? OnnxModel, !model.written else { return }
+        let byName = Dictionary(plans.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
+        for i in plans.indices {
+            guard let s = plans[i].decision.scheme, s.target.isQuantization, let loc = model.located[plans[i].name] else { continue }
+            let choice = OnnxForms.choose(plans[i], loc: loc, model: model, plans: byName)
+            switch choice {
+            case .qdq: plans[i].onnxFormChosen = "qdq"
+            case .matMulNBits(_, let bits, let bs, _): plans[i].onnxFormChosen = "matmulnbits \(bits)-bit, block \(bs)"
+            case .dynamic: plans[i].onnxFormChosen = "dynamic"
+            }
+            if let note = choice.note { plans[i].warnings.append(note) }
+        }
+    }
 }
 
 final class OnnxSink: CheckpointSink {
