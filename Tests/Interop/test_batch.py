@@ -76,7 +76,7 @@ def test_variants_from_one_read(zoo, tmp_path):
     out = tmp_path / "out"
     r = batch(zoo, "-o", out, "--variant", "int8=preset:int8", "--variant", "w4=preset:w4g128", "--variant", "u8=preset:uint8",
               "--manifest", tmp_path / "m.csv")
-    assert r.returncode == 6, r.stderr          # the corrupt model, and w4 on an opset-13 ONNX model
+    assert r.returncode == 6, r.stderr          # the corrupt model
     lines = open(tmp_path / "m.csv").read().splitlines()
     assert lines[0].startswith("model,variant,format,status")
     assert load_file(str(out / "int8" / "text" / "enc.safetensors"))["enc.weight"].dtype == np.int8
@@ -84,10 +84,10 @@ def test_variants_from_one_read(zoo, tmp_path):
     # the ONNX model is edited by its writer, so each variant after the first reads it again
     import onnx
     import onnxruntime as ort
-    for v in ("int8", "u8"):
+    for v in ("int8", "u8", "w4"):  # w4 on an opset-13 model runs as MatMulNBits (no 4-bit DequantizeLinear needed)
         onnx.checker.check_model(str(out / v / "vision" / "ext.onnx"), full_check=True)
         ort.InferenceSession(str(out / v / "vision" / "ext.onnx"), providers=["CPUExecutionProvider"])
-    assert any(line.startswith("vision/ext.onnx,w4,onnx,failed") for line in lines)
+    assert any(line.startswith("vision/ext.onnx,w4,onnx,converted") for line in lines)
 
 
 def test_shards_cover_every_model_exactly_once(zoo, tmp_path):

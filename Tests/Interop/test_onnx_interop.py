@@ -83,15 +83,21 @@ def test_int8_per_channel_runs_close_to_float(models, tmp_path, name, threshold,
     doc, props, m = metadata(out)
     assert doc["tensors"], "nothing was quantized"
     src = onnx.load(models[name], load_external_data=False)
-    # opset never raised; graph inputs/outputs and the original nodes survive in order
-    assert [o.version for o in m.opset_import] == [o.version for o in src.opset_import]
+    # opset never raised (MatMulNBits only adds com.microsoft at version 1); graph outputs and the
+    # original nodes survive in order, except MatMul/Gemm (and a folded bias Add) that MatMulNBits replaced
+    versions = {o.domain or "ai.onnx": o.version for o in m.opset_import}
+    assert {d: v for d, v in versions.items() if d != "com.microsoft"} == {o.domain or "ai.onnx": o.version for o in src.opset_import}
+    assert versions.get("com.microsoft", 1) == 1
+    assert ("com.microsoft" in versions) == any(n.op_type == "MatMulNBits" for n in m.graph.node)
     assert [o.name for o in m.graph.output] == [o.name for o in src.graph.output]
-    kept = [n.name for n in m.graph.node if n.name and n.op_type not in ("DequantizeLinear", "Cast", "Mul", "Sub", "Constant")]
-    assert kept == [n.name for n in src.graph.node if n.name and n.op_type != "Constant"]
+    names = {n.name for n in m.graph.node}
+    kept = [n.name for n in m.graph.node if n.name and n.op_type not in ("DequantizeLinear", "Cast", "Mul", "Sub", "Constant", "MatMulNBits")]
+    assert kept == [n.name for n in src.graph.node if n.name and n.op_type != "Constant" and n.name in names]
+    assert all(n.op_type in ("MatMul", "Gemm", "Add") for n in src.graph.node if n.name and n.op_type != "Constant" and n.name not in names)
 
 
 def test_stored_integers_and_scales_match_numpy(models, tmp_path):
-    out = quantize(models, "mlp", tmp_path)
+    out = quantize(models, "mlp", tmp_path, "--onnx-form", "qdq")
     src = initializers(models["mlp"])
     got = initializers(out)
     m = onnx.load(out)
@@ -109,7 +115,7 @@ def test_stored_integers_and_scales_match_numpy(models, tmp_path):
 
 
 def test_gemm_transb_and_conv_axes(models, tmp_path):
-    out = quantize(models, "gemm", tmp_path)
+    out = quantize(models, "gemm", tmp_path, "--onnx-form", "qdq")
     m = onnx.load(out)
     axis = [a.i for n in m.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute if a.name == "axis"]
     assert axis == [0]
@@ -120,7 +126,7 @@ def test_gemm_transb_and_conv_axes(models, tmp_path):
 
 
 def test_int4_groups_of_32_on_opset21(models, tmp_path):
-    out = quantize(models, "mlp21", tmp_path, "--preset", "w4g128", "--set", "group_size=32")
+    out = quantize(models, "mlp21", tmp_path, "--preset", "w4g128", "--set", "group_size=32", "--onnx-form", "qdq")
     cos = compare(models["mlp21"], out)
     assert min(cos) >= 0.98, cos
     m = onnx.load(out)
@@ -142,7 +148,7 @@ def test_int4_groups_of_32_on_opset21(models, tmp_path):
 
 def test_opset_too_old_for_groups_is_refused_with_the_option_named(models, tmp_path):
     out = str(tmp_path / "x.onnx")
-    p = run(models["mlp"], "-o", out, "--preset", "w4g128", check=False)
+    p = run(models["mlp"], "-o", out, "--preset", "w4g128", "--onnx-form", "qdq", check=False)
     assert p.returncode == 64
     assert "opset" in p.stderr and "granularity" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert not os.path.exists(out)
@@ -161,10 +167,16 @@ def test_per_axis_at_opset11_decomposes_or_refuses(models, tmp_path):
 
 
 def test_shared_initializer_quantized_once(models, tmp_path):
-    out = quantize(models, "shared", tmp_path)
+    out = quantize(models, "shared", tmp_path, "--onnx-form", "qdq")
     m = onnx.load(out)
     assert [n.output[0] for n in m.graph.node if n.op_type == "DequantizeLinear"] == ["w"]
     assert [n.input[1] for n in m.graph.node if n.op_type == "MatMul"] == ["w", "w"]
+    # as MatMulNBits: both uses share one packed weight
+    out = quantize(models, "shared", tmp_path)
+    m = onnx.load(out)
+    uses = [n.input[1] for n in m.graph.node if n.op_type == "MatMulNBits"]
+    assert len(uses) == 2 and len(set(uses)) == 1 and sum(1 for t in m.graph.initializer if t.name == uses[0]) == 1
+    assert min(compare(models["shared"], out)) >= 0.999
 
 
 def test_subgraph_weights_quantized_where_they_live(models, tmp_path):
