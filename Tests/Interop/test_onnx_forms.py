@@ -190,6 +190,8 @@ def test_plan_names_the_form_and_the_fallbacks(tmp_path):
     p = run("plan", src, "--set", "min_elements=0", "--onnx-form", "qdq").stdout
     assert "onnx: qdq" in p and "Gemm" in p
     p = run("plan", src, "--set", "min_elements=0", "--set", "granularity=element").stdout
+    assert "kept float" in p and "onnx_form: qdq quantizes it" in p        # auto never makes inference slower
+    p = run("plan", src, "--set", "min_elements=0", "--set", "granularity=element", "--onnx-form", "qdq").stdout
     assert "onnx: qdq" in p
     p = run("plan", src, "--set", "min_elements=0", "--set", "onnx_form=matmulnbits", "--set", "granularity=group", "--set", "group_size=24").stdout
     assert "group size 24 is not a power of two" in p
@@ -197,3 +199,33 @@ def test_plan_names_the_form_and_the_fallbacks(tmp_path):
     r = run(src, "-o", tmp_path / "x.onnx", "--set", "min_elements=0", "--set", "onnx_form=matmulnbits", "--set", "granularity=group",
             "--set", "group_size=24", check=False)
     assert r.returncode == 64 and "opset" in r.stderr and not (tmp_path / "x.onnx").exists()
+
+
+def test_auto_keeps_float_what_would_run_slower(tmp_path):
+    """Under the default form a Conv weight (which onnxruntime would dequantize at every run) stays
+    float with a note; the MatMul weight becomes MatMulNBits; --onnx-form qdq quantizes both."""
+    r = np.random.default_rng(5)
+    inits = [numpy_helper.from_array((r.standard_normal((32, 16, 3, 3)) / 12).astype(np.float32), "conv"),
+             numpy_helper.from_array((r.standard_normal((32, 64)) / 6).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "conv"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("GlobalAveragePool", ["c"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]), helper.make_node("MatMul", ["f", "fc"], ["y"])]
+    g = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 16, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 64])], inits)
+    src = tmp_path / "cnn.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(src))
+    out = tmp_path / "auto.onnx"
+    summary = run(src, "-o", out, "--set", "min_elements=0").stdout
+    assert "conv: kept float: onnxruntime would run its DequantizeLinear at every inference" in summary
+    m = onnx.load(str(out))
+    onnx.checker.check_model(m, full_check=True)
+    inits_out = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    assert inits_out["conv"].dtype == np.float32 and "fc" not in inits_out
+    assert [nd.op_type for nd in m.graph.node] == ["Conv", "GlobalAveragePool", "Flatten", "MatMulNBits"]
+    doc = json.loads({p.key: p.value for p in m.metadata_props}["qconvert.quantization"])
+    assert set(doc["tensors"]) == {"fc"}
+    out = tmp_path / "qdq.onnx"
+    run(src, "-o", out, "-q", "--set", "min_elements=0", "--onnx-form", "qdq")
+    ops = [nd.op_type for nd in onnx.load(str(out)).graph.node]
+    assert ops.count("DequantizeLinear") == 2
+    x = {"x": r.standard_normal((2, 16, 8, 8)).astype(np.float32)}
+    assert cosine(session(src).run(None, x)[0], session(out).run(None, x)[0]) >= 0.999

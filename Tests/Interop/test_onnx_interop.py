@@ -49,8 +49,10 @@ def compare(src, out, feeds=None):
 
 
 def quantize(models, name, tmp_path, *args):
+    """The DequantizeLinear form these tests are about (the default puts MatMul weights in
+    MatMulNBits and keeps the others float: test_onnx_forms.py covers it)."""
     out = str(tmp_path / f"{name}.q.onnx")
-    run(models[name], "-o", out, "-q", *args)
+    run(models[name], "-o", out, "-q", *(args if "--onnx-form" in args else ("--onnx-form", "qdq") + args))
     return out
 
 
@@ -161,7 +163,7 @@ def test_per_axis_at_opset11_decomposes_or_refuses(models, tmp_path):
     assert {"Cast", "Mul"} <= {n.op_type for n in m.graph.node}
     assert "DequantizeLinear" not in {n.op_type for n in m.graph.node}
     policy = tmp_path / "refuse.yaml"
-    policy.write_text("defaults:\n  onnx_fallback: refuse\n")
+    policy.write_text("defaults:\n  onnx_fallback: refuse\n  onnx_form: qdq\n")
     p = run(models["constants11"], "-o", tmp_path / "r.onnx", "--policy", policy, check=False)
     assert p.returncode == 64 and "onnx_fallback: decompose" in p.stderr
 
@@ -172,7 +174,7 @@ def test_shared_initializer_quantized_once(models, tmp_path):
     assert [n.output[0] for n in m.graph.node if n.op_type == "DequantizeLinear"] == ["w"]
     assert [n.input[1] for n in m.graph.node if n.op_type == "MatMul"] == ["w", "w"]
     # as MatMulNBits: both uses share one packed weight
-    out = quantize(models, "shared", tmp_path)
+    out = quantize(models, "shared", tmp_path, "--onnx-form", "auto")
     m = onnx.load(out)
     uses = [n.input[1] for n in m.graph.node if n.op_type == "MatMulNBits"]
     assert len(uses) == 2 and len(set(uses)) == 1 and sum(1 for t in m.graph.initializer if t.name == uses[0]) == 1
@@ -321,7 +323,7 @@ def test_output_is_deterministic_whatever_jobs(models, tmp_path):
     a = quantize(models, "cnn", tmp_path, "--jobs", "1", "--set", "min_elements=256")
     data = open(a, "rb").read()
     b = str(tmp_path / "b.onnx")
-    run(models["cnn"], "-o", b, "-q", "--jobs", "3", "--set", "min_elements=256")
+    run(models["cnn"], "-o", b, "-q", "--jobs", "3", "--set", "min_elements=256", "--onnx-form", "qdq")
     assert open(b, "rb").read() == data
 
 

@@ -82,7 +82,7 @@ public enum Dequantizer {
         guard shape.count == rawShape.count, Shape(shape).checkedByteCount(.f32) != nil else {
             throw bad("metadata source_shape is not a valid shape")
         }
-        if r["onnx"]?["form"]?.stringValue == "matmulnbits" {
+        if let form = r["onnx"]?["form"]?.stringValue, form == "matmulnbits" || form == "gatherblockquantized" {
             return try restoreMatMulNBits(e, record: r, target: target, shape: shape, ckpt: ckpt, byName: byName, path: path)
         }
         var values = try e.bytes.withUnsafeBytes { [UInt8]($0) }

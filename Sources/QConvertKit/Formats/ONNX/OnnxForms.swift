@@ -29,19 +29,22 @@ enum OnnxForms {
         /// The weight's axis of length N: 1 for [K, N] (MatMul, Gemm), 0 for [N, K] (Gemm transB=1).
         var nAxis: Int
         var uses: [Use]
+        /// The uses are Gather (axis 0) data inputs: an embedding, written as GatherBlockQuantized.
+        var gather = false
     }
 
     enum Choice {
         case qdq(note: String?)
         case matMulNBits(Fit, bits: Int, blockSize: Int, note: String?)
         case dynamic(Fit)
+        case gatherBlockQuantized(Fit, bits: Int, blockSize: Int)
 
         /// What `plan` and the summary say about the choice (a fallback, or a run-time trap).
         var note: String? {
             switch self {
             case .qdq(let n): return n
             case .matMulNBits(_, _, _, let n): return n
-            case .dynamic: return nil
+            case .dynamic, .gatherBlockQuantized: return nil
             }
         }
 
@@ -50,6 +53,7 @@ enum OnnxForms {
             case .qdq: return "qdq"
             case .matMulNBits: return "matmulnbits"
             case .dynamic: return "dynamic"
+            case .gatherBlockQuantized: return "gatherblockquantized"
             }
         }
     }
@@ -79,6 +83,21 @@ enum OnnxForms {
         guard p.shape.count == 2, p.dtype == .f32 else { return .failure(Why("not a 2-D float32 weight")) }
         let uses = model.consumers[loc.graphName] ?? []
         guard !uses.isEmpty else { return .failure(Why("no MatMul or Gemm uses it")) }
+        // an embedding: every use the data input of a Gather along axis 0
+        if uses.allSatisfy({ $0.op == "Gather" && $0.index == 0 && Proto.string($0.node.pointee.domain).isEmpty }) {
+            var result: [Use] = []
+            for u in uses {
+                let ins = inputs(u.node), out = outputs(u.node)
+                guard (Proto.intAttribute(u.node, "axis") ?? 0) == 0, ins.count == 2, out.count == 1 else {
+                    return .failure(Why("a Gather along another axis"))
+                }
+                result.append(Use(node: u.node, a: ins[1], bias: nil, biasAdd: nil, output: out[0], product: out[0]))
+            }
+            if let s = p.decision.scheme, s.granularity == .channel || s.granularity == .group, s.axis != 0 {
+                return .failure(Why("quantized along axis \(s.axis), not the gathered rows"))
+            }
+            return .success(Fit(k: p.shape[1], n: p.shape[0], nAxis: 0, uses: result, gather: true))
+        }
         var nAxis: Int? = nil
         var result: [Use] = []
         let graphOutputs = Set((0..<main.pointee.n_output).compactMap { main.pointee.output[$0].map { Proto.string($0.pointee.name) } })
@@ -158,10 +177,33 @@ enum OnnxForms {
         }
     }
 
+    /// Blocking for GatherBlockQuantized, whose rows are not padded per block: the block must divide
+    /// the row (one scale per row is repeated in every block, exactly).
+    static func gatherBlocking(_ s: QuantScheme, k: Int) -> Result<(bits: Int, blockSize: Int), Why> {
+        switch blocking(s, k: k) {
+        case .failure(let why): return .failure(why)
+        case .success(let b):
+            if s.granularity == .group {
+                guard k % b.blockSize == 0 else { return .failure(Why("rows of \(k) are not a whole number of groups of \(b.blockSize)")) }
+                return .success(b)
+            }
+            for bs in [128, 64, 32, 16] where k % bs == 0 { return .success((b.bits, bs)) }
+            return .failure(Why("rows of \(k) are not a multiple of 16"))
+        }
+    }
+
     /// Decides the form of one quantized weight.
     static func choose(_ p: TensorPlan, loc: OnnxModel.Located, model: OnnxModel, plans: [String: TensorPlan]) -> Choice {
         guard let s = p.decision.scheme, s.target.isQuantization else { return .qdq(note: nil) }
         let fitted = fit(p, loc: loc, model: model, plans: plans)
+        if case .success(let f) = fitted, f.gather {
+            // embeddings: the integer kernel gathers rows and dequantizes only those (every form but qdq)
+            if p.onnxForm == .qdq { return .qdq(note: nil) }
+            switch gatherBlocking(s, k: f.k) {
+            case .success(let b): return .gatherBlockQuantized(f, bits: b.bits, blockSize: b.blockSize)
+            case .failure(let why): return .qdq(note: p.onnxForm == .auto ? nil : "DequantizeLinear instead of GatherBlockQuantized: \(why)")
+            }
+        }
         switch p.onnxForm {
         case .qdq:
             if case .success(let f) = fitted, f.uses.contains(where: { $0.bias != nil }) {

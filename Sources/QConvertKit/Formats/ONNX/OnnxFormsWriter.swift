@@ -87,6 +87,46 @@ extension OnnxSink {
                                             ("bias_folded", .bool(f.uses.contains { $0.bias != nil }))]))]
     }
 
+    /// An embedding as com.microsoft.GatherBlockQuantized: the rows a run gathers are dequantized,
+    /// not the whole table. Data [rows, cols·bits/8] (the MatMulNBits bytes, rows being whole blocks).
+    func applyGatherBlockQuantized(_ p: TensorPlan, scheme s: QuantScheme, loc: OnnxModel.Located, fit f: OnnxForms.Fit, bits: Int,
+                                   blockSize: Int, values: [UInt8], scale: [UInt8], zeroPoint: [UInt8]?) throws {
+        let w = loc.graphName
+        let layout = MatMulNBitsLayout(k: f.k, n: f.n, nAxis: 0, bits: bits, blockSize: blockSize, signed: s.target.isSigned)
+        let params = ParamLayout(shape: p.shape, granularity: s.granularity, axis: s.axis, groupSize: s.groupSize)
+        let scales = scale.withUnsafeBytes { Array($0.bindMemory(to: Float.self)) }
+        guard f.k % blockSize == 0,
+              let packed = layout.pack(values: values, scale: scales, zeroPoint: zeroPoint, paramIndex: params.paramIndices()) else {
+            throw fail("internal: tensor '\(w)' does not fit GatherBlockQuantized blocks of \(blockSize)")
+        }
+        let dName = model.uniqueName(w + "_quantized")
+        let sName = model.uniqueName(w + "_scale")
+        var tensors = [
+            packed.b.withUnsafeBytes { Proto.newTensor(name: dName, dataType: 2, dims: [f.n, f.k * bits / 8], raw: $0) },
+            packed.scales.withUnsafeBytes { Proto.newTensor(name: sName, dataType: 1, dims: [f.n, layout.blocks], raw: $0) },
+        ]
+        var zName: String? = nil
+        if let z = packed.zp {
+            let name = model.uniqueName(w + "_zero_point")
+            tensors.append(z.withUnsafeBytes { Proto.newTensor(name: name, dataType: 2, dims: [f.n, z.count / f.n], raw: $0) })
+            zName = name
+        }
+        replaceTensor(loc, with: tensors, nodes: [])
+        for use in f.uses {
+            let node = Proto.newNode(op: "GatherBlockQuantized", name: model.uniqueName(w + "_GatherBlockQuantized"),
+                                     inputs: [dName, use.a, sName] + (zName.map { [$0] } ?? []), outputs: [use.output],
+                                     attributes: [Proto.intAttr("bits", bits), Proto.intAttr("block_size", blockSize),
+                                                  Proto.intAttr("gather_axis", 0), Proto.intAttr("quantize_axis", 1)])
+            node.pointee.domain = Proto.cstring("com.microsoft")
+            replaceNode(use.node, with: [node])
+        }
+        importMicrosoftDomain()
+        stored[p.name] = [("values", .string(dName)), ("scale", .string(sName)), ("zero_point", zName.map(JSONValue.string) ?? .null),
+                          ("scale_shape", .array([.int(f.n), .int(layout.blocks)])),
+                          ("onnx", .object([("form", .string("gatherblockquantized")), ("K", .int(f.k)), ("N", .int(f.n)), ("n_axis", .int(0)),
+                                            ("bits", .int(bits)), ("block_size", .int(blockSize))]))]
+    }
+
     func applyDynamic(_ p: TensorPlan, scheme s: QuantScheme, loc: OnnxModel.Located, fit f: OnnxForms.Fit,
                       values: [UInt8], scale: [UInt8], zeroPoint: [UInt8]?) throws {
         let w = loc.graphName

@@ -31,10 +31,26 @@ public struct OnnxWriter: FormatWriter {
         for i in plans.indices {
             guard let s = plans[i].decision.scheme, s.target.isQuantization, let loc = model.located[plans[i].name] else { continue }
             let choice = OnnxForms.choose(plans[i], loc: loc, model: model, plans: byName)
+            if case .qdq = choice, plans[i].onnxForm == .auto, !s.target.isFP8 {
+                // onnxruntime keeps a weight's DequantizeLinear at run time unless it becomes an integer
+                // kernel: under `auto` such a weight stays float rather than make inference slower
+                var p = plans[i]
+                p.decision = .keep(reason: "onnx_form auto")
+                p.warnings.append("kept float: onnxruntime would run its DequantizeLinear at every inference, slower than float "
+                    + "(onnx_form: qdq quantizes it)")
+                p.bytesAfter = p.bytesBefore
+                p.scaleName = nil
+                p.zeroPointName = nil
+                p.paramShape = []
+                p.calibrationSeconds = 0
+                plans[i] = p
+                continue
+            }
             switch choice {
             case .qdq: plans[i].onnxFormChosen = "qdq"
             case .matMulNBits(_, let bits, let bs, _): plans[i].onnxFormChosen = "matmulnbits \(bits)-bit, block \(bs)"
             case .dynamic: plans[i].onnxFormChosen = "dynamic"
+            case .gatherBlockQuantized(_, let bits, let bs): plans[i].onnxFormChosen = "gatherblockquantized \(bits)-bit, block \(bs)"
             }
             if let note = choice.note { plans[i].warnings.append(note) }
         }
@@ -109,6 +125,9 @@ final class OnnxSink: CheckpointSink {
                     try applyMatMulNBits(p, scheme: scheme, loc: loc, fit: f, bits: bits, blockSize: bs, values: values, scale: scale, zeroPoint: zp)
                 case .dynamic(let f):
                     try applyDynamic(p, scheme: scheme, loc: loc, fit: f, values: values, scale: scale, zeroPoint: zp)
+                case .gatherBlockQuantized(let f, let bits, let bs):
+                    try applyGatherBlockQuantized(p, scheme: scheme, loc: loc, fit: f, bits: bits, blockSize: bs, values: values, scale: scale,
+                                                  zeroPoint: zp)
                 }
             }
             data[outs[0]] = nil
