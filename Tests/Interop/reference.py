@@ -12,7 +12,10 @@ BITS = {"int8": 8, "uint8": 8, "int4": 4, "uint4": 4, "fp8_e4m3": 8, "fp8_e5m2":
 
 
 def integer_range(dtype, mapping):
+    """mapping: "scale" (restricted symmetric), "scale-full" (symmetric_range: full) or "affine"."""
     qmin, qmax = RANGES[dtype]
+    if mapping == "scale-full":
+        return qmin, qmax
     if mapping == "scale":
         m = 2 ** (BITS[dtype] - 1) - 1
         return (-m, m) if qmin < 0 else (1, qmax)
@@ -146,6 +149,11 @@ def params(beta, alpha, dtype, mapping):
         s = a / F32(448 if dtype == "fp8_e4m3" else 57344)
         return (s if s >= TINY else F32(1)), 0
     qmin, qmax = integer_range(dtype, mapping)
+    if mapping == "scale-full":
+        # the value of largest magnitude lands on qmin (the scale is negative when that value is positive)
+        m = beta if abs(beta) >= abs(alpha) else alpha
+        s = m / F32(-((qmax - qmin + 1) // 2))
+        return (s if abs(s) >= TINY else F32(1)), (qmin + qmax + 1) // 2
     if mapping == "scale":
         a = max(abs(beta), abs(alpha))
         s = a / F32((qmax - qmin) // 2)

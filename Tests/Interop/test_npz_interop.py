@@ -75,7 +75,7 @@ def test_types_numpy_lacks_are_raw_integers_described_by_metadata(tmp_path):
     types = json.loads(str(d["qconvert.dtypes"]))
     assert types["enc.weight"] == "int4" and d["enc.weight"].dtype == np.uint8 and d["enc.weight"].shape == (64, 48)
     q = ref.unpack4(d["enc.weight"], (64, 96), signed=True)
-    want_q, want_s, _ = ref.quantize(w["enc.weight"], "int4", "scale", "group", 0, 32)
+    want_q, want_s, _ = ref.quantize(w["enc.weight"], "int4", "scale-full", "group", 0, 32)
     np.testing.assert_array_equal(q, want_q)
     np.testing.assert_array_equal(d["enc.weight_scale"], want_s)
     # and back through qconvert: dequantize restores floats

@@ -87,7 +87,7 @@ def decode_matmulnbits(out_model, weight, record):
 
 SCHEMES = {
     "int8": (["--preset", "int8"], dict(dtype="int8", mapping="scale", granularity="channel")),
-    "w4g32": (["--preset", "w4g128", "--set", "group_size=32"], dict(dtype="int4", mapping="scale", granularity="group", group_size=32)),
+    "w4g32": (["--preset", "w4g128", "--set", "group_size=32"], dict(dtype="int4", mapping="scale-full", granularity="group", group_size=32)),
     "uint8-affine-g16": (["--set", "dtype=uint8", "--set", "mapping=affine", "--set", "granularity=group", "--set", "group_size=16"],
                          dict(dtype="uint8", mapping="affine", granularity="group", group_size=16)),
 }

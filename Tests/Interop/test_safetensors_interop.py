@@ -144,7 +144,7 @@ def test_groups_scale_shape_and_int4_packing(tmp):
     assert t["mlp.weight"].shape == (20, 35) and t["mlp.weight"].dtype == np.uint8
     assert t["mlp.weight_scale"].shape == (20, 3)
     q = ref.unpack4(t["mlp.weight"], x.shape, signed=True)
-    want_q, want_s, _ = ref.quantize(x, "int4", "scale", "group", 0, 32)
+    want_q, want_s, _ = ref.quantize(x, "int4", "scale-full", "group", 0, 32)
     np.testing.assert_array_equal(q, want_q)
     np.testing.assert_array_equal(t["mlp.weight_scale"], want_s)
     doc, _ = metadata_doc(out)

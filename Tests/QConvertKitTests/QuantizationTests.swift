@@ -41,6 +41,25 @@ func quantize(_ x: [Float], shape: [Int], _ scheme: QuantScheme, reference: Bool
         for (a, b) in zip(back, expected) { #expect(abs(Double(a) - b) < 1e-5) }
     }
 
+    /// symmetric_range: full: the largest magnitude lands on −8 (the scale is negative when it is positive),
+    /// as Q4_0 and onnxruntime's block quantizer do; reference and fast kernels agree.
+    @Test func fullSymmetricRangePutsTheExtremeOnQmin() throws {
+        var scheme = QuantScheme(target: .int4, granularity: .tensor)
+        scheme.fullSymmetricRange = true
+        #expect(scheme.integerRange == (-8, 7))
+        for reference in [true, false] {
+            let pos = try quantize([1, -0.5, 0.25, 0.9375], shape: [4], scheme, reference: reference)
+            #expect(pos.scale == [-0.125])
+            #expect(Packing.unpack4(pos.values, shape: [4]).map { Int8(bitPattern: $0 << 4) >> 4 } == [-8, 4, -2, -8])
+            let neg = try quantize([-1, 0.5, 0.875, 0], shape: [4], scheme, reference: reference)
+            #expect(neg.scale == [0.125])
+            #expect(Packing.unpack4(neg.values, shape: [4]).map { Int8(bitPattern: $0 << 4) >> 4 } == [-8, 4, 7, 0])
+            let back = Quantizer.dequantize(values: neg.values, target: .int4, shape: [4], scale: neg.scale, zeroPoint: nil,
+                                            granularity: .tensor, axis: 0, groupSize: 1)
+            #expect(back == [-1, 0.5, 0.875, 0])
+        }
+    }
+
     @Test func affineZeroPointMatchesFormula() throws {
         // [-1, 3] widened already contains 0: Δ = 4/255, z = -128 - round(-1/Δ) = -128 + 64 = -64
         let x: [Float] = [-1, 0, 1, 3]

@@ -44,6 +44,7 @@ public enum MetadataDocument {
             kv.append(("calibration", .object(cal)))
             let (qmin, qmax) = s.integerRange
             if s.target.isIntegerQuantization { kv.append(("qmin", .int(Int(qmin)))); kv.append(("qmax", .int(Int(qmax)))) }
+            if s.fullSymmetricRange { kv.append(("symmetric_range", .string("full"))) }
             kv.append(("scale", p.scaleName.map(JSONValue.string) ?? .null))
             kv.append(("scale_shape", .array(p.paramShape.map(JSONValue.int))))
             kv.append(("zero_point", p.zeroPointName.map(JSONValue.string) ?? .null))

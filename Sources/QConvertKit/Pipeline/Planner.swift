@@ -146,6 +146,7 @@ public enum Planner {
         }
         var scheme = QuantScheme(target: target, mapping: mapping, granularity: granularity, axis: axis,
                                  groupSize: s.groupSize ?? 128, calibration: calibration, saturate: s.saturate ?? false)
+        scheme.fullSymmetricRange = s.symmetricRange == "full" && mapping == .scale && target.isIntegerQuantization
         if case .entropy(let bins, let lv, _) = calibration {
             let levels = lv ?? (target.isFP8 ? 128 : 1 << (target.bits - 1))
             if bins <= levels {

@@ -36,6 +36,8 @@ public struct PolicySettings: Sendable, Equatable {
     public var saturate: Bool?
     /// ONNX: when the model's opset cannot express a scheme, "decompose" (Cast + Mul) or "refuse".
     public var onnxFallback: String?
+    /// Symmetric (scale) integer mappings: "restricted" (±(2^(b−1)−1)) or "full" (−2^(b−1) … 2^(b−1)−1).
+    public var symmetricRange: String?
     /// ONNX: the form of quantized MatMul/Gemm weights.
     public var onnxForm: OnnxForm?
     /// ONNX MatMulNBits: accuracy_level (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute).
@@ -61,6 +63,7 @@ public struct PolicySettings: Sendable, Equatable {
         if let v = other.saturate { r.saturate = v }
         if let v = other.onnxFallback { r.onnxFallback = v }
         if let v = other.onnxForm { r.onnxForm = v }
+        if let v = other.symmetricRange { r.symmetricRange = v }
         if let v = other.accuracyLevel { r.accuracyLevel = v }
         return r
     }
@@ -71,7 +74,7 @@ public struct PolicySettings: Sendable, Equatable {
         s.dtype = .int8; s.mapping = .scale; s.granularity = .channel; s.axis = .auto; s.groupSize = 128
         s.calibration = "max"; s.percentile = 99.99; s.bins = 2048; s.levels = nil; s.search = "fast"
         s.minElements = 1024; s.minRank = 2; s.saturate = false; s.onnxFallback = "decompose"
-        s.onnxForm = .auto; s.accuracyLevel = 4
+        s.onnxForm = .auto; s.accuracyLevel = 4; s.symmetricRange = "restricted"
         return s
     }()
 }

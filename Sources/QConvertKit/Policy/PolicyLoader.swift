@@ -21,10 +21,11 @@ public enum PolicyLoader {
               granularity: channel
             """,
         "w4g128": """
-            # int4 symmetric, groups of 128 along the reduction axis
+            # int4 symmetric over the full range (-8..7, as Q4_0 and MatMulNBits), groups of 128 along the reduction axis
             defaults:
               dtype: int4
               mapping: scale
+              symmetric_range: full
               granularity: group
               group_size: 128
             """,
@@ -70,7 +71,7 @@ public enum PolicyLoader {
 
     static let settingKeys: Set<String> = ["dtype", "mapping", "granularity", "axis", "group_size", "calibration",
                                            "percentile", "bins", "levels", "search", "min_elements", "min_rank", "saturate",
-                                           "onnx_fallback", "onnx_form", "accuracy_level"]
+                                           "onnx_fallback", "onnx_form", "accuracy_level", "symmetric_range"]
     static let selectorKeys: Set<String> = ["match", "source_dtype", "rank", "elements", "op"]
 
     /// Deepest nesting a policy may have (flow brackets, or indentation columns / 2 plus "- " markers).
@@ -298,6 +299,10 @@ public enum PolicyLoader {
                     throw err(path, v, "onnx_form must be one of \(OnnxForm.allCases.map(\.rawValue).joined(separator: ", "))")
                 }
                 s.onnxForm = f
+            case "symmetric_range":
+                let t = try string(v, key, path)
+                guard t == "restricted" || t == "full" else { throw err(path, v, "symmetric_range must be restricted or full") }
+                s.symmetricRange = t
             case "accuracy_level":
                 let i = try int(v, key, path)
                 guard (0...4).contains(i) else { throw err(path, v, "accuracy_level is 0 to 4 (4: int8 compute, the fast one)") }

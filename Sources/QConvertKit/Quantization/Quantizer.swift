@@ -128,7 +128,8 @@ public enum Quantizer {
         }
         if scheme.calibration == .max {
             minMaxPerParam(x, layout: layout, lo: &beta, hi: &alpha)
-            if scheme.mapping == .scale {
+            // the full symmetric range needs to know on which side the largest magnitude is
+            if scheme.mapping == .scale && !scheme.fullSymmetricRange {
                 for i in 0..<pc {
                     let a = Swift.max(abs(beta[i]), abs(alpha[i]))
                     beta[i] = -a; alpha[i] = a
@@ -207,6 +208,13 @@ public enum Quantizer {
             return (s >= Float.leastNormalMagnitude ? s : 1, 0)
         }
         let (qmin, qmax) = scheme.integerRange
+        if scheme.mapping == .scale && scheme.fullSymmetricRange {
+            // the value of largest magnitude lands on qmin: Δ = m / −2^(b−1), negative when m > 0
+            let m = abs(beta) >= abs(alpha) ? beta : alpha
+            let half = Float((qmax - qmin + 1) / 2)
+            let s = m / -half
+            return (abs(s) >= Float.leastNormalMagnitude ? s : 1, (qmin + qmax + 1) / 2)
+        }
         if scheme.mapping == .scale {
             let a = Swift.max(abs(beta), abs(alpha))
             let s = a / Float((qmax - qmin) / 2)

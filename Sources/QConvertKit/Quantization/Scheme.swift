@@ -91,6 +91,9 @@ public struct QuantScheme: Sendable, Equatable, Hashable {
     public var calibration: Calibration
     /// fp16 casts: clamp overflow to the largest finite value instead of failing.
     public var saturate: Bool
+    /// Symmetric integer mappings: use the full range (−2^(b−1) … 2^(b−1)−1, the largest magnitude at
+    /// −2^(b−1), as llama.cpp's Q4_0 and onnxruntime's block quantizer do) instead of the restricted one.
+    public var fullSymmetricRange = false
 
     public init(target: TargetType, mapping: Mapping = .scale, granularity: Granularity = .channel, axis: Int = 0,
                 groupSize: Int = 128, calibration: Calibration = .max, saturate: Bool = false) {
@@ -110,6 +113,7 @@ public struct QuantScheme: Sendable, Equatable, Hashable {
     /// Integer range actually used: restricted and symmetric for scale mapping.
     public var integerRange: (qmin: Int32, qmax: Int32) {
         let full = target.fullRange
+        if mapping == .scale && fullSymmetricRange { return full }
         if mapping == .scale {
             let m = Int32((1 << (target.bits - 1)) - 1)
             return target.isSigned ? (-m, m) : (1, full.qmax)   // unsigned: zero point at the midpoint (128, 8)
