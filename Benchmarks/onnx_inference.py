@@ -161,6 +161,11 @@ def main():
         for preset in ("int8", "w4g128"):
             for form in ("auto", "qdq", "matmulnbits", "dynamic"):
                 variants.append((f"qconvert {preset} {form}", ["--preset", preset, "--onnx-form", form]))
+        # what MatMulNBitsQuantizer quantizes (MatMul weights only, embeddings left float), for a like-for-like accuracy
+        matmul_only = WORK / "matmul-only.yaml"
+        matmul_only.write_text("defaults:\n  dtype: int4\n  symmetric_range: full\n  granularity: group\n  group_size: 128\n"
+                               "rules:\n  - op: Gather\n    dtype: keep\n")
+        variants.append(("qconvert w4g128 MatMul only", ["--policy", str(matmul_only), "--onnx-form", "matmulnbits"]))
         variants += [("ort quantize_dynamic", ort_quantize_dynamic), ("ort MatMulNBitsQuantizer 4-bit", ort_matmulnbits)]
         print(f"\n{graph}: {src.stat().st_size / 1e6:.1f} MB, median of {a.rounds} runs (batch 16: {max(3, a.rounds // 4)}), one process per variant")
         print(f"{'variant':34} {'convert s':>9} {'session s':>9} {'RSS MB':>7} {'b1 t1 ms':>9} {'b1 t2':>7} {'b16 t1':>8} {'b16 t2':>8} "

@@ -28,6 +28,11 @@ public enum PolicyLoader {
               symmetric_range: full
               granularity: group
               group_size: 128
+            rules:
+              # embedding tables (ONNX Gather data) keep 8 bits, as llama.cpp keeps its token embeddings wider
+              - op: Gather
+                dtype: int8
+                granularity: channel
             """,
         "fp16": """
             # every float tensor cast to float16
