@@ -3,8 +3,10 @@
 #   make test   installs everything the tests need and runs all of them
 SWIFT ?= swift
 BIN = .build/release/qconvert
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 
-.PHONY: demo test setup build release swift-test interop bench clean sample fuzz
+.PHONY: demo test setup build release swift-test interop bench clean sample fuzz format lint
 
 setup:
 	scripts/setup.sh
@@ -23,8 +25,11 @@ demo:
 	  --policy Samples/policy.cfg --report out/tiny-transformer.report.json
 	$(BIN) inspect out/tiny-transformer.quantized.safetensors
 
-swift-test:
-	$(SWIFT) build
+# The build must have no warnings in our own code (a clean build shows them all).
+swift-test: lint
+	@mkdir -p .build
+	$(SWIFT) build 2>&1 | tee .build/build.log
+	@if grep -E "(Sources|Tests)/[^ ]*: warning:" .build/build.log; then echo "the build has warnings"; exit 1; fi
 	$(SWIFT) test
 
 interop:
@@ -41,6 +46,13 @@ bench:
 	.venv/bin/python Benchmarks/pytorch_int8.py
 	.venv/bin/python Benchmarks/batch_zoo.py
 	.venv/bin/python Benchmarks/calibration.py --only int8-channel
+
+# swift-format with the committed .swift-format: `make format` rewrites, `make lint` checks (CI).
+format:
+	$(SWIFT) format --in-place --recursive --parallel Sources Tests Package.swift
+
+lint:
+	$(SWIFT) format lint --strict --recursive --parallel Sources Tests Package.swift
 
 # Fuzzes every hostile-format reader under ASan + UBSan, FUZZ_SECONDS per target (default 30).
 fuzz: setup

@@ -6,11 +6,11 @@ let package = Package(
     platforms: [.macOS(.v13)],
     products: [
         .executable(name: "qconvert", targets: ["qconvert"]),
-        .library(name: "QConvertKit", targets: ["QConvertKit"]),
+        .library(name: "QConvertKit", targets: ["QConvertKit"])
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
-        .package(url: "https://github.com/jpsim/Yams", from: "5.0.1"),
+        .package(url: "https://github.com/jpsim/Yams", from: "5.0.1")
     ],
     targets: [
         .target(
@@ -39,7 +39,7 @@ let package = Package(
                 "CQKernels",
                 "COnnxProto",
                 "CZip",
-                .product(name: "Yams", package: "Yams"),
+                .product(name: "Yams", package: "Yams")
             ],
             // Checked arithmetic and bounds in release too: the library parses hostile files, and a missed
             // check must trap rather than corrupt memory. The hot loops are C kernels (CQKernels).
@@ -49,7 +49,7 @@ let package = Package(
             name: "qconvert",
             dependencies: [
                 "QConvertKit",
-                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "ArgumentParser", package: "swift-argument-parser")
             ]
         ),
         // Fuzz targets for the readers of hostile formats (make fuzz builds them with sanitizers).
@@ -65,6 +65,6 @@ let package = Package(
         .testTarget(
             name: "EndToEndTests",
             dependencies: ["QConvertKit", "qconvert"]
-        ),
+        )
     ]
 )

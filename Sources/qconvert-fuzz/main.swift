@@ -8,7 +8,7 @@ import Foundation
 import QConvertKit
 
 #if QCONVERT_FUZZ
-import CFuzzDriver
+    import CFuzzDriver
 #endif
 
 let arguments = CommandLine.arguments
@@ -20,29 +20,29 @@ guard arguments.count >= 2, let chosen = FuzzEntries.targets[arguments[1]] else 
 nonisolated(unsafe) var target: (UnsafeRawBufferPointer) -> Void = chosen
 
 #if QCONVERT_FUZZ
-var rest = [arguments[0]] + arguments.dropFirst(2)
-var argc = Int32(rest.count)
-var cArgs: [UnsafeMutablePointer<CChar>?] = rest.map { strdup($0) } + [nil]
-let status = cArgs.withUnsafeMutableBufferPointer { buf -> Int32 in
-    var argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>? = buf.baseAddress
-    return LLVMFuzzerRunDriver(&argc, &argv) { data, size in fuzzOne(data, size) }
-}
-exit(status)
-#else
-var files: [String] = []
-for a in arguments.dropFirst(2) where !a.hasPrefix("-") {
-    var isDir: ObjCBool = false
-    guard FileManager.default.fileExists(atPath: a, isDirectory: &isDir) else { continue }
-    if isDir.boolValue {
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: a)) ?? []
-        files += names.sorted().map { a + "/" + $0 }
-    } else {
-        files.append(a)
+    var rest = [arguments[0]] + arguments.dropFirst(2)
+    var argc = Int32(rest.count)
+    var cArgs: [UnsafeMutablePointer<CChar>?] = rest.map { strdup($0) } + [nil]
+    let status = cArgs.withUnsafeMutableBufferPointer { buf -> Int32 in
+        var argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>? = buf.baseAddress
+        return LLVMFuzzerRunDriver(&argc, &argv) { data, size in fuzzOne(data, size) }
     }
-}
-for f in files {
-    guard let data = FileManager.default.contents(atPath: f) else { continue }
-    data.withUnsafeBytes { target($0) }
-}
-print("\(arguments[1]): replayed \(files.count) inputs")
+    exit(status)
+#else
+    var files: [String] = []
+    for a in arguments.dropFirst(2) where !a.hasPrefix("-") {
+        var isDir: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: a, isDirectory: &isDir) else { continue }
+        if isDir.boolValue {
+            let names = (try? FileManager.default.contentsOfDirectory(atPath: a)) ?? []
+            files += names.sorted().map { a + "/" + $0 }
+        } else {
+            files.append(a)
+        }
+    }
+    for f in files {
+        guard let data = FileManager.default.contents(atPath: f) else { continue }
+        data.withUnsafeBytes { target($0) }
+    }
+    print("\(arguments[1]): replayed \(files.count) inputs")
 #endif

@@ -30,7 +30,10 @@ struct BatchRun: ParsableCommand {
 
     @OptionGroup var policyOptions: PolicyOptions
 
-    @Option(name: .customLong("variant"), help: ArgumentHelp("NAME=preset:NAME or NAME=policy:FILE; several variants write OUT/NAME/... from one read of each input.", valueName: "spec"))
+    @Option(
+        name: .customLong("variant"),
+        help: ArgumentHelp(
+            "NAME=preset:NAME or NAME=policy:FILE; several variants write OUT/NAME/... from one read of each input.", valueName: "spec"))
     var variants: [String] = []
 
     @Option(name: .long, parsing: .unconditional, help: "Models converted at once.")
@@ -39,7 +42,9 @@ struct BatchRun: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Take share I of N of the work list (0-based), e.g. 0/3.", valueName: "I/N"))
     var shard: String?
 
-    @Option(name: .long, help: ArgumentHelp("Write one row per model and variant: JSON lines, or CSV when the name ends in .csv.", valueName: "file"))
+    @Option(
+        name: .long,
+        help: ArgumentHelp("Write one row per model and variant: JSON lines, or CSV when the name ends in .csv.", valueName: "file"))
     var manifest: String?
 
     @OptionGroup var gateOptions: GateOptions
@@ -64,7 +69,10 @@ struct BatchRun: ParsableCommand {
         return (parts[0], parts[1])
     }
 
-    func validate() throws { _ = try parseShard(); if jobs < 1 { throw ValidationError("--jobs must be at least 1") } }
+    func validate() throws {
+        _ = try parseShard()
+        if jobs < 1 { throw ValidationError("--jobs must be at least 1") }
+    }
 
     func run() throws {
         try runReportingErrors {
@@ -72,12 +80,19 @@ struct BatchRun: ParsableCommand {
             var vs: [Batch.Variant] = []
             for spec in variants {
                 guard let eq = spec.firstIndex(of: "=") else { throw ValidationError("--variant is NAME=preset:NAME or NAME=policy:FILE") }
-                let name = String(spec[..<eq]), what = String(spec[spec.index(after: eq)...])
-                guard !name.isEmpty, !name.contains("/") else { throw ValidationError("variant name '\(name)' must be a plain folder name") }
+                let name = String(spec[..<eq])
+                let what = String(spec[spec.index(after: eq)...])
+                guard !name.isEmpty, !name.contains("/") else {
+                    throw ValidationError("variant name '\(name)' must be a plain folder name")
+                }
                 let p: Policy
-                if what.hasPrefix("preset:") { p = try PolicyLoader.preset(String(what.dropFirst(7))) }
-                else if what.hasPrefix("policy:") { p = try PolicyLoader.load(path: String(what.dropFirst(7))) }
-                else { throw ValidationError("variant '\(name)': give preset:NAME or policy:FILE") }
+                if what.hasPrefix("preset:") {
+                    p = try PolicyLoader.preset(String(what.dropFirst(7)))
+                } else if what.hasPrefix("policy:") {
+                    p = try PolicyLoader.load(path: String(what.dropFirst(7)))
+                } else {
+                    throw ValidationError("variant '\(name)': give preset:NAME or policy:FILE")
+                }
                 vs.append(Batch.Variant(name: name, policy: try PolicyLoader.applyOverrides(p, policyOptions.overrides)))
             }
             if vs.isEmpty { vs = [Batch.Variant(name: "", policy: base)] }
@@ -85,8 +100,9 @@ struct BatchRun: ParsableCommand {
             template.gates = gateOptions.gates
             let tty = !quiet && isatty(2) != 0
             if let itemsFile = workerItems, let journal = workerJournal {
-                try BatchSupervisor.work(itemsFile: itemsFile, journal: journal, variants: vs, out: output, template: template,
-                                         jobs: jobs, tty: tty)
+                try BatchSupervisor.work(
+                    itemsFile: itemsFile, journal: journal, variants: vs, out: output, template: template,
+                    jobs: jobs, tty: tty)
                 return
             }
             let (i, n) = try parseShard()
@@ -101,10 +117,17 @@ struct BatchRun: ParsableCommand {
             }
             if !quiet { BatchRun.printTable(outcomes) }
             let failed = outcomes.filter { $0.status == "failed" }
-            for f in failed { FileHandle.standardError.write(Data((oneLine("qconvert: failed: \(f.model)\(f.variant.isEmpty ? "" : " [\(f.variant)]"): \(f.error ?? "")") + "\n").utf8)) }
+            for f in failed {
+                FileHandle.standardError.write(
+                    Data(
+                        (oneLine("qconvert: failed: \(f.model)\(f.variant.isEmpty ? "" : " [\(f.variant)]"): \(f.error ?? "")") + "\n").utf8
+                    ))
+            }
             if !failed.isEmpty { throw ExitCode(6) }
             if outcomes.contains(where: { $0.status == "gate-failed" }) {
-                for g in outcomes where g.status == "gate-failed" { FileHandle.standardError.write(Data((oneLine("qconvert: \(g.model): \(g.error ?? "")") + "\n").utf8)) }
+                for g in outcomes where g.status == "gate-failed" {
+                    FileHandle.standardError.write(Data((oneLine("qconvert: \(g.model): \(g.error ?? "")") + "\n").utf8))
+                }
                 throw ExitCode(gateExitCode)
             }
         }
@@ -113,10 +136,12 @@ struct BatchRun: ParsableCommand {
     static func printTable(_ outcomes: [Batch.Outcome]) {
         var rows = [["model", "variant", "format", "size", "ratio", "worst SQNR", "time", "status"]]
         for o in outcomes {
-            rows.append([o.model, o.variant.isEmpty ? "-" : o.variant, o.format,
-                         o.bytesAfter > 0 ? "\(formatBytes(o.bytesBefore)) → \(formatBytes(o.bytesAfter))" : formatBytes(o.bytesBefore),
-                         o.bytesBefore > 0 && o.bytesAfter > 0 ? String(format: "%.1f %%", 100 * Double(o.bytesAfter) / Double(o.bytesBefore)) : "-",
-                         o.worstSQNR.map { String(format: "%.1f dB", $0) } ?? "-", String(format: "%.2f s", o.seconds), o.status])
+            rows.append([
+                o.model, o.variant.isEmpty ? "-" : o.variant, o.format,
+                o.bytesAfter > 0 ? "\(formatBytes(o.bytesBefore)) → \(formatBytes(o.bytesAfter))" : formatBytes(o.bytesBefore),
+                o.bytesBefore > 0 && o.bytesAfter > 0 ? String(format: "%.1f %%", 100 * Double(o.bytesAfter) / Double(o.bytesBefore)) : "-",
+                o.worstSQNR.map { String(format: "%.1f dB", $0) } ?? "-", String(format: "%.2f s", o.seconds), o.status
+            ])
         }
         var w = [Int](repeating: 0, count: rows[0].count)
         for r in rows { for (i, c) in r.enumerated() { w[i] = max(w[i], c.count) } }
@@ -127,7 +152,8 @@ struct BatchRun: ParsableCommand {
 }
 
 struct BatchMerge: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "merge", abstract: "Join the JSON-lines manifests of several batch shards.")
+    static let configuration = CommandConfiguration(
+        commandName: "merge", abstract: "Join the JSON-lines manifests of several batch shards.")
 
     @Argument(help: ArgumentHelp("Manifests written by 'qconvert batch --manifest'.", valueName: "manifest"))
     var manifests: [String]
@@ -139,7 +165,9 @@ struct BatchMerge: ParsableCommand {
         try runReportingErrors {
             var all: [Batch.Outcome] = []
             for m in manifests {
-                guard let text = try? String(contentsOfFile: m, encoding: .utf8) else { throw QConvertError.io(path: m, message: "cannot read") }
+                guard let text = try? String(contentsOfFile: m, encoding: .utf8) else {
+                    throw QConvertError.io(path: m, message: "cannot read")
+                }
                 for (n, line) in text.split(separator: "\n").enumerated() where !line.isEmpty {
                     guard let v = try? JSONParser.parse(String(line)) else {
                         throw QConvertError.badInput(path: m, message: "line \(n + 1) is not JSON")
@@ -150,7 +178,9 @@ struct BatchMerge: ParsableCommand {
             all.sort { ($0.model, $0.variant) < ($1.model, $1.variant) }
             if let o = output {
                 let text = Batch.Outcome.manifest(all, csv: o.hasSuffix(".csv"))
-                do { try Data(text.utf8).write(to: URL(fileURLWithPath: o)) } catch { throw QConvertError.write(path: o, message: error.localizedDescription) }
+                do { try Data(text.utf8).write(to: URL(fileURLWithPath: o)) } catch {
+                    throw QConvertError.write(path: o, message: error.localizedDescription)
+                }
             }
             BatchRun.printTable(all)
             if all.contains(where: { $0.status == "failed" }) { throw ExitCode(6) }

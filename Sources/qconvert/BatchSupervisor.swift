@@ -3,7 +3,7 @@ import Foundation
 import QConvertKit
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Crash isolation for `batch`: one model that crashes the reader (a signal, a trap) must not take
@@ -17,9 +17,13 @@ enum BatchSupervisor {
     nonisolated(unsafe) static var workerPID: pid_t = 0
 
     static func supervise(_ items: [Batch.Item], jobs: Int, variants: [Batch.Variant], out: String) throws -> [Batch.Outcome] {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("qconvert-batch-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent(
+            "qconvert-batch-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        ).path
         guard mkdir(dir, 0o700) == 0 else { throw QConvertError.write(path: dir, message: String(cString: strerror(errno))) }
-        defer { if ProcessInfo.processInfo.environment["QCONVERT_KEEP_JOURNAL"] == nil { try? FileManager.default.removeItem(atPath: dir) } }
+        defer {
+            if ProcessInfo.processInfo.environment["QCONVERT_KEEP_JOURNAL"] == nil { try? FileManager.default.removeItem(atPath: dir) }
+        }
         installForwarding()
 
         var results = [[Batch.Outcome]?](repeating: nil, count: items.count)
@@ -35,8 +39,10 @@ enum BatchSupervisor {
             let list = JSONValue.array(order.map { k in .array([.int(k), .string(items[k].path), .string(items[k].relative)]) })
             try Data(list.compact.utf8).write(to: URL(fileURLWithPath: itemsFile))
             _ = FileManager.default.createFile(atPath: journal, contents: nil)
-            let status = try spawnWorker(extra: ["--worker-items", itemsFile, "--worker-journal", journal,
-                                                 "--jobs", String(suspects.isEmpty ? jobs : 1)])
+            let status = try spawnWorker(extra: [
+                "--worker-items", itemsFile, "--worker-journal", journal,
+                "--jobs", String(suspects.isEmpty ? jobs : 1)
+            ])
             var inFlight = Set<Int>()
             let text = (try? String(contentsOfFile: journal, encoding: .utf8)) ?? ""
             for line in text.split(separator: "\n") {
@@ -63,7 +69,9 @@ enum BatchSupervisor {
                     suspects.remove(k)
                 } else if inFlight.isEmpty {
                     // a death outside any model: give up on the rest rather than loop
-                    for k in pending { results[k] = failed(items[k], variants, out, "the batch worker died (\(status)) before converting it") }
+                    for k in pending {
+                        results[k] = failed(items[k], variants, out, "the batch worker died (\(status)) before converting it")
+                    }
                     pending = []
                 } else {
                     suspects.formUnion(inFlight)
@@ -75,8 +83,10 @@ enum BatchSupervisor {
 
     static func failed(_ item: Batch.Item, _ variants: [Batch.Variant], _ out: String, _ why: String) -> [Batch.Outcome] {
         variants.map { v in
-            Batch.Outcome(model: item.relative, variant: v.name, format: "?", output: Batch.outputPath(out: out, variant: v.name, relative: item.relative),
-                          status: "failed", error: why, bytesBefore: 0, bytesAfter: 0, worstSQNR: nil, seconds: 0)
+            Batch.Outcome(
+                model: item.relative, variant: v.name, format: "?",
+                output: Batch.outputPath(out: out, variant: v.name, relative: item.relative),
+                status: "failed", error: why, bytesBefore: 0, bytesAfter: 0, worstSQNR: nil, seconds: 0)
         }
     }
 
@@ -132,17 +142,22 @@ enum BatchSupervisor {
     }
 
     /// The worker's side: converts the listed items, journaling each start and end.
-    static func work(itemsFile: String, journal: String, variants: [Batch.Variant], out: String, template: ConvertOptions,
-                     jobs: Int, tty: Bool) throws {
+    static func work(
+        itemsFile: String, journal: String, variants: [Batch.Variant], out: String, template: ConvertOptions,
+        jobs: Int, tty: Bool
+    ) throws {
         if TempFileRegistry.dieWithParent() { throw ExitCode(128 + SIGTERM) }
         installInterruptCleanup()
-        guard let data = FileManager.default.contents(atPath: itemsFile), let list = try? JSONParser.parse(String(decoding: data, as: UTF8.self)).arrayValue else {
+        guard let data = FileManager.default.contents(atPath: itemsFile),
+            let list = try? JSONParser.parse(String(decoding: data, as: UTF8.self)).arrayValue
+        else {
             throw QConvertError.badInput(path: itemsFile, message: "not a batch worker item list")
         }
         var positions: [Int] = []
         var items: [Batch.Item] = []
         for row in list {
-            guard let r = row.arrayValue, r.count == 3, let k = r[0].nonNegativeInt, let path = r[1].stringValue, let rel = r[2].stringValue else {
+            guard let r = row.arrayValue, r.count == 3, let k = r[0].nonNegativeInt, let path = r[1].stringValue, let rel = r[2].stringValue
+            else {
                 throw QConvertError.badInput(path: itemsFile, message: "not a batch worker item list")
             }
             positions.append(k)
@@ -159,7 +174,10 @@ enum BatchSupervisor {
             var done = 0
             while done < bytes.count {
                 let n = bytes[done...].withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-                if n <= 0 { if errno == EINTR { continue }; return }
+                if n <= 0 {
+                    if errno == EINTR { continue }
+                    return
+                }
                 done += n
             }
         }
@@ -169,17 +187,22 @@ enum BatchSupervisor {
         // crashes the worker as a hostile file would.
         let crashOn = Set((ProcessInfo.processInfo.environment["QCONVERT_TEST_CRASH_ON"] ?? "").split(separator: ",").map(String.init))
         let names = items.map(\.relative)
-        _ = Batch.run(items, variants: variants, out: out, template: template, jobs: jobs, progress: { done, total, bytes in
-            guard tty else { return }
-            let elapsed = Date().timeIntervalSince(start)
-            let eta = done > 0 ? elapsed / Double(done) * Double(total - done) : 0
-            let line = "\r\u{1B}[2K\(done)/\(total) models  \(formatBytes(bytes))  \(String(format: "%.0f", elapsed)) s  ETA \(String(format: "%.0f", eta)) s"
-            FileHandle.standardError.write(Data(line.utf8))
-        }, started: { k in
-            note("{\"start\":\(at[k])}")
-            if crashOn.contains(names[k]) { raise(SIGSEGV) }
-        }, finished: { k, outcomes in
-            note("{\"done\":\(at[k]),\"outcomes\":[" + outcomes.map(\.json).joined(separator: ",") + "]}")
-        })
+        _ = Batch.run(
+            items, variants: variants, out: out, template: template, jobs: jobs,
+            progress: { done, total, bytes in
+                guard tty else { return }
+                let elapsed = Date().timeIntervalSince(start)
+                let eta = done > 0 ? elapsed / Double(done) * Double(total - done) : 0
+                let line =
+                    "\r\u{1B}[2K\(done)/\(total) models  \(formatBytes(bytes))  \(String(format: "%.0f", elapsed)) s  ETA \(String(format: "%.0f", eta)) s"
+                FileHandle.standardError.write(Data(line.utf8))
+            },
+            started: { k in
+                note("{\"start\":\(at[k])}")
+                if crashOn.contains(names[k]) { raise(SIGSEGV) }
+            },
+            finished: { k, outcomes in
+                note("{\"done\":\(at[k]),\"outcomes\":[" + outcomes.map(\.json).joined(separator: ",") + "]}")
+            })
     }
 }

@@ -12,10 +12,14 @@ struct Convert: ParsableCommand {
             """
     )
 
-    @Argument(help: ArgumentHelp("Input checkpoint: a .safetensors file, a folder of shards, a *.index.json, or an .onnx model.", valueName: "input"))
+    @Argument(
+        help: ArgumentHelp(
+            "Input checkpoint: a .safetensors file, a folder of shards, a *.index.json, or an .onnx model.", valueName: "input"))
     var input: String
 
-    @Option(name: [.short, .long], help: ArgumentHelp("Output path; its extension picks the format. A path without one is a folder of shards.", valueName: "output"))
+    @Option(
+        name: [.short, .long],
+        help: ArgumentHelp("Output path; its extension picks the format. A path without one is a folder of shards.", valueName: "output"))
     var output: String?
 
     @OptionGroup var policyOptions: PolicyOptions
@@ -31,17 +35,25 @@ struct Convert: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Output format, when the extension does not say (safetensors).", valueName: "name"))
     var format: String?
 
-    @Option(name: .long, parsing: .unconditional,
-            help: ArgumentHelp("Split the output into shards of at most this size (e.g. 5GB); the output is then a folder.", valueName: "size"))
+    @Option(
+        name: .long, parsing: .unconditional,
+        help: ArgumentHelp("Split the output into shards of at most this size (e.g. 5GB); the output is then a folder.", valueName: "size"))
     var maxShardSize: String?
 
-    @Option(name: .long, help: ArgumentHelp("Input fingerprint recorded in the metadata: xxh64 (fast) or sha256 (checkable with sha256sum).", valueName: "algorithm"))
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "Input fingerprint recorded in the metadata: xxh64 (fast) or sha256 (checkable with sha256sum).", valueName: "algorithm"))
     var inputHash: String = "xxh64"
 
     @Flag(name: .long, help: "ONNX: write tensor data to OUT.data beside the model (automatic past 2 GB).")
     var externalData = false
 
-    @Option(name: .long, help: ArgumentHelp("When a quality gate fails, write the rejected result here for inspection (the output is never created or replaced by a rejected result).", valueName: "path"))
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "When a quality gate fails, write the rejected result here for inspection (the output is never created or replaced by a rejected result).",
+            valueName: "path"))
     var rejectedOutput: String?
 
     @Flag(name: .long, help: "Print the plan and stop, as 'qconvert plan' does.")
@@ -78,8 +90,9 @@ struct Convert: ParsableCommand {
             }
             if let report { try PathGuard.checkReport(report, input: input, output: output) }
             if let r = rejectedOutput, let o = output,
-               URL(fileURLWithPath: r).standardizedFileURL == URL(fileURLWithPath: o).standardizedFileURL
-                || PathGuard.identity(r).map({ $0 == PathGuard.identity(o) }) == true {
+                URL(fileURLWithPath: r).standardizedFileURL == URL(fileURLWithPath: o).standardizedFileURL
+                    || PathGuard.identity(r).map({ $0 == PathGuard.identity(o) }) == true
+            {
                 throw QConvertError.usage(message: "\(r): --rejected-output must differ from the output")
             }
             installInterruptCleanup()
@@ -161,7 +174,8 @@ final class ProgressBar: @unchecked Sendable {
 
 /// Levenshtein distance, for suggesting a subcommand.
 func editDistance(_ a: String, _ b: String) -> Int {
-    let a = Array(a), b = Array(b)
+    let a = Array(a)
+    let b = Array(b)
     var row = Array(0...b.count)
     for i in 1...max(a.count, 1) where !a.isEmpty {
         var prev = row[0]

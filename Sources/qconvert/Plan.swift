@@ -6,7 +6,8 @@ struct PlanCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "plan",
         abstract: "Show what a policy would do to each tensor, reading no tensor data.",
-        discussion: "Columns: tensor, shape, source dtype → result, granularity (axis), deciding rule, bytes before → after, bits per weight, notes."
+        discussion:
+            "Columns: tensor, shape, source dtype → result, granularity (axis), deciding rule, bytes before → after, bits per weight, notes."
     )
 
     @Argument(help: ArgumentHelp("Input checkpoint.", valueName: "input"))
@@ -22,9 +23,10 @@ struct PlanCommand: ParsableCommand {
             let policy = try policyOptions.load()
             let (ckpt, plans) = try Converter.plan(input: input, options: ConvertOptions(policy: policy, strict: policyOptions.strict))
             if json {
-                let report = ConversionReport(input: input, output: "", inputFormat: ckpt.format, outputFormat: "",
-                                              policySource: policy.source, inputHash: "",
-                                              tensors: plans.map { TensorOutcome(plan: $0, metrics: nil) }, seconds: 0)
+                let report = ConversionReport(
+                    input: input, output: "", inputFormat: ckpt.format, outputFormat: "",
+                    policySource: policy.source, inputHash: "",
+                    tensors: plans.map { TensorOutcome(plan: $0, metrics: nil) }, seconds: 0)
                 print(report.json, terminator: "")
             } else {
                 PlanCommand.printTable(ckpt: ckpt, plans: plans, policy: policy)
@@ -57,17 +59,21 @@ struct PlanCommand: ParsableCommand {
                 if s.calibration != .max { gran += " " + s.calibration.name }
                 if let form = p.onnxFormChosen { notes.insert("onnx: " + form, at: 0) }
             }
-            rows.append([p.name, shape, to, gran, p.rule, "\(formatBytes(p.bytesBefore)) → \(formatBytes(p.bytesAfter))",
-                         String(format: "%.2f", p.bitsPerWeight), notes.joined(separator: "; ")])
+            rows.append([
+                p.name, shape, to, gran, p.rule, "\(formatBytes(p.bytesBefore)) → \(formatBytes(p.bytesAfter))",
+                String(format: "%.2f", p.bitsPerWeight), notes.joined(separator: "; ")
+            ])
         }
         var widths = [Int](repeating: 0, count: rows[0].count)
         for r in rows { for (i, c) in r.enumerated() where i < r.count - 1 { widths[i] = max(widths[i], c.count) } }
         var out = ""
         for r in rows {
-            out += r.enumerated().map { i, c in i < r.count - 1 ? c.padding(toLength: widths[i], withPad: " ", startingAt: 0) : c }
+            out +=
+                r.enumerated().map { i, c in i < r.count - 1 ? c.padding(toLength: widths[i], withPad: " ", startingAt: 0) : c }
                 .joined(separator: "  ").trimmingCharacters(in: .whitespaces) + "\n"
         }
-        let before = plans.reduce(0) { $0 + $1.bytesBefore }, after = plans.reduce(0) { $0 + $1.bytesAfter }
+        let before = plans.reduce(0) { $0 + $1.bytesBefore }
+        let after = plans.reduce(0) { $0 + $1.bytesAfter }
         let q = plans.filter { $0.decision.scheme?.target.isQuantization == true }.count
         let c = plans.filter { $0.decision.scheme?.target.isCast == true }.count
         out += "\n\(plans.count) tensors (\(ckpt.format), \(policy.source)): \(q) quantized, \(c) cast, \(plans.count - q - c) kept; "

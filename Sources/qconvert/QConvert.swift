@@ -52,15 +52,19 @@ struct PolicyOptions: ParsableArguments {
     @Option(name: .long, help: ArgumentHelp("A built-in policy: int8 (default), uint8, w4g128, fp16, bf16, keep.", valueName: "name"))
     var preset: String?
 
-    @Option(name: .customLong("set"), help: ArgumentHelp("Override a default of the policy, e.g. --set dtype=int4 --set group_size=64.", valueName: "key=value"))
+    @Option(
+        name: .customLong("set"),
+        help: ArgumentHelp("Override a default of the policy, e.g. --set dtype=int4 --set group_size=64.", valueName: "key=value"))
     var overrides: [String] = []
 
     @Flag(name: .long, help: "Fail when a policy rule matches no tensor.")
     var strict = false
 
-    @Option(name: .long, help: ArgumentHelp(
-        "ONNX outputs: how quantized MatMul/Gemm weights run in onnxruntime, overriding every rule: auto (MatMulNBits where it fits, the default), qdq (portable DequantizeLinear), matmulnbits, dynamic (activations quantized per run).",
-        valueName: "form"))
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "ONNX outputs: how quantized MatMul/Gemm weights run in onnxruntime, overriding every rule: auto (MatMulNBits where it fits, the default), qdq (portable DequantizeLinear), matmulnbits, dynamic (activations quantized per run).",
+            valueName: "form"))
     var onnxForm: OnnxForm?
 
     func validate() throws {
@@ -111,19 +115,28 @@ func oneLine(_ s: String) -> String {
 
 /// Quality gates shared by convert, batch and diff.
 struct GateOptions: ParsableArguments {
-    @Option(name: .long, help: ArgumentHelp("Fail (exit 5) when any converted tensor, or the whole model, has a lower SQNR (dB).", valueName: "dB"))
+    @Option(
+        name: .long,
+        help: ArgumentHelp("Fail (exit 5) when any converted tensor, or the whole model, has a lower SQNR (dB).", valueName: "dB"))
     var minSqnr: Double?
 
-    @Option(name: .long, help: ArgumentHelp("Fail (exit 5) when any converted tensor, or the whole model, has a lower cosine similarity.", valueName: "x"))
+    @Option(
+        name: .long,
+        help: ArgumentHelp("Fail (exit 5) when any converted tensor, or the whole model, has a lower cosine similarity.", valueName: "x"))
     var minCosine: Double?
 
-    @Option(name: .long, help: ArgumentHelp("Fail (exit 5) when the output is larger than this fraction of the input (whole model and per tensor).", valueName: "r"))
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "Fail (exit 5) when the output is larger than this fraction of the input (whole model and per tensor).", valueName: "r"))
     var maxSizeRatio: Double?
 
     @Flag(name: .long, help: "Kept for compatibility: a failing gate never writes the output.")
     var noOutputOnFail = false
 
-    var gates: QualityGates { QualityGates(minSQNR: minSqnr, minCosine: minCosine, maxSizeRatio: maxSizeRatio, noOutputOnFail: noOutputOnFail) }
+    var gates: QualityGates {
+        QualityGates(minSQNR: minSqnr, minCosine: minCosine, maxSizeRatio: maxSizeRatio, noOutputOnFail: noOutputOnFail)
+    }
 }
 
 /// On SIGINT/SIGTERM, removes the temporary files of outputs in flight and exits 128+signal.
@@ -155,17 +168,19 @@ func formatBytes(_ n: Int) -> String {
 func parseSize(_ s: String) throws -> Int {
     let t = s.trimmingCharacters(in: .whitespaces).uppercased()
     let units: [(String, Double)] = [
-        ("TIB", 1099511627776), ("GIB", 1073741824), ("MIB", 1048576), ("KIB", 1024),
-        ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3), ("B", 1),
+        ("TIB", 1_099_511_627_776), ("GIB", 1_073_741_824), ("MIB", 1_048_576), ("KIB", 1024),
+        ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3), ("B", 1)
     ]
-    var number = t, multiplier = 1.0
+    var number = t
+    var multiplier = 1.0
     if let (u, m) = units.first(where: { t.hasSuffix($0.0) }) {
         number = String(t.dropLast(u.count)).trimmingCharacters(in: .whitespaces)
         multiplier = m
     }
     // Digits and one decimal point only: no signs, exponents, "inf" or "nan".
     guard !number.isEmpty, number.allSatisfy({ $0.isASCII && ($0.isNumber || $0 == ".") }),
-          number.filter({ $0 == "." }).count <= 1, let v = Double(number) else {
+        number.filter({ $0 == "." }).count <= 1, let v = Double(number)
+    else {
         throw ValidationError("bad size '\(s)' (examples: 5GB, 500MB, 2GiB, 1TB)")
     }
     let bytes = v * multiplier

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+
 @testable import QConvertKit
 
 /// Runs the built `qconvert` binary and captures what it prints.
@@ -24,7 +25,9 @@ enum Tool {
 
     static let repo: String = {
         var dir = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
-        while !FileManager.default.fileExists(atPath: dir.appendingPathComponent("Package.swift").path) { dir = dir.deletingLastPathComponent() }
+        while !FileManager.default.fileExists(atPath: dir.appendingPathComponent("Package.swift").path) {
+            dir = dir.deletingLastPathComponent()
+        }
         return dir.path
     }()
 
@@ -34,15 +37,17 @@ enum Tool {
         p.executableURL = URL(fileURLWithPath: binary)
         p.arguments = args
         if let cwd { p.currentDirectoryURL = URL(fileURLWithPath: cwd) }
-        let out = Pipe(), err = Pipe()
+        let out = Pipe()
+        let err = Pipe()
         p.standardOutput = out
         p.standardError = err
         try p.run()
         let o = out.fileHandleForReading.readDataToEndOfFile()
         let e = err.fileHandleForReading.readDataToEndOfFile()
         p.waitUntilExit()
-        return Run(status: p.terminationStatus, signaled: p.terminationReason == .uncaughtSignal,
-                   stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e, as: UTF8.self))
+        return Run(
+            status: p.terminationStatus, signaled: p.terminationReason == .uncaughtSignal,
+            stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e, as: UTF8.self))
     }
 
     static func tempDir() -> String {
@@ -56,12 +61,14 @@ enum Tool {
 func writeSafetensors(_ path: String, _ tensors: [(String, String, [Int], [UInt8])], metadata: [String: String] = ["format": "pt"]) {
     var header = "{"
     if !metadata.isEmpty {
-        header += "\"__metadata__\":{" + metadata.sorted { $0.key < $1.key }.map { "\"\($0.key)\":\"\($0.value)\"" }.joined(separator: ",") + "}"
+        header +=
+            "\"__metadata__\":{" + metadata.sorted { $0.key < $1.key }.map { "\"\($0.key)\":\"\($0.value)\"" }.joined(separator: ",") + "}"
     }
     var data = [UInt8]()
     for (name, dtype, shape, bytes) in tensors {
         if header.count > 1 { header += "," }
-        header += "\"\(name)\":{\"dtype\":\"\(dtype)\",\"shape\":[\(shape.map(String.init).joined(separator: ","))],\"data_offsets\":[\(data.count),\(data.count + bytes.count)]}"
+        header +=
+            "\"\(name)\":{\"dtype\":\"\(dtype)\",\"shape\":[\(shape.map(String.init).joined(separator: ","))],\"data_offsets\":[\(data.count),\(data.count + bytes.count)]}"
         data += bytes
     }
     header += "}"
@@ -82,7 +89,7 @@ func floatBytes(_ x: [Float]) -> [UInt8] { x.withUnsafeBytes { Array($0) } }
 func randomFloats(_ n: Int, seed: UInt64) -> [Float] {
     var s = seed
     return (0..<n).map { _ in
-        s = s &* 6364136223846793005 &+ 1442695040888963407
+        s = s &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
         return Float(Int64(bitPattern: s >> 11) % 20001 - 10000) / 5000
     }
 }
@@ -145,14 +152,22 @@ func contents(_ p: String) -> [UInt8] { [UInt8](FileManager.default.contents(atP
             ("header-past-end", [0xFF, 0, 0, 0, 0, 0, 0, 0] + Array("{}".utf8)),
             ("huge-header", [0, 0xE2, 0x06, 0x06, 0, 0, 0, 0] + Array("{}      ".utf8)),
             ("bad-json", safetensorsFile("{\"a\":{", [])),
-            ("duplicate", safetensorsFile(#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#, [0, 0])),
+            (
+                "duplicate",
+                safetensorsFile(
+                    #"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#, [0, 0])
+            ),
             ("hole", safetensorsFile(#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#, [0, 0])),
-            ("overlap", safetensorsFile(#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#, [0, 0])),
+            (
+                "overlap",
+                safetensorsFile(
+                    #"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#, [0, 0])
+            ),
             ("trailing", safetensorsFile(#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#, [0, 0])),
             ("bad-dtype", safetensorsFile(#"{"a":{"dtype":"Q8","shape":[1],"data_offsets":[0,1]}}"#, [0])),
             ("size-mismatch", safetensorsFile(#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, [UInt8](repeating: 0, count: 8))),
             ("negative-dim", safetensorsFile(#"{"a":{"dtype":"U8","shape":[-1],"data_offsets":[0,1]}}"#, [0])),
-            ("overflow-dims", safetensorsFile(#"{"a":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,4]}}"#, [0, 0, 0, 0])),
+            ("overflow-dims", safetensorsFile(#"{"a":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,4]}}"#, [0, 0, 0, 0]))
         ]
         // Truncations of a valid file at many points.
         let good = contents(sample)
@@ -175,12 +190,16 @@ func contents(_ p: String) -> [UInt8] { [UInt8](FileManager.default.contents(atP
 
     @Test func policyErrorsAndUsage() throws {
         let d = Tool.tempDir()
-        _ = FileManager.default.createFile(atPath: d + "/p.cfg", contents: Data("defaults:\n  dtype: int8\nrules:\n  - match: \"*\"\n    granularty: group\n".utf8))
+        _ = FileManager.default.createFile(
+            atPath: d + "/p.cfg", contents: Data("defaults:\n  dtype: int8\nrules:\n  - match: \"*\"\n    granularty: group\n".utf8))
         let r = try Tool.run([sample, "-o", d + "/o.safetensors", "--policy", d + "/p.cfg"])
         #expect(r.status == 2)
         #expect(r.stderr.contains("p.cfg:5:5: unknown key 'granularty'"), "\(r.stderr)")
         #expect(!FileManager.default.fileExists(atPath: d + "/o.safetensors"))
-        let strict = try Tool.run([sample, "-o", d + "/o.safetensors", "--set", "dtype=int8", "--strict", "--policy", Tool.repo + "/Samples/policies/fp8-select.yaml"])
+        let strict = try Tool.run([
+            sample, "-o", d + "/o.safetensors", "--set", "dtype=int8", "--strict", "--policy",
+            Tool.repo + "/Samples/policies/fp8-select.yaml"
+        ])
         #expect(strict.status == 0, "\(strict.stderr)")
         let usage = try Tool.run([sample])
         #expect(usage.status == 64)
@@ -235,10 +254,16 @@ func contents(_ p: String) -> [UInt8] { [UInt8](FileManager.default.contents(atP
         let d = Tool.tempDir()
         let shardDir = d + "/model"
         try FileManager.default.createDirectory(atPath: shardDir, withIntermediateDirectories: true)
-        writeSafetensors(shardDir + "/model-00001-of-00002.safetensors", [("a.weight", "F32", [32, 64], floatBytes(randomFloats(2048, seed: 1)))])
-        writeSafetensors(shardDir + "/model-00002-of-00002.safetensors", [("b.weight", "F32", [64, 32], floatBytes(randomFloats(2048, seed: 2))),
-                                                                         ("b.bias", "F32", [64], floatBytes(randomFloats(64, seed: 3)))])
-        let index = #"{"metadata":{"total_size":16640},"weight_map":{"a.weight":"model-00001-of-00002.safetensors","b.bias":"model-00002-of-00002.safetensors","b.weight":"model-00002-of-00002.safetensors"}}"#
+        writeSafetensors(
+            shardDir + "/model-00001-of-00002.safetensors", [("a.weight", "F32", [32, 64], floatBytes(randomFloats(2048, seed: 1)))])
+        writeSafetensors(
+            shardDir + "/model-00002-of-00002.safetensors",
+            [
+                ("b.weight", "F32", [64, 32], floatBytes(randomFloats(2048, seed: 2))),
+                ("b.bias", "F32", [64], floatBytes(randomFloats(64, seed: 3)))
+            ])
+        let index =
+            #"{"metadata":{"total_size":16640},"weight_map":{"a.weight":"model-00001-of-00002.safetensors","b.bias":"model-00002-of-00002.safetensors","b.weight":"model-00002-of-00002.safetensors"}}"#
         _ = FileManager.default.createFile(atPath: shardDir + "/model.safetensors.index.json", contents: Data(index.utf8))
         let r = try Tool.run([shardDir + "/model.safetensors.index.json", "-o", d + "/out"])
         #expect(r.status == 0, "\(r.stderr)")
@@ -262,7 +287,8 @@ func contents(_ p: String) -> [UInt8] { [UInt8](FileManager.default.contents(atP
         let d = Tool.tempDir()
         let r = try Tool.run([sample, "-o", d + "/k.safetensors", "--preset", "keep"])
         #expect(r.status == 0)
-        let a = try Converter.open(sample), b = try Converter.open(d + "/k.safetensors")
+        let a = try Converter.open(sample)
+        let b = try Converter.open(d + "/k.safetensors")
         for e in a.entries {
             let o = b.entries.first { $0.name == e.name }!
             #expect(o.dtype == e.dtype && o.shape == e.shape)

@@ -1,7 +1,8 @@
+import CQKernels
 import Foundation
 import Testing
+
 @testable import QConvertKit
-import CQKernels
 
 /// The fast calibration path (calibrate.c) against the straightforward Swift reference
 /// (`Calibrator.referenceRange`), on rows where the answer is easy to get wrong.
@@ -13,7 +14,10 @@ import CQKernels
         func studentT() -> Float {
             let z = rng.normal()
             var c: Float = 0
-            for _ in 0..<3 { let g = rng.normal(); c += g * g }
+            for _ in 0..<3 {
+                let g = rng.normal()
+                c += g * g
+            }
             return z / (c / 3).squareRoot()
         }
         var out: [(String, [Float])] = []
@@ -38,17 +42,20 @@ import CQKernels
     static let calibrations: [Calibration] = [
         .percentile(99.9), .percentile(50), .percentile(100), .percentile(0.5),
         .entropy(bins: 2048, levels: nil, exhaustive: true), .entropy(bins: 512, levels: 8, exhaustive: true),
-        .entropy(bins: 64, levels: 128, exhaustive: true),
+        .entropy(bins: 64, levels: 128, exhaustive: true)
     ]
 
     func ranges(_ x: [Float], _ cal: Calibration, _ mapping: Mapping, levels: Int, qmax: Int)
-        -> (fast: (beta: Float, alpha: Float), ref: (beta: Float, alpha: Float)) {
+        -> (fast: (beta: Float, alpha: Float), ref: (beta: Float, alpha: Float))
+    {
         x.withUnsafeBufferPointer { v in
-            let lo = x.min()!, hi = x.max()!
+            let lo = x.min()!
+            let hi = x.max()!
             let scratch = CalibrationScratch(capacity: x.count, calibration: cal)
             let f = scratch.range(v, lo: lo, hi: hi, calibration: cal, mapping: mapping, levels: levels, qmaxSymmetric: qmax)
-            let r = Calibrator.referenceRange(v, lo: lo, hi: hi, calibration: cal, mapping: mapping, levels: levels,
-                                              qmaxSymmetric: qmax)
+            let r = Calibrator.referenceRange(
+                v, lo: lo, hi: hi, calibration: cal, mapping: mapping, levels: levels,
+                qmaxSymmetric: qmax)
             return (f, r)
         }
     }
@@ -71,11 +78,16 @@ import CQKernels
     func sparseHistogram(_ x: [Float], bins: Int) -> (bin: [UInt32], cnt: [UInt32]) {
         let amax = x.map { abs($0) }.max() ?? 0
         let hist = x.withUnsafeBufferPointer { Calibrator.absHistogram($0, amax: amax, bins: bins) }
-        var bin: [UInt32] = [], cnt: [UInt32] = []
-        for (k, h) in hist.enumerated() where h > 0 { bin.append(UInt32(k)); cnt.append(UInt32(h)) }
+        var bin: [UInt32] = []
+        var cnt: [UInt32] = []
+        for (k, h) in hist.enumerated() where h > 0 {
+            bin.append(UInt32(k))
+            cnt.append(UInt32(h))
+        }
         // The kernel's own histogram is the same.
         var dense = [UInt32](repeating: 0, count: bins)
-        var b2 = [UInt32](repeating: 0, count: max(x.count, 1)), c2 = b2
+        var b2 = [UInt32](repeating: 0, count: max(x.count, 1))
+        var c2 = b2
         let nz = x.withUnsafeBufferPointer { qk_sparse_abs_hist($0.baseAddress, Int64(x.count), amax, Int64(bins), &dense, &b2, &c2) }
         #expect(Array(b2.prefix(Int(nz))) == bin && Array(c2.prefix(Int(nz))) == cnt)
         #expect(dense.allSatisfy { $0 == 0 })
@@ -90,8 +102,9 @@ import CQKernels
     func mseCandidate(_ h: (bin: [UInt32], cnt: [UInt32]), bins: Int, levels: Int, qmax: Int, exhaustive: Bool) -> (Int, Int) {
         var prefix = [Int64](repeating: 0, count: h.bin.count + 1)
         var evaluations: Int64 = 0
-        let i = qk_mse_candidate(h.bin, h.cnt, Int64(h.bin.count), &prefix, Int64(bins), Int64(levels), Int64(qmax),
-                                 exhaustive ? 1 : 0, &evaluations)
+        let i = qk_mse_candidate(
+            h.bin, h.cnt, Int64(h.bin.count), &prefix, Int64(bins), Int64(levels), Int64(qmax),
+            exhaustive ? 1 : 0, &evaluations)
         return (Int(i), Int(evaluations))
     }
 
@@ -109,7 +122,9 @@ import CQKernels
                 let eRef = mseObjective(h, bins: bins, levels: levels, qmax: qmax, ref)
                 let eEx = mseObjective(h, bins: bins, levels: levels, qmax: qmax, exhaustive)
                 let eFast = mseObjective(h, bins: bins, levels: levels, qmax: qmax, fast)
-                #expect(abs(eEx - eRef) <= 1e-9 * max(eRef, 1e-300), "\(name) bins \(bins): exhaustive \(exhaustive) \(eEx) vs reference \(ref) \(eRef)")
+                #expect(
+                    abs(eEx - eRef) <= 1e-9 * max(eRef, 1e-300),
+                    "\(name) bins \(bins): exhaustive \(exhaustive) \(eEx) vs reference \(ref) \(eRef)")
                 #expect(eFast <= eEx * 1.01 + 1e-12, "\(name) bins \(bins) levels \(levels): \(fast) \(eFast) vs \(exhaustive) \(eEx)")
                 if bins - levels > 200 { #expect(evaluations < (bins - levels) / 8, "\(name): \(evaluations) evaluations") }
                 if eEx > 0 { worst = max(worst, eFast / eEx - 1) }
@@ -124,11 +139,14 @@ import CQKernels
         var rng = SeededRandom(7)
         let shape = [24, 200]
         var x = (0..<4800).map { _ in rng.normal() * 0.1 }
-        x[17] = 4; x[3000] = -6
-        for k in 1000..<1200 { x[k] = 0.5 }   // a constant row
-        for k in 2000..<2200 { x[k] = 0 }     // an all-zero row
-        let calibrations: [Calibration] = [.percentile(99.5), .entropy(bins: 2048, levels: nil, exhaustive: true),
-                                           .entropy(bins: 2048, levels: nil), .mse(bins: 2048)]
+        x[17] = 4
+        x[3000] = -6
+        for k in 1000..<1200 { x[k] = 0.5 }  // a constant row
+        for k in 2000..<2200 { x[k] = 0 }  // an all-zero row
+        let calibrations: [Calibration] = [
+            .percentile(99.5), .entropy(bins: 2048, levels: nil, exhaustive: true),
+            .entropy(bins: 2048, levels: nil), .mse(bins: 2048)
+        ]
         for cal in calibrations {
             for (target, mapping) in [(TargetType.int8, Mapping.scale), (.uint8, .affine), (.int4, .scale)] {
                 for gran in [Granularity.channel, .group] {
@@ -156,32 +174,41 @@ import CQKernels
     /// lower in practice), per channel and per group, at 8 and 4 bits, and it evaluates far fewer candidates.
     @Test func entropySearchIsBoundedByTheExhaustiveOne() throws {
         var rng = SeededRandom(11)
-        let rows = 96, cols = 1024
+        let rows = 96
+        let cols = 1024
         var x = [Float](repeating: 0, count: rows * cols)
         for r in 0..<rows {
             let spread = 0.01 + 0.09 * rng.uniform()
             for c in 0..<cols {
                 let z = rng.normal()
                 var chi: Float = 0
-                for _ in 0..<3 { let g = rng.normal(); chi += g * g }
+                for _ in 0..<3 {
+                    let g = rng.normal()
+                    chi += g * g
+                }
                 x[r * cols + c] = z / (chi / 3).squareRoot() * spread
             }
         }
         for (target, gran) in [(TargetType.int8, Granularity.channel), (.int8, .group), (.int4, .channel), (.int4, .group)] {
             let fast = QuantScheme(target: target, granularity: gran, groupSize: 128, calibration: .entropy(bins: 2048, levels: nil))
-            let full = QuantScheme(target: target, granularity: gran, groupSize: 128,
-                                   calibration: .entropy(bins: 2048, levels: nil, exhaustive: true))
-            let f = try quantize(x, shape: [rows, cols], fast), e = try quantize(x, shape: [rows, cols], full)
+            let full = QuantScheme(
+                target: target, granularity: gran, groupSize: 128,
+                calibration: .entropy(bins: 2048, levels: nil, exhaustive: true))
+            let f = try quantize(x, shape: [rows, cols], fast)
+            let e = try quantize(x, shape: [rows, cols], full)
             #expect(f.metrics.mse <= e.metrics.mse * 1.01, "\(target) \(gran): \(f.metrics.mse) vs \(e.metrics.mse)")
         }
         // Candidates evaluated for one row: all 1921 exhaustively, a few dozen by the search.
         let row = Array(x[0..<cols])
         let amax = row.map { abs($0) }.max()!
-        var dense = [UInt32](repeating: 0, count: 2048), bin = [UInt32](repeating: 0, count: cols), cnt = bin
+        var dense = [UInt32](repeating: 0, count: 2048)
+        var bin = [UInt32](repeating: 0, count: cols)
+        var cnt = bin
         let nz = row.withUnsafeBufferPointer { qk_sparse_abs_hist($0.baseAddress, Int64(cols), amax, 2048, &dense, &bin, &cnt) }
         var prefix = [Int64](repeating: 0, count: Int(nz) + 1)
         var scratch = [Double](repeating: 0, count: Int(qk_calib_scratch_doubles(nz, 2048, 128)))
-        var evalsFast: Int64 = 0, evalsFull: Int64 = 0
+        var evalsFast: Int64 = 0
+        var evalsFull: Int64 = 0
         _ = qk_entropy_candidate(bin, cnt, nz, &prefix, 2048, 128, &scratch, 0, &evalsFast)
         _ = qk_entropy_candidate(bin, cnt, nz, &prefix, 2048, 128, &scratch, 1, &evalsFull)
         #expect(evalsFull == 1921 && evalsFast < 100, "\(evalsFast) \(evalsFull)")
@@ -193,7 +220,7 @@ import CQKernels
         let cases: [([Int], Granularity, Int)] = [
             ([6, 10], .tensor, 0), ([6, 10], .channel, 0), ([6, 10], .channel, 1), ([6, 10], .group, 0),
             ([6, 10], .group, 1), ([6, 10], .element, 0), ([3, 4, 5], .channel, 0), ([3, 4, 5], .channel, 1),
-            ([3, 4, 5], .channel, 2), ([3, 4, 5], .group, 0), ([3, 4, 5], .group, 2), ([7], .channel, 0), ([7], .group, 0),
+            ([3, 4, 5], .channel, 2), ([3, 4, 5], .group, 0), ([3, 4, 5], .group, 2), ([7], .channel, 0), ([7], .group, 0)
         ]
         for (shape, gran, axis) in cases {
             let layout = ParamLayout(shape: shape, granularity: gran, axis: axis, groupSize: 4)
@@ -212,7 +239,7 @@ import CQKernels
     @Test func selectionFindsOrderStatistics() {
         var rng = SeededRandom(3)
         for n in [1, 2, 3, 17, 100, 1000, 5001] {
-            let x = (0..<n).map { _ in Float(Int(rng.uniform() * 20)) - 10 }   // many ties
+            let x = (0..<n).map { _ in Float(Int(rng.uniform() * 20)) - 10 }  // many ties
             let sorted = x.sorted()
             for k in Set([0, n / 3, n / 2, n - 1]) {
                 var a = x

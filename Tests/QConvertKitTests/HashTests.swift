@@ -1,7 +1,8 @@
+import CQKernels
 import Foundation
 import Testing
+
 @testable import QConvertKit
-import CQKernels
 
 @Suite struct HashTests {
     func xxh64(_ bytes: [UInt8], chunks: [Int]) -> String {
@@ -49,9 +50,13 @@ import CQKernels
         let two = Array("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq".utf8)
         for portable in [true, false] {
             #expect(sha([], chunks: [], portable: portable) == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
-            #expect(sha(Array("abc".utf8), chunks: [], portable: portable) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+            #expect(
+                sha(Array("abc".utf8), chunks: [], portable: portable) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+            )
             #expect(sha(two, chunks: [], portable: portable) == "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1")
-            #expect(sha(million, chunks: [1, 63, 64, 65, 4096], portable: portable) == "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0")
+            #expect(
+                sha(million, chunks: [1, 63, 64, 65, 4096], portable: portable)
+                    == "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0")
         }
         // lengths around the 55/56/64-byte padding edges: the two implementations agree
         var rng = SeededRandom(7)

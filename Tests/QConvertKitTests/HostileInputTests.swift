@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+
 @testable import QConvertKit
 
 /// Inputs found by the fuzz targets (make fuzz) that crashed a reader; each must now be refused

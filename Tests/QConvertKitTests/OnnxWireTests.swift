@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+
 @testable import QConvertKit
 
 @Suite struct OnnxWireTests {
@@ -45,7 +46,7 @@ import Testing
         for cut in [1, good.count / 2, good.count - 1] {
             #expect(throws: OnnxWireCheck.Failure.self) { try check(Array(good[0..<cut])) }
         }
-        #expect(throws: OnnxWireCheck.Failure.self) { try check([0x0B]) }            // wire type 3 (group)
+        #expect(throws: OnnxWireCheck.Failure.self) { try check([0x0B]) }  // wire type 3 (group)
         #expect(throws: OnnxWireCheck.Failure.self) { try check([0x0A, 0xFF, 0xFF, 0xFF, 0xFF, 0x0F]) }
         #expect(throws: OnnxWireCheck.Failure.self) { try check([UInt8](repeating: 0xFF, count: 12)) }
     }

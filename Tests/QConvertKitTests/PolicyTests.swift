@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+
 @testable import QConvertKit
 
 @Suite struct PolicyTests {
@@ -70,18 +71,19 @@ import Testing
     }
 
     @Test func selectorsByDtypeRankElementsAndOp() throws {
-        let p = try PolicyLoader.parse(text: """
-            rules:
-              - source_dtype: [f16, bf16]
-                dtype: keep
-              - rank: ">= 3"
-                dtype: uint8
-                mapping: affine
-              - elements: "> 100000"
-                dtype: int4
-              - op: Conv
-                granularity: tensor
-            """, source: "sel.yaml")
+        let p = try PolicyLoader.parse(
+            text: """
+                rules:
+                  - source_dtype: [f16, bf16]
+                    dtype: keep
+                  - rank: ">= 3"
+                    dtype: uint8
+                    mapping: affine
+                  - elements: "> 100000"
+                    dtype: int4
+                  - op: Conv
+                    granularity: tensor
+                """, source: "sel.yaml")
         #expect(try decide(p, entry("a", .f16)).decision == .keep(reason: "policy: keep"))
         #expect(try decide(p, entry("b", .f32, [16, 16, 3, 3])).decision.scheme?.target == .uint8)
         #expect(try decide(p, entry("c", .f32, [512, 512])).decision.scheme?.target == .int4)
@@ -92,7 +94,10 @@ import Testing
     }
 
     func policyError(_ text: String) -> QConvertError? {
-        do { _ = try PolicyLoader.parse(text: text, source: "bad.cfg"); return nil } catch let e as QConvertError { return e } catch { return nil }
+        do {
+            _ = try PolicyLoader.parse(text: text, source: "bad.cfg")
+            return nil
+        } catch let e as QConvertError { return e } catch { return nil }
     }
 
     @Test(arguments: [
@@ -104,11 +109,14 @@ import Testing
         ("defaults:\n  match: \"*\"\n", 2, 3, "belongs in a rule"),
         ("defaults: [1, 2\n", 2, 1, "YAML"),
         ("wat: 1\n", 1, 1, "unknown key 'wat'"),
-        ("defaults:\n  search: quick\n", 2, 11, "bad search 'quick' (fast | exhaustive)"),
+        ("defaults:\n  search: quick\n", 2, 11, "bad search 'quick' (fast | exhaustive)")
     ])
     func errorsNameFileLineAndColumn(_ c: (String, Int, Int, String)) {
         let e = policyError(c.0)
-        guard case .policy(let path, let line, let col, let message)? = e else { Issue.record("no policy error for \(c.0)"); return }
+        guard case .policy(let path, let line, let col, let message)? = e else {
+            Issue.record("no policy error for \(c.0)")
+            return
+        }
         #expect(path == "bad.cfg")
         #expect(line == c.1, "\(message)")
         #expect(col == c.2, "\(message)")
@@ -142,7 +150,7 @@ import Testing
         #expect(!NamePattern("layers.?.mlp.*")!.matches("layers.13.mlp.w"))
         #expect(NamePattern("w[0-9]")!.matches("w7"))
         #expect(NamePattern("re:.*(norm|ln_).*")!.matches("model.ln_f.weight"))
-        #expect(!NamePattern("re:norm")!.matches("layernorm"))   // anchored
+        #expect(!NamePattern("re:norm")!.matches("layernorm"))  // anchored
         #expect(NamePattern("re:([a") == nil)
         #expect(NamePattern("w[") != nil && NamePattern("w[")!.matches("w["))  // an unclosed class is literal
     }
@@ -151,11 +159,11 @@ import Testing
     @Test func linearRegexAgreesWithFoundation() throws {
         let patterns = [
             "a*", "a+b", "(ab|a)*b?", "[a-c]{2,3}", "x{2}", "x{2,}", "(?:q|r)+s", "\\d+\\.\\w*", "[^.]+\\.bias",
-            ".*(norm|ln_).*", "a{0,2}b", "(a|)+c", "[\\d_]+", "\\D\\S\\W", "(a*)*", "^a$", "a|b|", "[]a]", "[a-]+",
+            ".*(norm|ln_).*", "a{0,2}b", "(a|)+c", "[\\d_]+", "\\D\\S\\W", "(a*)*", "^a$", "a|b|", "[]a]", "[a-]+"
         ]
         let subjects = [
             "", "a", "aa", "ab", "aab", "abab", "abb", "bb", "b", "abc", "cab", "xx", "xxx", "x", "qrs", "qqs", "s", "12.a_b", "1.",
-            "w.bias", "a.b.bias", "model.ln_f.weight", "layernorm", "c", "aac", "_9", "x y", "a-", "]", "{x", "a{,2}", "ac",
+            "w.bias", "a.b.bias", "model.ln_f.weight", "layernorm", "c", "aac", "_9", "x y", "a-", "]", "{x", "a{,2}", "ac"
         ]
         for p in patterns {
             let ours = try LinearRegex("^(?:" + p + ")$")
@@ -174,8 +182,10 @@ import Testing
         #expect(!NamePattern("re:(a+)+$")!.matches(name))
         #expect(!NamePattern("re:(a|a|aa)*(a*)*b")!.matches(name))
         #expect(Date().timeIntervalSince(start) < 5)
-        for bad in ["re:a{1001}", "re:(?=a)", "re:\\1", "re:" + String(repeating: "(", count: 70) + String(repeating: ")", count: 70),
-                    "re:(a{1000}){1000}", "re:*a"] {
+        for bad in [
+            "re:a{1001}", "re:(?=a)", "re:\\1", "re:" + String(repeating: "(", count: 70) + String(repeating: ")", count: 70),
+            "re:(a{1000}){1000}", "re:*a"
+        ] {
             #expect(NamePattern(bad) == nil, "\(bad)")
         }
     }

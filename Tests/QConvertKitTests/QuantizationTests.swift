@@ -1,22 +1,24 @@
+import CQKernels
 import Foundation
 import Testing
+
 @testable import QConvertKit
-import CQKernels
 
 /// A small deterministic generator (SplitMix64) so failures reproduce.
 struct SeededRandom {
     var state: UInt64
     init(_ seed: UInt64) { state = seed }
     mutating func next() -> UInt64 {
-        state &+= 0x9E3779B97F4A7C15
+        state &+= 0x9E37_79B9_7F4A_7C15
         var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58476D1CE4E5B9
-        z = (z ^ (z >> 27)) &* 0x94D049BB133111EB
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
         return z ^ (z >> 31)
     }
     mutating func uniform() -> Float { Float(next() >> 40) / Float(1 << 24) }
     mutating func normal() -> Float {
-        let u1 = max(Double(next() >> 11) / Double(1 << 53), 1e-300), u2 = Double(next() >> 11) / Double(1 << 53)
+        let u1 = max(Double(next() >> 11) / Double(1 << 53), 1e-300)
+        let u2 = Double(next() >> 11) / Double(1 << 53)
         return Float((-2 * log(u1)).squareRoot() * cos(2 * Double.pi * u2))
     }
 }
@@ -35,8 +37,9 @@ func quantize(_ x: [Float], shape: [Int], _ scheme: QuantScheme, reference: Bool
         #expect(q.values.map { Int8(bitPattern: $0) } == [-73, -35, 0, 48, 89, 127])
         #expect(q.scale == [Float(4) / 127])
         #expect(q.zeroPoint == nil)
-        let back = Quantizer.dequantize(values: q.values, target: .int8, shape: [6], scale: q.scale, zeroPoint: nil,
-                                        granularity: .tensor, axis: 0, groupSize: 1)
+        let back = Quantizer.dequantize(
+            values: q.values, target: .int8, shape: [6], scale: q.scale, zeroPoint: nil,
+            granularity: .tensor, axis: 0, groupSize: 1)
         let expected: [Double] = [-2.29921, -1.10236, 0, 1.51181, 2.80315, 4.0]
         for (a, b) in zip(back, expected) { #expect(abs(Double(a) - b) < 1e-5) }
     }
@@ -54,8 +57,9 @@ func quantize(_ x: [Float], shape: [Int], _ scheme: QuantScheme, reference: Bool
             let neg = try quantize([-1, 0.5, 0.875, 0], shape: [4], scheme, reference: reference)
             #expect(neg.scale == [0.125])
             #expect(Packing.unpack4(neg.values, shape: [4]).map { Int8(bitPattern: $0 << 4) >> 4 } == [-8, 4, 7, 0])
-            let back = Quantizer.dequantize(values: neg.values, target: .int4, shape: [4], scale: neg.scale, zeroPoint: nil,
-                                            granularity: .tensor, axis: 0, groupSize: 1)
+            let back = Quantizer.dequantize(
+                values: neg.values, target: .int4, shape: [4], scale: neg.scale, zeroPoint: nil,
+                granularity: .tensor, axis: 0, groupSize: 1)
             #expect(back == [-1, 0.5, 0.875, 0])
         }
     }
@@ -67,7 +71,7 @@ func quantize(_ x: [Float], shape: [Int], _ scheme: QuantScheme, reference: Bool
         let s = Float(4) / 255
         #expect(q.scale == [s])
         #expect(q.zeroPoint.map { $0.map { Int8(bitPattern: $0) } } == [-64])
-        #expect(Int8(bitPattern: q.values[1]) == -64)     // real 0 is exact
+        #expect(Int8(bitPattern: q.values[1]) == -64)  // real 0 is exact
         #expect(Int8(bitPattern: q.values[3]) == 127)
     }
 
@@ -82,18 +86,22 @@ func quantize(_ x: [Float], shape: [Int], _ scheme: QuantScheme, reference: Bool
         let q = try quantize([Float](repeating: 0, count: 10), shape: [10], QuantScheme(target: .int8, granularity: .tensor))
         #expect(q.scale == [1])
         #expect(q.values.allSatisfy { $0 == 0 })
-        let a = try quantize([Float](repeating: 0, count: 10), shape: [10], QuantScheme(target: .uint8, mapping: .affine, granularity: .tensor))
+        let a = try quantize(
+            [Float](repeating: 0, count: 10), shape: [10], QuantScheme(target: .uint8, mapping: .affine, granularity: .tensor))
         #expect(a.scale == [1])
     }
 
     @Test func constantTensorDequantizesWithinHalfStep() throws {
         for c: Float in [0.3, -7.25, 1e-3] {
-            for scheme in [QuantScheme(target: .int8, granularity: .tensor), QuantScheme(target: .uint8, mapping: .affine, granularity: .tensor),
-                           QuantScheme(target: .int4, granularity: .tensor), QuantScheme(target: .uint4, mapping: .affine, granularity: .tensor)] {
+            for scheme in [
+                QuantScheme(target: .int8, granularity: .tensor), QuantScheme(target: .uint8, mapping: .affine, granularity: .tensor),
+                QuantScheme(target: .int4, granularity: .tensor), QuantScheme(target: .uint4, mapping: .affine, granularity: .tensor)
+            ] {
                 let x = [Float](repeating: c, count: 7)
                 let q = try quantize(x, shape: [7], scheme)
-                let back = Quantizer.dequantize(values: q.values, target: scheme.target, shape: [7], scale: q.scale,
-                                                zeroPoint: q.zeroPoint, granularity: .tensor, axis: 0, groupSize: 1)
+                let back = Quantizer.dequantize(
+                    values: q.values, target: scheme.target, shape: [7], scale: q.scale,
+                    zeroPoint: q.zeroPoint, granularity: .tensor, axis: 0, groupSize: 1)
                 for v in back { #expect(abs(v - c) <= q.scale![0] / 2 * 1.0001, "\(scheme.target) \(c) -> \(v)") }
             }
         }
@@ -124,7 +132,7 @@ func quantize(_ x: [Float], shape: [Int], _ scheme: QuantScheme, reference: Bool
         QuantScheme(target: .int4, granularity: .group, axis: 0, groupSize: 16),
         QuantScheme(target: .uint4, mapping: .affine, granularity: .group, axis: 1, groupSize: 5),
         QuantScheme(target: .uint8, granularity: .channel, axis: 0),
-        QuantScheme(target: .int8, granularity: .element),
+        QuantScheme(target: .int8, granularity: .element)
     ]
 
     /// For values inside the calibrated range, |x − x̂| ≤ Δ/2.
@@ -134,8 +142,9 @@ func quantize(_ x: [Float], shape: [Int], _ scheme: QuantScheme, reference: Bool
         let shape = [13, 37]
         let x = (0..<(13 * 37)).map { _ in rng.normal() * 3 }
         let q = try quantize(x, shape: shape, scheme)
-        let back = Quantizer.dequantize(values: q.values, target: scheme.target, shape: shape, scale: q.scale, zeroPoint: q.zeroPoint,
-                                        granularity: scheme.granularity, axis: scheme.axis, groupSize: scheme.groupSize)
+        let back = Quantizer.dequantize(
+            values: q.values, target: scheme.target, shape: shape, scale: q.scale, zeroPoint: q.zeroPoint,
+            granularity: scheme.granularity, axis: scheme.axis, groupSize: scheme.groupSize)
         let layout = ParamLayout(shape: shape, granularity: scheme.granularity, axis: scheme.axis, groupSize: scheme.groupSize)
         let idx = layout.paramIndices()
         for i in 0..<x.count {
@@ -151,12 +160,21 @@ func quantize(_ x: [Float], shape: [Int], _ scheme: QuantScheme, reference: Bool
         var rng = SeededRandom(7)
         let x = (0..<4096).map { _ in rng.normal() }
         let q = try quantize(x, shape: [64, 64], QuantScheme(target: .int8))
-        let back = Quantizer.dequantize(values: q.values, target: .int8, shape: [64, 64], scale: q.scale, zeroPoint: nil,
-                                        granularity: .channel, axis: 0, groupSize: 1)
-        var e2 = 0.0, x2 = 0.0, xq = 0.0, q2 = 0.0, me = 0.0
+        let back = Quantizer.dequantize(
+            values: q.values, target: .int8, shape: [64, 64], scale: q.scale, zeroPoint: nil,
+            granularity: .channel, axis: 0, groupSize: 1)
+        var e2 = 0.0
+        var x2 = 0.0
+        var xq = 0.0
+        var q2 = 0.0
+        var me = 0.0
         for (a, b) in zip(x, back) {
             let d = Double(a) - Double(b)
-            e2 += d * d; x2 += Double(a) * Double(a); xq += Double(a) * Double(b); q2 += Double(b) * Double(b); me = max(me, abs(d))
+            e2 += d * d
+            x2 += Double(a) * Double(a)
+            xq += Double(a) * Double(b)
+            q2 += Double(b) * Double(b)
+            me = max(me, abs(d))
         }
         #expect(abs(q.metrics.sqnrDB! - 10 * log10(x2 / e2)) < 0.01)
         #expect(abs(q.metrics.cosine - xq / (x2.squareRoot() * q2.squareRoot())) < 1e-6)
@@ -171,7 +189,7 @@ func quantize(_ x: [Float], shape: [Int], _ scheme: QuantScheme, reference: Bool
         var rng = SeededRandom(seed)
         return (0..<n).map { i in
             switch i % 11 {
-            case 0: return Float(Int(rng.next() % 255) - 127) + 0.5      // ties after Δ = 1 scaling
+            case 0: return Float(Int(rng.next() % 255) - 127) + 0.5  // ties after Δ = 1 scaling
             case 1: return -0.0
             case 2: return Float.leastNonzeroMagnitude * Float(rng.next() % 100)
             case 3: return (rng.next() % 2 == 0 ? 1 : -1) * 3e7
@@ -264,7 +282,8 @@ func quantize(_ x: [Float], shape: [Int], _ scheme: QuantScheme, reference: Bool
     @Test func entropyWithOneCandidateEqualsMaxAndWarns() throws {
         var rng = SeededRandom(5)
         let x = (0..<2000).map { _ in rng.normal() }
-        let e = try quantize(x, shape: [2000], QuantScheme(target: .int8, granularity: .tensor, calibration: .entropy(bins: 128, levels: 128)))
+        let e = try quantize(
+            x, shape: [2000], QuantScheme(target: .int8, granularity: .tensor, calibration: .entropy(bins: 128, levels: 128)))
         let m = try quantize(x, shape: [2000], QuantScheme(target: .int8, granularity: .tensor))
         #expect(e.scale == m.scale)
         #expect(e.warnings.contains { $0.contains("one candidate") })
@@ -274,7 +293,8 @@ func quantize(_ x: [Float], shape: [Int], _ scheme: QuantScheme, reference: Bool
         var rng = SeededRandom(9)
         var x = (0..<20000).map { _ in rng.normal() }
         x[0] = 60
-        let e = try quantize(x, shape: [20000], QuantScheme(target: .int8, granularity: .tensor, calibration: .entropy(bins: 2048, levels: nil)))
+        let e = try quantize(
+            x, shape: [20000], QuantScheme(target: .int8, granularity: .tensor, calibration: .entropy(bins: 2048, levels: nil)))
         #expect(e.scale![0] * 127 < 30)
         #expect(e.scale![0] * 127 > 2)
         // mse minimises the squared error: never worse than max on data of many outliers
@@ -311,8 +331,9 @@ func quantize(_ x: [Float], shape: [Int], _ scheme: QuantScheme, reference: Bool
             let s = QuantScheme(target: t, mapping: t == .int4 ? .scale : .affine, granularity: .group, axis: 0, groupSize: 4)
             let q = try quantize(x, shape: [6, 9], s)
             #expect(q.valuesShape == [6, 5])
-            let back = Quantizer.dequantize(values: q.values, target: t, shape: [6, 9], scale: q.scale, zeroPoint: q.zeroPoint,
-                                            granularity: .group, axis: 0, groupSize: 4)
+            let back = Quantizer.dequantize(
+                values: q.values, target: t, shape: [6, 9], scale: q.scale, zeroPoint: q.zeroPoint,
+                granularity: .group, axis: 0, groupSize: 4)
             #expect(back.count == x.count)
             #expect(q.metrics.cosine > 0.95)
         }

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+
 @testable import QConvertKit
 
 /// Builds a safetensors file from a raw header text and data.
@@ -17,15 +18,23 @@ func parseHeader(_ bytes: [UInt8]) throws -> SafetensorsHeader {
 
 @Suite struct SafetensorsValidation {
     @Test func acceptsReferenceVector() throws {
-        let h = #"{"__metadata__":{"format":"pt"},"w":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]},"h":{"dtype":"F16","shape":[1],"data_offsets":[24,26]},"b":{"dtype":"I8","shape":[2],"data_offsets":[26,28]}}"#
+        let h =
+            #"{"__metadata__":{"format":"pt"},"w":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]},"h":{"dtype":"F16","shape":[1],"data_offsets":[24,26]},"b":{"dtype":"I8","shape":[2],"data_offsets":[26,28]}}"#
         let parsed = try parseHeader(safetensorsBytes(header: h, data: [UInt8](repeating: 0, count: 28)))
         #expect(parsed.tensors.map(\.name) == ["w", "h", "b"])
         #expect(parsed.metadata.map(\.key) == ["format"])
         #expect(try parseHeader(safetensorsBytes(header: "{}", data: [])).tensors.isEmpty)
-        #expect(try parseHeader(safetensorsBytes(header: #"{"s":{"dtype":"F32","shape":[],"data_offsets":[0,4]}}"#, data: [0, 0, 0, 0])).tensors.count == 1)
+        #expect(
+            try parseHeader(safetensorsBytes(header: #"{"s":{"dtype":"F32","shape":[],"data_offsets":[0,4]}}"#, data: [0, 0, 0, 0])).tensors
+                .count == 1)
         #expect(try parseHeader(safetensorsBytes(header: #"{"__metadata__":null}"#, data: [])).metadata.isEmpty)
         // empty tensors may share an offset
-        #expect(try parseHeader(safetensorsBytes(header: #"{"a":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},"b":{"dtype":"U8","shape":[0],"data_offsets":[0,0]}}"#, data: [])).tensors.count == 2)
+        #expect(
+            try parseHeader(
+                safetensorsBytes(
+                    header: #"{"a":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},"b":{"dtype":"U8","shape":[0],"data_offsets":[0,0]}}"#,
+                    data: [])
+            ).tensors.count == 2)
     }
 
     static let cases: [(String, [UInt8], String)] = [
@@ -35,20 +44,48 @@ func parseHeader(_ bytes: [UInt8]) throws -> SafetensorsHeader {
         ("bad json", safetensorsBytes(header: "{\"a\":", data: []), "not valid JSON"),
         ("nul padding", safetensorsBytes(header: "{}\0\0\0\0\0\0", data: [], pad: false), "not valid JSON"),
         ("not utf8", safetensorsBytes(header: "{}", data: []).enumerated().map { $0.offset == 9 ? 0xFF : $0.element }, "UTF-8"),
-        ("duplicate", safetensorsBytes(header: #"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#, data: [0, 0]), "duplicate key"),
+        (
+            "duplicate",
+            safetensorsBytes(
+                header: #"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#,
+                data: [0, 0]), "duplicate key"
+        ),
         ("hole", safetensorsBytes(header: #"{"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#, data: [0, 0]), "hole"),
-        ("overlap", safetensorsBytes(header: #"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#, data: [0, 0]), "overlap"),
+        (
+            "overlap",
+            safetensorsBytes(
+                header: #"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#,
+                data: [0, 0]), "overlap"
+        ),
         ("trailing", safetensorsBytes(header: #"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#, data: [0, 9]), "trailing"),
         ("truncated data", safetensorsBytes(header: #"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}"#, data: [0, 9]), "truncated"),
         ("bad dtype", safetensorsBytes(header: #"{"a":{"dtype":"u8","shape":[1],"data_offsets":[0,1]}}"#, data: [0]), "unknown dtype 'u8'"),
-        ("negative dim", safetensorsBytes(header: #"{"a":{"dtype":"U8","shape":[-1],"data_offsets":[0,1]}}"#, data: [0]), "not a non-negative integer"),
-        ("float dim", safetensorsBytes(header: #"{"a":{"dtype":"U8","shape":[1.0],"data_offsets":[0,1]}}"#, data: [0]), "not a non-negative integer"),
-        ("size mismatch", safetensorsBytes(header: #"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#, data: [0, 0, 0, 0]), "needs 8 bytes"),
-        ("overflow", safetensorsBytes(header: #"{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,4]}}"#, data: [0, 0, 0, 0]), "overflows"),
-        ("end before begin", safetensorsBytes(header: #"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[0],"data_offsets":[2,1]}}"#, data: [0, 0]), "end 1 is before begin 2"),
+        (
+            "negative dim", safetensorsBytes(header: #"{"a":{"dtype":"U8","shape":[-1],"data_offsets":[0,1]}}"#, data: [0]),
+            "not a non-negative integer"
+        ),
+        (
+            "float dim", safetensorsBytes(header: #"{"a":{"dtype":"U8","shape":[1.0],"data_offsets":[0,1]}}"#, data: [0]),
+            "not a non-negative integer"
+        ),
+        (
+            "size mismatch", safetensorsBytes(header: #"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#, data: [0, 0, 0, 0]),
+            "needs 8 bytes"
+        ),
+        (
+            "overflow",
+            safetensorsBytes(header: #"{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,4]}}"#, data: [0, 0, 0, 0]),
+            "overflows"
+        ),
+        (
+            "end before begin",
+            safetensorsBytes(
+                header: #"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[0],"data_offsets":[2,1]}}"#,
+                data: [0, 0]), "end 1 is before begin 2"
+        ),
         ("metadata not string", safetensorsBytes(header: #"{"__metadata__":{"a":1}}"#, data: []), "not a string"),
         ("not an object", safetensorsBytes(header: "[1]", data: []), "not a JSON object"),
-        ("missing offsets", safetensorsBytes(header: #"{"a":{"dtype":"U8","shape":[1]}}"#, data: [0]), "data_offsets"),
+        ("missing offsets", safetensorsBytes(header: #"{"a":{"dtype":"U8","shape":[1]}}"#, data: [0]), "data_offsets")
     ]
 
     @Test(arguments: cases)
@@ -71,6 +108,8 @@ func parseHeader(_ bytes: [UInt8]) throws -> SafetensorsHeader {
         #expect(v["a"]?.arrayValue?[0] == .number("18446744073709551615"))
         #expect(v["c"]?.stringValue == "é😀")
         #expect(throws: JSONParser.ParseError.self) { try JSONParser.parse(#"{"a":1,"a":2}"#) }
-        #expect(throws: JSONParser.ParseError.self) { try JSONParser.parse(String(repeating: "[", count: 100) + String(repeating: "]", count: 100)) }
+        #expect(throws: JSONParser.ParseError.self) {
+            try JSONParser.parse(String(repeating: "[", count: 100) + String(repeating: "]", count: 100))
+        }
     }
 }

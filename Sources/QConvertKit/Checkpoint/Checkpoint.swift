@@ -1,5 +1,5 @@
-import Foundation
 import CQKernels
+import Foundation
 
 /// One tensor of a checkpoint: what it is, where its bytes are, and what the format knows of its role.
 public struct TensorEntry: Sendable {
@@ -14,10 +14,17 @@ public struct TensorEntry: Sendable {
     /// The shard file holding the tensor, for sharded checkpoints.
     public var shard: String?
 
-    public init(name: String, dtype: DType, shape: [Int], bytes: TensorBytes, outputAxis: Int? = nil,
-                consumerOps: [String] = [], shard: String? = nil) {
-        self.name = name; self.dtype = dtype; self.shape = shape; self.bytes = bytes
-        self.outputAxis = outputAxis; self.consumerOps = consumerOps; self.shard = shard
+    public init(
+        name: String, dtype: DType, shape: [Int], bytes: TensorBytes, outputAxis: Int? = nil,
+        consumerOps: [String] = [], shard: String? = nil
+    ) {
+        self.name = name
+        self.dtype = dtype
+        self.shape = shape
+        self.bytes = bytes
+        self.outputAxis = outputAxis
+        self.consumerOps = consumerOps
+        self.shard = shard
     }
 
     public var elementCount: Int { Shape(shape).elementCount }
@@ -44,10 +51,16 @@ public final class Checkpoint: @unchecked Sendable {
     /// Runs the deferred checks now.
     public func runDeferredChecks() throws { for c in deferredChecks { try c() } }
 
-    public init(format: String, path: String, files: [MappedFile], entries: [TensorEntry],
-                metadata: [(key: String, value: String)] = [], shardNames: [String]? = nil) {
-        self.format = format; self.path = path; self.files = files; self.entries = entries
-        self.metadata = metadata; self.shardNames = shardNames
+    public init(
+        format: String, path: String, files: [MappedFile], entries: [TensorEntry],
+        metadata: [(key: String, value: String)] = [], shardNames: [String]? = nil
+    ) {
+        self.format = format
+        self.path = path
+        self.files = files
+        self.entries = entries
+        self.metadata = metadata
+        self.shardNames = shardNames
     }
 
     /// A hash of the input's bytes, as "ALGORITHM:hex" (for several files: the hash of their
@@ -132,7 +145,11 @@ public struct OutputTensor: Sendable {
     public var byteCount: Int
     public var shard: String?
     public init(name: String, dtype: DType, shape: [Int], byteCount: Int, shard: String? = nil) {
-        self.name = name; self.dtype = dtype; self.shape = shape; self.byteCount = byteCount; self.shard = shard
+        self.name = name
+        self.dtype = dtype
+        self.shape = shape
+        self.byteCount = byteCount
+        self.shard = shard
     }
 }
 
@@ -151,7 +168,8 @@ public struct WriterOptions: Sendable {
     /// ONNX: write tensor data to a side file (also automatic past 2 GB).
     public var externalData: Bool = false
     public init(maxShardSize: Int? = nil, metadataSizeHint: Int = 0) {
-        self.maxShardSize = maxShardSize; self.metadataSizeHint = metadataSizeHint
+        self.maxShardSize = maxShardSize
+        self.metadataSizeHint = metadataSizeHint
     }
 }
 

@@ -5,7 +5,6 @@ public enum FormatRegistry {
     public static let readers: [FormatReader] = [SafetensorsReader(), OnnxReader(), NpzReader(), PyTorchReader()]
     public static let writers: [FormatWriter] = [SafetensorsWriter(), OnnxWriter(), NpzWriter(), PyTorchWriter()]
 
-
     /// The reader for an input path: by magic bytes, then by extension.
     public static func reader(for path: String) throws -> FormatReader {
         var isDir: ObjCBool = false
@@ -14,14 +13,16 @@ public enum FormatRegistry {
         }
         if isDir.boolValue {
             if let r = readers.first(where: { $0.recognizesFolder(path) }) { return r }
-            throw QConvertError.badInput(path: path, message: "folder holds no checkpoint qconvert can read (no *.safetensors or *.index.json)")
+            throw QConvertError.badInput(
+                path: path, message: "folder holds no checkpoint qconvert can read (no *.safetensors or *.index.json)")
         }
         let prefix = try readPrefix(path, count: 64)
         let size = (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? Int) ?? 0
         if let r = readers.first(where: { $0.sniff(prefix, fileSize: size) }) { return r }
         let lower = path.lowercased()
         if let r = readers.first(where: { $0.fileExtensions.contains { lower.hasSuffix($0) } }) { return r }
-        throw QConvertError.badInput(path: path, message: "unknown checkpoint format (supported: \(readers.map(\.name).joined(separator: ", ")))")
+        throw QConvertError.badInput(
+            path: path, message: "unknown checkpoint format (supported: \(readers.map(\.name).joined(separator: ", ")))")
     }
 
     /// The writer for an output path: `format` if given, else by extension; a path
@@ -37,7 +38,8 @@ public enum FormatRegistry {
         let byExtension = writers.first(where: { $0.fileExtensions.contains { lower.hasSuffix($0) } })
         if let f = format {
             guard let w = writers.first(where: { $0.name == f }) else {
-                throw QConvertError.usage(message: "unknown output format '\(f)' (supported: \(writers.map(\.name).joined(separator: ", ")))")
+                throw QConvertError.usage(
+                    message: "unknown output format '\(f)' (supported: \(writers.map(\.name).joined(separator: ", ")))")
             }
             if let e = byExtension, e.name != w.name {
                 throw QConvertError.usage(message: "\(path): --format \(f) does not match the extension, which means \(e.name)")
@@ -50,7 +52,8 @@ public enum FormatRegistry {
         let name = URL(fileURLWithPath: path).lastPathComponent
         if !folder, let dot = name.lastIndex(of: "."), dot != name.startIndex {
             let known = Set(writers.flatMap(\.fileExtensions)).sorted().joined(separator: " ")
-            throw QConvertError.usage(message: "\(path): unknown output extension '\(name[dot...])' (known: \(known)); a folder output has none, or ends in /")
+            throw QConvertError.usage(
+                message: "\(path): unknown output extension '\(name[dot...])' (known: \(known)); a folder output has none, or ends in /")
         }
         if let w = writers.first(where: { $0.name == inputFormat }) { return w }
         throw QConvertError.usage(message: "\(path): cannot tell the output format from the extension; use --format")
@@ -59,7 +62,8 @@ public enum FormatRegistry {
     static func readPrefix(_ path: String, count: Int) throws -> [UInt8] {
         // A FIFO or a device would block the read (or never end): only regular files are sniffed.
         if let attrs = try? FileManager.default.attributesOfItem(atPath: path),
-           let type = attrs[.type] as? FileAttributeType, type != .typeRegular, type != .typeDirectory {
+            let type = attrs[.type] as? FileAttributeType, type != .typeRegular, type != .typeDirectory
+        {
             throw QConvertError.io(path: path, message: "is not a regular file (a FIFO, socket or device)")
         }
         guard let h = FileHandle(forReadingAtPath: path) else {

@@ -29,7 +29,7 @@ public enum FuzzEntries {
             if let p = try? PolicyLoader.parse(text: text, source: "fuzz.yaml") {
                 _ = try? PolicyLoader.applyOverrides(p, ["dtype=int4", "group_size=32"])
             }
-        },
+        }
     ]
 
     /// Writes the bytes to a private temporary file (readers map files) and hands over its path.
@@ -47,7 +47,8 @@ public enum FuzzEntries {
     static func readFile(_ b: UnsafeRawBufferPointer, ext: String, format: String) {
         withTempFile(b, ext: ext) { path in
             guard let reader = FormatRegistry.readers.first(where: { $0.name == format }),
-                  let ck = try? reader.read(path: path) else { return }
+                let ck = try? reader.read(path: path)
+            else { return }
             for e in ck.entries {
                 _ = try? e.bytes.withUnsafeBytes { raw -> Int in
                     // decode floats like the quantizer does, bounded to keep each run short

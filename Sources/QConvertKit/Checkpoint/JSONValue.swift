@@ -29,10 +29,22 @@ public indirect enum JSONValue: Equatable, Sendable {
         return nil
     }
 
-    public var stringValue: String? { if case .string(let s) = self { return s }; return nil }
-    public var arrayValue: [JSONValue]? { if case .array(let a) = self { return a }; return nil }
-    public var objectValue: [(String, JSONValue)]? { if case .object(let o) = self { return o }; return nil }
-    public var doubleValue: Double? { if case .number(let s) = self { return Double(s) }; return nil }
+    public var stringValue: String? {
+        if case .string(let s) = self { return s }
+        return nil
+    }
+    public var arrayValue: [JSONValue]? {
+        if case .array(let a) = self { return a }
+        return nil
+    }
+    public var objectValue: [(String, JSONValue)]? {
+        if case .object(let o) = self { return o }
+        return nil
+    }
+    public var doubleValue: Double? {
+        if case .number(let s) = self { return Double(s) }
+        return nil
+    }
 
     /// A non-negative integer that fits in Int (u64 semantics of the safetensors reader, capped).
     public var nonNegativeInt: Int? {
@@ -55,7 +67,10 @@ public indirect enum JSONValue: Equatable, Sendable {
         case .string(let s): JSONValue.writeString(s, &out)
         case .array(let a):
             out += "["
-            for (i, v) in a.enumerated() { if i > 0 { out += "," }; v.write(&out) }
+            for (i, v) in a.enumerated() {
+                if i > 0 { out += "," }
+                v.write(&out)
+            }
             out += "]"
         case .object(let kv):
             out += "{"
@@ -140,7 +155,10 @@ public struct JSONParser {
             var kv: [(String, JSONValue)] = []
             var seen = Set<String>()
             skipWS()
-            if pos < bytes.count, bytes[pos] == UInt8(ascii: "}") { pos += 1; return .object(kv) }
+            if pos < bytes.count, bytes[pos] == UInt8(ascii: "}") {
+                pos += 1
+                return .object(kv)
+            }
             while true {
                 skipWS()
                 guard pos < bytes.count, bytes[pos] == UInt8(ascii: "\"") else { throw fail("expected a string key") }
@@ -156,29 +174,50 @@ public struct JSONParser {
                 kv.append((k, try value(depth: depth + 1)))
                 skipWS()
                 guard pos < bytes.count else { throw fail("unexpected end of JSON") }
-                if bytes[pos] == UInt8(ascii: ",") { pos += 1; continue }
-                if bytes[pos] == UInt8(ascii: "}") { pos += 1; return .object(kv) }
+                if bytes[pos] == UInt8(ascii: ",") {
+                    pos += 1
+                    continue
+                }
+                if bytes[pos] == UInt8(ascii: "}") {
+                    pos += 1
+                    return .object(kv)
+                }
                 throw fail("expected ',' or '}'")
             }
         case UInt8(ascii: "["):
             pos += 1
             var a: [JSONValue] = []
             skipWS()
-            if pos < bytes.count, bytes[pos] == UInt8(ascii: "]") { pos += 1; return .array(a) }
+            if pos < bytes.count, bytes[pos] == UInt8(ascii: "]") {
+                pos += 1
+                return .array(a)
+            }
             while true {
                 skipWS()
                 a.append(try value(depth: depth + 1))
                 skipWS()
                 guard pos < bytes.count else { throw fail("unexpected end of JSON") }
-                if bytes[pos] == UInt8(ascii: ",") { pos += 1; continue }
-                if bytes[pos] == UInt8(ascii: "]") { pos += 1; return .array(a) }
+                if bytes[pos] == UInt8(ascii: ",") {
+                    pos += 1
+                    continue
+                }
+                if bytes[pos] == UInt8(ascii: "]") {
+                    pos += 1
+                    return .array(a)
+                }
                 throw fail("expected ',' or ']'")
             }
         case UInt8(ascii: "\""):
             return .string(try string())
-        case UInt8(ascii: "t"): try literal("true"); return .bool(true)
-        case UInt8(ascii: "f"): try literal("false"); return .bool(false)
-        case UInt8(ascii: "n"): try literal("null"); return .null
+        case UInt8(ascii: "t"):
+            try literal("true")
+            return .bool(true)
+        case UInt8(ascii: "f"):
+            try literal("false")
+            return .bool(false)
+        case UInt8(ascii: "n"):
+            try literal("null")
+            return .null
         default:
             return try number()
         }
@@ -194,11 +233,18 @@ public struct JSONParser {
     mutating func number() throws -> JSONValue {
         let start = pos
         if pos < bytes.count, bytes[pos] == UInt8(ascii: "-") { pos += 1 }
-        func digits() -> Int { let s = pos; while pos < bytes.count, bytes[pos] >= 0x30, bytes[pos] <= 0x39 { pos += 1 }; return pos - s }
+        func digits() -> Int {
+            let s = pos
+            while pos < bytes.count, bytes[pos] >= 0x30, bytes[pos] <= 0x39 { pos += 1 }
+            return pos - s
+        }
         let intStart = pos
         guard digits() > 0 else { throw fail("invalid value") }
         if bytes[intStart] == 0x30, pos - intStart > 1 { throw fail("leading zero in a number") }
-        if pos < bytes.count, bytes[pos] == UInt8(ascii: ".") { pos += 1; guard digits() > 0 else { throw fail("bad number") } }
+        if pos < bytes.count, bytes[pos] == UInt8(ascii: ".") {
+            pos += 1
+            guard digits() > 0 else { throw fail("bad number") }
+        }
         if pos < bytes.count, bytes[pos] == UInt8(ascii: "e") || bytes[pos] == UInt8(ascii: "E") {
             pos += 1
             if pos < bytes.count, bytes[pos] == UInt8(ascii: "+") || bytes[pos] == UInt8(ascii: "-") { pos += 1 }
@@ -208,12 +254,15 @@ public struct JSONParser {
     }
 
     mutating func string() throws -> String {
-        pos += 1   // opening quote
+        pos += 1  // opening quote
         var out = [UInt8]()
         while true {
             guard pos < bytes.count else { throw fail("unterminated string") }
             let c = bytes[pos]
-            if c == UInt8(ascii: "\"") { pos += 1; break }
+            if c == UInt8(ascii: "\"") {
+                pos += 1
+                break
+            }
             if c < 0x20 { throw fail("control character in a string") }
             if c == UInt8(ascii: "\\") {
                 pos += 1

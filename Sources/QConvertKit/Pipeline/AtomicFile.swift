@@ -1,7 +1,8 @@
 import CQKernels
 import Foundation
+
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// An output file written under a temporary name in the target folder and
@@ -27,7 +28,8 @@ public final class AtomicFile {
     /// This machine's name as it appears in temporary names (letters, digits, '.', '_' only).
     static let host: String = {
         var buf = [CChar](repeating: 0, count: 256)
-        let name = gethostname(&buf, buf.count - 1) == 0
+        let name =
+            gethostname(&buf, buf.count - 1) == 0
             ? String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self) : "host"
         let kept = String(name.unicodeScalars.filter { $0.isASCII && (CharacterSet.alphanumerics.contains($0) || $0 == "." || $0 == "_") })
         return kept.isEmpty ? "host" : String(kept.prefix(64))
@@ -47,16 +49,23 @@ public final class AtomicFile {
             guard let r = name.range(of: ".qconvert-", options: .backwards) else { continue }
             let fields = name[r.upperBound...].dropLast(4).split(separator: "-")
             guard fields.count >= 3, let pid = Int32(fields[fields.count - 2]), pid > 0,
-                  fields.dropLast(2).joined(separator: "-") == host else { continue }
+                fields.dropLast(2).joined(separator: "-") == host
+            else { continue }
             if pid == getpid() { continue }
-            if kill(pid, 0) == 0 || errno != ESRCH { continue }   // alive (or not ours to probe)
+            if kill(pid, 0) == 0 || errno != ESRCH { continue }  // alive (or not ours to probe)
             if unlink(dir + "/" + name) != 0, errno == EISDIR {  // a folder output's staging folder
                 try? FileManager.default.removeItem(atPath: dir + "/" + name)
             }
         }
     }
 
-    deinit { if fd >= 0 { close(fd); unlink(tempPath); TempFileRegistry.shared.remove(tempPath) } }
+    deinit {
+        if fd >= 0 {
+            close(fd)
+            unlink(tempPath)
+            TempFileRegistry.shared.remove(tempPath)
+        }
+    }
 
     public func pwrite(_ bytes: UnsafeRawBufferPointer, at offset: Int) throws {
         var done = 0
@@ -79,7 +88,10 @@ public final class AtomicFile {
         var done = 0
         while done < count {
             let n = buf.withUnsafeMutableBytes { Glibc.pread(fd, $0.baseAddress! + done, count - done, off_t(offset + done)) }
-            if n < 0 { if errno == EINTR { continue }; throw QConvertError.write(path: finalPath, message: String(cString: strerror(errno))) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw QConvertError.write(path: finalPath, message: String(cString: strerror(errno)))
+            }
             if n == 0 { break }
             done += n
         }
@@ -152,7 +164,8 @@ public final class FolderOutput {
         }
         createdParents = missing
         AtomicFile.removeStaleTemporaries(in: parent)
-        stagingPath = parent + "/." + url.lastPathComponent + ".qconvert-\(AtomicFile.host)-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).tmp"
+        stagingPath =
+            parent + "/." + url.lastPathComponent + ".qconvert-\(AtomicFile.host)-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).tmp"
         try TempFileRegistry.shared.createFolder(stagingPath, finalPath: path)
     }
 
@@ -174,7 +187,8 @@ public final class FolderOutput {
                 if link(finalPath + "/" + name, dst) != 0 {
                     do { try fm.copyItem(atPath: finalPath + "/" + name, toPath: dst) } catch {
                         abort()
-                        throw QConvertError.write(path: finalPath, message: "cannot carry '\(name)' over into the new folder: \(error.localizedDescription)")
+                        throw QConvertError.write(
+                            path: finalPath, message: "cannot carry '\(name)' over into the new folder: \(error.localizedDescription)")
                     }
                 }
             }
@@ -214,7 +228,8 @@ public final class TempFileRegistry: @unchecked Sendable {
     /// Creates and registers a temporary file under the lock, so that an interrupt's cleanup
     /// either sees it or happens before it exists (then creating it is refused).
     func create(_ p: String, finalPath: String) throws -> Int32 {
-        lock.lock(); defer { lock.unlock() }
+        lock.lock()
+        defer { lock.unlock() }
         if closed { throw QConvertError.write(path: finalPath, message: "interrupted") }
         let fd = open(p, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
         guard fd >= 0 else { throw QConvertError.write(path: finalPath, message: String(cString: strerror(errno))) }
@@ -224,7 +239,8 @@ public final class TempFileRegistry: @unchecked Sendable {
     }
     /// Creates and registers a staging folder (removed with its contents on an interrupt).
     func createFolder(_ p: String, finalPath: String) throws {
-        lock.lock(); defer { lock.unlock() }
+        lock.lock()
+        defer { lock.unlock() }
         if closed { throw QConvertError.write(path: finalPath, message: "interrupted") }
         guard mkdir(p, 0o755) == 0 else { throw QConvertError.write(path: finalPath, message: String(cString: strerror(errno))) }
         folders.insert(p)
@@ -247,7 +263,13 @@ public final class TempFileRegistry: @unchecked Sendable {
 
     /// Removes every temporary file still registered (called on SIGINT/SIGTERM).
     public func removeAll() {
-        lock.lock(); let ps = paths, fs = folders; paths.removeAll(); folders.removeAll(); closed = true; lock.unlock()
+        lock.lock()
+        let ps = paths
+        let fs = folders
+        paths.removeAll()
+        folders.removeAll()
+        closed = true
+        lock.unlock()
         for p in ps {
             unlink(p)
             qk_guard_remove_temp(p)

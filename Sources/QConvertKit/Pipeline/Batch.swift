@@ -16,7 +16,10 @@ public enum Batch {
     public struct Variant: Sendable {
         public var name: String
         public var policy: Policy
-        public init(name: String, policy: Policy) { self.name = name; self.policy = policy }
+        public init(name: String, policy: Policy) {
+            self.name = name
+            self.policy = policy
+        }
     }
 
     /// What happened to one model under one variant.
@@ -25,7 +28,7 @@ public enum Batch {
         public var variant: String
         public var format: String
         public var output: String
-        public var status: String          // converted, skipped, failed, gate-failed
+        public var status: String  // converted, skipped, failed, gate-failed
         public var error: String?
         public var bytesBefore: Int
         public var bytesAfter: Int
@@ -39,22 +42,27 @@ public enum Batch {
                 ("bytes_before", .int(bytesBefore)), ("bytes_after", .int(bytesAfter)),
                 ("size_ratio", bytesBefore > 0 ? .number(Double(bytesAfter) / Double(bytesBefore)) : .null),
                 ("worst_sqnr_db", worstSQNR.map(JSONValue.number) ?? .null),
-                ("seconds", .number((seconds * 1000).rounded() / 1000)),
+                ("seconds", .number((seconds * 1000).rounded() / 1000))
             ]).compact
         }
 
         /// A manifest: JSON lines, or CSV (with a header row).
         public static func manifest(_ rows: [Outcome], csv: Bool) -> String {
-            csv ? ([csvHeader] + rows.map(\.csv)).joined(separator: "\n") + "\n"
+            csv
+                ? ([csvHeader] + rows.map(\.csv)).joined(separator: "\n") + "\n"
                 : rows.map(\.json).joined(separator: "\n") + (rows.isEmpty ? "" : "\n")
         }
 
         public static let csvHeader = "model,variant,format,status,bytes_before,bytes_after,size_ratio,worst_sqnr_db,seconds,error"
         public var csv: String {
-            func q(_ s: String) -> String { s.contains(where: { ",\"\n".contains($0) }) ? "\"" + s.replacingOccurrences(of: "\"", with: "\"\"") + "\"" : s }
+            func q(_ s: String) -> String {
+                s.contains(where: { ",\"\n".contains($0) }) ? "\"" + s.replacingOccurrences(of: "\"", with: "\"\"") + "\"" : s
+            }
             let ratio = bytesBefore > 0 ? String(format: "%.4f", Double(bytesAfter) / Double(bytesBefore)) : ""
-            return [q(model), q(variant), format, status, String(bytesBefore), String(bytesAfter), ratio,
-                    worstSQNR.map { String(format: "%.2f", $0) } ?? "", String(format: "%.3f", seconds), q(error ?? "")].joined(separator: ",")
+            return [
+                q(model), q(variant), format, status, String(bytesBefore), String(bytesAfter), ratio,
+                worstSQNR.map { String(format: "%.2f", $0) } ?? "", String(format: "%.3f", seconds), q(error ?? "")
+            ].joined(separator: ",")
         }
 
         public init(json: JSONValue) {
@@ -70,10 +78,20 @@ public enum Batch {
             seconds = json["seconds"]?.doubleValue ?? 0
         }
 
-        public init(model: String, variant: String, format: String, output: String, status: String, error: String?,
-             bytesBefore: Int, bytesAfter: Int, worstSQNR: Double?, seconds: Double) {
-            self.model = model; self.variant = variant; self.format = format; self.output = output; self.status = status
-            self.error = error; self.bytesBefore = bytesBefore; self.bytesAfter = bytesAfter; self.worstSQNR = worstSQNR; self.seconds = seconds
+        public init(
+            model: String, variant: String, format: String, output: String, status: String, error: String?,
+            bytesBefore: Int, bytesAfter: Int, worstSQNR: Double?, seconds: Double
+        ) {
+            self.model = model
+            self.variant = variant
+            self.format = format
+            self.output = output
+            self.status = status
+            self.error = error
+            self.bytesBefore = bytesBefore
+            self.bytesAfter = bytesAfter
+            self.worstSQNR = worstSQNR
+            self.seconds = seconds
         }
     }
 
@@ -82,7 +100,8 @@ public enum Batch {
     /// `excluding` (the batch's output folder) is never walked into, so outputs are never read back.
     public static func discover(_ src: String, excluding: String? = nil) throws -> [Item] {
         if let out = excluding, PathGuard.isDirectory(src), PathGuard.isInside(src, out) {
-            throw QConvertError.usage(message: "\(out): the output folder is the source folder or holds it; outputs would replace the models (choose another -o)")
+            throw QConvertError.usage(
+                message: "\(out): the output folder is the source folder or holds it; outputs would replace the models (choose another -o)")
         }
         let skip = excluding.flatMap(PathGuard.identity)
         var isDir: ObjCBool = false
@@ -114,7 +133,7 @@ public enum Batch {
                 var d: ObjCBool = false
                 guard FileManager.default.fileExists(atPath: p, isDirectory: &d) else { continue }
                 if d.boolValue {
-                    if let skip, PathGuard.identity(p) == skip { continue }   // the batch's own outputs
+                    if let skip, PathGuard.identity(p) == skip { continue }  // the batch's own outputs
                     walk(p, r)
                     continue
                 }
@@ -137,11 +156,12 @@ public enum Batch {
     /// The existing output, opened, when this qconvert version wrote it from the same input and policy.
     public static func upToDate(output: String, inputHash: String, policy: Policy) -> Checkpoint? {
         guard FileManager.default.fileExists(atPath: output), let ck = try? Converter.open(output),
-              let text = ck.metadata.first(where: { $0.key == MetadataDocument.key })?.value,
-              let doc = try? JSONParser.parse(text),
-              doc["input"]?["hash"]?.stringValue == inputHash,
-              doc["policy"]?["sha256"]?.stringValue == sha256Hex(policy.text),
-              doc["tool"]?["version"]?.stringValue == QConvertVersion.string else { return nil }
+            let text = ck.metadata.first(where: { $0.key == MetadataDocument.key })?.value,
+            let doc = try? JSONParser.parse(text),
+            doc["input"]?["hash"]?.stringValue == inputHash,
+            doc["policy"]?["sha256"]?.stringValue == sha256Hex(policy.text),
+            doc["tool"]?["version"]?.stringValue == QConvertVersion.string
+        else { return nil }
         return ck
     }
 
@@ -153,7 +173,8 @@ public enum Batch {
         }
         var isDir: ObjCBool = false
         guard FileManager.default.fileExists(atPath: output, isDirectory: &isDir), isDir.boolValue,
-              Set(existing.entries.compactMap(\.shard)).count > 1 else { return doc(existing) }
+            Set(existing.entries.compactMap(\.shard)).count > 1
+        else { return doc(existing) }
         var tensors: [(String, JSONValue)] = []
         for shard in Set(existing.entries.compactMap(\.shard)).sorted() {
             guard let ck = try? Converter.open(output + "/" + shard), let d = doc(ck) else { return nil }
@@ -166,10 +187,12 @@ public enum Batch {
     /// the others. `progress` is called after each model with (done, total, bytes done).
     /// `started` and `finished` report each item (by position) as it begins and ends, for a
     /// supervising process that must know which model was in flight if this one crashes.
-    public static func run(_ items: [Item], variants: [Variant], out: String, template: ConvertOptions, jobs: Int,
-                           progress: (@Sendable (Int, Int, Int) -> Void)? = nil,
-                           started: (@Sendable (Int) -> Void)? = nil,
-                           finished: (@Sendable (Int, [Outcome]) -> Void)? = nil) -> [Outcome] {
+    public static func run(
+        _ items: [Item], variants: [Variant], out: String, template: ConvertOptions, jobs: Int,
+        progress: (@Sendable (Int, Int, Int) -> Void)? = nil,
+        started: (@Sendable (Int) -> Void)? = nil,
+        finished: (@Sendable (Int, [Outcome]) -> Void)? = nil
+    ) -> [Outcome] {
         let results = Box([[Outcome]](repeating: [], count: items.count))
         let next = Box(0)
         let done = Box((0, 0))
@@ -205,8 +228,11 @@ public enum Batch {
             hash = ck.contentHash(template.inputHash)
         } catch {
             return variants.map { v in
-                Outcome(model: item.relative, variant: v.name, format: "?", output: outputPath(out: out, variant: v.name, relative: item.relative),
-                        status: "failed", error: "\(error)", bytesBefore: 0, bytesAfter: 0, worstSQNR: nil, seconds: Date().timeIntervalSince(start))
+                Outcome(
+                    model: item.relative, variant: v.name, format: "?",
+                    output: outputPath(out: out, variant: v.name, relative: item.relative),
+                    status: "failed", error: "\(error)", bytesBefore: 0, bytesAfter: 0, worstSQNR: nil,
+                    seconds: Date().timeIntervalSince(start))
             }
         }
         let before = ck.entries.reduce(0) { $0 + $1.bytes.count }
@@ -219,11 +245,13 @@ public enum Batch {
             // A model found by its content under an extension no writer knows: the output gets its
             // format's extension, so that it is one file of that format, never a folder by accident.
             if (try? FormatRegistry.writer(for: output, format: nil, inputFormat: ck.format)) == nil,
-               let ext = FormatRegistry.writers.first(where: { $0.name == ck.format })?.fileExtensions.first {
+                let ext = FormatRegistry.writers.first(where: { $0.name == ck.format })?.fileExtensions.first
+            {
                 output += ext
             }
-            var o = Outcome(model: item.relative, variant: v.name, format: ck.format, output: output, status: "converted", error: nil,
-                            bytesBefore: before, bytesAfter: 0, worstSQNR: nil, seconds: 0)
+            var o = Outcome(
+                model: item.relative, variant: v.name, format: ck.format, output: output, status: "converted", error: nil,
+                bytesBefore: before, bytesAfter: 0, worstSQNR: nil, seconds: 0)
             if let existing = upToDate(output: output, inputHash: hash, policy: v.policy) {
                 // Nothing to convert again, but the manifest row keeps the quality figures of the run that
                 // wrote it, and a gate it failed then fails again now: a retry never turns a failure into success.
@@ -232,8 +260,10 @@ public enum Batch {
                 if let doc = recordedTensors(output: output, existing: existing) {
                     let sqnrs = (doc["tensors"]?.objectValue ?? []).compactMap { $0.1["metrics"]?["sqnr_db"]?.doubleValue }
                     o.worstSQNR = sqnrs.min()
-                    let failures = template.gates.evaluate(tensors: QualityGates.rows(metadata: doc, bytesBefore: before,
-                                                                                      bytesAfter: o.bytesAfter))
+                    let failures = template.gates.evaluate(
+                        tensors: QualityGates.rows(
+                            metadata: doc, bytesBefore: before,
+                            bytesAfter: o.bytesAfter))
                     if !failures.isEmpty {
                         o.status = "gate-failed"
                         o.error = GateFailure(failures: failures, outputWritten: true).description + " (output of an earlier run)"
@@ -243,8 +273,9 @@ public enum Batch {
                 return o
             }
             do {
-                try FileManager.default.createDirectory(atPath: URL(fileURLWithPath: output).deletingLastPathComponent().path,
-                                                        withIntermediateDirectories: true)
+                try FileManager.default.createDirectory(
+                    atPath: URL(fileURLWithPath: output).deletingLastPathComponent().path,
+                    withIntermediateDirectories: true)
                 var opts = template
                 opts.policy = v.policy
                 opts.jobs = 1

@@ -1,5 +1,5 @@
-import Foundation
 import CQKernels
+import Foundation
 
 /// Options of one conversion.
 public struct ConvertOptions: Sendable {
@@ -17,10 +17,16 @@ public struct ConvertOptions: Sendable {
     /// Quality gates checked on the result.
     public var gates = QualityGates()
 
-    public init(policy: Policy, jobs: Int = 1, strict: Bool = false, format: String? = nil, maxShardSize: Int? = nil,
-                referenceKernels: Bool = false) {
-        self.policy = policy; self.jobs = max(1, jobs); self.strict = strict; self.format = format
-        self.maxShardSize = maxShardSize; self.referenceKernels = referenceKernels
+    public init(
+        policy: Policy, jobs: Int = 1, strict: Bool = false, format: String? = nil, maxShardSize: Int? = nil,
+        referenceKernels: Bool = false
+    ) {
+        self.policy = policy
+        self.jobs = max(1, jobs)
+        self.strict = strict
+        self.format = format
+        self.maxShardSize = maxShardSize
+        self.referenceKernels = referenceKernels
     }
 }
 
@@ -37,7 +43,10 @@ public struct ConvertProgress: Sendable {
 public struct TensorOutcome: Sendable {
     public var plan: TensorPlan
     public var metrics: TensorMetrics?
-    public init(plan: TensorPlan, metrics: TensorMetrics?) { self.plan = plan; self.metrics = metrics }
+    public init(plan: TensorPlan, metrics: TensorMetrics?) {
+        self.plan = plan
+        self.metrics = metrics
+    }
 }
 
 /// The result of a conversion: what was read, what was written, and how each tensor fared.
@@ -51,10 +60,18 @@ public struct ConversionReport: Sendable {
     public var tensors: [TensorOutcome]
     public var seconds: Double
 
-    public init(input: String, output: String, inputFormat: String, outputFormat: String, policySource: String,
-                inputHash: String, tensors: [TensorOutcome], seconds: Double) {
-        self.input = input; self.output = output; self.inputFormat = inputFormat; self.outputFormat = outputFormat
-        self.policySource = policySource; self.inputHash = inputHash; self.tensors = tensors; self.seconds = seconds
+    public init(
+        input: String, output: String, inputFormat: String, outputFormat: String, policySource: String,
+        inputHash: String, tensors: [TensorOutcome], seconds: Double
+    ) {
+        self.input = input
+        self.output = output
+        self.inputFormat = inputFormat
+        self.outputFormat = outputFormat
+        self.policySource = policySource
+        self.inputHash = inputHash
+        self.tensors = tensors
+        self.seconds = seconds
     }
 
     public var quantizedCount: Int { tensors.filter { $0.plan.decision.scheme?.target.isQuantization == true }.count }
@@ -82,33 +99,44 @@ public struct ConversionReport: Sendable {
             ("output", .object([("path", .string(output)), ("format", .string(outputFormat))])),
             ("policy", .string(policySource)),
             ("seconds", .number((seconds * 1000).rounded() / 1000)),
-            ("totals", .object([
-                ("tensors", .int(tensors.count)), ("quantized", .int(quantizedCount)), ("cast", .int(castCount)),
-                ("kept", .int(keptCount)), ("bytes_before", .int(bytesBefore)), ("bytes_after", .int(bytesAfter)),
-                ("size_ratio", .number(bytesBefore > 0 ? Double(bytesAfter) / Double(bytesBefore) : 1)),
-                ("worst_tensor", w.map { .string($0.plan.name) } ?? .null),
-                ("worst_sqnr_db", w?.metrics?.sqnrDB.map(JSONValue.number) ?? .null),
-            ])),
-            ("tensors", .array(tensors.map { t in
-                var kv: [(String, JSONValue)] = [
-                    ("name", .string(t.plan.name)),
-                    ("action", .string(t.plan.decision.scheme == nil ? "keep" : (t.plan.decision.scheme!.target.isCast ? "cast" : "quantize"))),
-                    ("dtype", .string(t.plan.decision.scheme?.target.rawValue ?? t.plan.dtype.rawValue)),
-                    ("source_dtype", .string(t.plan.dtype.rawValue)),
-                    ("shape", .array(t.plan.shape.map(JSONValue.int))),
-                    ("rule", .string(t.plan.rule)),
-                ]
-                if case .keep(let why) = t.plan.decision { kv.append(("reason", .string(why))) }
-                if let s = t.plan.decision.scheme, s.target.isQuantization {
-                    kv.append(("granularity", .string(s.granularity.rawValue)))
-                    kv.append(("axis", .int(s.axis)))
-                }
-                kv.append(("bytes_before", .int(t.plan.bytesBefore)))
-                kv.append(("bytes_after", .int(t.metrics?.bytesAfter ?? t.plan.bytesAfter)))
-                if let m = t.metrics { kv.append(("metrics", MetadataDocument.metricsJSON(m))) }
-                kv.append(("warnings", .array(t.plan.warnings.map(JSONValue.string))))
-                return .object(kv)
-            })),
+            (
+                "totals",
+                .object([
+                    ("tensors", .int(tensors.count)), ("quantized", .int(quantizedCount)), ("cast", .int(castCount)),
+                    ("kept", .int(keptCount)), ("bytes_before", .int(bytesBefore)), ("bytes_after", .int(bytesAfter)),
+                    ("size_ratio", .number(bytesBefore > 0 ? Double(bytesAfter) / Double(bytesBefore) : 1)),
+                    ("worst_tensor", w.map { .string($0.plan.name) } ?? .null),
+                    ("worst_sqnr_db", w?.metrics?.sqnrDB.map(JSONValue.number) ?? .null)
+                ])
+            ),
+            (
+                "tensors",
+                .array(
+                    tensors.map { t in
+                        var kv: [(String, JSONValue)] = [
+                            ("name", .string(t.plan.name)),
+                            (
+                                "action",
+                                .string(
+                                    t.plan.decision.scheme == nil ? "keep" : (t.plan.decision.scheme!.target.isCast ? "cast" : "quantize"))
+                            ),
+                            ("dtype", .string(t.plan.decision.scheme?.target.rawValue ?? t.plan.dtype.rawValue)),
+                            ("source_dtype", .string(t.plan.dtype.rawValue)),
+                            ("shape", .array(t.plan.shape.map(JSONValue.int))),
+                            ("rule", .string(t.plan.rule))
+                        ]
+                        if case .keep(let why) = t.plan.decision { kv.append(("reason", .string(why))) }
+                        if let s = t.plan.decision.scheme, s.target.isQuantization {
+                            kv.append(("granularity", .string(s.granularity.rawValue)))
+                            kv.append(("axis", .int(s.axis)))
+                        }
+                        kv.append(("bytes_before", .int(t.plan.bytesBefore)))
+                        kv.append(("bytes_after", .int(t.metrics?.bytesAfter ?? t.plan.bytesAfter)))
+                        if let m = t.metrics { kv.append(("metrics", MetadataDocument.metricsJSON(m))) }
+                        kv.append(("warnings", .array(t.plan.warnings.map(JSONValue.string))))
+                        return .object(kv)
+                    })
+            )
         ])
         return doc.compact + "\n"
     }
@@ -127,15 +155,19 @@ public enum Converter {
         return (ckpt, plans)
     }
 
-    public static func convert(input: String, output: String, options: ConvertOptions,
-                               progress: ((ConvertProgress) -> Void)? = nil) throws -> ConversionReport {
+    public static func convert(
+        input: String, output: String, options: ConvertOptions,
+        progress: ((ConvertProgress) -> Void)? = nil
+    ) throws -> ConversionReport {
         try convert(open(input), output: output, options: options, progress: progress)
     }
 
     /// Converts an opened checkpoint (batch conversion reads each input once for several variants).
     /// `inputHash`, when known, is recorded instead of hashing again.
-    public static func convert(_ ckpt: Checkpoint, output: String, options: ConvertOptions, inputHash knownHash: String? = nil,
-                               progress: ((ConvertProgress) -> Void)? = nil) throws -> ConversionReport {
+    public static func convert(
+        _ ckpt: Checkpoint, output: String, options: ConvertOptions, inputHash knownHash: String? = nil,
+        progress: ((ConvertProgress) -> Void)? = nil
+    ) throws -> ConversionReport {
         let start = Date()
         let input = ckpt.path
         var planned = try Planner.plan(ckpt, policy: options.policy, strict: options.strict)
@@ -162,8 +194,10 @@ public enum Converter {
             var idx: [Int] = []
             func add(_ name: String, _ dtype: DType, _ shape: [Int]) {
                 idx.append(outputs.count)
-                outputs.append(OutputTensor(name: name, dtype: dtype, shape: shape,
-                                            byteCount: Shape(shape).checkedByteCount(dtype) ?? 0, shard: e.shard))
+                outputs.append(
+                    OutputTensor(
+                        name: name, dtype: dtype, shape: shape,
+                        byteCount: Shape(shape).checkedByteCount(dtype) ?? 0, shard: e.shard))
             }
             if let s = p.decision.scheme {
                 add(p.valuesName, s.target.storageDType, Quantizer.storedShape(p.shape, target: s.target))
@@ -176,8 +210,9 @@ public enum Converter {
         }
         // Room for the metadata document: its size with the widest possible metrics.
         let widest = Dictionary(uniqueKeysWithValues: plans.indices.map { ($0, MetadataDocument.widestMetrics) })
-        let hint = MetadataDocument.document(plans: plans, metrics: widest, inputFormat: ckpt.format,
-                                             inputHash: "sha256:" + String(repeating: "0", count: 64), policy: options.policy)
+        let hint = MetadataDocument.document(
+            plans: plans, metrics: widest, inputFormat: ckpt.format,
+            inputHash: "sha256:" + String(repeating: "0", count: 64), policy: options.policy)
         var escaped = ""
         JSONValue.writeString(hint, &escaped)
         var wopts = WriterOptions(maxShardSize: options.maxShardSize, metadataSizeHint: escaped.utf8.count)
@@ -187,10 +222,11 @@ public enum Converter {
         let sink = try writer.open(path: output, tensors: outputs, source: ckpt, options: wopts)
         var metrics: [Int: TensorMetrics] = [:]
         func report() -> ConversionReport {
-            ConversionReport(input: input, output: output, inputFormat: ckpt.format, outputFormat: writer.name,
-                             policySource: options.policy.source, inputHash: hashBox.value,
-                             tensors: plans.enumerated().map { TensorOutcome(plan: $1, metrics: metrics[$0]) },
-                             seconds: Date().timeIntervalSince(start))
+            ConversionReport(
+                input: input, output: output, inputFormat: ckpt.format, outputFormat: writer.name,
+                policySource: options.policy.source, inputHash: hashBox.value,
+                tensors: plans.enumerated().map { TensorOutcome(plan: $1, metrics: metrics[$0]) },
+                seconds: Date().timeIntervalSince(start))
         }
         do {
             let total = plans.reduce(0) { $0 + $1.bytesBefore }
@@ -199,16 +235,24 @@ public enum Converter {
             while k < plans.count {
                 let window = Array(k..<min(plans.count, k + options.jobs))
                 let results = Box([Result<QuantizedTensor?, Error>](repeating: .success(nil), count: window.count))
-                let calibrated = Box([Int](repeating: 0, count: window.count))   // elements calibrated so far
+                let calibrated = Box([Int](repeating: 0, count: window.count))  // elements calibrated so far
                 let lock = NSLock()
                 let work = DispatchGroup()
                 let reference = options.referenceKernels
                 DispatchQueue.global().async(group: work) {
                     DispatchQueue.concurrentPerform(iterations: window.count) { w in
                         let i = window[w]
-                        let tick: @Sendable (Int) -> Void = { n in lock.lock(); calibrated.value[w] += n; lock.unlock() }
-                        let r = Result { try process(plans[i], entry: ckpt.entries[plans[i].entryIndex], reference: reference, progress: tick) }
-                        lock.lock(); results.value[w] = r; lock.unlock()
+                        let tick: @Sendable (Int) -> Void = { n in
+                            lock.lock()
+                            calibrated.value[w] += n
+                            lock.unlock()
+                        }
+                        let r = Result {
+                            try process(plans[i], entry: ckpt.entries[plans[i].entryIndex], reference: reference, progress: tick)
+                        }
+                        lock.lock()
+                        results.value[w] = r
+                        lock.unlock()
                     }
                 }
                 // A long calibration moves the progress bar: the share of each tensor's elements calibrated.
@@ -216,18 +260,22 @@ public enum Converter {
                     guard let progress else { continue }
                     lock.lock()
                     let partial = window.indices.reduce(0) { sum, w in
-                        let p = plans[window[w]], n = Shape(p.shape).elementCount
+                        let p = plans[window[w]]
+                        let n = Shape(p.shape).elementCount
                         return sum + (n > 0 ? Int(Double(p.bytesBefore) * Double(min(calibrated.value[w], n)) / Double(n)) : 0)
                     }
                     lock.unlock()
-                    progress(ConvertProgress(tensorsDone: k, tensorsTotal: plans.count, bytesDone: done + partial, bytesTotal: total,
-                                             current: plans[window[0]].name))
+                    progress(
+                        ConvertProgress(
+                            tensorsDone: k, tensorsTotal: plans.count, bytesDone: done + partial, bytesTotal: total,
+                            current: plans[window[0]].name))
                 }
                 for (w, i) in window.enumerated() {
                     let produced = try results.value[w].get()
                     let p = plans[i]
                     let e = ckpt.entries[p.entryIndex]
-                    progress?(ConvertProgress(tensorsDone: i, tensorsTotal: plans.count, bytesDone: done, bytesTotal: total, current: p.name))
+                    progress?(
+                        ConvertProgress(tensorsDone: i, tensorsTotal: plans.count, bytesDone: done, bytesTotal: total, current: p.name))
                     if let q = produced {
                         let o = outIndex[i]
                         try q.values.withUnsafeBytes { try sink.put(o[0], $0) }
@@ -242,7 +290,8 @@ public enum Converter {
                 }
                 k += window.count
             }
-            progress?(ConvertProgress(tensorsDone: plans.count, tensorsTotal: plans.count, bytesDone: total, bytesTotal: total, current: ""))
+            progress?(
+                ConvertProgress(tensorsDone: plans.count, tensorsTotal: plans.count, bytesDone: total, bytesTotal: total, current: ""))
             hashGroup.wait()
             if let e = checkError.value { throw e }
             // Quality gates hold before anything is committed: a rejected result never creates or
@@ -252,16 +301,26 @@ public enum Converter {
                 if !failures.isEmpty { throw GateFailure(failures: failures, outputWritten: false, report: report()) }
             }
             var meta = ckpt.metadata.filter { $0.key != MetadataDocument.key }
-            meta.append((MetadataDocument.key, MetadataDocument.document(plans: plans, metrics: metrics, inputFormat: ckpt.format,
-                                                                          inputHash: hashBox.value, policy: options.policy)))
+            meta.append(
+                (
+                    MetadataDocument.key,
+                    MetadataDocument.document(
+                        plans: plans, metrics: metrics, inputFormat: ckpt.format,
+                        inputHash: hashBox.value, policy: options.policy)
+                ))
             var perShard: [String: [(key: String, value: String)]] = [:]
             let shardNames = Set(outputs.compactMap(\.shard))
             if shardNames.count > 1 {
                 for s in shardNames {
                     let only = Set(plans.indices.filter { ckpt.entries[plans[$0].entryIndex].shard == s })
                     var m = ckpt.metadata.filter { $0.key != MetadataDocument.key }
-                    m.append((MetadataDocument.key, MetadataDocument.document(plans: plans, metrics: metrics, inputFormat: ckpt.format,
-                                                                               inputHash: hashBox.value, policy: options.policy, only: only)))
+                    m.append(
+                        (
+                            MetadataDocument.key,
+                            MetadataDocument.document(
+                                plans: plans, metrics: metrics, inputFormat: ckpt.format,
+                                inputHash: hashBox.value, policy: options.policy, only: only)
+                        ))
                     perShard[s] = m
                 }
             }
@@ -275,20 +334,24 @@ public enum Converter {
     }
 
     /// Quantizes or casts one tensor; nil when it is kept as it is.
-    static func process(_ p: TensorPlan, entry e: TensorEntry, reference: Bool,
-                        progress: (@Sendable (Int) -> Void)? = nil) throws -> QuantizedTensor? {
+    static func process(
+        _ p: TensorPlan, entry e: TensorEntry, reference: Bool,
+        progress: (@Sendable (Int) -> Void)? = nil
+    ) throws -> QuantizedTensor? {
         guard let scheme = p.decision.scheme else { return nil }
         let n = e.elementCount
         return try e.bytes.withUnsafeBytes { raw -> QuantizedTensor in
             if e.dtype == .f32, let base = raw.baseAddress, Int(bitPattern: base) % MemoryLayout<Float>.alignment == 0 {
                 let floats = UnsafeBufferPointer(start: base.assumingMemoryBound(to: Float.self), count: n)
-                return try Quantizer.quantize(name: e.name, values: floats, shape: e.shape, scheme: scheme,
-                                              bytesBefore: p.bytesBefore, reference: reference, progress: progress)
+                return try Quantizer.quantize(
+                    name: e.name, values: floats, shape: e.shape, scheme: scheme,
+                    bytesBefore: p.bytesBefore, reference: reference, progress: progress)
             }
             let floats = FloatDecoding.toFloat32(raw, dtype: e.dtype, count: n)
             return try floats.withUnsafeBufferPointer {
-                try Quantizer.quantize(name: e.name, values: $0, shape: e.shape, scheme: scheme, bytesBefore: p.bytesBefore,
-                                       reference: reference, progress: progress)
+                try Quantizer.quantize(
+                    name: e.name, values: $0, shape: e.shape, scheme: scheme, bytesBefore: p.bytesBefore,
+                    reference: reference, progress: progress)
             }
         }
     }

@@ -1,5 +1,5 @@
-import Foundation
 import CQKernels
+import Foundation
 
 /// Turns a qconvert-quantized checkpoint back into float tensors, using its metadata document.
 public enum Dequantizer {
@@ -23,7 +23,11 @@ public enum Dequantizer {
         }
         let byName = Dictionary(ckpt.entries.enumerated().map { ($1.name, $0) }, uniquingKeysWith: { a, _ in a })
         var consumed = Set<String>()
-        struct Job { var entry: Int; var record: JSONValue; var name: String }
+        struct Job {
+            var entry: Int
+            var record: JSONValue
+            var name: String
+        }
         var jobs: [String: Job] = [:]
         for (name, rec) in records {
             let stored = rec["values"]?.stringValue ?? name
@@ -39,12 +43,15 @@ public enum Dequantizer {
         for (i, e) in ckpt.entries.enumerated() where !consumed.contains(e.name) {
             if let j = jobs[e.name] {
                 guard let sd = j.record["source_dtype"]?.stringValue, let dtype = DType(safetensorsName: sd) ?? DType(rawValue: sd),
-                      let shape = j.record["source_shape"]?.arrayValue?.compactMap(\.nonNegativeInt) else {
+                    let shape = j.record["source_shape"]?.arrayValue?.compactMap(\.nonNegativeInt)
+                else {
                     throw QConvertError.badInput(path: input, message: "tensor '\(e.name)': metadata lacks source_dtype or source_shape")
                 }
                 let outType: DType = [.f32, .f16, .bf16, .f64].contains(dtype) ? dtype : .f32
-                outputs.append(OutputTensor(name: j.name, dtype: outType, shape: shape,
-                                            byteCount: Shape(shape).checkedByteCount(outType) ?? 0, shard: e.shard))
+                outputs.append(
+                    OutputTensor(
+                        name: j.name, dtype: outType, shape: shape,
+                        byteCount: Shape(shape).checkedByteCount(outType) ?? 0, shard: e.shard))
                 sources.append((i, j))
             } else {
                 outputs.append(OutputTensor(name: e.name, dtype: e.dtype, shape: e.shape, byteCount: e.bytes.count, shard: e.shard))
@@ -74,7 +81,9 @@ public enum Dequantizer {
         return Result(restored: jobs.count, copied: sources.count - jobs.count)
     }
 
-    public static func restore(_ e: TensorEntry, record r: JSONValue, ckpt: Checkpoint, byName: [String: Int], path: String) throws -> [Float] {
+    public static func restore(_ e: TensorEntry, record r: JSONValue, ckpt: Checkpoint, byName: [String: Int], path: String) throws
+        -> [Float]
+    {
         func bad(_ m: String) -> QConvertError { .badInput(path: path, message: "tensor '\(e.name)': \(m)") }
         guard let dt = r["dtype"]?.stringValue, var target = TargetType(rawValue: dt) else { throw bad("unknown quantized dtype") }
         let rawShape = r["source_shape"]?.arrayValue ?? []
@@ -105,40 +114,50 @@ public enum Dequantizer {
         // The metadata is input like any other: an axis outside the shape would index out of bounds.
         if let a = r["axis"], a != .null, a.nonNegativeInt == nil { throw bad("metadata axis \(a.compact) is not an axis") }
         if granularity == .channel || granularity == .group {
-            guard !shape.isEmpty, axis < shape.count else { throw bad("metadata axis \(r["axis"]?.compact ?? "null") is outside the rank-\(shape.count) shape") }
+            guard !shape.isEmpty, axis < shape.count else {
+                throw bad("metadata axis \(r["axis"]?.compact ?? "null") is outside the rank-\(shape.count) shape")
+            }
         }
         let layout = ParamLayout(shape: shape, granularity: granularity, axis: axis, groupSize: max(groupSize, 1))
         if let sn = r["scale"]?.stringValue {
             guard let si = byName[sn] else { throw bad("scale tensor '\(sn)' is missing") }
             let se = ckpt.entries[si]
-            guard se.dtype == .f32, se.elementCount == layout.paramCount else { throw bad("scale tensor '\(sn)' has the wrong type or size") }
+            guard se.dtype == .f32, se.elementCount == layout.paramCount else {
+                throw bad("scale tensor '\(sn)' has the wrong type or size")
+            }
             scale = try se.bytes.withUnsafeBytes { FloatDecoding.toFloat32($0, dtype: .f32, count: se.elementCount) }
         }
         if let zn = r["zero_point"]?.stringValue {
             guard let zi = byName[zn] else { throw bad("zero-point tensor '\(zn)' is missing") }
             let ze = ckpt.entries[zi]
-            guard ze.elementCount == layout.paramCount, ze.dtype.bits == 8 else { throw bad("zero-point tensor '\(zn)' has the wrong type or size") }
+            guard ze.elementCount == layout.paramCount, ze.dtype.bits == 8 else {
+                throw bad("zero-point tensor '\(zn)' has the wrong type or size")
+            }
             zp = try ze.bytes.withUnsafeBytes { [UInt8]($0) }
             if is4, zp!.count == (layout.paramCount + 1) / 2, layout.paramCount > 1 || r["packing"]?["axis"] == .null {
-                zp = Packing.unpack4(zp!, shape: [layout.paramCount])   // ONNX packs 4-bit zero points too
+                zp = Packing.unpack4(zp!, shape: [layout.paramCount])  // ONNX packs 4-bit zero points too
             }
         }
-        return Quantizer.dequantize(values: values, target: target, shape: shape, scale: scale, zeroPoint: zp,
-                                    granularity: granularity, axis: axis, groupSize: max(groupSize, 1))
+        return Quantizer.dequantize(
+            values: values, target: target, shape: shape, scale: scale, zeroPoint: zp,
+            granularity: granularity, axis: axis, groupSize: max(groupSize, 1))
     }
 
     /// A weight stored as onnxruntime's MatMulNBits (B [N, blocks, blob], scales [N, blocks], packed zero
     /// points): back to qconvert's layout, then dequantized like any other. The metadata is checked
     /// against the shape first (it is input like any other).
-    static func restoreMatMulNBits(_ e: TensorEntry, record r: JSONValue, target: TargetType, shape: [Int], ckpt: Checkpoint,
-                                   byName: [String: Int], path: String) throws -> [Float] {
+    static func restoreMatMulNBits(
+        _ e: TensorEntry, record r: JSONValue, target: TargetType, shape: [Int], ckpt: Checkpoint,
+        byName: [String: Int], path: String
+    ) throws -> [Float] {
         func bad(_ m: String) -> QConvertError { .badInput(path: path, message: "tensor '\(e.name)': \(m)") }
         let o = r["onnx"]
         guard let k = o?["K"]?.nonNegativeInt, let n = o?["N"]?.nonNegativeInt, let nAxis = o?["n_axis"]?.nonNegativeInt,
-              let bits = o?["bits"]?.nonNegativeInt, let bs = o?["block_size"]?.nonNegativeInt,
-              nAxis <= 1, shape.count == 2, shape[nAxis] == n, shape[1 - nAxis] == k, k > 0, n > 0,
-              bs >= 16, bs <= 1 << 20, bs & (bs - 1) == 0,
-              bits == ((target == .int4 || target == .uint4) ? 4 : 8), target == .int8 || target == .uint8 || target == .int4 || target == .uint4
+            let bits = o?["bits"]?.nonNegativeInt, let bs = o?["block_size"]?.nonNegativeInt,
+            nAxis <= 1, shape.count == 2, shape[nAxis] == n, shape[1 - nAxis] == k, k > 0, n > 0,
+            bs >= 16, bs <= 1 << 20, bs & (bs - 1) == 0,
+            bits == ((target == .int4 || target == .uint4) ? 4 : 8),
+            target == .int8 || target == .uint8 || target == .int4 || target == .uint4
         else { throw bad("metadata of its MatMulNBits form does not match its shape \(Shape(shape))") }
         let granularity = Granularity(rawValue: r["granularity"]?.stringValue ?? "tensor") ?? .tensor
         let axis = r["axis"]?.nonNegativeInt ?? nAxis
@@ -146,7 +165,9 @@ public enum Dequantizer {
         guard axis < 2 else { throw bad("metadata axis is outside the rank-2 shape") }
         let params = ParamLayout(shape: shape, granularity: granularity, axis: axis, groupSize: groupSize)
         let layout = MatMulNBitsLayout(k: k, n: n, nAxis: nAxis, bits: bits, blockSize: bs, signed: target.isSigned)
-        guard let sn = r["scale"]?.stringValue, let si = byName[sn], ckpt.entries[si].dtype == .f32 else { throw bad("scale tensor is missing") }
+        guard let sn = r["scale"]?.stringValue, let si = byName[sn], ckpt.entries[si].dtype == .f32 else {
+            throw bad("scale tensor is missing")
+        }
         let se = ckpt.entries[si]
         let scales = try se.bytes.withUnsafeBytes { FloatDecoding.toFloat32($0, dtype: .f32, count: se.elementCount) }
         var zp: [UInt8]? = nil
@@ -161,8 +182,9 @@ public enum Dequantizer {
         } catch {
             throw bad("\(error)")
         }
-        return Quantizer.dequantize(values: canonical.values, target: target, shape: shape, scale: canonical.scale, zeroPoint: canonical.zeroPoint,
-                                    granularity: granularity, axis: axis, groupSize: groupSize)
+        return Quantizer.dequantize(
+            values: canonical.values, target: target, shape: shape, scale: canonical.scale, zeroPoint: canonical.zeroPoint,
+            granularity: granularity, axis: axis, groupSize: groupSize)
     }
 
     static func encode(_ v: [Float], as dtype: DType) -> [UInt8] {

@@ -1,5 +1,5 @@
-import Foundation
 import CQKernels
+import Foundation
 
 public enum QConvertVersion {
     public static let string = "0.1.0"
@@ -19,7 +19,7 @@ public enum MetadataDocument {
             ("source_shape", .array(p.shape.map(JSONValue.int))),
             ("dtype", .string(s.target.rawValue)),
             ("storage_dtype", .string(s.target.storageDType.safetensorsName ?? s.target.storageDType.rawValue)),
-            ("storage_shape", .array(Quantizer.storedShape(p.shape, target: s.target).map(JSONValue.int))),
+            ("storage_shape", .array(Quantizer.storedShape(p.shape, target: s.target).map(JSONValue.int)))
         ]
         if s.target.isQuantization {
             kv.append(("mapping", .string(s.mapping.rawValue)))
@@ -43,17 +43,29 @@ public enum MetadataDocument {
             }
             kv.append(("calibration", .object(cal)))
             let (qmin, qmax) = s.integerRange
-            if s.target.isIntegerQuantization { kv.append(("qmin", .int(Int(qmin)))); kv.append(("qmax", .int(Int(qmax)))) }
+            if s.target.isIntegerQuantization {
+                kv.append(("qmin", .int(Int(qmin))))
+                kv.append(("qmax", .int(Int(qmax))))
+            }
             if s.fullSymmetricRange { kv.append(("symmetric_range", .string("full"))) }
             kv.append(("scale", p.scaleName.map(JSONValue.string) ?? .null))
             kv.append(("scale_shape", .array(p.paramShape.map(JSONValue.int))))
             kv.append(("zero_point", p.zeroPointName.map(JSONValue.string) ?? .null))
             if s.target == .int4 || s.target == .uint4 {
-                kv.append(("packing", .object([
-                    ("bits", .int(4)), ("signed", .bool(s.target == .int4)), ("axis", .int(-1)),
-                    ("order", .string("low_nibble_first")),
-                    ("note", .string("two values per byte along the last axis, element 0 in the low nibble; an odd row length leaves the last high nibble 0")),
-                ])))
+                kv.append(
+                    (
+                        "packing",
+                        .object([
+                            ("bits", .int(4)), ("signed", .bool(s.target == .int4)), ("axis", .int(-1)),
+                            ("order", .string("low_nibble_first")),
+                            (
+                                "note",
+                                .string(
+                                    "two values per byte along the last axis, element 0 in the low nibble; an odd row length leaves the last high nibble 0"
+                                )
+                            )
+                        ])
+                    ))
             }
         } else if s.target == .fp16 {
             kv.append(("saturate", .bool(s.saturate)))
@@ -72,20 +84,25 @@ public enum MetadataDocument {
             ("clipped", .number(m.clippedFraction)),
             ("bits_per_weight", .number(m.bitsPerWeight)),
             ("bytes_before", .int(m.bytesBefore)),
-            ("bytes_after", .int(m.bytesAfter)),
+            ("bytes_after", .int(m.bytesAfter))
         ])
     }
 
     /// A metrics value whose JSON is at least as long as any real one, to size reservations.
     static let widestMetrics = TensorMetricsPlaceholder.value
 
-    public static func document(plans: [TensorPlan], metrics: [Int: TensorMetrics], inputFormat: String,
-                                inputHash: String, policy: Policy, only: Set<Int>? = nil) -> String {
+    public static func document(
+        plans: [TensorPlan], metrics: [Int: TensorMetrics], inputFormat: String,
+        inputHash: String, policy: Policy, only: Set<Int>? = nil
+    ) -> String {
         var tensors: [(String, JSONValue)] = []
         var kept = 0
         for (i, p) in plans.enumerated() {
             if let only, !only.contains(i) { continue }
-            if p.decision.scheme == nil { kept += 1; continue }
+            if p.decision.scheme == nil {
+                kept += 1
+                continue
+            }
             tensors.append((p.name, tensorRecord(p, metrics: metrics[i])))
         }
         let doc: JSONValue = .object([
@@ -93,9 +110,14 @@ public enum MetadataDocument {
             ("tool", .object([("name", .string("qconvert")), ("version", .string(QConvertVersion.string))])),
             ("input", .object([("format", .string(inputFormat)), ("hash", .string(inputHash))])),
             ("policy", .object([("source", .string(policy.source)), ("sha256", .string(sha256Hex(policy.text)))])),
-            ("dequantize", .string("x = (q - zero_point) * scale; zero_point is 0 when absent; parameters broadcast against q (same rank, size 1 on shared axes; groups repeat group_size times along group_axis)")),
+            (
+                "dequantize",
+                .string(
+                    "x = (q - zero_point) * scale; zero_point is 0 when absent; parameters broadcast against q (same rank, size 1 on shared axes; groups repeat group_size times along group_axis)"
+                )
+            ),
             ("kept_tensors", .int(kept)),
-            ("tensors", .object(tensors)),
+            ("tensors", .object(tensors))
         ])
         return doc.compact
     }
@@ -106,9 +128,15 @@ enum TensorMetricsPlaceholder {
         var s = qk_metrics()
         s.clipped = 0
         var m = TensorMetrics(sums: s, count: 1, bytesBefore: 0, bytesAfter: 0)
-        m.bytesBefore = 999_999_999_999_999; m.bytesAfter = 999_999_999_999_999
+        m.bytesBefore = 999_999_999_999_999
+        m.bytesAfter = 999_999_999_999_999
         let wide = -1.2345678901234567e-300
-        m.maxAbsError = wide; m.mse = wide; m.sqnrDB = wide; m.cosine = wide; m.clippedFraction = wide; m.bitsPerWeight = wide
+        m.maxAbsError = wide
+        m.mse = wide
+        m.sqnrDB = wide
+        m.cosine = wide
+        m.clippedFraction = wide
+        m.bitsPerWeight = wide
         return m
     }
 }

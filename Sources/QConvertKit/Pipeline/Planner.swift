@@ -75,8 +75,9 @@ public enum Planner {
         if strict && !policy.source.hasPrefix("preset:") {
             for (ri, hits) in ruleHits.enumerated() where hits == 0 {
                 let r = policy.rules[ri]
-                throw QConvertError.policy(path: policy.source, line: r.line, column: r.column,
-                                           message: "\(r.label) matches no tensor (--strict)")
+                throw QConvertError.policy(
+                    path: policy.source, line: r.line, column: r.column,
+                    message: "\(r.label) matches no tensor (--strict)")
             }
         }
         return plans
@@ -85,7 +86,10 @@ public enum Planner {
     static func unique(_ base: String, _ used: inout Set<String>) -> String {
         var name = base
         var k = 1
-        while used.contains(name) { name = "\(base)_\(k)"; k += 1 }
+        while used.contains(name) {
+            name = "\(base)_\(k)"
+            k += 1
+        }
         used.insert(name)
         return name
     }
@@ -93,17 +97,23 @@ public enum Planner {
     static func decide(_ e: TensorEntry, settings s: PolicySettings, rule: String, entryIndex: Int) throws -> TensorPlan {
         let n = e.elementCount
         let before = Shape(e.shape).checkedByteCount(e.dtype) ?? 0
-        var plan = TensorPlan(entryIndex: entryIndex, name: e.name, dtype: e.dtype, shape: e.shape, decision: .keep(reason: ""),
-                              rule: rule, axisGuessed: false, bytesBefore: before, bytesAfter: before, warnings: [],
-                              valuesName: e.name, scaleName: nil, zeroPointName: nil, paramShape: [])
+        var plan = TensorPlan(
+            entryIndex: entryIndex, name: e.name, dtype: e.dtype, shape: e.shape, decision: .keep(reason: ""),
+            rule: rule, axisGuessed: false, bytesBefore: before, bytesAfter: before, warnings: [],
+            valuesName: e.name, scaleName: nil, zeroPointName: nil, paramShape: [])
         let target = s.dtype ?? .int8
         plan.onnxFallback = s.onnxFallback ?? "decompose"
         plan.onnxForm = s.onnxForm ?? .auto
         plan.accuracyLevel = s.accuracyLevel ?? 4
-        func keep(_ why: String) -> TensorPlan { var p = plan; p.decision = .keep(reason: why); return p }
+        func keep(_ why: String) -> TensorPlan {
+            var p = plan
+            p.decision = .keep(reason: why)
+            return p
+        }
         if target == .keep { return keep("policy: keep") }
         guard e.dtype.isFloatingPoint else { return keep("not floating point (\(e.dtype.rawValue))") }
-        let minRank = s.minRank ?? 2, minElements = s.minElements ?? 1024
+        let minRank = s.minRank ?? 2
+        let minElements = s.minElements ?? 1024
         if e.shape.count < minRank { return keep("rank \(e.shape.count) < min_rank \(minRank)") }
         if n < minElements { return keep("\(n) elements < min_elements \(minElements)") }
         if target.isCast {
@@ -127,7 +137,9 @@ public enum Planner {
         var axis = 0
         switch s.axis ?? .auto {
         case .auto:
-            if let a = e.outputAxis { axis = a } else {
+            if let a = e.outputAxis {
+                axis = a
+            } else {
                 axis = 0
                 plan.axisGuessed = rank > 1 && (granularity == .channel || granularity == .group)
             }
@@ -145,8 +157,9 @@ public enum Planner {
         case "mse": calibration = .mse(bins: s.bins ?? 2048, exhaustive: s.search == "exhaustive")
         default: calibration = .max
         }
-        var scheme = QuantScheme(target: target, mapping: mapping, granularity: granularity, axis: axis,
-                                 groupSize: s.groupSize ?? 128, calibration: calibration, saturate: s.saturate ?? false)
+        var scheme = QuantScheme(
+            target: target, mapping: mapping, granularity: granularity, axis: axis,
+            groupSize: s.groupSize ?? 128, calibration: calibration, saturate: s.saturate ?? false)
         scheme.fullSymmetricRange = s.symmetricRange == "full" && mapping == .scale && target.isIntegerQuantization
         if case .entropy(let bins, let lv, _) = calibration {
             let levels = lv ?? (target.isFP8 ? 128 : 1 << (target.bits - 1))
@@ -168,8 +181,10 @@ public enum Planner {
         }
         plan.calibrationSeconds = CalibrationCost.seconds(scheme, layout: layout)
         if plan.calibrationSeconds >= CalibrationCost.slow {
-            plan.warnings.append(String(format: "slow calibration: about %.0f s of one core (%@ %@)", plan.calibrationSeconds,
-                                        scheme.calibration.name, granularity.rawValue))
+            plan.warnings.append(
+                String(
+                    format: "slow calibration: about %.0f s of one core (%@ %@)", plan.calibrationSeconds,
+                    scheme.calibration.name, granularity.rawValue))
         }
         let stored = Shape(Quantizer.storedShape(e.shape, target: target)).checkedByteCount(target.storageDType) ?? 0
         plan.bytesAfter = stored + layout.paramCount * 4 + (scheme.hasZeroPoint ? layout.paramCount : 0)

@@ -10,7 +10,10 @@ public struct QualityGates: Sendable, Equatable {
     public var noOutputOnFail = false
 
     public init(minSQNR: Double? = nil, minCosine: Double? = nil, maxSizeRatio: Double? = nil, noOutputOnFail: Bool = false) {
-        self.minSQNR = minSQNR; self.minCosine = minCosine; self.maxSizeRatio = maxSizeRatio; self.noOutputOnFail = noOutputOnFail
+        self.minSQNR = minSQNR
+        self.minCosine = minCosine
+        self.maxSizeRatio = maxSizeRatio
+        self.noOutputOnFail = noOutputOnFail
     }
 
     public var isEmpty: Bool { minSQNR == nil && minCosine == nil && maxSizeRatio == nil }
@@ -36,18 +39,36 @@ public struct QualityGates: Sendable, Equatable {
             if x2 > 0 && q2 > 0 { return xq / (x2.squareRoot() * q2.squareRoot()) }
             return x2 == 0 && q2 == 0 ? 1 : 0
         }
-        var X2 = 0.0, E2 = 0.0, XQ = 0.0, Q2 = 0.0, B = 0, A = 0
+        var X2 = 0.0
+        var E2 = 0.0
+        var XQ = 0.0
+        var Q2 = 0.0
+        var B = 0
+        var A = 0
         for t in tensors {
-            X2 += t.x2; E2 += t.e2; XQ += t.xq; Q2 += t.q2; B += t.before; A += t.after
-            if let m = minSQNR, sqnr(t.x2, t.e2) < m { out.append(Failure(tensor: t.name, gate: "sqnr_db", value: sqnr(t.x2, t.e2), threshold: m)) }
-            if let m = minCosine, cosine(t.xq, t.x2, t.q2) < m { out.append(Failure(tensor: t.name, gate: "cosine", value: cosine(t.xq, t.x2, t.q2), threshold: m)) }
+            X2 += t.x2
+            E2 += t.e2
+            XQ += t.xq
+            Q2 += t.q2
+            B += t.before
+            A += t.after
+            if let m = minSQNR, sqnr(t.x2, t.e2) < m {
+                out.append(Failure(tensor: t.name, gate: "sqnr_db", value: sqnr(t.x2, t.e2), threshold: m))
+            }
+            if let m = minCosine, cosine(t.xq, t.x2, t.q2) < m {
+                out.append(Failure(tensor: t.name, gate: "cosine", value: cosine(t.xq, t.x2, t.q2), threshold: m))
+            }
             if let m = maxSizeRatio, t.before > 0, Double(t.after) / Double(t.before) > m {
                 out.append(Failure(tensor: t.name, gate: "size_ratio", value: Double(t.after) / Double(t.before), threshold: m))
             }
         }
         if let m = minSQNR, sqnr(X2, E2) < m { out.append(Failure(tensor: "model", gate: "sqnr_db", value: sqnr(X2, E2), threshold: m)) }
-        if let m = minCosine, cosine(XQ, X2, Q2) < m { out.append(Failure(tensor: "model", gate: "cosine", value: cosine(XQ, X2, Q2), threshold: m)) }
-        if let m = maxSizeRatio, B > 0, Double(A) / Double(B) > m { out.append(Failure(tensor: "model", gate: "size_ratio", value: Double(A) / Double(B), threshold: m)) }
+        if let m = minCosine, cosine(XQ, X2, Q2) < m {
+            out.append(Failure(tensor: "model", gate: "cosine", value: cosine(XQ, X2, Q2), threshold: m))
+        }
+        if let m = maxSizeRatio, B > 0, Double(A) / Double(B) > m {
+            out.append(Failure(tensor: "model", gate: "size_ratio", value: Double(A) / Double(B), threshold: m))
+        }
         return out
     }
 
@@ -76,19 +97,24 @@ extension QualityGates {
     /// by its recorded metrics, and the tensors it kept as one row (their size ratio is 1, their error 0).
     /// `bytesBefore` and `bytesAfter` are the whole model's.
     public static func rows(metadata doc: JSONValue, bytesBefore: Int, bytesAfter: Int)
-        -> [(name: String, x2: Double, e2: Double, xq: Double, q2: Double, before: Int, after: Int)] {
+        -> [(name: String, x2: Double, e2: Double, xq: Double, q2: Double, before: Int, after: Int)]
+    {
         var rows: [(name: String, x2: Double, e2: Double, xq: Double, q2: Double, before: Int, after: Int)] = []
-        var before = 0, after = 0
+        var before = 0
+        var after = 0
         for (name, record) in doc["tensors"]?.objectValue ?? [] {
             guard let m = record["metrics"] else { continue }
             let n = Double((record["source_shape"]?.arrayValue ?? []).reduce(1) { $0 * ($1.nonNegativeInt ?? 1) })
             let e2 = (m["mse"]?.doubleValue ?? 0) * n
             let x2 = m["sqnr_db"]?.doubleValue.map { e2 * pow(10, $0 / 10) } ?? 1
-            let b = m["bytes_before"]?.nonNegativeInt ?? 0, a = m["bytes_after"]?.nonNegativeInt ?? 0
-            before += b; after += a
+            let b = m["bytes_before"]?.nonNegativeInt ?? 0
+            let a = m["bytes_after"]?.nonNegativeInt ?? 0
+            before += b
+            after += a
             rows.append((name, x2, e2, (m["cosine"]?.doubleValue ?? 1) * x2, x2, b, a))
         }
-        let keptBefore = bytesBefore - before, keptAfter = bytesAfter - after
+        let keptBefore = bytesBefore - before
+        let keptAfter = bytesAfter - after
         if keptBefore > 0 { rows.append(("kept tensors", 0, 0, 0, 0, keptBefore, max(keptAfter, 0))) }
         return rows
     }
@@ -104,7 +130,9 @@ public struct GateFailure: Error, CustomStringConvertible {
     /// Where the rejected result was written for inspection, if anywhere.
     public var rejectedPath: String?
     public init(failures: [QualityGates.Failure], outputWritten: Bool?, report: ConversionReport? = nil) {
-        self.failures = failures; self.outputWritten = outputWritten; self.report = report
+        self.failures = failures
+        self.outputWritten = outputWritten
+        self.report = report
     }
     public var description: String {
         "quality gate failed for \(failures.count) check\(failures.count == 1 ? "" : "s"): "

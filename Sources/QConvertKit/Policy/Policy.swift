@@ -71,17 +71,37 @@ public struct PolicySettings: Sendable, Equatable {
     /// The `int8` preset's values: what every key not given falls back to.
     public static let builtIn: PolicySettings = {
         var s = PolicySettings()
-        s.dtype = .int8; s.mapping = .scale; s.granularity = .channel; s.axis = .auto; s.groupSize = 128
-        s.calibration = "max"; s.percentile = 99.99; s.bins = 2048; s.levels = nil; s.search = "fast"
-        s.minElements = 1024; s.minRank = 2; s.saturate = false; s.onnxFallback = "decompose"
-        s.onnxForm = .auto; s.accuracyLevel = 4; s.symmetricRange = "restricted"
+        s.dtype = .int8
+        s.mapping = .scale
+        s.granularity = .channel
+        s.axis = .auto
+        s.groupSize = 128
+        s.calibration = "max"
+        s.percentile = 99.99
+        s.bins = 2048
+        s.levels = nil
+        s.search = "fast"
+        s.minElements = 1024
+        s.minRank = 2
+        s.saturate = false
+        s.onnxFallback = "decompose"
+        s.onnxForm = .auto
+        s.accuracyLevel = 4
+        s.symmetricRange = "restricted"
         return s
     }()
 }
 
 /// A comparison on an integer property (`rank: ">= 3"`, `elements: "< 4096"`, `rank: 2`).
 public struct IntComparison: Sendable, Equatable {
-    public enum Op: String, Sendable { case eq = "==", ne = "!=", lt = "<", le = "<=", gt = ">", ge = ">=" }
+    public enum Op: String, Sendable {
+        case eq = "=="
+        case ne = "!="
+        case lt = "<"
+        case le = "<="
+        case gt = ">"
+        case ge = ">="
+    }
     public var op: Op
     public var value: Int
 
@@ -130,21 +150,32 @@ public struct NamePattern: Sendable {
         var inClass = false
         for c in g {
             if inClass {
-                if c == "]" { inClass = false; out.append("]") }
-                else if c == "\\" { out.append("\\\\") }
-                else { out.append(c) }
+                if c == "]" {
+                    inClass = false
+                    out.append("]")
+                } else if c == "\\" {
+                    out.append("\\\\")
+                } else {
+                    out.append(c)
+                }
                 continue
             }
             switch c {
             case "*": out.append(".*")
             case "?": out.append(".")
-            case "[": inClass = true; out.append("[")
-            case ".", "(", ")", "+", "|", "^", "$", "{", "}", "\\": out.append("\\"); out.append(c)
+            case "[":
+                inClass = true
+                out.append("[")
+            case ".", "(", ")", "+", "|", "^", "$", "{", "}", "\\":
+                out.append("\\")
+                out.append(c)
             default: out.append(c)
             }
         }
         if inClass {  // an unclosed '[': the whole glob is literal text
-            return "^" + g.unicodeScalars.map { $0.properties.isAlphabetic || ("0"..."9").contains($0) ? String($0) : "\\" + String($0) }.joined() + "$"
+            return "^"
+                + g.unicodeScalars.map { $0.properties.isAlphabetic || ("0"..."9").contains($0) ? String($0) : "\\" + String($0) }.joined()
+                + "$"
         }
         return out + "$"
     }
@@ -176,7 +207,10 @@ public struct TensorFacts: Sendable {
     public var shape: [Int]
     public var consumerOps: [String]
     public init(name: String, dtype: DType, shape: [Int], consumerOps: [String] = []) {
-        self.name = name; self.dtype = dtype; self.shape = shape; self.consumerOps = consumerOps
+        self.name = name
+        self.dtype = dtype
+        self.shape = shape
+        self.consumerOps = consumerOps
     }
 }
 

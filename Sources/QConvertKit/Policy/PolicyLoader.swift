@@ -6,53 +6,53 @@ public enum PolicyLoader {
     /// Built-in presets, as the policy text they stand for.
     public static let presets: [String: String] = [
         "int8": """
-            # int8 symmetric per-channel, max calibration; float tensors of rank >= 2 with >= 1024 elements
-            defaults:
-              dtype: int8
-              mapping: scale
-              granularity: channel
-              calibration: max
-            """,
+        # int8 symmetric per-channel, max calibration; float tensors of rank >= 2 with >= 1024 elements
+        defaults:
+          dtype: int8
+          mapping: scale
+          granularity: channel
+          calibration: max
+        """,
         "uint8": """
-            # uint8 affine (zero point) per-channel
-            defaults:
-              dtype: uint8
-              mapping: affine
-              granularity: channel
-            """,
+        # uint8 affine (zero point) per-channel
+        defaults:
+          dtype: uint8
+          mapping: affine
+          granularity: channel
+        """,
         "w4g128": """
-            # int4 symmetric over the full range (-8..7, as Q4_0 and MatMulNBits), groups of 128 along the reduction axis
-            defaults:
-              dtype: int4
-              mapping: scale
-              symmetric_range: full
-              granularity: group
-              group_size: 128
-            rules:
-              # embedding tables (ONNX Gather data) keep 8 bits, as llama.cpp keeps its token embeddings wider
-              - op: Gather
-                dtype: int8
-                granularity: channel
-            """,
+        # int4 symmetric over the full range (-8..7, as Q4_0 and MatMulNBits), groups of 128 along the reduction axis
+        defaults:
+          dtype: int4
+          mapping: scale
+          symmetric_range: full
+          granularity: group
+          group_size: 128
+        rules:
+          # embedding tables (ONNX Gather data) keep 8 bits, as llama.cpp keeps its token embeddings wider
+          - op: Gather
+            dtype: int8
+            granularity: channel
+        """,
         "fp16": """
-            # every float tensor cast to float16
-            defaults:
-              dtype: fp16
-              min_elements: 0
-              min_rank: 0
-            """,
+        # every float tensor cast to float16
+        defaults:
+          dtype: fp16
+          min_elements: 0
+          min_rank: 0
+        """,
         "bf16": """
-            # every float tensor cast to bfloat16
-            defaults:
-              dtype: bf16
-              min_elements: 0
-              min_rank: 0
-            """,
+        # every float tensor cast to bfloat16
+        defaults:
+          dtype: bf16
+          min_elements: 0
+          min_rank: 0
+        """,
         "keep": """
-            # nothing changes: every tensor copied bit for bit
-            defaults:
-              dtype: keep
-            """,
+        # nothing changes: every tensor copied bit for bit
+        defaults:
+          dtype: keep
+        """
     ]
 
     public static var presetNames: [String] { ["int8", "uint8", "w4g128", "fp16", "bf16", "keep"] }
@@ -74,9 +74,11 @@ public enum PolicyLoader {
         return try parse(text: text, source: path)
     }
 
-    static let settingKeys: Set<String> = ["dtype", "mapping", "granularity", "axis", "group_size", "calibration",
-                                           "percentile", "bins", "levels", "search", "min_elements", "min_rank", "saturate",
-                                           "onnx_fallback", "onnx_form", "accuracy_level", "symmetric_range"]
+    static let settingKeys: Set<String> = [
+        "dtype", "mapping", "granularity", "axis", "group_size", "calibration",
+        "percentile", "bins", "levels", "search", "min_elements", "min_rank", "saturate",
+        "onnx_fallback", "onnx_form", "accuracy_level", "symmetric_range"
+    ]
     static let selectorKeys: Set<String> = ["match", "source_dtype", "rank", "elements", "op"]
 
     /// Deepest nesting a policy may have (flow brackets, or indentation columns / 2 plus "- " markers).
@@ -96,13 +98,23 @@ public enum PolicyLoader {
         for ch in text {
             column += 1
             if ch == "\n" {
-                line += 1; column = 0; atLineStart = true; indent = 0; comment = false
+                line += 1
+                column = 0
+                atLineStart = true
+                indent = 0
+                comment = false
                 continue
             }
             if comment { continue }
             if atLineStart {
-                if ch == " " { indent += 1; continue }
-                if ch == "-" { indent += 2; continue }   // "- " markers nest like indentation
+                if ch == " " {
+                    indent += 1
+                    continue
+                }
+                if ch == "-" {
+                    indent += 2
+                    continue
+                }  // "- " markers nest like indentation
                 atLineStart = false
                 if indent / 2 > maxNesting {
                     throw QConvertError.policy(path: path, line: line, column: column, message: "nested deeper than \(maxNesting) levels")
@@ -137,7 +149,7 @@ public enum PolicyLoader {
             throw QConvertError.policy(path: source, line: 0, column: 0, message: "\(error)")
         }
         var policy = Policy(source: source, text: text, defaults: .builtIn, rules: [])
-        guard let root = node else { return policy }   // empty file: the int8 preset
+        guard let root = node else { return policy }  // empty file: the int8 preset
         guard let map = root.mapping else {
             throw err(source, root, "a policy is a mapping with 'defaults' and 'rules'")
         }
@@ -219,7 +231,9 @@ public enum PolicyLoader {
                 case "source_dtype":
                     rule.sourceDTypes = try stringList(v, key, path).map { name in
                         guard let d = DType(rawValue: name.lowercased()) ?? DType(safetensorsName: name.uppercased()) else {
-                            throw err(path, v, "unknown source_dtype '\(name)' (f64 f32 f16 bf16 f8e4m3 f8e5m2 i64 i32 i16 i8 u64 u32 u16 u8 bool)")
+                            throw err(
+                                path, v,
+                                "unknown source_dtype '\(name)' (f64 f32 f16 bf16 f8e4m3 f8e5m2 i64 i32 i16 i8 u64 u32 u16 u8 bool)")
                         }
                         return d
                     }
@@ -247,13 +261,19 @@ public enum PolicyLoader {
                 s.mapping = x
             case "granularity":
                 let t = try string(v, key, path)
-                guard let x = Granularity(rawValue: t) else { throw err(path, v, "bad granularity '\(t)' (tensor | channel | group | element)") }
+                guard let x = Granularity(rawValue: t) else {
+                    throw err(path, v, "bad granularity '\(t)' (tensor | channel | group | element)")
+                }
                 s.granularity = x
             case "axis":
                 let t = try string(v, key, path)
-                if t == "auto" { s.axis = .auto }
-                else if let i = Int(t) { s.axis = .fixed(i) }
-                else { throw err(path, v, "bad axis '\(t)' (auto or an integer; negative counts from the end)") }
+                if t == "auto" {
+                    s.axis = .auto
+                } else if let i = Int(t) {
+                    s.axis = .fixed(i)
+                } else {
+                    throw err(path, v, "bad axis '\(t)' (auto or an integer; negative counts from the end)")
+                }
             case "group_size":
                 let i = try int(v, key, path)
                 guard i >= 1 else { throw err(path, v, "group_size must be at least 1") }
@@ -350,7 +370,8 @@ public enum PolicyLoader {
 
     static func yamlError(_ e: YamlError, path: String) -> QConvertError {
         switch e {
-        case .scanner(let ctx, let problem, let mark, _), .parser(let ctx, let problem, let mark, _), .composer(let ctx, let problem, let mark, _):
+        case .scanner(let ctx, let problem, let mark, _), .parser(let ctx, let problem, let mark, _),
+            .composer(let ctx, let problem, let mark, _):
             let c = ctx.map { $0.text + " " } ?? ""
             return .policy(path: path, line: mark.line, column: mark.column, message: "YAML: \(c)\(problem)")
         default:

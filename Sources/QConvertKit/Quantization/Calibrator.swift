@@ -1,5 +1,5 @@
-import Foundation
 import CQKernels
+import Foundation
 
 /// Range selection (QUANTIZATION.md section 5). All functions are pure and deterministic.
 public enum Calibrator {
@@ -11,7 +11,8 @@ public enum Calibrator {
         let prevIndex = Swift.max(0, Swift.min(n - 1, Int(virtual.rounded(.down))))
         let nextIndex = Swift.min(n - 1, prevIndex + 1)
         let t = virtual - Double(prevIndex)
-        let a = Double(sorted[prevIndex]), b = Double(sorted[nextIndex])
+        let a = Double(sorted[prevIndex])
+        let b = Double(sorted[nextIndex])
         let diff = b - a
         // numpy's _lerp: from the nearer end, so that t = 1 gives b exactly.
         return t >= 0.5 ? b - diff * (1 - t) : a + diff * t
@@ -26,7 +27,10 @@ public enum Calibrator {
     /// Histogram of |x| over [0, amax] with `bins` equal bins; the last bin is closed.
     public static func absHistogram(_ values: UnsafeBufferPointer<Float>, amax: Float, bins: Int) -> [Double] {
         var hist = [Double](repeating: 0, count: bins)
-        guard amax > 0 else { hist[0] = Double(values.count); return hist }
+        guard amax > 0 else {
+            hist[0] = Double(values.count)
+            return hist
+        }
         let width = Double(amax) / Double(bins)
         for v in values {
             var k = Int(Double(abs(v)) / width)
@@ -79,12 +83,16 @@ public enum Calibrator {
                 var q = eps
                 if hist[k] != 0 {
                     let g = ((k + 1) * levels + i - 1) / i - 1
-                    let start = g * i / levels, end = (g + 1) * i / levels
+                    let start = g * i / levels
+                    let end = (g + 1) * i / levels
                     let mass = prefix[end] - prefix[start]
                     let count = nonEmptyPrefix[end] - nonEmptyPrefix[start]
                     q = (mass / Double(count)) / sumQ - eps1Q
                 }
-                if p <= 0 || q <= 0 { valid = false; return }
+                if p <= 0 || q <= 0 {
+                    valid = false
+                    return
+                }
                 kl += p * log(p / q)
             }
             for k in nz {
@@ -93,7 +101,10 @@ public enum Calibrator {
             }
             if lastEmpty && outliers > 0 { term(i - 1) }
             guard valid else { continue }
-            if kl <= bestKL { bestKL = kl; bestI = i }   // ties: the largest i
+            if kl <= bestKL {
+                bestKL = kl
+                bestI = i
+            }  // ties: the largest i
         }
         return bestI
     }
@@ -107,7 +118,7 @@ public enum Calibrator {
         var best = Double.infinity
         let nz = (0..<bins).filter { hist[$0] != 0 }
         for i in levels...bins {
-            let alpha = Double(i)          // in bin-width units
+            let alpha = Double(i)  // in bin-width units
             let step = alpha / Double(qmax)
             var err = 0.0
             for k in nz {
@@ -116,7 +127,10 @@ public enum Calibrator {
                 let e = c - q * step
                 err += hist[k] * e * e
             }
-            if err <= best { best = err; bestI = i }
+            if err <= best {
+                best = err
+                bestI = i
+            }
         }
         return bestI
     }
@@ -124,8 +138,10 @@ public enum Calibrator {
     /// The range [beta, alpha] of one group of values under a calibration method, by the
     /// straightforward reference implementation above (a pass over every bin for every candidate,
     /// full sorts for percentiles). `lo` and `hi` are the group's min and max.
-    static func referenceRange(_ values: UnsafeBufferPointer<Float>, lo: Float, hi: Float, calibration: Calibration,
-                               mapping: Mapping, levels: Int, qmaxSymmetric: Int) -> (beta: Float, alpha: Float) {
+    static func referenceRange(
+        _ values: UnsafeBufferPointer<Float>, lo: Float, hi: Float, calibration: Calibration,
+        mapping: Mapping, levels: Int, qmaxSymmetric: Int
+    ) -> (beta: Float, alpha: Float) {
         let amax = Swift.max(abs(lo), abs(hi))
         switch calibration {
         case .max:
@@ -199,8 +215,10 @@ final class CalibrationScratch {
     }
 
     /// The range [beta, alpha] of one group of values (`lo`, `hi` its min and max).
-    func range(_ values: UnsafeBufferPointer<Float>, lo: Float, hi: Float, calibration: Calibration, mapping: Mapping,
-               levels: Int, qmaxSymmetric: Int) -> (beta: Float, alpha: Float) {
+    func range(
+        _ values: UnsafeBufferPointer<Float>, lo: Float, hi: Float, calibration: Calibration, mapping: Mapping,
+        levels: Int, qmaxSymmetric: Int
+    ) -> (beta: Float, alpha: Float) {
         let amax = Swift.max(abs(lo), abs(hi))
         switch calibration {
         case .max:
@@ -228,8 +246,9 @@ final class CalibrationScratch {
                 counts.withUnsafeBufferPointer { c in
                     prefix.withUnsafeMutableBufferPointer { pf in
                         scratch.withUnsafeMutableBufferPointer { sc in
-                            qk_entropy_candidate(b.baseAddress, c.baseAddress, Int64(nz), pf.baseAddress, Int64(bins),
-                                                 lev, sc.baseAddress, exhaustive ? 1 : 0, nil)
+                            qk_entropy_candidate(
+                                b.baseAddress, c.baseAddress, Int64(nz), pf.baseAddress, Int64(bins),
+                                lev, sc.baseAddress, exhaustive ? 1 : 0, nil)
                         }
                     }
                 }
@@ -240,8 +259,9 @@ final class CalibrationScratch {
             let i = binIndex.withUnsafeBufferPointer { b in
                 counts.withUnsafeBufferPointer { c in
                     prefix.withUnsafeMutableBufferPointer { pf in
-                        qk_mse_candidate(b.baseAddress, c.baseAddress, Int64(nz), pf.baseAddress, Int64(bins),
-                                         Int64(levels), Int64(qmaxSymmetric), exhaustive ? 1 : 0, nil)
+                        qk_mse_candidate(
+                            b.baseAddress, c.baseAddress, Int64(nz), pf.baseAddress, Int64(bins),
+                            Int64(levels), Int64(qmaxSymmetric), exhaustive ? 1 : 0, nil)
                     }
                 }
             }
@@ -274,8 +294,10 @@ final class CalibrationScratch {
         return dense.withUnsafeMutableBufferPointer { d in
             binIndex.withUnsafeMutableBufferPointer { b in
                 counts.withUnsafeMutableBufferPointer { c in
-                    Int(qk_sparse_abs_hist(values.baseAddress, Int64(n), amax, Int64(bins), d.baseAddress, b.baseAddress,
-                                           c.baseAddress))
+                    Int(
+                        qk_sparse_abs_hist(
+                            values.baseAddress, Int64(n), amax, Int64(bins), d.baseAddress, b.baseAddress,
+                            c.baseAddress))
                 }
             }
         }
@@ -304,7 +326,8 @@ public enum CalibrationCost {
         case .percentile:
             micros = 0.008 * n
         case .entropy(let bins, let lv, let exhaustive):
-            let b = Double(bins), l = Double(lv ?? Int(levels))
+            let b = Double(bins)
+            let l = Double(lv ?? Int(levels))
             let candidates = Swift.max(b - l + 1, 1)
             let evaluations = exhaustive ? candidates : Swift.min(candidates, 50)
             micros = 0.005 * n + evaluations * (0.1 + 0.002 * Swift.min(n, l, b) + 0.0003 * Swift.min(n, b))

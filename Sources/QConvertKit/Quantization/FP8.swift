@@ -44,11 +44,14 @@ public enum FP8 {
         if e < minExp {
             // subnormal: units of 2^(minExp - m)
             let q = (a * Float(sign: .plus, exponent: m - minExp, significand: 1)).rounded(.toNearestOrEven)
-            return sign | UInt8(q)   // q == 2^m is exactly the smallest normal code
+            return sign | UInt8(q)  // q == 2^m is exactly the smallest normal code
         }
-        let frac = a * Float(sign: .plus, exponent: -e, significand: 1) - 1   // [0, 1)
+        let frac = a * Float(sign: .plus, exponent: -e, significand: 1) - 1  // [0, 1)
         var q = Int((frac * Float(1 << m)).rounded(.toNearestOrEven))
-        if q == (1 << m) { q = 0; e += 1 }
+        if q == (1 << m) {
+            q = 0
+            e += 1
+        }
         let code = UInt8((e + bias) << m | q)
         if code > maxCode { return sign | maxCode }
         return sign | code

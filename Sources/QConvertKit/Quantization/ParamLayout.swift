@@ -23,14 +23,21 @@ public struct ParamLayout: Sendable, Equatable {
         case .tensor:
             break
         case .channel:
-            if r > 0 { p[axis] = shape[axis]; d[axis] = 1 }
+            if r > 0 {
+                p[axis] = shape[axis]
+                d[axis] = 1
+            }
         case .element:
-            p = shape; d = [Int](repeating: 1, count: r)
+            p = shape
+            d = [Int](repeating: 1, count: r)
         case .group:
             if r > 0 {
                 let g = ParamLayout.groupAxis(rank: r, channelAxis: axis)
                 gAxis = g
-                for j in 0..<r where j != g { p[j] = shape[j]; d[j] = 1 }
+                for j in 0..<r where j != g {
+                    p[j] = shape[j]
+                    d[j] = 1
+                }
                 // ceil(D / B) without D + B - 1, which overflows for a group size near Int.max
                 p[g] = shape[g] / groupSize + (shape[g] % groupSize == 0 ? 0 : 1)
                 d[g] = groupSize
@@ -61,7 +68,10 @@ public struct ParamLayout: Sendable, Equatable {
     }
 
     /// How parameters vary along the innermost axis.
-    enum LastAxis { case shared, distinct, blocked(Int) }
+    enum LastAxis {
+        case shared, distinct
+        case blocked(Int)
+    }
 
     var lastAxisMode: LastAxis {
         guard let last = shape.last else { return .shared }
@@ -80,7 +90,7 @@ public struct ParamLayout: Sendable, Equatable {
         guard let last = shape.last, n > 0 else { return nil }
         var bounds = [Int](repeating: -1, count: pc + 1)
         bounds[pc] = n
-        var next = 0          // the parameter that must start next
+        var next = 0  // the parameter that must start next
         var ok = true
         let mode = lastAxisMode
         forEachRow { row, pi in
@@ -88,15 +98,32 @@ public struct ParamLayout: Sendable, Equatable {
             let base = row * last
             switch mode {
             case .shared:
-                if pi == next { bounds[pi] = base; next += 1 } else if pi != next - 1 { ok = false }
+                if pi == next {
+                    bounds[pi] = base
+                    next += 1
+                } else if pi != next - 1 {
+                    ok = false
+                }
             case .distinct:
-                if pi == next { for k in 0..<last { bounds[pi + k] = base + k }; next += last } else { ok = false }
+                if pi == next {
+                    for k in 0..<last { bounds[pi + k] = base + k }
+                    next += last
+                } else {
+                    ok = false
+                }
             case .blocked(let b):
                 if pi == next {
-                    var start = 0, blk = 0
-                    while start < last { bounds[pi + blk] = base + start; start += b; blk += 1 }
+                    var start = 0
+                    var blk = 0
+                    while start < last {
+                        bounds[pi + blk] = base + start
+                        start += b
+                        blk += 1
+                    }
                     next += blk
-                } else { ok = false }
+                } else {
+                    ok = false
+                }
             }
         }
         return ok && next == pc ? bounds : nil
@@ -105,7 +132,10 @@ public struct ParamLayout: Sendable, Equatable {
     /// Calls `body(rowIndex, firstParamIndexOfRow)` for each innermost row.
     func forEachRow(_ body: (Int, Int) throws -> Void) rethrows {
         let r = shape.count
-        if r == 0 { try body(0, 0); return }
+        if r == 0 {
+            try body(0, 0)
+            return
+        }
         let rows = shape.dropLast().reduce(1, *)
         if rows == 0 || shape[r - 1] == 0 { return }
         var pstrides = [Int](repeating: 1, count: r)

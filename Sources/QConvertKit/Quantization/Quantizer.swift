@@ -1,5 +1,5 @@
-import Foundation
 import CQKernels
+import Foundation
 
 /// Per-tensor error metrics (QUANTIZATION.md section 6).
 public struct TensorMetrics: Sendable, Codable, Equatable {
@@ -57,14 +57,21 @@ public enum Quantizer {
     /// Quantizes (or casts) float32 values of the given shape. `bytesBefore` is the
     /// source's stored size, for the metrics. `reference` selects the scalar kernels.
     /// `progress`, when given, receives counts of elements calibrated as a slow calibration goes on.
-    public static func quantize(name: String, values x: UnsafeBufferPointer<Float>, shape: [Int], scheme: QuantScheme,
-                                bytesBefore: Int, reference: Bool = false,
-                                progress: (@Sendable (Int) -> Void)? = nil) throws -> QuantizedTensor {
+    public static func quantize(
+        name: String, values x: UnsafeBufferPointer<Float>, shape: [Int], scheme: QuantScheme,
+        bytesBefore: Int, reference: Bool = false,
+        progress: (@Sendable (Int) -> Void)? = nil
+    ) throws -> QuantizedTensor {
         let n = x.count
-        var lo: Float = 0, hi: Float = 0
+        var lo: Float = 0
+        var hi: Float = 0
         if n > 0 {
             if qk_minmax_f32(x.baseAddress, Int64(n), &lo, &hi) != 0 {
-                throw QConvertError.tensor(name: name, message: "contains NaN or infinity and cannot be \(scheme.target.isCast ? "cast" : "quantized"); keep it with a rule (dtype: keep)")
+                throw QConvertError.tensor(
+                    name: name,
+                    message:
+                        "contains NaN or infinity and cannot be \(scheme.target.isCast ? "cast" : "quantized"); keep it with a rule (dtype: keep)"
+                )
             }
         }
         switch scheme.target {
@@ -77,8 +84,9 @@ public enum Quantizer {
         }
         let layout = ParamLayout(shape: shape, granularity: scheme.granularity, axis: scheme.axis, groupSize: scheme.groupSize)
         var warnings: [String] = []
-        let (scales, zps) = computeParameters(x, layout: layout, scheme: scheme, warnings: &warnings, reference: reference,
-                                              progress: progress)
+        let (scales, zps) = computeParameters(
+            x, layout: layout, scheme: scheme, warnings: &warnings, reference: reference,
+            progress: progress)
 
         var sums = qk_metrics()
         var q = [UInt8](repeating: 0, count: n)
@@ -87,8 +95,9 @@ public enum Quantizer {
         } else {
             let (qmin, qmax) = scheme.integerRange
             if reference {
-                ReferenceKernels.quantize(x, paramIndex: layout.paramIndices(), scales: scales, zeroPoints: zps,
-                                          qmin: qmin, qmax: qmax, out: &q, sums: &sums)
+                ReferenceKernels.quantize(
+                    x, paramIndex: layout.paramIndices(), scales: scales, zeroPoints: zps,
+                    qmin: qmin, qmax: qmax, out: &q, sums: &sums)
             } else {
                 fastQuantize(x, layout: layout, scales: scales, zps: zps, qmin: qmin, qmax: qmax, out: &q, sums: &sums)
             }
@@ -104,20 +113,23 @@ public enum Quantizer {
         if scheme.granularity == .element {
             warnings.append("per-element parameters make the tensor larger than float32")
         }
-        return QuantizedTensor(values: stored, valuesDType: scheme.target.storageDType,
-                               valuesShape: storedShape(shape, target: scheme.target),
-                               scale: scales, zeroPoint: zpBytes, paramShape: layout.paramShape,
-                               metrics: TensorMetrics(sums: sums, count: n, bytesBefore: bytesBefore, bytesAfter: after),
-                               warnings: warnings)
+        return QuantizedTensor(
+            values: stored, valuesDType: scheme.target.storageDType,
+            valuesShape: storedShape(shape, target: scheme.target),
+            scale: scales, zeroPoint: zpBytes, paramShape: layout.paramShape,
+            metrics: TensorMetrics(sums: sums, count: n, bytesBefore: bytesBefore, bytesAfter: after),
+            warnings: warnings)
     }
 
     /// Per-parameter (Δ, z) from the calibrated ranges.
     ///
     /// `reference` calibrates with the straightforward Swift implementation, and `progress` receives the
     /// number of elements calibrated as the work goes on (from any thread).
-    static func computeParameters(_ x: UnsafeBufferPointer<Float>, layout: ParamLayout, scheme: QuantScheme,
-                                  warnings: inout [String], reference: Bool = false,
-                                  progress: (@Sendable (Int) -> Void)? = nil) -> ([Float], [Int32]) {
+    static func computeParameters(
+        _ x: UnsafeBufferPointer<Float>, layout: ParamLayout, scheme: QuantScheme,
+        warnings: inout [String], reference: Bool = false,
+        progress: (@Sendable (Int) -> Void)? = nil
+    ) -> ([Float], [Int32]) {
         let pc = layout.paramCount
         var beta = [Float](repeating: .infinity, count: pc)
         var alpha = [Float](repeating: -.infinity, count: pc)
@@ -132,7 +144,8 @@ public enum Quantizer {
             if scheme.mapping == .scale && !scheme.fullSymmetricRange {
                 for i in 0..<pc {
                     let a = Swift.max(abs(beta[i]), abs(alpha[i]))
-                    beta[i] = -a; alpha[i] = a
+                    beta[i] = -a
+                    alpha[i] = a
                 }
             }
         } else {
@@ -150,12 +163,17 @@ public enum Quantizer {
                 for k in 0..<pc { counts[k + 1] += counts[k] }
                 grouped = [Float](repeating: 0, count: x.count)
                 var fill = counts
-                for (e, i) in idx.enumerated() { grouped[fill[Int(i)]] = x[e]; fill[Int(i)] += 1 }
+                for (e, i) in idx.enumerated() {
+                    grouped[fill[Int(i)]] = x[e]
+                    fill[Int(i)] += 1
+                }
             }
             var longest = 0
             for k in 0..<pc { longest = Swift.max(longest, counts[k + 1] - counts[k]) }
-            let calibration = scheme.calibration, mapping = scheme.mapping
-            let bounds = counts, widest = longest
+            let calibration = scheme.calibration
+            let mapping = scheme.mapping
+            let bounds = counts
+            let widest = longest
             // Parameters are independent: chunks of them run on every core, each chunk with its own
             // scratch buffers. The result does not depend on the split.
             let chunks = (reference || pc < 64) ? 1 : Swift.min(pc, ProcessInfo.processInfo.activeProcessorCount * 4)
@@ -168,20 +186,30 @@ public enum Quantizer {
                         let alphaOut = UnsafeMutableSendable(alphaOut.baseAddress!)
                         let g = UnsafeSendable(g)
                         DispatchQueue.concurrentPerform(iterations: chunks) { chunk in
-                            let first = pc * chunk / chunks, end = pc * (chunk + 1) / chunks
+                            let first = pc * chunk / chunks
+                            let end = pc * (chunk + 1) / chunks
                             let scratch = reference ? nil : CalibrationScratch(capacity: widest, calibration: calibration)
                             for k in first..<end {
                                 let part = UnsafeBufferPointer(rebasing: g.value[bounds[k]..<bounds[k + 1]])
-                                guard !part.isEmpty else { betaOut.value[k] = 0; alphaOut.value[k] = 0; continue }
-                                var lo: Float = 0, hi: Float = 0
+                                guard !part.isEmpty else {
+                                    betaOut.value[k] = 0
+                                    alphaOut.value[k] = 0
+                                    continue
+                                }
+                                var lo: Float = 0
+                                var hi: Float = 0
                                 _ = qk_minmax_f32(part.baseAddress, Int64(part.count), &lo, &hi)
                                 // The kernels count a histogram bin in 32 bits: a larger group takes the reference path.
                                 let fast = part.count <= Int(UInt32.max) ? scratch : nil
-                                let r = fast?.range(part, lo: lo, hi: hi, calibration: calibration, mapping: mapping,
-                                                       levels: levels, qmaxSymmetric: qmaxSym)
-                                    ?? Calibrator.referenceRange(part, lo: lo, hi: hi, calibration: calibration, mapping: mapping,
-                                                                 levels: levels, qmaxSymmetric: qmaxSym)
-                                betaOut.value[k] = r.beta; alphaOut.value[k] = r.alpha
+                                let r =
+                                    fast?.range(
+                                        part, lo: lo, hi: hi, calibration: calibration, mapping: mapping,
+                                        levels: levels, qmaxSymmetric: qmaxSym)
+                                    ?? Calibrator.referenceRange(
+                                        part, lo: lo, hi: hi, calibration: calibration, mapping: mapping,
+                                        levels: levels, qmaxSymmetric: qmaxSym)
+                                betaOut.value[k] = r.beta
+                                alphaOut.value[k] = r.alpha
                                 if (k - first) % 256 == 255 { progress?(bounds[k + 1] - bounds[k - 255]) }
                             }
                             let rest = (end - first) % 256
@@ -194,7 +222,8 @@ public enum Quantizer {
         var scales = [Float](repeating: 1, count: pc)
         var zps = [Int32](repeating: 0, count: pc)
         for k in 0..<pc {
-            let b = beta[k].isFinite ? beta[k] : 0, a = alpha[k].isFinite ? alpha[k] : 0
+            let b = beta[k].isFinite ? beta[k] : 0
+            let a = alpha[k].isFinite ? alpha[k] : 0
             (scales[k], zps[k]) = parameters(beta: b, alpha: a, scheme: scheme)
         }
         return (scales, zps)
@@ -220,7 +249,8 @@ public enum Quantizer {
             let s = a / Float((qmax - qmin) / 2)
             return (s >= Float.leastNormalMagnitude ? s : 1, (qmin + qmax) / 2)
         }
-        let b = Swift.min(beta, 0), a = Swift.max(alpha, 0)
+        let b = Swift.min(beta, 0)
+        let a = Swift.max(alpha, 0)
         let s = (a - b) / Float(qmax - qmin)
         guard s >= Float.leastNormalMagnitude else { return (1, scheme.target.isSigned ? 0 : qmin) }
         let r = (b / s).rounded(.toNearestOrEven)
@@ -236,26 +266,38 @@ public enum Quantizer {
             let rowPtr = base + row * L
             switch mode {
             case .shared:
-                var l: Float = 0, h: Float = 0
+                var l: Float = 0
+                var h: Float = 0
                 _ = qk_minmax_f32(rowPtr, Int64(L), &l, &h)
-                lo[pi] = Swift.min(lo[pi], l); hi[pi] = Swift.max(hi[pi], h)
+                lo[pi] = Swift.min(lo[pi], l)
+                hi[pi] = Swift.max(hi[pi], h)
             case .distinct:
-                for k in 0..<L { let v = rowPtr[k]; lo[pi + k] = Swift.min(lo[pi + k], v); hi[pi + k] = Swift.max(hi[pi + k], v) }
+                for k in 0..<L {
+                    let v = rowPtr[k]
+                    lo[pi + k] = Swift.min(lo[pi + k], v)
+                    hi[pi + k] = Swift.max(hi[pi + k], v)
+                }
             case .blocked(let b):
-                var start = 0, blk = 0
+                var start = 0
+                var blk = 0
                 while start < L {
                     let len = Swift.min(b, L - start)
-                    var l: Float = 0, h: Float = 0
+                    var l: Float = 0
+                    var h: Float = 0
                     _ = qk_minmax_f32(rowPtr + start, Int64(len), &l, &h)
-                    lo[pi + blk] = Swift.min(lo[pi + blk], l); hi[pi + blk] = Swift.max(hi[pi + blk], h)
-                    start += b; blk += 1
+                    lo[pi + blk] = Swift.min(lo[pi + blk], l)
+                    hi[pi + blk] = Swift.max(hi[pi + blk], h)
+                    start += b
+                    blk += 1
                 }
             }
         }
     }
 
-    static func fastQuantize(_ x: UnsafeBufferPointer<Float>, layout: ParamLayout, scales: [Float], zps: [Int32],
-                             qmin: Int32, qmax: Int32, out: inout [UInt8], sums: inout qk_metrics) {
+    static func fastQuantize(
+        _ x: UnsafeBufferPointer<Float>, layout: ParamLayout, scales: [Float], zps: [Int32],
+        qmin: Int32, qmax: Int32, out: inout [UInt8], sums: inout qk_metrics
+    ) {
         guard let base = x.baseAddress, !x.isEmpty else { return }
         let L = layout.shape.last ?? 1
         let mode = layout.lastAxisMode
@@ -271,11 +313,13 @@ public enum Quantizer {
                         case .distinct:
                             qk_quantize_int_f32_vec(xr, Int64(L), sc.baseAddress! + pi, zp.baseAddress! + pi, qmin, qmax, orow, &sums)
                         case .blocked(let b):
-                            var start = 0, blk = 0
+                            var start = 0
+                            var blk = 0
                             while start < L {
                                 let len = Swift.min(b, L - start)
                                 qk_quantize_int_f32(xr + start, Int64(len), sc[pi + blk], zp[pi + blk], qmin, qmax, orow + start, &sums)
-                                start += b; blk += 1
+                                start += b
+                                blk += 1
                             }
                         }
                     }
@@ -284,8 +328,10 @@ public enum Quantizer {
         }
     }
 
-    static func quantizeFP8(_ x: UnsafeBufferPointer<Float>, layout: ParamLayout, scales: [Float], format: FP8.Format,
-                            out: inout [UInt8], sums: inout qk_metrics) {
+    static func quantizeFP8(
+        _ x: UnsafeBufferPointer<Float>, layout: ParamLayout, scales: [Float], format: FP8.Format,
+        out: inout [UInt8], sums: inout qk_metrics
+    ) {
         let idx = layout.paramIndices()
         let maxV = FP8.maxFinite(format)
         var m = MetricSums()
@@ -300,14 +346,22 @@ public enum Quantizer {
         m.store(into: &sums)
     }
 
-    static func cast(name: String, _ x: UnsafeBufferPointer<Float>, shape: [Int], scheme: QuantScheme, bytesBefore: Int) throws -> QuantizedTensor {
+    static func cast(name: String, _ x: UnsafeBufferPointer<Float>, shape: [Int], scheme: QuantScheme, bytesBefore: Int) throws
+        -> QuantizedTensor
+    {
         let n = x.count
         var halves = [UInt16](repeating: 0, count: n)
         var back = [Float](repeating: 0, count: n)
         if scheme.target == .fp16 {
-            let overflow = halves.withUnsafeMutableBufferPointer { qk_f32_to_f16(x.baseAddress, Int64(n), $0.baseAddress, scheme.saturate ? 1 : 0) }
+            let overflow = halves.withUnsafeMutableBufferPointer {
+                qk_f32_to_f16(x.baseAddress, Int64(n), $0.baseAddress, scheme.saturate ? 1 : 0)
+            }
             if overflow > 0 && !scheme.saturate {
-                throw QConvertError.tensor(name: name, message: "\(overflow) values overflow float16 (|x| ≥ 65520); set 'saturate: true' in the rule to clamp them to ±65504, or keep the tensor")
+                throw QConvertError.tensor(
+                    name: name,
+                    message:
+                        "\(overflow) values overflow float16 (|x| ≥ 65520); set 'saturate: true' in the rule to clamp them to ±65504, or keep the tensor"
+                )
             }
             halves.withUnsafeBytes { qk_f16_to_f32($0.baseAddress, Int64(n), &back) }
         } else {
@@ -319,15 +373,18 @@ public enum Quantizer {
         var sums = qk_metrics()
         m.store(into: &sums)
         let bytes = halves.withUnsafeBytes { [UInt8]($0) }
-        return QuantizedTensor(values: bytes, valuesDType: scheme.target.storageDType, valuesShape: shape, scale: nil,
-                               zeroPoint: nil, paramShape: [],
-                               metrics: TensorMetrics(sums: sums, count: n, bytesBefore: bytesBefore, bytesAfter: bytes.count),
-                               warnings: [])
+        return QuantizedTensor(
+            values: bytes, valuesDType: scheme.target.storageDType, valuesShape: shape, scale: nil,
+            zeroPoint: nil, paramShape: [],
+            metrics: TensorMetrics(sums: sums, count: n, bytesBefore: bytesBefore, bytesAfter: bytes.count),
+            warnings: [])
     }
 
     /// Reconstructs float32 values x̂ = (q − z)·Δ from stored values and parameters.
-    public static func dequantize(values: [UInt8], target: TargetType, shape: [Int], scale: [Float]?, zeroPoint: [UInt8]?,
-                                  granularity: Granularity, axis: Int, groupSize: Int) -> [Float] {
+    public static func dequantize(
+        values: [UInt8], target: TargetType, shape: [Int], scale: [Float]?, zeroPoint: [UInt8]?,
+        granularity: Granularity, axis: Int, groupSize: Int
+    ) -> [Float] {
         let n = shape.reduce(1, *)
         switch target {
         case .keep:
@@ -394,12 +451,19 @@ struct MetricSums {
     @inline(__always)
     mutating func add(_ x: Float, _ xh: Float) {
         let e = x - xh
-        x2 += Double(x * x); e2 += Double(e * e); xq += Double(x * xh); q2 += Double(xh * xh)
+        x2 += Double(x * x)
+        e2 += Double(e * e)
+        xq += Double(x * xh)
+        q2 += Double(xh * xh)
         maxErr = Swift.max(maxErr, abs(e))
     }
 
     func store(into s: inout qk_metrics) {
-        s.sum_x2 += x2; s.sum_e2 += e2; s.sum_xq += xq; s.sum_q2 += q2
-        s.max_err = Swift.max(s.max_err, maxErr); s.clipped += Int64(clipped)
+        s.sum_x2 += x2
+        s.sum_e2 += e2
+        s.sum_xq += xq
+        s.sum_q2 += q2
+        s.max_err = Swift.max(s.max_err, maxErr)
+        s.clipped += Int64(clipped)
     }
 }

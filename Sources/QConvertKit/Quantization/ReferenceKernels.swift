@@ -3,14 +3,18 @@ import CQKernels
 /// Plain scalar kernels: the specification the fast C kernels are tested against bit for bit.
 public enum ReferenceKernels {
     /// q = clamp(round_half_even(x / Δ) + z, qmin, qmax), one byte per element.
-    static func quantize(_ x: UnsafeBufferPointer<Float>, paramIndex: [Int32], scales: [Float], zeroPoints: [Int32],
-                         qmin: Int32, qmax: Int32, out: inout [UInt8], sums: inout qk_metrics) {
+    static func quantize(
+        _ x: UnsafeBufferPointer<Float>, paramIndex: [Int32], scales: [Float], zeroPoints: [Int32],
+        qmin: Int32, qmax: Int32, out: inout [UInt8], sums: inout qk_metrics
+    ) {
         var m = MetricSums()
         for i in 0..<x.count {
             let p = Int(paramIndex[i])
-            let s = scales[p], z = zeroPoints[p]
+            let s = scales[p]
+            let z = zeroPoints[p]
             let v = x[i] / s
-            let lo = Float(qmin - z), hi = Float(qmax - z)
+            let lo = Float(qmin - z)
+            let hi = Float(qmax - z)
             if v < lo - 0.5 || v > hi + 0.5 { m.clipped += 1 }
             let r = Swift.min(Swift.max(v, lo), hi).rounded(.toNearestOrEven)
             let q = Int32(r) + z
@@ -29,7 +33,8 @@ public enum ReferenceKernels {
         x.map { v in
             if v.isNaN { return UInt16(v.bitPattern >> 16) | 0x40 }
             let b = v.bitPattern
-            let lower = b & 0xFFFF, upper = b >> 16
+            let lower = b & 0xFFFF
+            let upper = b >> 16
             if lower > 0x8000 || (lower == 0x8000 && (upper & 1) == 1) { return UInt16(truncatingIfNeeded: upper + 1) }
             return UInt16(upper)
         }

@@ -95,8 +95,10 @@ public struct QuantScheme: Sendable, Equatable, Hashable {
     /// −2^(b−1), as llama.cpp's Q4_0 and onnxruntime's block quantizer do) instead of the restricted one.
     public var fullSymmetricRange = false
 
-    public init(target: TargetType, mapping: Mapping = .scale, granularity: Granularity = .channel, axis: Int = 0,
-                groupSize: Int = 128, calibration: Calibration = .max, saturate: Bool = false) {
+    public init(
+        target: TargetType, mapping: Mapping = .scale, granularity: Granularity = .channel, axis: Int = 0,
+        groupSize: Int = 128, calibration: Calibration = .max, saturate: Bool = false
+    ) {
         self.target = target
         self.mapping = mapping
         self.granularity = granularity
@@ -116,7 +118,7 @@ public struct QuantScheme: Sendable, Equatable, Hashable {
         if mapping == .scale && fullSymmetricRange { return full }
         if mapping == .scale {
             let m = Int32((1 << (target.bits - 1)) - 1)
-            return target.isSigned ? (-m, m) : (1, full.qmax)   // unsigned: zero point at the midpoint (128, 8)
+            return target.isSigned ? (-m, m) : (1, full.qmax)  // unsigned: zero point at the midpoint (128, 8)
         }
         return full
     }

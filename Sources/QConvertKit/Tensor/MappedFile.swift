@@ -1,9 +1,10 @@
 import CQKernels
 import Foundation
+
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Darwin)
-import Darwin
+    import Darwin
 #endif
 
 /// A read-only memory map of a whole file. Pages can be released after use so
@@ -67,7 +68,10 @@ public final class MappedFile: @unchecked Sendable {
         var done = 0
         while done < count {
             let n = pread(fd, buf.baseAddress! + done, count - done, off_t(offset + done))
-            if n < 0 { if errno == EINTR { continue }; return -1 }
+            if n < 0 {
+                if errno == EINTR { continue }
+                return -1
+            }
             if n == 0 { break }
             done += n
         }

@@ -1,5 +1,5 @@
-import Foundation
 import CQKernels
+import Foundation
 
 /// Where a tensor's bytes live: a window of a mapped file, or memory of its own.
 public enum TensorBytes: @unchecked Sendable {

@@ -2,7 +2,7 @@ import Foundation
 
 /// The .npy format: magic, version, a Python-literal header dict, raw data.
 enum Npy {
-    static let magic: [UInt8] = [0x93, 0x4E, 0x55, 0x4D, 0x50, 0x59]   // \x93NUMPY
+    static let magic: [UInt8] = [0x93, 0x4E, 0x55, 0x4D, 0x50, 0x59]  // \x93NUMPY
     static let maxHeader = 10000
 
     struct Header {
@@ -36,15 +36,18 @@ enum Npy {
     static func dtype(_ descr: String) -> (DType, Int, Bool)? {
         guard let order = descr.first, "<>|=".contains(order) else { return nil }
         let code = String(descr.dropFirst())
-        let table: [String: (DType, Int)] = ["f8": (.f64, 8), "f4": (.f32, 4), "f2": (.f16, 2), "i8": (.i64, 8), "i4": (.i32, 4),
-                                             "i2": (.i16, 2), "i1": (.i8, 1), "u8": (.u64, 8), "u4": (.u32, 4), "u2": (.u16, 2),
-                                             "u1": (.u8, 1), "b1": (.bool, 1), "c8": (.c64, 8), "c16": (.c128, 16)]
+        let table: [String: (DType, Int)] = [
+            "f8": (.f64, 8), "f4": (.f32, 4), "f2": (.f16, 2), "i8": (.i64, 8), "i4": (.i32, 4),
+            "i2": (.i16, 2), "i1": (.i8, 1), "u8": (.u64, 8), "u4": (.u32, 4), "u2": (.u16, 2),
+            "u1": (.u8, 1), "b1": (.bool, 1), "c8": (.c64, 8), "c16": (.c128, 16)
+        ]
         guard let (d, size) = table[code] else { return nil }
         return (d, size, order == ">" && size > 1)
     }
 
     static func headerBytes(descr: String, shape: [Int]) -> [UInt8] {
-        let shapeText = shape.isEmpty ? "()" : shape.count == 1 ? "(\(shape[0]),)" : "(" + shape.map(String.init).joined(separator: ", ") + ")"
+        let shapeText =
+            shape.isEmpty ? "()" : shape.count == 1 ? "(\(shape[0]),)" : "(" + shape.map(String.init).joined(separator: ", ") + ")"
         var text = "{'descr': '\(descr)', 'fortran_order': False, 'shape': \(shapeText), }"
         let total = 10 + text.utf8.count + 1
         text += String(repeating: " ", count: (64 - total % 64) % 64) + "\n"
@@ -60,10 +63,13 @@ enum Npy {
         let major = b[6]
         let (len, start): (Int, Int)
         switch major {
-        case 1: len = Int(b[8]) | Int(b[9]) << 8; start = 10
+        case 1:
+            len = Int(b[8]) | Int(b[9]) << 8
+            start = 10
         case 2, 3:
             guard b.count >= 12 else { throw bad("truncated .npy header") }
-            len = Int(b[8]) | Int(b[9]) << 8 | Int(b[10]) << 16 | Int(b[11]) << 24; start = 12
+            len = Int(b[8]) | Int(b[9]) << 8 | Int(b[10]) << 16 | Int(b[11]) << 24
+            start = 12
         default: throw bad(".npy version \(major) is not supported")
         }
         guard len <= maxHeader else { throw bad(".npy header of \(len) bytes exceeds \(maxHeader)") }
@@ -71,11 +77,19 @@ enum Npy {
         let raw = Array(b[start..<(start + len)])
         let text = major == 3 ? String(decoding: raw, as: UTF8.self) : String(raw.map { Character(Unicode.Scalar($0)) })
         var p = NpyLiteralParser(Array(text.unicodeScalars))
-        guard let dict = try? p.parseDict() else { throw bad("cannot read the .npy header \(text.trimmingCharacters(in: .whitespacesAndNewlines))") }
-        guard Set(dict.keys) == ["descr", "fortran_order", "shape"] else { throw bad(".npy header must have exactly descr, fortran_order and shape") }
-        guard case .string(let descr)? = dict["descr"] else { throw bad("descr \(dict["descr"].map { "\($0)" } ?? "") is not a simple dtype (structured and object arrays are refused)") }
+        guard let dict = try? p.parseDict() else {
+            throw bad("cannot read the .npy header \(text.trimmingCharacters(in: .whitespacesAndNewlines))")
+        }
+        guard Set(dict.keys) == ["descr", "fortran_order", "shape"] else {
+            throw bad(".npy header must have exactly descr, fortran_order and shape")
+        }
+        guard case .string(let descr)? = dict["descr"] else {
+            throw bad("descr \(dict["descr"].map { "\($0)" } ?? "") is not a simple dtype (structured and object arrays are refused)")
+        }
         guard case .bool(let fo)? = dict["fortran_order"] else { throw bad("fortran_order is not a bool") }
-        guard case .tuple(let shape)? = dict["shape"], shape.allSatisfy({ $0 >= 0 }) else { throw bad("shape is not a tuple of non-negative integers") }
+        guard case .tuple(let shape)? = dict["shape"], shape.allSatisfy({ $0 >= 0 }) else {
+            throw bad("shape is not a tuple of non-negative integers")
+        }
         return Header(descr: descr, fortranOrder: fo, shape: shape, dataOffset: start + len)
     }
 }
@@ -83,7 +97,10 @@ enum Npy {
 /// The small Python-literal subset .npy headers use: a dict of str keys to str, bool or int tuples.
 struct NpyLiteralParser {
     enum Value: CustomStringConvertible {
-        case string(String), bool(Bool), tuple([Int]), other
+        case string(String)
+        case bool(Bool)
+        case tuple([Int])
+        case other
         var description: String {
             switch self {
             case .string(let s): return "'\(s)'"
@@ -99,8 +116,15 @@ struct NpyLiteralParser {
     init(_ s: [Unicode.Scalar]) { self.s = s }
 
     mutating func ws() { while i < s.count, s[i] == " " || s[i] == "\n" || s[i] == "\t" { i += 1 } }
-    mutating func expect(_ c: Unicode.Scalar) throws { ws(); guard i < s.count, s[i] == c else { throw Bad() }; i += 1 }
-    mutating func peek(_ c: Unicode.Scalar) -> Bool { ws(); return i < s.count && s[i] == c }
+    mutating func expect(_ c: Unicode.Scalar) throws {
+        ws()
+        guard i < s.count, s[i] == c else { throw Bad() }
+        i += 1
+    }
+    mutating func peek(_ c: Unicode.Scalar) -> Bool {
+        ws()
+        return i < s.count && s[i] == c
+    }
 
     mutating func parseDict() throws -> [String: Value] {
         try expect("{")
@@ -122,9 +146,13 @@ struct NpyLiteralParser {
         ws()
         guard i < s.count else { throw Bad() }
         if s[i] == "'" || s[i] == "\"" {
-            let q = s[i]; i += 1
+            let q = s[i]
+            i += 1
             var out = ""
-            while i < s.count, s[i] != q { out.unicodeScalars.append(s[i]); i += 1 }
+            while i < s.count, s[i] != q {
+                out.unicodeScalars.append(s[i])
+                i += 1
+            }
             guard i < s.count else { throw Bad() }
             i += 1
             return .string(out)
@@ -135,7 +163,10 @@ struct NpyLiteralParser {
             while !peek(")") {
                 var digits = ""
                 ws()
-                while i < s.count, ("0"..."9").contains(s[i]) { digits.unicodeScalars.append(s[i]); i += 1 }
+                while i < s.count, ("0"..."9").contains(s[i]) {
+                    digits.unicodeScalars.append(s[i])
+                    i += 1
+                }
                 if i < s.count, s[i] == "L" { i += 1 }
                 guard let v = Int(digits) else { throw Bad() }
                 t.append(v)
@@ -146,13 +177,22 @@ struct NpyLiteralParser {
         }
         for (word, v) in [("True", Value.bool(true)), ("False", Value.bool(false))] {
             let w = Array(word.unicodeScalars)
-            if i + w.count <= s.count, Array(s[i..<(i + w.count)]) == w { i += w.count; return v }
+            if i + w.count <= s.count, Array(s[i..<(i + w.count)]) == w {
+                i += w.count
+                return v
+            }
         }
         // anything else (a list for structured dtypes, etc.): skip to the next top-level comma
         var depth = 0
         while i < s.count {
             let c = s[i]
-            if c == "[" || c == "(" { depth += 1 } else if c == "]" || c == ")" { depth -= 1 } else if (c == "," || c == "}") && depth == 0 { break }
+            if c == "[" || c == "(" {
+                depth += 1
+            } else if c == "]" || c == ")" {
+                depth -= 1
+            } else if (c == "," || c == "}") && depth == 0 {
+                break
+            }
             i += 1
         }
         return .other

@@ -39,7 +39,9 @@ public struct NpzReader: FormatReader {
             if !isMeta && m.method == 0 { deferred.append { try zip.verifyCRC(m) } }
             if isMeta {
                 let text = try NpzReader.unicodeScalar(bytes, name: m.name, path: path)
-                if m.name == NpzReader.metadataMember { metadata.append((MetadataDocument.key, text)) } else if let obj = try? JSONParser.parse(text).objectValue {
+                if m.name == NpzReader.metadataMember {
+                    metadata.append((MetadataDocument.key, text))
+                } else if let obj = try? JSONParser.parse(text).objectValue {
                     for (k, v) in obj { if let s = v.stringValue, let d = DType(rawValue: s) { storedTypes[k] = d } }
                 }
                 continue
@@ -78,7 +80,8 @@ public struct NpzReader: FormatReader {
             throw bad("shape \(Shape(header.shape)) overflows")
         }
         guard total - header.dataOffset == nbytes else {
-            throw bad("shape \(Shape(header.shape)) of \(header.descr) needs \(nbytes) bytes but the member holds \(total - header.dataOffset)")
+            throw bad(
+                "shape \(Shape(header.shape)) of \(header.descr) needs \(nbytes) bytes but the member holds \(total - header.dataOffset)")
         }
         return Layout(header: header, dtype: dtype, size: size, bigEndian: bigEndian, count: n, nbytes: nbytes)
     }
@@ -86,7 +89,8 @@ public struct NpzReader: FormatReader {
     /// Big-endian and Fortran-order arrays become little-endian, C-order bytes.
     static func reorder(_ bytes: [UInt8], _ l: Layout) -> [UInt8] {
         var a = bytes
-        let size = l.size, n = l.count
+        let size = l.size
+        let n = l.count
         if l.bigEndian {
             for e in 0..<n { a[(e * size)..<(e * size + size)].reverse() }
             if l.dtype == .c64 || l.dtype == .c128 {  // complex: swap each half, not the whole
@@ -123,7 +127,8 @@ public struct NpzReader: FormatReader {
             let body = try zip.inflate(m, skip: l.header.dataOffset)
             return l.needsReorder ? reorder(body, l) : body
         }
-        return TensorEntry(name: name, dtype: l.dtype, shape: l.header.shape, bytes: .deferred(data), outputAxis: l.header.shape.count >= 2 ? 0 : nil)
+        return TensorEntry(
+            name: name, dtype: l.dtype, shape: l.header.shape, bytes: .deferred(data), outputAxis: l.header.shape.count >= 2 ? 0 : nil)
     }
 
     static func fortranToC(_ a: [UInt8], shape: [Int], elementSize: Int) -> [UInt8] {
@@ -136,7 +141,12 @@ public struct NpzReader: FormatReader {
             let f = zip(idx, fStrides).reduce(0) { $0 + $1.0 * $1.1 }
             for b in 0..<elementSize { out[c * elementSize + b] = a[f * elementSize + b] }
             var k = shape.count - 1
-            while k >= 0 { idx[k] += 1; if idx[k] < shape[k] { break }; idx[k] = 0; k -= 1 }
+            while k >= 0 {
+                idx[k] += 1
+                if idx[k] < shape[k] { break }
+                idx[k] = 0
+                k -= 1
+            }
         }
         return out
     }
@@ -145,13 +155,17 @@ public struct NpzReader: FormatReader {
     static func unicodeScalar(_ bytes: TensorBytes, name: String, path: String) throws -> String {
         try bytes.withUnsafeBytes { b in
             let h = try Npy.parseHeader(b, name: name, path: path)
-            guard h.descr.hasPrefix("<U"), h.shape.isEmpty else { throw QConvertError.badInput(path: path, message: "member '\(name)' is not a string") }
+            guard h.descr.hasPrefix("<U"), h.shape.isEmpty else {
+                throw QConvertError.badInput(path: path, message: "member '\(name)' is not a string")
+            }
             let data = UnsafeRawBufferPointer(rebasing: b[h.dataOffset...])
             var s = ""
             for k in 0..<(data.count / 4) {
                 let v = data.loadUnaligned(fromByteOffset: 4 * k, as: UInt32.self).littleEndian
                 if v == 0 { break }
-                guard let u = Unicode.Scalar(v) else { throw QConvertError.badInput(path: path, message: "member '\(name)' is not valid text") }
+                guard let u = Unicode.Scalar(v) else {
+                    throw QConvertError.badInput(path: path, message: "member '\(name)' is not valid text")
+                }
                 s.unicodeScalars.append(u)
             }
             return s
@@ -176,13 +190,17 @@ public struct NpzWriter: FormatWriter {
             let member = t.name + ".npy"
             guard ZipArchive.isSafeName(member), member.utf8.count <= 65_535 else {
                 let shown = t.name.count > 200 ? String(t.name.prefix(200)) + "…" : t.name
-                throw QConvertError.badInput(path: source.path, message: "a tensor name cannot be an .npz member name (unsafe to extract, or longer than a zip allows): '\(shown)'")
+                throw QConvertError.badInput(
+                    path: source.path,
+                    message: "a tensor name cannot be an .npz member name (unsafe to extract, or longer than a zip allows): '\(shown)'")
             }
         }
         let headers = tensors.map { Npy.headerBytes(descr: Npy.descr($0.dtype), shape: $0.shape) }
         // What numpy cannot hold natively is stored as raw integers; remember the real type.
         var exotic: [(String, String)] = []
-        for (k, t) in tensors.enumerated() where [.bf16, .f8e4m3, .f8e5m2].contains(t.dtype) { exotic.append((tensors[k].name, t.dtype.rawValue)) }
+        for (k, t) in tensors.enumerated() where [.bf16, .f8e4m3, .f8e5m2].contains(t.dtype) {
+            exotic.append((tensors[k].name, t.dtype.rawValue))
+        }
         for (pi, p) in options.plans.enumerated() {
             if let s = p.decision.scheme, s.target == .int4 || s.target == .uint4 {
                 exotic.append((tensors[options.outputsOfPlan[pi][0]].name, s.target.rawValue))
@@ -200,7 +218,10 @@ final class NpzSink: CheckpointSink {
     let exotic: [(String, String)]
 
     init(zip: ZipWriter, tensors: [OutputTensor], headers: [[UInt8]], exotic: [(String, String)]) {
-        self.zip = zip; self.tensors = tensors; self.headers = headers; self.exotic = exotic
+        self.zip = zip
+        self.tensors = tensors
+        self.headers = headers
+        self.exotic = exotic
     }
 
     func put(_ index: Int, _ bytes: UnsafeRawBufferPointer) throws {

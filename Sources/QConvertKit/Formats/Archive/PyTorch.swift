@@ -42,7 +42,9 @@ public struct PyTorchReader: FormatReader {
         }
         let prefix = String(first.name[..<slash])
         if zip.member(named: prefix + "/constants.pkl") != nil || zip.members.contains(where: { $0.name.hasPrefix(prefix + "/code/") }) {
-            throw bad("this is a TorchScript archive (torch.jit.save: code/ and constants.pkl), not a checkpoint; save the state_dict with torch.save instead")
+            throw bad(
+                "this is a TorchScript archive (torch.jit.save: code/ and constants.pkl), not a checkpoint; save the state_dict with torch.save instead"
+            )
         }
         if let bo = zip.member(named: prefix + "/byteorder") {
             let text = String(decoding: try zip.bytes(bo).withUnsafeBytes { Array($0) }, as: UTF8.self)
@@ -62,7 +64,10 @@ public struct PyTorchReader: FormatReader {
                     }
                     let elsize = max(st.dtype.bits / 8, 1)
                     guard case (let need, false) = st.numel.multipliedReportingOverflow(by: elsize), need == rec.size else {
-                        throw Unpickler.Failure(message: "storage '\(st.key)' declares \(st.numel) elements of \(st.dtype.rawValue) but its record holds \(rec.size) bytes")
+                        throw Unpickler.Failure(
+                            message:
+                                "storage '\(st.key)' declares \(st.numel) elements of \(st.dtype.rawValue) but its record holds \(rec.size) bytes"
+                        )
                     }
                     if storageBytes[st.key] == nil {
                         storageBytes[st.key] = try zip.bytes(rec, deferCRC: true)
@@ -94,12 +99,16 @@ public struct PyTorchReader: FormatReader {
             }
             index = path + "/" + i
         }
-        guard let data = FileManager.default.contents(atPath: index) else { throw QConvertError.io(path: index, message: "cannot read the index") }
+        guard let data = FileManager.default.contents(atPath: index) else {
+            throw QConvertError.io(path: index, message: "cannot read the index")
+        }
         let root: JSONValue
         do { root = try data.withUnsafeBytes { try JSONParser.parse($0) } } catch {
             throw QConvertError.badInput(path: index, message: "index is not valid JSON: \(error)")
         }
-        guard let wm = root["weight_map"]?.objectValue else { throw QConvertError.badInput(path: index, message: "index has no 'weight_map' object") }
+        guard let wm = root["weight_map"]?.objectValue else {
+            throw QConvertError.badInput(path: index, message: "index has no 'weight_map' object")
+        }
         var shards: [String] = []
         var shardSet = Set<String>()
         var want: [String: String] = [:]
@@ -122,7 +131,9 @@ public struct PyTorchReader: FormatReader {
             let part = try read(path: folder + "/" + s)
             files += part.files
             for var e in part.entries {
-                guard seen.insert(e.name).inserted else { throw QConvertError.badInput(path: index, message: "tensor '\(e.name)' appears in two shards") }
+                guard seen.insert(e.name).inserted else {
+                    throw QConvertError.badInput(path: index, message: "tensor '\(e.name)' appears in two shards")
+                }
                 e.shard = s
                 entries.append(e)
             }
@@ -136,7 +147,8 @@ public struct PyTorchReader: FormatReader {
     /// A persistent id ('storage', class, key, location, numel[, None]) as a storage.
     static func storage(_ pid: PickleValue) throws -> PTStorage {
         guard case .tuple(let t) = pid, t.count >= 5, case .string("storage") = t[0],
-              case .global(let m, let cls) = t[1], case .string(let key) = t[2], case .int(let numel) = t[4], numel >= 0 else {
+            case .global(let m, let cls) = t[1], case .string(let key) = t[2], case .int(let numel) = t[4], numel >= 0
+        else {
             throw Unpickler.Failure(message: "unsupported persistent id")
         }
         let untyped = (m == "torch.storage" || m == "torch") && (cls == "UntypedStorage" || cls == "TypedStorage")
@@ -174,13 +186,18 @@ public struct PyTorchReader: FormatReader {
             }
             root = try next { pid in
                 let st = try PyTorchReader.storage(pid)
-                if let seen = storages[st.key], seen.dtype != st.dtype { throw Unpickler.Failure(message: "storage '\(st.key)' used with two types") }
+                if let seen = storages[st.key], seen.dtype != st.dtype {
+                    throw Unpickler.Failure(message: "storage '\(st.key)' used with two types")
+                }
                 if let seen = storages[st.key], seen.numel >= st.numel { return .storage(seen) }
                 storages[st.key] = st
                 return .storage(st)
             }
             guard case .list(let keyList) = try next(noPid) else { throw bad("missing storage key list") }
-            keys = try keyList.items.map { guard case .string(let s) = $0 else { throw bad("storage key is not a string") }; return s }
+            keys = try keyList.items.map {
+                guard case .string(let s) = $0 else { throw bad("storage key is not a string") }
+                return s
+            }
         } catch let u as Unpickler.Failure {
             throw bad(u.message)
         }
@@ -191,7 +208,8 @@ public struct PyTorchReader: FormatReader {
             let numel = Int(Int64(littleEndian: f.bytes(at: pos, count: 8).loadUnaligned(as: Int64.self)))
             let elsize = max(st.dtype.bits / 8, 1)
             guard numel >= 0, case (let n, false) = numel.multipliedReportingOverflow(by: elsize), numel >= st.numel,
-                  n <= f.size - pos - 8 else { throw bad("storage '\(key)' runs past the end of the file") }
+                n <= f.size - pos - 8
+            else { throw bad("storage '\(key)' runs past the end of the file") }
             storageBytes[key] = .mapped(f, offset: pos + 8, count: n)
             pos += 8 + n
         }
@@ -199,8 +217,10 @@ public struct PyTorchReader: FormatReader {
         return try checkpoint(root: root, storageBytes: storageBytes, file: f, metadata: [], path: path)
     }
 
-    func checkpoint(root: PickleValue, storageBytes: [String: TensorBytes], file: MappedFile,
-                    metadata: [(key: String, value: String)], path: String) throws -> Checkpoint {
+    func checkpoint(
+        root: PickleValue, storageBytes: [String: TensorBytes], file: MappedFile,
+        metadata: [(key: String, value: String)], path: String
+    ) throws -> Checkpoint {
         func bad(_ m: String) -> QConvertError { .badInput(path: path, message: m) }
         let tree = PTTree(root: root)
         var entries: [TensorEntry] = []
@@ -219,16 +239,23 @@ public struct PyTorchReader: FormatReader {
             switch v {
             case .tensor(let t):
                 let id = "\(t.storage.key)|\(t.offset)|\(t.shape)|\(t.stride)|\(t.dtype.rawValue)"
-                if let e = seen[id] { t.entry = e } else {
+                if let e = seen[id] {
+                    t.entry = e
+                } else {
                     var name = keyPath.isEmpty ? "tensor" : keyPath
                     var k = 2
-                    while names.contains(name) { name = "\(keyPath)#\(k)"; k += 1 }
+                    while names.contains(name) {
+                        name = "\(keyPath)#\(k)"
+                        k += 1
+                    }
                     names.insert(name)
                     let bytes = try PyTorchReader.tensorBytes(t, storage: storageBytes[t.storage.key]!, name: name, path: path)
                     t.entry = entries.count
                     seen[id] = entries.count
-                    entries.append(TensorEntry(name: name, dtype: t.dtype, shape: t.shape, bytes: bytes,
-                                               outputAxis: t.shape.count >= 2 ? 0 : nil))
+                    entries.append(
+                        TensorEntry(
+                            name: name, dtype: t.dtype, shape: t.shape, bytes: bytes,
+                            outputAxis: t.shape.count >= 2 ? 0 : nil))
                 }
             case .dict(let d):
                 for (k, item) in d.items {
@@ -240,8 +267,10 @@ public struct PyTorchReader: FormatReader {
                     }
                     try walk(item, keyPath.isEmpty ? ks : keyPath + "." + ks, depth + 1)
                 }
-            case .list(let l): for (i, item) in l.items.enumerated() { try walk(item, keyPath.isEmpty ? "\(i)" : "\(keyPath).\(i)", depth + 1) }
-            case .tuple(let items): for (i, item) in items.enumerated() { try walk(item, keyPath.isEmpty ? "\(i)" : "\(keyPath).\(i)", depth + 1) }
+            case .list(let l):
+                for (i, item) in l.items.enumerated() { try walk(item, keyPath.isEmpty ? "\(i)" : "\(keyPath).\(i)", depth + 1) }
+            case .tuple(let items):
+                for (i, item) in items.enumerated() { try walk(item, keyPath.isEmpty ? "\(i)" : "\(keyPath).\(i)", depth + 1) }
             default: break
             }
         }
@@ -289,7 +318,9 @@ public struct PyTorchReader: FormatReader {
         // A strided view is gathered into memory; one that repeats elements (stride 0) can describe far
         // more bytes than its storage holds. Past 64 times the storage plus 256 MB it is refused.
         guard byteCount <= PyTorchReader.maxMaterialized(storageBytes: storage.count) else {
-            throw bad("a view of \(byteCount) bytes over a storage of \(storage.count) bytes is more than qconvert gathers (64 × the storage + 256 MB)")
+            throw bad(
+                "a view of \(byteCount) bytes over a storage of \(storage.count) bytes is more than qconvert gathers (64 × the storage + 256 MB)"
+            )
         }
         var out = [UInt8](repeating: 0, count: byteCount)
         try storage.withUnsafeBytes { src in
@@ -298,7 +329,12 @@ public struct PyTorchReader: FormatReader {
                 let s = t.offset + zip(idx, t.stride).reduce(0) { $0 + $1.0 * $1.1 }
                 for b in 0..<elsize { out[e * elsize + b] = src[s * elsize + b] }
                 var k = t.shape.count - 1
-                while k >= 0 { idx[k] += 1; if idx[k] < t.shape[k] { break }; idx[k] = 0; k -= 1 }
+                while k >= 0 {
+                    idx[k] += 1
+                    if idx[k] < t.shape[k] { break }
+                    idx[k] = 0
+                    k -= 1
+                }
             }
         }
         return .owned(out)
@@ -316,7 +352,8 @@ public struct PyTorchWriter: FormatWriter {
         var archive = URL(fileURLWithPath: path).deletingPathExtension().lastPathComponent
         archive = String(archive.map { $0.isLetter || $0.isNumber || $0 == "_" || $0 == "-" || $0 == "." ? $0 : "_" })
         if archive.isEmpty { archive = "archive" }
-        let zip = try ZipWriter(path: path, members: tensors.enumerated().map { ("\(archive)/data/\($0.offset)", $0.element.byteCount, 64) })
+        let zip = try ZipWriter(
+            path: path, members: tensors.enumerated().map { ("\(archive)/data/\($0.offset)", $0.element.byteCount, 64) })
         return PyTorchSink(zip: zip, archive: archive, tensors: tensors, source: source, options: options)
     }
 }
@@ -329,7 +366,11 @@ final class PyTorchSink: CheckpointSink {
     let options: WriterOptions
 
     init(zip: ZipWriter, archive: String, tensors: [OutputTensor], source: Checkpoint, options: WriterOptions) {
-        self.zip = zip; self.archive = archive; self.tensors = tensors; self.source = source; self.options = options
+        self.zip = zip
+        self.archive = archive
+        self.tensors = tensors
+        self.source = source
+        self.options = options
     }
 
     func put(_ index: Int, _ bytes: UnsafeRawBufferPointer) throws { try zip.write(index, bytes) }
@@ -354,16 +395,19 @@ final class PyTorchSink: CheckpointSink {
                 let d = PickleDict()
                 d.ordered = true
                 for (k, t) in tensors.enumerated() {
-                    let pt = PTTensor(storage: PTStorage(key: String(k), dtype: t.dtype, numel: 0),
-                                      dtype: t.dtype, offset: 0, shape: t.shape, stride: [])
+                    let pt = PTTensor(
+                        storage: PTStorage(key: String(k), dtype: t.dtype, numel: 0),
+                        dtype: t.dtype, offset: 0, shape: t.shape, stride: [])
                     pt.entry = k
                     d.items.append((.string(t.name), .tensor(pt)))
                 }
                 p.value(.dict(d)) { pk, t in pk.tensor(t.entry, shape: self.tensors[t.entry].shape, parameter: false, requiresGrad: false) }
             }
-            var extra: [(String, [UInt8])] = [("\(archive)/data.pkl", p.finish()),
-                                              ("\(archive)/byteorder", Array("little".utf8)),
-                                              ("\(archive)/version", Array("3\n".utf8))]
+            var extra: [(String, [UInt8])] = [
+                ("\(archive)/data.pkl", p.finish()),
+                ("\(archive)/byteorder", Array("little".utf8)),
+                ("\(archive)/version", Array("3\n".utf8))
+            ]
             if let doc = metadata.first(where: { $0.key == MetadataDocument.key })?.value {
                 extra.append(("\(archive)/\(MetadataDocument.key).json", Array(doc.utf8)))
             }
@@ -384,7 +428,8 @@ final class PyTorchSink: CheckpointSink {
             for (k, item) in d.items {
                 n.items.append((k, rebuild(item, outputs: outputs, emitted: emitted)))
                 if case .tensor(let t) = item, case .string(let key) = k, let outs = outputs[t.entry], outs.count > 1,
-                   !emitted.value.contains(t.entry) {
+                    !emitted.value.contains(t.entry)
+                {
                     emitted.value.insert(t.entry)
                     // The planner named the parameters (and made the names unique: a checkpoint may already
                     // hold a `w_scale`); here they sit beside the values under the same relative suffix.

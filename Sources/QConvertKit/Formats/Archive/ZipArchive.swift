@@ -1,5 +1,5 @@
-import Foundation
 import CZip
+import Foundation
 
 /// A zip archive opened for reading. libzip validates it (consistency of the central directory
 /// with the local headers, encryption, CRCs on inflate); the member table parsed here gives each
@@ -50,14 +50,20 @@ public final class ZipArchive: @unchecked Sendable {
                 zip_stat_init(&st)
                 guard zip_stat_index(za, zip_uint64_t(i), 0, &st) == 0 else { throw bad("cannot read member \(i)") }
                 guard st.encryption_method == ZIP_EM_NONE else { throw bad("member '\(m.name)' is encrypted") }
-                guard m.method == 0 || m.method == 8 else { throw bad("member '\(m.name)' uses compression method \(m.method) (only stored and deflate are read)") }
+                guard m.method == 0 || m.method == 8 else {
+                    throw bad("member '\(m.name)' uses compression method \(m.method) (only stored and deflate are read)")
+                }
                 guard ZipArchive.isSafeName(m.name) else { throw bad("member name '\(m.name)' is not a safe relative path") }
                 guard seen.insert(m.name).inserted else { throw bad("member name '\(m.name)' appears twice") }
                 if m.method == 8, m.size > 1 << 20, m.size / max(m.compressedSize, 1) > ZipArchive.maxRatio {
-                    throw bad("member '\(m.name)' expands \(m.size / max(m.compressedSize, 1))× (limit \(ZipArchive.maxRatio)×): refusing a likely zip bomb")
+                    throw bad(
+                        "member '\(m.name)' expands \(m.size / max(m.compressedSize, 1))× (limit \(ZipArchive.maxRatio)×): refusing a likely zip bomb"
+                    )
                 }
                 total += m.size
-                guard total <= ZipArchive.maxTotalSize else { throw bad("members expand to more than \(ZipArchive.maxTotalSize >> 30) GiB") }
+                guard total <= ZipArchive.maxTotalSize else {
+                    throw bad("members expand to more than \(ZipArchive.maxTotalSize >> 30) GiB")
+                }
                 members[i].index = i
             }
             let ranges = members.map { ($0.dataOffset, $0.dataOffset + $0.compressedSize) }.sorted { $0.0 < $1.0 }
@@ -143,7 +149,9 @@ public final class ZipArchive: @unchecked Sendable {
             off += n
         }
         guard UInt32(crc) == m.crc else {
-            throw QConvertError.badInput(path: path, message: "member '\(m.name)': CRC mismatch (stored \(String(m.crc, radix: 16)), data \(String(UInt32(crc), radix: 16)))")
+            throw QConvertError.badInput(
+                path: path,
+                message: "member '\(m.name)': CRC mismatch (stored \(String(m.crc, radix: 16)), data \(String(UInt32(crc), radix: 16)))")
         }
     }
 
@@ -160,16 +168,19 @@ public final class ZipArchive: @unchecked Sendable {
         var o = f.size - 22
         let lowest = max(0, f.size - 22 - 65535)
         while o >= lowest {
-            if u32(o) == 0x06054b50 { eocd = o; break }
+            if u32(o) == 0x0605_4b50 {
+                eocd = o
+                break
+            }
             o -= 1
         }
         guard eocd >= 0 else { throw bad("no end of central directory record (truncated?)") }
         var count = u16(eocd + 10)
         var cdSize = u32(eocd + 12)
         var cdOffset = u32(eocd + 16)
-        if eocd >= 20, u32(eocd - 20) == 0x07064b50 {
+        if eocd >= 20, u32(eocd - 20) == 0x0706_4b50 {
             let z = u64(eocd - 20 + 8)
-            guard z + 56 <= f.size, z >= 0, u32(z) == 0x06064b50 else { throw bad("bad zip64 end of central directory") }
+            guard z + 56 <= f.size, z >= 0, u32(z) == 0x0606_4b50 else { throw bad("bad zip64 end of central directory") }
             count = u64(z + 32)
             cdSize = u64(z + 40)
             cdOffset = u64(z + 48)
@@ -178,11 +189,15 @@ public final class ZipArchive: @unchecked Sendable {
         var members: [Member] = []
         var p = cdOffset
         for _ in 0..<count {
-            guard p + 46 <= cdOffset + cdSize, u32(p) == 0x02014b50 else { throw bad("corrupt central directory") }
-            let flags = u16(p + 8), method = u16(p + 10)
+            guard p + 46 <= cdOffset + cdSize, u32(p) == 0x0201_4b50 else { throw bad("corrupt central directory") }
+            let flags = u16(p + 8)
+            let method = u16(p + 10)
             let crc = UInt32(u32(p + 16))
-            var csize = u32(p + 20), usize = u32(p + 24)
-            let nl = u16(p + 28), el = u16(p + 30), cl = u16(p + 32)
+            var csize = u32(p + 20)
+            var usize = u32(p + 24)
+            let nl = u16(p + 28)
+            let el = u16(p + 30)
+            let cl = u16(p + 32)
             var local = u32(p + 42)
             guard p + 46 + nl + el + cl <= f.size else { throw bad("corrupt central directory") }
             let name = String(decoding: UnsafeRawBufferPointer(rebasing: b[(p + 46)..<(p + 46 + nl)]), as: UTF8.self)
@@ -191,21 +206,34 @@ public final class ZipArchive: @unchecked Sendable {
             var e = p + 46 + nl
             let eEnd = e + el
             while e + 4 <= eEnd {
-                let id = u16(e), len = u16(e + 2)
+                let id = u16(e)
+                let len = u16(e + 2)
                 if id == 1 {
                     var q = e + 4
-                    if usize == 0xFFFFFFFF, q + 8 <= e + 4 + len { usize = u64(q); q += 8 }
-                    if csize == 0xFFFFFFFF, q + 8 <= e + 4 + len { csize = u64(q); q += 8 }
-                    if local == 0xFFFFFFFF, q + 8 <= e + 4 + len { local = u64(q); q += 8 }
+                    if usize == 0xFFFF_FFFF, q + 8 <= e + 4 + len {
+                        usize = u64(q)
+                        q += 8
+                    }
+                    if csize == 0xFFFF_FFFF, q + 8 <= e + 4 + len {
+                        csize = u64(q)
+                        q += 8
+                    }
+                    if local == 0xFFFF_FFFF, q + 8 <= e + 4 + len {
+                        local = u64(q)
+                        q += 8
+                    }
                 }
                 e += 4 + len
             }
-            guard local >= 0, local + 30 <= f.size, u32(local) == 0x04034b50 else { throw bad("member '\(name)': bad local header") }
+            guard local >= 0, local + 30 <= f.size, u32(local) == 0x0403_4b50 else { throw bad("member '\(name)': bad local header") }
             let data = local + 30 + u16(local + 26) + u16(local + 28)
             guard csize >= 0, usize >= 0, data <= f.size, csize <= f.size - data else {
                 throw bad("member '\(name)': data runs past the end of the archive (truncated?)")
             }
-            members.append(Member(name: name, index: members.count, method: UInt16(method), compressedSize: csize, size: usize, crc: crc, dataOffset: data))
+            members.append(
+                Member(
+                    name: name, index: members.count, method: UInt16(method), compressedSize: csize, size: usize, crc: crc, dataOffset: data
+                ))
             p += 46 + nl + el + cl
         }
         return members

@@ -1,5 +1,5 @@
-import Foundation
 import CZip
+import Foundation
 
 /// Writes a stored (uncompressed) zip whose layout is fixed before any data is written: member data
 /// goes straight to its offset (aligned where asked, with the 0x4246 padding extra field), headers and
@@ -72,42 +72,89 @@ final class ZipWriter {
         var le = LittleEndianBytes()
         for e in entries {
             var h = LittleEndianBytes()
-            h.u32(0x04034b50); h.u16(e.zip64 ? 45 : 20); h.u16(0x0800); h.u16(0)
-            h.u16(0); h.u16(0x0021)                       // 1980-01-01 00:00
+            h.u32(0x0403_4b50)
+            h.u16(e.zip64 ? 45 : 20)
+            h.u16(0x0800)
+            h.u16(0)
+            h.u16(0)
+            h.u16(0x0021)  // 1980-01-01 00:00
             h.u32(e.crc)
-            h.u32(e.zip64 ? 0xFFFF_FFFF : UInt32(e.size)); h.u32(e.zip64 ? 0xFFFF_FFFF : UInt32(e.size))
+            h.u32(e.zip64 ? 0xFFFF_FFFF : UInt32(e.size))
+            h.u32(e.zip64 ? 0xFFFF_FFFF : UInt32(e.size))
             let name = Array(e.name.utf8)
             h.u16(UInt16(name.count))
             h.u16(UInt16((e.zip64 ? 20 : 0) + (e.aligned ? 4 + e.pad : 0)))
             h.bytes(name)
-            if e.zip64 { h.u16(1); h.u16(16); h.u64(UInt64(e.size)); h.u64(UInt64(e.size)) }
-            if e.aligned { h.u16(0x4246); h.u16(UInt16(e.pad)); h.bytes([UInt8](repeating: 0x5A, count: e.pad)) }
+            if e.zip64 {
+                h.u16(1)
+                h.u16(16)
+                h.u64(UInt64(e.size))
+                h.u64(UInt64(e.size))
+            }
+            if e.aligned {
+                h.u16(0x4246)
+                h.u16(UInt16(e.pad))
+                h.bytes([UInt8](repeating: 0x5A, count: e.pad))
+            }
             try file.pwrite(h.data, at: e.headerOffset)
         }
         let cdStart = endOfData
         for e in entries {
             let name = Array(e.name.utf8)
             let big = e.zip64 || e.headerOffset >= 0xFFFF_FFFF
-            le.u32(0x02014b50); le.u16(big ? 45 : 20); le.u16(big ? 45 : 20); le.u16(0x0800); le.u16(0)
-            le.u16(0); le.u16(0x0021); le.u32(e.crc)
-            le.u32(big ? 0xFFFF_FFFF : UInt32(e.size)); le.u32(big ? 0xFFFF_FFFF : UInt32(e.size))
-            le.u16(UInt16(name.count)); le.u16(big ? 28 : 0); le.u16(0); le.u16(0); le.u16(0)
+            le.u32(0x0201_4b50)
+            le.u16(big ? 45 : 20)
+            le.u16(big ? 45 : 20)
+            le.u16(0x0800)
+            le.u16(0)
+            le.u16(0)
+            le.u16(0x0021)
+            le.u32(e.crc)
+            le.u32(big ? 0xFFFF_FFFF : UInt32(e.size))
+            le.u32(big ? 0xFFFF_FFFF : UInt32(e.size))
+            le.u16(UInt16(name.count))
+            le.u16(big ? 28 : 0)
+            le.u16(0)
+            le.u16(0)
+            le.u16(0)
             le.u32(0o644 << 16)
             le.u32(big ? 0xFFFF_FFFF : UInt32(e.headerOffset))
             le.bytes(name)
-            if big { le.u16(1); le.u16(24); le.u64(UInt64(e.size)); le.u64(UInt64(e.size)); le.u64(UInt64(e.headerOffset)) }
+            if big {
+                le.u16(1)
+                le.u16(24)
+                le.u64(UInt64(e.size))
+                le.u64(UInt64(e.size))
+                le.u64(UInt64(e.headerOffset))
+            }
         }
         let cdSize = le.data.count
         let need64 = entries.count >= 0xFFFF || cdStart >= 0xFFFF_FFFF || cdSize >= 0xFFFF_FFFF
         if need64 {
             let z = cdStart + cdSize
-            le.u32(0x06064b50); le.u64(44); le.u16(45); le.u16(45); le.u32(0); le.u32(0)
-            le.u64(UInt64(entries.count)); le.u64(UInt64(entries.count)); le.u64(UInt64(cdSize)); le.u64(UInt64(cdStart))
-            le.u32(0x07064b50); le.u32(0); le.u64(UInt64(z)); le.u32(1)
+            le.u32(0x0606_4b50)
+            le.u64(44)
+            le.u16(45)
+            le.u16(45)
+            le.u32(0)
+            le.u32(0)
+            le.u64(UInt64(entries.count))
+            le.u64(UInt64(entries.count))
+            le.u64(UInt64(cdSize))
+            le.u64(UInt64(cdStart))
+            le.u32(0x0706_4b50)
+            le.u32(0)
+            le.u64(UInt64(z))
+            le.u32(1)
         }
-        le.u32(0x06054b50); le.u16(0); le.u16(0)
-        le.u16(need64 ? 0xFFFF : UInt16(entries.count)); le.u16(need64 ? 0xFFFF : UInt16(entries.count))
-        le.u32(need64 ? 0xFFFF_FFFF : UInt32(cdSize)); le.u32(need64 ? 0xFFFF_FFFF : UInt32(cdStart)); le.u16(0)
+        le.u32(0x0605_4b50)
+        le.u16(0)
+        le.u16(0)
+        le.u16(need64 ? 0xFFFF : UInt16(entries.count))
+        le.u16(need64 ? 0xFFFF : UInt16(entries.count))
+        le.u32(need64 ? 0xFFFF_FFFF : UInt32(cdSize))
+        le.u32(need64 ? 0xFFFF_FFFF : UInt32(cdStart))
+        le.u16(0)
         try file.pwrite(le.data, at: cdStart)
         try file.commit()
     }
@@ -117,7 +164,10 @@ final class ZipWriter {
 
 struct LittleEndianBytes {
     var data: [UInt8] = []
-    mutating func u16(_ v: UInt16) { data.append(UInt8(v & 0xFF)); data.append(UInt8(v >> 8)) }
+    mutating func u16(_ v: UInt16) {
+        data.append(UInt8(v & 0xFF))
+        data.append(UInt8(v >> 8))
+    }
     mutating func u32(_ v: UInt32) { for k in 0..<4 { data.append(UInt8((v >> (8 * UInt32(k))) & 0xFF)) } }
     mutating func u64(_ v: UInt64) { for k in 0..<8 { data.append(UInt8((v >> (8 * UInt64(k))) & 0xFF)) } }
     mutating func bytes(_ b: [UInt8]) { data += b }

@@ -69,7 +69,8 @@ enum OnnxForms {
     /// A kept, 1-D float32 initializer of the main graph with `n` elements (a bias that can be folded).
     static func isBias(_ name: String, n: Int, model: OnnxModel, main: Proto.GraphP, plans: [String: TensorPlan]) -> Bool {
         guard let loc = model.located(graphName: name),
-              case .initializer(let g) = loc.home, g == main else { return false }
+            case .initializer(let g) = loc.home, g == main
+        else { return false }
         if let p = plans[name], p.decision.scheme != nil { return false }
         let dims = Proto.dimsOf(loc.tensor)
         return dims == [n] && loc.tensor.pointee.data_type == 1
@@ -87,7 +88,8 @@ enum OnnxForms {
         if uses.allSatisfy({ $0.op == "Gather" && $0.index == 0 && Proto.string($0.node.pointee.domain).isEmpty }) {
             var result: [Use] = []
             for u in uses {
-                let ins = inputs(u.node), out = outputs(u.node)
+                let ins = inputs(u.node)
+                let out = outputs(u.node)
                 guard (Proto.intAttribute(u.node, "axis") ?? 0) == 0, ins.count == 2, out.count == 1 else {
                     return .failure(Why("a Gather along another axis"))
                 }
@@ -102,7 +104,9 @@ enum OnnxForms {
         var result: [Use] = []
         let graphOutputs = Set((0..<main.pointee.n_output).compactMap { main.pointee.output[$0].map { Proto.string($0.pointee.name) } })
         for u in uses {
-            guard u.index == 1, Proto.string(u.node.pointee.domain).isEmpty else { return .failure(Why("used by \(u.op) (not as a MatMul/Gemm weight)")) }
+            guard u.index == 1, Proto.string(u.node.pointee.domain).isEmpty else {
+                return .failure(Why("used by \(u.op) (not as a MatMul/Gemm weight)"))
+            }
             let ins = inputs(u.node)
             let out = outputs(u.node)
             guard out.count == 1, !ins[0].isEmpty, ins[0] != loc.graphName else { return .failure(Why("an unusual \(u.op)")) }
@@ -131,7 +135,8 @@ enum OnnxForms {
             var use = Use(node: u.node, a: ins[0], bias: bias, biasAdd: nil, output: out[0], product: out[0])
             // MatMul → Add(constant [N]): the bias folds into the kernel.
             if u.op == "MatMul", !graphOutputs.contains(out[0]), let next = model.consumers[out[0]], next.count == 1,
-               next[0].op == "Add", Proto.string(next[0].node.pointee.domain).isEmpty {
+                next[0].op == "Add", Proto.string(next[0].node.pointee.domain).isEmpty
+            {
                 let addIns = inputs(next[0].node)
                 let other = addIns[1 - next[0].index]
                 if addIns.count == 2, outputs(next[0].node).count == 1, isBias(other, n: n, model: model, main: main, plans: plans) {
@@ -143,7 +148,7 @@ enum OnnxForms {
             result.append(use)
         }
         let axis = nAxis ?? 1
-        if let s = p.decision.scheme, (s.granularity == .channel || s.granularity == .group), s.axis != axis {
+        if let s = p.decision.scheme, s.granularity == .channel || s.granularity == .group, s.axis != axis {
             return .failure(Why("quantized along axis \(s.axis), not the output axis \(axis)"))
         }
         return .success(Fit(k: p.shape[1 - axis], n: p.shape[axis], nAxis: axis, uses: result))
@@ -201,13 +206,17 @@ enum OnnxForms {
             if p.onnxForm == .qdq { return .qdq(note: nil) }
             switch gatherBlocking(s, k: f.k) {
             case .success(let b): return .gatherBlockQuantized(f, bits: b.bits, blockSize: b.blockSize)
-            case .failure(let why): return .qdq(note: p.onnxForm == .auto ? nil : "DequantizeLinear instead of GatherBlockQuantized: \(why)")
+            case .failure(let why):
+                return .qdq(note: p.onnxForm == .auto ? nil : "DequantizeLinear instead of GatherBlockQuantized: \(why)")
             }
         }
         switch p.onnxForm {
         case .qdq:
             if case .success(let f) = fitted, f.uses.contains(where: { $0.bias != nil }) {
-                return .qdq(note: "onnxruntime may fuse its MatMul and bias into Gemm and then dequantize at every run (onnx_form: matmulnbits avoids it)")
+                return .qdq(
+                    note:
+                        "onnxruntime may fuse its MatMul and bias into Gemm and then dequantize at every run (onnx_form: matmulnbits avoids it)"
+                )
             }
             return .qdq(note: nil)
         case .auto, .matmulnbits:
@@ -229,8 +238,12 @@ enum OnnxForms {
             if integer8, s.granularity == .tensor || s.granularity == .channel, f.nAxis == 1, model.opset >= 11 {
                 return .dynamic(f)
             }
-            let why = !integer8 ? "MatMulInteger takes 8-bit weights" : (s.granularity == .group || s.granularity == .element)
-                ? "MatMulInteger takes one scale per column" : f.nAxis != 1 ? "the weight is transposed (Gemm transB)" : "opset \(model.opset) < 11"
+            let why =
+                !integer8
+                ? "MatMulInteger takes 8-bit weights"
+                : (s.granularity == .group || s.granularity == .element)
+                    ? "MatMulInteger takes one scale per column"
+                    : f.nAxis != 1 ? "the weight is transposed (Gemm transB)" : "opset \(model.opset) < 11"
             if case .success(let b) = blocking(s, k: f.k) {
                 return .matMulNBits(f, bits: b.bits, blockSize: b.blockSize, note: "MatMulNBits instead of the dynamic form: \(why)")
             }
@@ -309,9 +322,12 @@ struct MatMulNBitsLayout {
 
     /// qconvert's values (packed as its writers store them), scales and zero points back from the
     /// MatMulNBits tensors; `paramCount` parameters, indexed per element by `paramIndex`.
-    func unpack(b: [UInt8], scales: [Float], zp: [UInt8]?, paramIndex: [Int32], paramCount: Int) throws -> (values: [UInt8], scale: [Float], zeroPoint: [UInt8]?) {
+    func unpack(b: [UInt8], scales: [Float], zp: [UInt8]?, paramIndex: [Int32], paramCount: Int) throws -> (
+        values: [UInt8], scale: [Float], zeroPoint: [UInt8]?
+    ) {
         guard b.count == n * blocks * blob, scales.count == n * blocks else {
-            throw Why("MatMulNBits tensors have \(b.count) bytes and \(scales.count) scales, expected \(n * blocks * blob) and \(n * blocks)")
+            throw Why(
+                "MatMulNBits tensors have \(b.count) bytes and \(scales.count) scales, expected \(n * blocks * blob) and \(n * blocks)")
         }
         let per = bits == 4 ? (blocks + 1) / 2 : blocks
         if let zp, zp.count != n * per { throw Why("MatMulNBits zero points hold \(zp.count) bytes, expected \(n * per)") }
@@ -338,7 +354,10 @@ struct MatMulNBitsLayout {
             }
         }
         // a signed 4-bit zero point is stored sign-extended in one byte by qconvert
-        if bits == 4, signed, var z = zpOut { for i in z.indices where z[i] & 0x08 != 0 { z[i] |= 0xF0 }; zpOut = z }
+        if bits == 4, signed, var z = zpOut {
+            for i in z.indices where z[i] & 0x08 != 0 { z[i] |= 0xF0 }
+            zpOut = z
+        }
         let values = bits == 4 ? Packing.pack4(q, shape: shape) : q
         return (values, scale, zpOut)
     }

@@ -47,8 +47,10 @@ extension OnnxSink {
         m.pointee.n_opset_import = n
     }
 
-    func applyMatMulNBits(_ p: TensorPlan, scheme s: QuantScheme, loc: OnnxModel.Located, fit f: OnnxForms.Fit, bits: Int, blockSize: Int,
-                          values: [UInt8], scale: [UInt8], zeroPoint: [UInt8]?) throws {
+    func applyMatMulNBits(
+        _ p: TensorPlan, scheme s: QuantScheme, loc: OnnxModel.Located, fit f: OnnxForms.Fit, bits: Int, blockSize: Int,
+        values: [UInt8], scale: [UInt8], zeroPoint: [UInt8]?
+    ) throws {
         let w = loc.graphName
         let layout = MatMulNBitsLayout(k: f.k, n: f.n, nAxis: f.nAxis, bits: bits, blockSize: blockSize, signed: s.target.isSigned)
         let params = ParamLayout(shape: p.shape, granularity: s.granularity, axis: s.axis, groupSize: s.groupSize)
@@ -60,7 +62,7 @@ extension OnnxSink {
         let sName = model.uniqueName(w + "_scale")
         var tensors = [
             packed.b.withUnsafeBytes { Proto.newTensor(name: bName, dataType: 2, dims: [f.n, layout.blocks, layout.blob], raw: $0) },
-            packed.scales.withUnsafeBytes { Proto.newTensor(name: sName, dataType: 1, dims: [f.n, layout.blocks], raw: $0) },
+            packed.scales.withUnsafeBytes { Proto.newTensor(name: sName, dataType: 1, dims: [f.n, layout.blocks], raw: $0) }
         ]
         var zName: String? = nil
         if let z = packed.zp {
@@ -72,38 +74,51 @@ extension OnnxSink {
         for use in f.uses {
             var inputs = [use.a, bName, sName, zName ?? "", "", use.bias ?? ""]
             while inputs.last == "" { inputs.removeLast() }
-            let node = Proto.newNode(op: "MatMulNBits", name: model.uniqueName(w + "_MatMulNBits"), inputs: inputs, outputs: [use.output],
-                                     attributes: [Proto.intAttr("K", f.k), Proto.intAttr("N", f.n), Proto.intAttr("bits", bits),
-                                                  Proto.intAttr("block_size", blockSize), Proto.intAttr("accuracy_level", p.accuracyLevel)])
+            let node = Proto.newNode(
+                op: "MatMulNBits", name: model.uniqueName(w + "_MatMulNBits"), inputs: inputs, outputs: [use.output],
+                attributes: [
+                    Proto.intAttr("K", f.k), Proto.intAttr("N", f.n), Proto.intAttr("bits", bits),
+                    Proto.intAttr("block_size", blockSize), Proto.intAttr("accuracy_level", p.accuracyLevel)
+                ])
             node.pointee.domain = Proto.cstring("com.microsoft")
             replaceNode(use.node, with: [node])
             if let add = use.biasAdd { replaceNode(add, with: []) }
         }
         importMicrosoftDomain()
-        stored[p.name] = [("values", .string(bName)), ("scale", .string(sName)), ("zero_point", zName.map(JSONValue.string) ?? .null),
-                          ("scale_shape", .array([.int(f.n), .int(layout.blocks)])),
-                          ("onnx", .object([("form", .string("matmulnbits")), ("K", .int(f.k)), ("N", .int(f.n)), ("n_axis", .int(f.nAxis)),
-                                            ("bits", .int(bits)), ("block_size", .int(blockSize)), ("accuracy_level", .int(p.accuracyLevel)),
-                                            ("bias_folded", .bool(f.uses.contains { $0.bias != nil }))]))]
+        stored[p.name] = [
+            ("values", .string(bName)), ("scale", .string(sName)), ("zero_point", zName.map(JSONValue.string) ?? .null),
+            ("scale_shape", .array([.int(f.n), .int(layout.blocks)])),
+            (
+                "onnx",
+                .object([
+                    ("form", .string("matmulnbits")), ("K", .int(f.k)), ("N", .int(f.n)), ("n_axis", .int(f.nAxis)),
+                    ("bits", .int(bits)), ("block_size", .int(blockSize)), ("accuracy_level", .int(p.accuracyLevel)),
+                    ("bias_folded", .bool(f.uses.contains { $0.bias != nil }))
+                ])
+            )
+        ]
     }
 
     /// An embedding as com.microsoft.GatherBlockQuantized: the rows a run gathers are dequantized,
     /// not the whole table. Data [rows, cols·bits/8] (the MatMulNBits bytes, rows being whole blocks).
-    func applyGatherBlockQuantized(_ p: TensorPlan, scheme s: QuantScheme, loc: OnnxModel.Located, fit f: OnnxForms.Fit, bits: Int,
-                                   blockSize: Int, values: [UInt8], scale: [UInt8], zeroPoint: [UInt8]?) throws {
+    func applyGatherBlockQuantized(
+        _ p: TensorPlan, scheme s: QuantScheme, loc: OnnxModel.Located, fit f: OnnxForms.Fit, bits: Int,
+        blockSize: Int, values: [UInt8], scale: [UInt8], zeroPoint: [UInt8]?
+    ) throws {
         let w = loc.graphName
         let layout = MatMulNBitsLayout(k: f.k, n: f.n, nAxis: 0, bits: bits, blockSize: blockSize, signed: s.target.isSigned)
         let params = ParamLayout(shape: p.shape, granularity: s.granularity, axis: s.axis, groupSize: s.groupSize)
         let scales = scale.withUnsafeBytes { Array($0.bindMemory(to: Float.self)) }
         guard f.k % blockSize == 0,
-              let packed = layout.pack(values: values, scale: scales, zeroPoint: zeroPoint, paramIndex: params.paramIndices()) else {
+            let packed = layout.pack(values: values, scale: scales, zeroPoint: zeroPoint, paramIndex: params.paramIndices())
+        else {
             throw fail("internal: tensor '\(w)' does not fit GatherBlockQuantized blocks of \(blockSize)")
         }
         let dName = model.uniqueName(w + "_quantized")
         let sName = model.uniqueName(w + "_scale")
         var tensors = [
             packed.b.withUnsafeBytes { Proto.newTensor(name: dName, dataType: 2, dims: [f.n, f.k * bits / 8], raw: $0) },
-            packed.scales.withUnsafeBytes { Proto.newTensor(name: sName, dataType: 1, dims: [f.n, layout.blocks], raw: $0) },
+            packed.scales.withUnsafeBytes { Proto.newTensor(name: sName, dataType: 1, dims: [f.n, layout.blocks], raw: $0) }
         ]
         var zName: String? = nil
         if let z = packed.zp {
@@ -113,22 +128,34 @@ extension OnnxSink {
         }
         replaceTensor(loc, with: tensors, nodes: [])
         for use in f.uses {
-            let node = Proto.newNode(op: "GatherBlockQuantized", name: model.uniqueName(w + "_GatherBlockQuantized"),
-                                     inputs: [dName, use.a, sName] + (zName.map { [$0] } ?? []), outputs: [use.output],
-                                     attributes: [Proto.intAttr("bits", bits), Proto.intAttr("block_size", blockSize),
-                                                  Proto.intAttr("gather_axis", 0), Proto.intAttr("quantize_axis", 1)])
+            let node = Proto.newNode(
+                op: "GatherBlockQuantized", name: model.uniqueName(w + "_GatherBlockQuantized"),
+                inputs: [dName, use.a, sName] + (zName.map { [$0] } ?? []), outputs: [use.output],
+                attributes: [
+                    Proto.intAttr("bits", bits), Proto.intAttr("block_size", blockSize),
+                    Proto.intAttr("gather_axis", 0), Proto.intAttr("quantize_axis", 1)
+                ])
             node.pointee.domain = Proto.cstring("com.microsoft")
             replaceNode(use.node, with: [node])
         }
         importMicrosoftDomain()
-        stored[p.name] = [("values", .string(dName)), ("scale", .string(sName)), ("zero_point", zName.map(JSONValue.string) ?? .null),
-                          ("scale_shape", .array([.int(f.n), .int(layout.blocks)])),
-                          ("onnx", .object([("form", .string("gatherblockquantized")), ("K", .int(f.k)), ("N", .int(f.n)), ("n_axis", .int(0)),
-                                            ("bits", .int(bits)), ("block_size", .int(blockSize))]))]
+        stored[p.name] = [
+            ("values", .string(dName)), ("scale", .string(sName)), ("zero_point", zName.map(JSONValue.string) ?? .null),
+            ("scale_shape", .array([.int(f.n), .int(layout.blocks)])),
+            (
+                "onnx",
+                .object([
+                    ("form", .string("gatherblockquantized")), ("K", .int(f.k)), ("N", .int(f.n)), ("n_axis", .int(0)),
+                    ("bits", .int(bits)), ("block_size", .int(blockSize))
+                ])
+            )
+        ]
     }
 
-    func applyDynamic(_ p: TensorPlan, scheme s: QuantScheme, loc: OnnxModel.Located, fit f: OnnxForms.Fit,
-                      values: [UInt8], scale: [UInt8], zeroPoint: [UInt8]?) throws {
+    func applyDynamic(
+        _ p: TensorPlan, scheme s: QuantScheme, loc: OnnxModel.Located, fit f: OnnxForms.Fit,
+        values: [UInt8], scale: [UInt8], zeroPoint: [UInt8]?
+    ) throws {
         let w = loc.graphName
         let qType: Int32 = s.target == .int8 ? 3 : 2
         let pDims = s.granularity == .channel ? [f.n] : []
@@ -136,7 +163,7 @@ extension OnnxSink {
         let sName = model.uniqueName(w + "_scale")
         var tensors = [
             values.withUnsafeBytes { Proto.newTensor(name: qName, dataType: qType, dims: p.shape, raw: $0) },
-            scale.withUnsafeBytes { Proto.newTensor(name: sName, dataType: 1, dims: pDims, raw: $0) },
+            scale.withUnsafeBytes { Proto.newTensor(name: sName, dataType: 1, dims: pDims, raw: $0) }
         ]
         var zName: String? = nil
         if let z = zeroPoint {
@@ -154,8 +181,13 @@ extension OnnxSink {
                 aq = model.uniqueName(use.a + "_quantized")
                 ascale = model.uniqueName(use.a + "_scale")
                 azp = model.uniqueName(use.a + "_zero_point")
-                insertAfterProducer(of: use.a, [Proto.newNode(op: "DynamicQuantizeLinear", name: model.uniqueName(use.a + "_DynamicQuantizeLinear"),
-                                                              inputs: [use.a], outputs: [aq, ascale, azp])])
+                insertAfterProducer(
+                    of: use.a,
+                    [
+                        Proto.newNode(
+                            op: "DynamicQuantizeLinear", name: model.uniqueName(use.a + "_DynamicQuantizeLinear"),
+                            inputs: [use.a], outputs: [aq, ascale, azp])
+                    ])
                 dynamicInputs[use.a] = (aq, ascale, azp)
             }
             let yi = model.uniqueName(w + "_MatMulInteger_out")
@@ -164,19 +196,23 @@ extension OnnxSink {
             // with a Gemm bias the product goes through an Add; a MatMul's own following Add stays as it was
             let product = use.biasAdd == nil && use.bias != nil ? model.uniqueName(w + "_product") : use.product
             var nodes = [
-                Proto.newNode(op: "MatMulInteger", name: model.uniqueName(w + "_MatMulInteger"),
-                              inputs: [aq, qName, azp] + (zName.map { [$0] } ?? []), outputs: [yi]),
-                Proto.newNode(op: "Cast", name: model.uniqueName(w + "_Cast"), inputs: [yi], outputs: [yf], attributes: [Proto.intAttr("to", 1)]),
+                Proto.newNode(
+                    op: "MatMulInteger", name: model.uniqueName(w + "_MatMulInteger"),
+                    inputs: [aq, qName, azp] + (zName.map { [$0] } ?? []), outputs: [yi]),
+                Proto.newNode(
+                    op: "Cast", name: model.uniqueName(w + "_Cast"), inputs: [yi], outputs: [yf], attributes: [Proto.intAttr("to", 1)]),
                 Proto.newNode(op: "Mul", name: model.uniqueName(w + "_ScaleMul"), inputs: [ascale, sName], outputs: [sc]),
-                Proto.newNode(op: "Mul", name: model.uniqueName(w + "_Mul"), inputs: [yf, sc], outputs: [product]),
+                Proto.newNode(op: "Mul", name: model.uniqueName(w + "_Mul"), inputs: [yf, sc], outputs: [product])
             ]
             if use.biasAdd == nil, let b = use.bias {
                 nodes.append(Proto.newNode(op: "Add", name: model.uniqueName(w + "_BiasAdd"), inputs: [product, b], outputs: [use.output]))
             }
             replaceNode(use.node, with: nodes)
         }
-        stored[p.name] = [("values", .string(qName)), ("scale", .string(sName)), ("zero_point", zName.map(JSONValue.string) ?? .null),
-                          ("scale_shape", .array(pDims.map(JSONValue.int))),
-                          ("onnx", .object([("form", .string("dynamic")), ("activations", .string("uint8, DynamicQuantizeLinear per run"))]))]
+        stored[p.name] = [
+            ("values", .string(qName)), ("scale", .string(sName)), ("zero_point", zName.map(JSONValue.string) ?? .null),
+            ("scale_shape", .array(pDims.map(JSONValue.int))),
+            ("onnx", .object([("form", .string("dynamic")), ("activations", .string("uint8, DynamicQuantizeLinear per run"))]))
+        ]
     }
 }

@@ -1,5 +1,5 @@
-import Foundation
 import COnnxProto
+import Foundation
 
 /// An unpacked ONNX model and where each of its tensors lives, shared by the reader and the writer.
 public final class OnnxModel: @unchecked Sendable {
@@ -59,7 +59,10 @@ public final class OnnxModel: @unchecked Sendable {
     func uniqueName(_ base: String) -> String {
         var n = base
         var k = 1
-        while usedNames.contains(n) { n = "\(base)_\(k)"; k += 1 }
+        while usedNames.contains(n) {
+            n = "\(base)_\(k)"
+            k += 1
+        }
         usedNames.insert(n)
         return n
     }

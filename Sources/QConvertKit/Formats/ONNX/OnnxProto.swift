@@ -1,7 +1,8 @@
-import Foundation
 import COnnxProto
+import Foundation
+
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Small helpers over the protobuf-c structs generated from Schemas/onnx.proto.
@@ -36,7 +37,8 @@ enum Proto {
     }
 
     /// Appends to a repeated message field held as (count, pointer).
-    static func append<T>(_ item: UnsafeMutablePointer<T>, to list: inout UnsafeMutablePointer<UnsafeMutablePointer<T>?>?, count: inout Int) {
+    static func append<T>(_ item: UnsafeMutablePointer<T>, to list: inout UnsafeMutablePointer<UnsafeMutablePointer<T>?>?, count: inout Int)
+    {
         let p = realloc(list, MemoryLayout<UnsafeMutablePointer<T>?>.stride * (count + 1))!
             .bindMemory(to: UnsafeMutablePointer<T>?.self, capacity: count + 1)
         p[count] = item
@@ -45,11 +47,16 @@ enum Proto {
     }
 
     /// Inserts into a repeated message field at `index`.
-    static func insert<T>(_ item: UnsafeMutablePointer<T>, at index: Int, into list: inout UnsafeMutablePointer<UnsafeMutablePointer<T>?>?, count: inout Int) {
+    static func insert<T>(
+        _ item: UnsafeMutablePointer<T>, at index: Int, into list: inout UnsafeMutablePointer<UnsafeMutablePointer<T>?>?, count: inout Int
+    ) {
         append(item, to: &list, count: &count)
         let p = list!
         var k = count - 1
-        while k > index { p[k] = p[k - 1]; k -= 1 }
+        while k > index {
+            p[k] = p[k - 1]
+            k -= 1
+        }
         p[index] = item
     }
 
@@ -134,7 +141,8 @@ enum Proto {
         var list: UnsafeMutablePointer<UnsafeMutablePointer<Onnx__TensorShapeProto__Dimension>?>? = nil
         var n = 0
         for d in dims {
-            let dim = calloc(1, MemoryLayout<Onnx__TensorShapeProto__Dimension>.stride)!.bindMemory(to: Onnx__TensorShapeProto__Dimension.self, capacity: 1)
+            let dim = calloc(1, MemoryLayout<Onnx__TensorShapeProto__Dimension>.stride)!.bindMemory(
+                to: Onnx__TensorShapeProto__Dimension.self, capacity: 1)
             onnx__tensor_shape_proto__dimension__init(dim)
             dim.pointee.value_case = ONNX__TENSOR_SHAPE_PROTO__DIMENSION__VALUE_DIM_VALUE
             dim.pointee.dim_value = Int64(d)
@@ -157,7 +165,9 @@ enum Proto {
     }
 
     static func intAttribute(_ node: NodeP, _ name: String) -> Int? {
-        guard let a = attribute(node, name), a.pointee.has_i != 0 || a.pointee.type == ONNX__ATTRIBUTE_PROTO__ATTRIBUTE_TYPE__INT else { return nil }
+        guard let a = attribute(node, name), a.pointee.has_i != 0 || a.pointee.type == ONNX__ATTRIBUTE_PROTO__ATTRIBUTE_TYPE__INT else {
+            return nil
+        }
         return Int(a.pointee.i)
     }
 

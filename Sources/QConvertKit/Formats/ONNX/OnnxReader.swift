@@ -1,5 +1,5 @@
-import Foundation
 import COnnxProto
+import Foundation
 
 /// Reads ONNX models: initializers (raw or typed payloads, external data), Constant-node weights,
 /// weights in subgraphs and function bodies; each tensor's consumers give its output-channel axis.
@@ -17,10 +17,14 @@ public struct OnnxReader: FormatReader {
         let model: OnnxModel
         let f = try MappedFile(path: path)
         do {
-            guard f.size < Int(Int32.max) else { throw bad("a protobuf model over 2 GB cannot be read; such models keep their weights in external data") }
+            guard f.size < Int(Int32.max) else {
+                throw bad("a protobuf model over 2 GB cannot be read; such models keep their weights in external data")
+            }
             let raw = f.bytes(at: 0, count: f.size)
             let wire: OnnxWireCheck
-            do { wire = try OnnxWireCheck.check(raw) } catch let e as OnnxWireCheck.Failure { throw bad("not a valid ONNX model: \(e.message)") }
+            do { wire = try OnnxWireCheck.check(raw) } catch let e as OnnxWireCheck.Failure {
+                throw bad("not a valid ONNX model: \(e.message)")
+            }
             // protobuf-c copies every payload; drop the file's pages behind the copying so that
             // memory holds one copy of the weights, not two.
             let releaser = UnpackReleaser(file: f, blocks: wire.largePayloads)
@@ -47,12 +51,16 @@ public struct OnnxReader: FormatReader {
         var nextSuffix: [String: Int] = [:]
 
         func register(_ t: Proto.TensorP, graphName: String, home: OnnxModel.Home) throws {
-            guard t.pointee.has_data_type != 0, let dtype = Proto.dtype(t.pointee.data_type) else { return }   // strings and exotic types stay as they are
+            // strings and exotic types stay as they are
+            guard t.pointee.has_data_type != 0, let dtype = Proto.dtype(t.pointee.data_type) else { return }
             var name = graphName
             // Repeated names (across subgraphs, or a hostile file's thousands of copies) get #2, #3, ...;
             // the next suffix to try is remembered per name, so this stays linear.
             var k = nextSuffix[graphName] ?? 2
-            while names.contains(name) { name = "\(graphName)#\(k)"; k += 1 }
+            while names.contains(name) {
+                name = "\(graphName)#\(k)"
+                k += 1
+            }
             if name != graphName { nextSuffix[graphName] = k }
             names.insert(name)
             var dims: [Int] = []
@@ -61,7 +69,9 @@ public struct OnnxReader: FormatReader {
                 guard d >= 0 else { throw bad("tensor '\(graphName)': negative dimension \(d)") }
                 dims.append(Int(d))
             }
-            guard let expected = Shape(dims).checkedByteCount(dtype) else { throw bad("tensor '\(graphName)': shape \(Shape(dims)) overflows") }
+            guard let expected = Shape(dims).checkedByteCount(dtype) else {
+                throw bad("tensor '\(graphName)': shape \(Shape(dims)) overflows")
+            }
             let bytes = try payload(t, name: graphName, dtype: dtype, expected: expected, model: model)
             entries.append(TensorEntry(name: name, dtype: dtype, shape: dims, bytes: bytes))
             model.located[name] = OnnxModel.Located(tensor: t, home: home, graphName: graphName)
@@ -97,7 +107,8 @@ public struct OnnxReader: FormatReader {
             for (k, i) in inputs.enumerated() where !i.isEmpty { model.consumers[i, default: []].append((op, k, n)) }
             let domain = Proto.string(n.pointee.domain)
             if op == "Constant", domain.isEmpty || domain == "ai.onnx", let out = outputs.first,
-               let a = Proto.attribute(n, "value"), let t = a.pointee.t {
+                let a = Proto.attribute(n, "value"), let t = a.pointee.t
+            {
                 try register(t, graphName: out, home: .constant(node: n, graph: graph, function: function))
             }
         }
@@ -148,7 +159,8 @@ public struct OnnxReader: FormatReader {
         }
         if t.pointee.has_raw_data != 0 {
             guard t.pointee.raw_data.len == expected else {
-                throw bad("dims \(Shape(Proto.dimsOf(t))) of \(dtype.rawValue) need \(expected) bytes but raw_data has \(t.pointee.raw_data.len)")
+                throw bad(
+                    "dims \(Shape(Proto.dimsOf(t))) of \(dtype.rawValue) need \(expected) bytes but raw_data has \(t.pointee.raw_data.len)")
             }
             return .borrowed(UnsafeRawPointer(t.pointee.raw_data.data), count: expected, owner: model)
         }
@@ -160,7 +172,7 @@ public struct OnnxReader: FormatReader {
         }
         func append<T>(_ v: T) { withUnsafeBytes(of: v) { out += $0 } }
         switch dtype {
-        case .f32, .c64:   // complex values are (re, im) pairs
+        case .f32, .c64:  // complex values are (re, im) pairs
             let count = dtype == .c64 ? 2 * n : n
             try need(t.pointee.n_float_data, count, "float_data")
             for i in 0..<count { append(t.pointee.float_data[i].bitPattern.littleEndian) }
@@ -218,7 +230,8 @@ public struct OnnxReader: FormatReader {
         guard let loc = location, !loc.isEmpty else { throw bad("has no location") }
         let parts = loc.split(separator: "/", omittingEmptySubsequences: false)
         guard !loc.hasPrefix("/"), !loc.contains("\\"), !loc.contains("\0"), !parts.contains(".."),
-              !(loc.count >= 2 && loc.dropFirst().first == ":") else {
+            !(loc.count >= 2 && loc.dropFirst().first == ":")
+        else {
             throw bad("location '\(loc)' must be a relative path inside the model's folder")
         }
         let folderURL = URL(fileURLWithPath: model.folder).resolvingSymlinksInPath()
@@ -229,7 +242,9 @@ public struct OnnxReader: FormatReader {
         }
         guard FileManager.default.fileExists(atPath: resolved) else { throw bad("file '\(loc)' does not exist") }
         let f: MappedFile
-        if let cached = model.externalFiles[resolved] { f = cached } else {
+        if let cached = model.externalFiles[resolved] {
+            f = cached
+        } else {
             f = try MappedFile(path: resolved)
             model.externalFiles[resolved] = f
         }
@@ -249,7 +264,10 @@ final class UnpackReleaser {
     let blocks: [(offset: Int, length: Int)]
     var seen = 0
 
-    init(file: MappedFile, blocks: [(offset: Int, length: Int)]) { self.file = file; self.blocks = blocks }
+    init(file: MappedFile, blocks: [(offset: Int, length: Int)]) {
+        self.file = file
+        self.blocks = blocks
+    }
 
     func largeAllocation() {
         if seen > 0 && seen - 1 < blocks.count {

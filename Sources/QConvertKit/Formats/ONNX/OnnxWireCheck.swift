@@ -28,7 +28,7 @@ struct OnnxWireCheck {
         case (.attribute, 6), (.attribute, 11): return .graph
         case (.attribute, 14), (.attribute, 15): return .type
         case (.valueInfo, 2): return .type
-        case (.type, 4), (.type, 5), (.type, 9): return .typeInner   // Sequence, Map, Optional
+        case (.type, 4), (.type, 5), (.type, 9): return .typeInner  // Sequence, Map, Optional
         case (.typeInner, 1), (.typeInner, 2): return .type
         default: return nil
         }
@@ -41,7 +41,9 @@ struct OnnxWireCheck {
     }
 
     mutating func scan(_ b: UnsafeRawBufferPointer, _ start: Int, _ end: Int, _ kind: Kind, depth: Int) throws {
-        guard depth <= OnnxWireCheck.maxDepth else { throw Failure(message: "nesting deeper than \(OnnxWireCheck.maxDepth) levels (subgraphs or types)") }
+        guard depth <= OnnxWireCheck.maxDepth else {
+            throw Failure(message: "nesting deeper than \(OnnxWireCheck.maxDepth) levels (subgraphs or types)")
+        }
         var pos = start
         func varint() throws -> UInt64 {
             var v: UInt64 = 0

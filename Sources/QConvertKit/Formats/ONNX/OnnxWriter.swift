@@ -1,5 +1,5 @@
-import Foundation
 import COnnxProto
+import Foundation
 
 /// Writes ONNX models with QDQ quantization: a quantized weight `W` becomes `W_quantized`, `W_scale`
 /// (and `W_zero_point`) plus a DequantizeLinear node whose output is named `W`, so its consumers stay
@@ -11,7 +11,8 @@ public struct OnnxWriter: FormatWriter {
 
     public func open(path: String, tensors: [OutputTensor], source: Checkpoint, options: WriterOptions) throws -> CheckpointSink {
         guard let model = source.container as? OnnxModel else {
-            throw QConvertError.usage(message: "\(path): ONNX output needs an ONNX input (a \(source.format) checkpoint holds tensors only, no graph)")
+            throw QConvertError.usage(
+                message: "\(path): ONNX output needs an ONNX input (a \(source.format) checkpoint holds tensors only, no graph)")
         }
         guard !options.plans.isEmpty || tensors.isEmpty else {
             throw QConvertError.usage(message: "\(path): this operation cannot write ONNX")
@@ -36,8 +37,9 @@ public struct OnnxWriter: FormatWriter {
                 // kernel: under `auto` such a weight stays float rather than make inference slower
                 var p = plans[i]
                 p.decision = .keep(reason: "onnx_form auto")
-                p.warnings.append("kept float: onnxruntime would run its DequantizeLinear at every inference, slower than float "
-                    + "(onnx_form: qdq quantizes it)")
+                p.warnings.append(
+                    "kept float: onnxruntime would run its DequantizeLinear at every inference, slower than float "
+                        + "(onnx_form: qdq quantizes it)")
                 p.bytesAfter = p.bytesBefore
                 p.scaleName = nil
                 p.zeroPointName = nil
@@ -72,7 +74,11 @@ final class OnnxSink: CheckpointSink {
     var dynamicInputs: [String: (String, String, String)] = [:]
 
     init(path: String, model: OnnxModel, source: Checkpoint, tensors: [OutputTensor], options: WriterOptions) {
-        self.path = path; self.model = model; self.source = source; self.tensors = tensors; self.options = options
+        self.path = path
+        self.model = model
+        self.source = source
+        self.tensors = tensors
+        self.options = options
     }
 
     /// Output index of each converted tensor's values → its plan; and every output a converted tensor yields.
@@ -119,15 +125,19 @@ final class OnnxSink: CheckpointSink {
                 let choice = OnnxForms.choose(p, loc: loc, model: model, plans: planByName)
                 switch choice {
                 case .qdq:
-                    needIR = max(needIR, try applyQuantize(p, scheme: scheme, loc: loc, values: values, scale: scale, zeroPoint: zp, opset: opset))
-                    stored[p.name, default: []].append(("onnx", .object([("form", .string("qdq"))] + (choice.note.map { [("note", .string($0))] } ?? []))))
+                    needIR = max(
+                        needIR, try applyQuantize(p, scheme: scheme, loc: loc, values: values, scale: scale, zeroPoint: zp, opset: opset))
+                    stored[p.name, default: []].append(
+                        ("onnx", .object([("form", .string("qdq"))] + (choice.note.map { [("note", .string($0))] } ?? []))))
                 case .matMulNBits(let f, let bits, let bs, _):
-                    try applyMatMulNBits(p, scheme: scheme, loc: loc, fit: f, bits: bits, blockSize: bs, values: values, scale: scale, zeroPoint: zp)
+                    try applyMatMulNBits(
+                        p, scheme: scheme, loc: loc, fit: f, bits: bits, blockSize: bs, values: values, scale: scale, zeroPoint: zp)
                 case .dynamic(let f):
                     try applyDynamic(p, scheme: scheme, loc: loc, fit: f, values: values, scale: scale, zeroPoint: zp)
                 case .gatherBlockQuantized(let f, let bits, let bs):
-                    try applyGatherBlockQuantized(p, scheme: scheme, loc: loc, fit: f, bits: bits, blockSize: bs, values: values, scale: scale,
-                                                  zeroPoint: zp)
+                    try applyGatherBlockQuantized(
+                        p, scheme: scheme, loc: loc, fit: f, bits: bits, blockSize: bs, values: values, scale: scale,
+                        zeroPoint: zp)
                 }
             }
             data[outs[0]] = nil
@@ -162,8 +172,9 @@ final class OnnxSink: CheckpointSink {
                 var inputs = g.pointee.input
                 var ni = g.pointee.n_input
                 for t in newTensors {
-                    Proto.append(Proto.newValueInfo(name: Proto.string(t.pointee.name), dataType: t.pointee.data_type, dims: Proto.dimsOf(t)),
-                                 to: &inputs, count: &ni)
+                    Proto.append(
+                        Proto.newValueInfo(name: Proto.string(t.pointee.name), dataType: t.pointee.data_type, dims: Proto.dimsOf(t)),
+                        to: &inputs, count: &ni)
                 }
                 g.pointee.input = inputs
                 g.pointee.n_input = ni
@@ -185,8 +196,10 @@ final class OnnxSink: CheckpointSink {
             var extra: [Proto.NodeP] = []
             for t in newTensors.dropFirst() {
                 let out = Proto.string(t.pointee.name)
-                extra.append(Proto.newNode(op: "Constant", name: model.uniqueName(out + "_Constant"), inputs: [], outputs: [out],
-                                           attributes: [Proto.tensorAttr("value", t)]))
+                extra.append(
+                    Proto.newNode(
+                        op: "Constant", name: model.uniqueName(out + "_Constant"), inputs: [], outputs: [out],
+                        attributes: [Proto.tensorAttr("value", t)]))
             }
             if let g {
                 OnnxSink.insert(extra + nodes, after: cnode, list: &g.pointee.node, count: &g.pointee.n_node)
@@ -197,8 +210,10 @@ final class OnnxSink: CheckpointSink {
     }
 
     /// Inserts nodes right after `anchor` in a node list (graph or function body), keeping the order topological.
-    static func insert(_ nodes: [Proto.NodeP], after anchor: Proto.NodeP,
-                       list: inout UnsafeMutablePointer<UnsafeMutablePointer<Onnx__NodeProto>?>?, count: inout Int) {
+    static func insert(
+        _ nodes: [Proto.NodeP], after anchor: Proto.NodeP,
+        list: inout UnsafeMutablePointer<UnsafeMutablePointer<Onnx__NodeProto>?>?, count: inout Int
+    ) {
         let at = ((0..<count).first { list?[$0] == anchor } ?? -1) + 1
         for (k, node) in nodes.enumerated() { Proto.insert(node, at: at + k, into: &list, count: &count) }
     }
@@ -234,8 +249,10 @@ final class OnnxSink: CheckpointSink {
     }
 
     /// Returns the IR version the new tensors need (0 when none).
-    func applyQuantize(_ p: TensorPlan, scheme s: QuantScheme, loc: OnnxModel.Located, values: [UInt8], scale: [UInt8],
-                       zeroPoint: [UInt8]?, opset: Int) throws -> Int {
+    func applyQuantize(
+        _ p: TensorPlan, scheme s: QuantScheme, loc: OnnxModel.Located, values: [UInt8], scale: [UInt8],
+        zeroPoint: [UInt8]?, opset: Int
+    ) throws -> Int {
         let w = loc.graphName
         let shape = p.shape
         let rank = shape.count
@@ -243,10 +260,22 @@ final class OnnxSink: CheckpointSink {
         // What the model's opset can express with DequantizeLinear.
         var required = 10
         var why = "per-tensor DequantizeLinear"
-        if s.granularity == .channel { required = 13; why = "per-axis DequantizeLinear" }
-        if s.target.isFP8 { required = max(required, 19); why = "float8 DequantizeLinear" }
-        if s.granularity == .group || s.granularity == .element { required = max(required, 21); why = "blocked DequantizeLinear" }
-        if is4 { required = max(required, 21); why = "int4/uint4 DequantizeLinear" }
+        if s.granularity == .channel {
+            required = 13
+            why = "per-axis DequantizeLinear"
+        }
+        if s.target.isFP8 {
+            required = max(required, 19)
+            why = "float8 DequantizeLinear"
+        }
+        if s.granularity == .group || s.granularity == .element {
+            required = max(required, 21)
+            why = "blocked DequantizeLinear"
+        }
+        if is4 {
+            required = max(required, 21)
+            why = "int4/uint4 DequantizeLinear"
+        }
         let floatOut = p.dtype
         let scaleInSourceType = (floatOut == .f16 || floatOut == .bf16) && opset >= 19
         if floatOut != .f32 && !scaleInSourceType && floatOut != .f16 && floatOut != .bf16 && floatOut != .f64 {
@@ -256,9 +285,11 @@ final class OnnxSink: CheckpointSink {
         if decompose {
             let cannot = s.granularity == .group || s.granularity == .element || s.target.isFP8
             if p.onnxFallback == "refuse" || cannot {
-                throw QConvertError.usage(message: "\(path): tensor '\(w)' needs \(why), which needs opset ≥ \(required), but the model imports opset \(opset); "
-                    + (cannot ? "choose granularity: channel or tensor and an integer dtype for this model (the opset is never raised)"
-                              : "set 'onnx_fallback: decompose' to dequantize with Cast and Mul instead (the opset is never raised)"))
+                throw QConvertError.usage(
+                    message: "\(path): tensor '\(w)' needs \(why), which needs opset ≥ \(required), but the model imports opset \(opset); "
+                        + (cannot
+                            ? "choose granularity: channel or tensor and an integer dtype for this model (the opset is never raised)"
+                            : "set 'onnx_fallback: decompose' to dequantize with Cast and Mul instead (the opset is never raised)"))
             }
         }
         // Stored integers.
@@ -316,7 +347,9 @@ final class OnnxSink: CheckpointSink {
             let name = model.uniqueName(w + "_zero_point")
             var zb = zp
             var zType = qType
-            if is4 && !decompose { zb = Packing.pack4(zp.map { $0 & 0x0F }, shape: [zp.count]) } else if is4 {
+            if is4 && !decompose {
+                zb = Packing.pack4(zp.map { $0 & 0x0F }, shape: [zp.count])
+            } else if is4 {
                 zb = s.target == .int4 ? zp.map { ($0 & 0x08) != 0 ? $0 | 0xF0 : $0 & 0x0F } : zp
                 zType = s.target == .int4 ? 3 : 2
             }
@@ -329,34 +362,54 @@ final class OnnxSink: CheckpointSink {
         let dqOut = needsCastBack ? model.uniqueName(w + "_dequantized") : w
         if decompose {
             let castQ = model.uniqueName(qName + "_float")
-            nodes.append(Proto.newNode(op: "Cast", name: model.uniqueName(w + "_Cast"), inputs: [qName], outputs: [castQ],
-                                       attributes: [Proto.intAttr("to", 1)]))
+            nodes.append(
+                Proto.newNode(
+                    op: "Cast", name: model.uniqueName(w + "_Cast"), inputs: [qName], outputs: [castQ],
+                    attributes: [Proto.intAttr("to", 1)]))
             var centred = castQ
             if let zn = zpName {
                 let castZ = model.uniqueName(zn + "_float")
-                nodes.append(Proto.newNode(op: "Cast", name: model.uniqueName(zn + "_Cast"), inputs: [zn], outputs: [castZ],
-                                           attributes: [Proto.intAttr("to", 1)]))
+                nodes.append(
+                    Proto.newNode(
+                        op: "Cast", name: model.uniqueName(zn + "_Cast"), inputs: [zn], outputs: [castZ],
+                        attributes: [Proto.intAttr("to", 1)]))
                 centred = model.uniqueName(w + "_centred")
                 nodes.append(Proto.newNode(op: "Sub", name: model.uniqueName(w + "_Sub"), inputs: [castQ, castZ], outputs: [centred]))
             }
             nodes.append(Proto.newNode(op: "Mul", name: model.uniqueName(w + "_Mul"), inputs: [centred, scaleName], outputs: [dqOut]))
         } else {
-            nodes.append(Proto.newNode(op: "DequantizeLinear", name: model.uniqueName(w + "_DequantizeLinear"), inputs: dqInputs,
-                                       outputs: [dqOut], attributes: attrs))
+            nodes.append(
+                Proto.newNode(
+                    op: "DequantizeLinear", name: model.uniqueName(w + "_DequantizeLinear"), inputs: dqInputs,
+                    outputs: [dqOut], attributes: attrs))
         }
         if needsCastBack {
-            nodes.append(Proto.newNode(op: "Cast", name: model.uniqueName(w + "_CastBack"), inputs: [dqOut], outputs: [w],
-                                       attributes: [Proto.intAttr("to", Int(Proto.dataType(floatOut)))]))
+            nodes.append(
+                Proto.newNode(
+                    op: "Cast", name: model.uniqueName(w + "_CastBack"), inputs: [dqOut], outputs: [w],
+                    attributes: [Proto.intAttr("to", Int(Proto.dataType(floatOut)))]))
         }
         replaceTensor(loc, with: newTensors, nodes: nodes)
-        var facts: [(String, JSONValue)] = [("values", .string(qName)), ("scale", .string(scaleName)),
-                                            ("zero_point", zpName.map(JSONValue.string) ?? .null),
-                                            ("scale_shape", .array(pDims.map(JSONValue.int)))]
+        var facts: [(String, JSONValue)] = [
+            ("values", .string(qName)), ("scale", .string(scaleName)),
+            ("zero_point", zpName.map(JSONValue.string) ?? .null),
+            ("scale_shape", .array(pDims.map(JSONValue.int)))
+        ]
         if is4 {
-            facts.append(("packing", decompose
-                ? .object([("bits", .int(4)), ("unpacked", .bool(true)), ("note", .string("one value per byte (the model's opset has no 4-bit types)"))])
-                : .object([("bits", .int(4)), ("signed", .bool(s.target == .int4)), ("axis", .null), ("order", .string("low_nibble_first")),
-                           ("note", .string("ONNX layout: two values per byte over the flattened tensor, element 0 in the low nibble"))])))
+            facts.append(
+                (
+                    "packing",
+                    decompose
+                        ? .object([
+                            ("bits", .int(4)), ("unpacked", .bool(true)),
+                            ("note", .string("one value per byte (the model's opset has no 4-bit types)"))
+                        ])
+                        : .object([
+                            ("bits", .int(4)), ("signed", .bool(s.target == .int4)), ("axis", .null),
+                            ("order", .string("low_nibble_first")),
+                            ("note", .string("ONNX layout: two values per byte over the flattened tensor, element 0 in the low nibble"))
+                        ])
+                ))
         }
         stored[p.name] = facts
         if is4 && !decompose { return 10 }
@@ -367,12 +420,14 @@ final class OnnxSink: CheckpointSink {
     func applyCast(_ p: TensorPlan, scheme s: QuantScheme, loc: OnnxModel.Located, values: [UInt8], opset: Int) throws {
         let w = loc.graphName
         if s.target == .bf16 && opset < 13 {
-            throw QConvertError.usage(message: "\(path): tensor '\(w)': a bfloat16 Cast needs opset ≥ 13 but the model imports \(opset); cast to fp16 instead")
+            throw QConvertError.usage(
+                message: "\(path): tensor '\(w)': a bfloat16 Cast needs opset ≥ 13 but the model imports \(opset); cast to fp16 instead")
         }
         let name = model.uniqueName(w + (s.target == .fp16 ? "_fp16" : "_bf16"))
         let t = values.withUnsafeBytes { Proto.newTensor(name: name, dataType: onnxType(s.target), dims: p.shape, raw: $0) }
-        let cast = Proto.newNode(op: "Cast", name: model.uniqueName(w + "_Cast"), inputs: [name], outputs: [w],
-                                 attributes: [Proto.intAttr("to", Int(Proto.dataType(p.dtype)))])
+        let cast = Proto.newNode(
+            op: "Cast", name: model.uniqueName(w + "_Cast"), inputs: [name], outputs: [w],
+            attributes: [Proto.intAttr("to", Int(Proto.dataType(p.dtype)))])
         replaceTensor(loc, with: [t], nodes: [cast])
         stored[p.name] = [("values", .string(name))]
     }
@@ -380,7 +435,8 @@ final class OnnxSink: CheckpointSink {
     /// The metadata document with the names and layouts the graph really holds.
     func patched(_ doc: String) -> String {
         guard case .object(var top)? = try? JSONParser.parse(doc), let ti = top.firstIndex(where: { $0.0 == "tensors" }),
-              case .object(var tensors) = top[ti].1 else { return doc }
+            case .object(var tensors) = top[ti].1
+        else { return doc }
         for k in tensors.indices {
             guard let facts = stored[tensors[k].0], case .object(var rec) = tensors[k].1 else { continue }
             for (key, value) in facts {
@@ -457,14 +513,23 @@ final class OnnxSink: CheckpointSink {
                 for t in tensorsNow {
                     let bytes: UnsafeRawBufferPointer
                     var holder: TensorBytes? = nil
-                    if let e = externalBytes[t] { holder = e; bytes = UnsafeRawBufferPointer(start: nil, count: 0) }
-                    else if t.pointee.has_raw_data != 0 && t.pointee.raw_data.len >= 1024 {
+                    if let e = externalBytes[t] {
+                        holder = e
+                        bytes = UnsafeRawBufferPointer(start: nil, count: 0)
+                    } else if t.pointee.has_raw_data != 0 && t.pointee.raw_data.len >= 1024 {
                         bytes = UnsafeRawBufferPointer(start: t.pointee.raw_data.data, count: t.pointee.raw_data.len)
-                    } else { continue }
+                    } else {
+                        continue
+                    }
                     offset = (offset + 4095) / 4096 * 4096
                     let len: Int
-                    if let h = holder { len = h.count; try h.withUnsafeBytes { try df.pwrite($0, at: offset) }; h.release() } else {
-                        len = bytes.count; try df.pwrite(bytes, at: offset)
+                    if let h = holder {
+                        len = h.count
+                        try h.withUnsafeBytes { try df.pwrite($0, at: offset) }
+                        h.release()
+                    } else {
+                        len = bytes.count
+                        try df.pwrite(bytes, at: offset)
                     }
                     setExternal(t, location: dataName, offset: offset, length: len)
                     offset += len
@@ -495,10 +560,15 @@ final class OnnxSink: CheckpointSink {
                 _ = buffer
                 sink.flush()
                 if let e = sink.error { throw e }
-                guard written == size, sink.offset == size else { throw QConvertError.write(path: path, message: "protobuf packing failed") }
+                guard written == size, sink.offset == size else {
+                    throw QConvertError.write(path: path, message: "protobuf packing failed")
+                }
                 try dataFile?.commit()
                 try out.commit()
-            } catch { out.abort(); throw error }
+            } catch {
+                out.abort()
+                throw error
+            }
         } catch {
             dataFile?.abort()
             throw error
@@ -546,7 +616,10 @@ final class PackSink {
     var error: Error?
     var pending: [UInt8] = []
 
-    init(file: AtomicFile) { self.file = file; pending.reserveCapacity(1 << 20) }
+    init(file: AtomicFile) {
+        self.file = file
+        pending.reserveCapacity(1 << 20)
+    }
 
     func append(_ data: UnsafePointer<UInt8>?, _ len: Int) {
         guard error == nil, let data, len > 0 else { return }

@@ -59,11 +59,14 @@ public struct SafetensorsHeader: Sendable {
             guard let sh = v["shape"]?.arrayValue else { throw bad("tensor '\(name)': missing shape") }
             var shape: [Int] = []
             for d in sh {
-                guard let i = d.nonNegativeInt else { throw bad("tensor '\(name)': shape entry \(d.compact) is not a non-negative integer") }
+                guard let i = d.nonNegativeInt else {
+                    throw bad("tensor '\(name)': shape entry \(d.compact) is not a non-negative integer")
+                }
                 shape.append(i)
             }
             guard let offs = v["data_offsets"]?.arrayValue, offs.count == 2,
-                  let b = offs[0].nonNegativeInt, let e = offs[1].nonNegativeInt else {
+                let b = offs[0].nonNegativeInt, let e = offs[1].nonNegativeInt
+            else {
                 throw bad("tensor '\(name)': data_offsets must be two non-negative integers")
             }
             _ = t
@@ -73,9 +76,10 @@ public struct SafetensorsHeader: Sendable {
         var prevEnd = 0
         for t in infos {
             guard t.begin == prevEnd else {
-                throw bad(t.begin > prevEnd
-                    ? "tensor '\(t.name)': data starts at \(t.begin) but the previous tensor ends at \(prevEnd) (hole in the data)"
-                    : "tensor '\(t.name)': data starts at \(t.begin), inside the previous tensor ending at \(prevEnd) (overlap)")
+                throw bad(
+                    t.begin > prevEnd
+                        ? "tensor '\(t.name)': data starts at \(t.begin) but the previous tensor ends at \(prevEnd) (hole in the data)"
+                        : "tensor '\(t.name)': data starts at \(t.begin), inside the previous tensor ending at \(prevEnd) (overlap)")
             }
             guard t.end >= t.begin else { throw bad("tensor '\(t.name)': data_offsets end \(t.end) is before begin \(t.begin)") }
             guard let nel = Shape(t.shape).checkedElementCount else { throw bad("tensor '\(t.name)': shape \(Shape(t.shape)) overflows") }
@@ -83,14 +87,17 @@ public struct SafetensorsHeader: Sendable {
             guard !o else { throw bad("tensor '\(t.name)': size in bits overflows") }
             guard nbits % 8 == 0 else { throw bad("tensor '\(t.name)': \(nel) elements of \(dn(t.dtype)) do not fill whole bytes") }
             guard t.end - t.begin == nbits / 8 else {
-                throw bad("tensor '\(t.name)': shape \(Shape(t.shape)) of \(dn(t.dtype)) needs \(nbits / 8) bytes but data_offsets span \(t.end - t.begin)")
+                throw bad(
+                    "tensor '\(t.name)': shape \(Shape(t.shape)) of \(dn(t.dtype)) needs \(nbits / 8) bytes but data_offsets span \(t.end - t.begin)"
+                )
             }
             prevEnd = t.end
         }
         guard prevEnd + 8 + n == len else {
-            throw bad(prevEnd + 8 + n < len
-                ? "\(len - prevEnd - 8 - n) bytes after the last tensor (trailing data is not allowed)"
-                : "file is \(len) bytes but the header declares \(prevEnd + 8 + n) (truncated)")
+            throw bad(
+                prevEnd + 8 + n < len
+                    ? "\(len - prevEnd - 8 - n) bytes after the last tensor (trailing data is not allowed)"
+                    : "file is \(len) bytes but the header declares \(prevEnd + 8 + n) (truncated)")
         }
         return SafetensorsHeader(headerLength: n, metadata: metadata, tensors: infos)
     }

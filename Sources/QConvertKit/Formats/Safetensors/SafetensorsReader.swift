@@ -46,9 +46,10 @@ public struct SafetensorsReader: FormatReader {
         let entries = header.tensors.map { t in
             // safetensors checkpoints follow PyTorch's layout: Linear, Conv and Embedding
             // weights keep their output channels (rows) on axis 0.
-            TensorEntry(name: t.name, dtype: t.dtype, shape: t.shape,
-                        bytes: .mapped(f, offset: dataStart + t.begin, count: t.end - t.begin),
-                        outputAxis: t.shape.count >= 2 ? 0 : nil, shard: shard)
+            TensorEntry(
+                name: t.name, dtype: t.dtype, shape: t.shape,
+                bytes: .mapped(f, offset: dataStart + t.begin, count: t.end - t.begin),
+                outputAxis: t.shape.count >= 2 ? 0 : nil, shard: shard)
         }
         f.release(offset: 0, count: dataStart)
         return (entries, header.metadata)
@@ -69,9 +70,12 @@ public struct SafetensorsReader: FormatReader {
         var shardOrder: [String] = []
         var shardSet = Set<String>()
         for (k, v) in wm {
-            guard let s = v.stringValue else { throw QConvertError.badInput(path: indexPath, message: "weight_map entry '\(k)' is not a file name") }
+            guard let s = v.stringValue else {
+                throw QConvertError.badInput(path: indexPath, message: "weight_map entry '\(k)' is not a file name")
+            }
             guard !s.contains("/"), !s.contains("\\"), s != "..", !s.isEmpty else {
-                throw QConvertError.badInput(path: indexPath, message: "weight_map entry '\(k)' names '\(s)', which is not a file beside the index")
+                throw QConvertError.badInput(
+                    path: indexPath, message: "weight_map entry '\(k)' names '\(s)', which is not a file beside the index")
             }
             map[k] = s
             if shardSet.insert(s).inserted { shardOrder.append(s) }
@@ -95,7 +99,8 @@ public struct SafetensorsReader: FormatReader {
                 }
                 seen[t.name] = s
                 if let wm = weightMap, wm[t.name] != s {
-                    throw QConvertError.badInput(path: userPath, message: "tensor '\(t.name)' is in \(s) but the index maps it to \(wm[t.name] ?? "nothing")")
+                    throw QConvertError.badInput(
+                        path: userPath, message: "tensor '\(t.name)' is in \(s) but the index maps it to \(wm[t.name] ?? "nothing")")
                 }
             }
             entries += e
@@ -106,7 +111,8 @@ public struct SafetensorsReader: FormatReader {
                 throw QConvertError.badInput(path: userPath, message: "index lists tensor '\(k)' in \(s) but that file does not hold it")
             }
         }
-        return Checkpoint(format: name, path: userPath, files: files, entries: entries, metadata: metadata,
-                          shardNames: shardNames)
+        return Checkpoint(
+            format: name, path: userPath, files: files, entries: entries, metadata: metadata,
+            shardNames: shardNames)
     }
 }

@@ -27,8 +27,12 @@ public struct SafetensorsWriter: FormatWriter {
                 var groups: [[Int]] = [[]]
                 var size = 0
                 for (i, t) in tensors.enumerated() {
-                    if !groups[groups.count - 1].isEmpty && size + t.byteCount > max { groups.append([]); size = 0 }
-                    groups[groups.count - 1].append(i); size += t.byteCount
+                    if !groups[groups.count - 1].isEmpty && size + t.byteCount > max {
+                        groups.append([])
+                        size = 0
+                    }
+                    groups[groups.count - 1].append(i)
+                    size += t.byteCount
                 }
                 let n = groups.count
                 plan = groups.enumerated().map { k, g in
@@ -85,7 +89,8 @@ final class SafetensorsSink: CheckpointSink {
             for (si, p) in plan.enumerated() {
                 // The reference writer's order: dtype by decreasing alignment, then name.
                 let order = p.members.sorted {
-                    let a = tensors[$0], b = tensors[$1]
+                    let a = tensors[$0]
+                    let b = tensors[$1]
                     if a.dtype.safetensorsAlignmentRank != b.dtype.safetensorsAlignmentRank {
                         return a.dtype.safetensorsAlignmentRank > b.dtype.safetensorsAlignmentRank
                     }
@@ -93,10 +98,14 @@ final class SafetensorsSink: CheckpointSink {
                 }
                 var begins: [Int: Int] = [:]
                 var off = 0
-                for i in order { begins[i] = off; off += tensors[i].byteCount }
+                for i in order {
+                    begins[i] = off
+                    off += tensors[i].byteCount
+                }
                 let share = plan.count > 0 ? metadataHint * max(p.members.count, 1) / max(tensors.count, 1) : metadataHint
-                let provisional = SafetensorsSink.headerJSON(order: order, begins: begins, tensors: tensors,
-                                                             metadata: [("qconvert", String(repeating: " ", count: share + 256))])
+                let provisional = SafetensorsSink.headerJSON(
+                    order: order, begins: begins, tensors: tensors,
+                    metadata: [("qconvert", String(repeating: " ", count: share + 256))])
                 let reserved = (provisional.utf8.count + 7) / 8 * 8
                 let file = try AtomicFile(path: p.file)
                 try file.truncate(8 + reserved + off)
@@ -111,13 +120,15 @@ final class SafetensorsSink: CheckpointSink {
 
     static func headerJSON(order: [Int], begins: [Int: Int], tensors: [OutputTensor], metadata: [(key: String, value: String)]) -> String {
         var out = "{"
-        var first = true   // (String.count walks the whole string: asking it per tensor was quadratic)
+        var first = true  // (String.count walks the whole string: asking it per tensor was quadratic)
         if !metadata.isEmpty {
             first = false
             out += "\"__metadata__\":{"
             for (k, (key, value)) in metadata.enumerated() {
                 if k > 0 { out += "," }
-                JSONValue.writeString(key, &out); out += ":"; JSONValue.writeString(value, &out)
+                JSONValue.writeString(key, &out)
+                out += ":"
+                JSONValue.writeString(value, &out)
             }
             out += "}"
         }
@@ -127,13 +138,16 @@ final class SafetensorsSink: CheckpointSink {
             first = false
             JSONValue.writeString(t.name, &out)
             let b = begins[i]!
-            out += ":{\"dtype\":\"\(t.dtype.safetensorsName!)\",\"shape\":[\(t.shape.map(String.init).joined(separator: ","))],\"data_offsets\":[\(b),\(b + t.byteCount)]}"
+            out +=
+                ":{\"dtype\":\"\(t.dtype.safetensorsName!)\",\"shape\":[\(t.shape.map(String.init).joined(separator: ","))],\"data_offsets\":[\(b),\(b + t.byteCount)]}"
         }
         return out + "}"
     }
 
     func put(_ index: Int, _ bytes: UnsafeRawBufferPointer) throws {
-        precondition(bytes.count == tensors[index].byteCount, "tensor \(tensors[index].name): \(bytes.count) bytes for a declared \(tensors[index].byteCount)")
+        precondition(
+            bytes.count == tensors[index].byteCount,
+            "tensor \(tensors[index].name): \(bytes.count) bytes for a declared \(tensors[index].byteCount)")
         let loc = location[index]
         try shards[loc.shard].file.pwrite(bytes, at: loc.offset)
     }
@@ -158,7 +172,13 @@ final class SafetensorsSink: CheckpointSink {
             if shards.count > 1, let folder {
                 let index = indexJSON(metadata: metadata)
                 let f = try AtomicFile(path: folder.stagingPath + "/model.safetensors.index.json")
-                do { try f.pwrite(Array(index.utf8), at: 0); try f.commit() } catch { f.abort(); throw error }
+                do {
+                    try f.pwrite(Array(index.utf8), at: 0)
+                    try f.commit()
+                } catch {
+                    f.abort()
+                    throw error
+                }
             }
             for s in shards { try s.file.commit() }
             try folder?.commit()
@@ -185,7 +205,10 @@ final class SafetensorsSink: CheckpointSink {
                 try nf.pwrite(buf, at: 8 + padded + off)
                 off += n
             }
-        } catch { nf.abort(); throw error }
+        } catch {
+            nf.abort()
+            throw error
+        }
         s.file.abort()
         shards[k].file = nf
     }
@@ -200,11 +223,18 @@ final class SafetensorsSink: CheckpointSink {
         fileOf.sort { Array($0.0.utf8).lexicographicallyPrecedes(Array($1.0.utf8)) }
         var out = "{\n  \"metadata\": {\n    \"total_size\": \(total)"
         for (k, v) in metadata {
-            out += ",\n    "; JSONValue.writeString(k, &out); out += ": "; JSONValue.writeString(v, &out)
+            out += ",\n    "
+            JSONValue.writeString(k, &out)
+            out += ": "
+            JSONValue.writeString(v, &out)
         }
         out += "\n  },\n  \"weight_map\": {\n"
         out += fileOf.map { kv in
-            var line = "    "; JSONValue.writeString(kv.0, &line); line += ": "; JSONValue.writeString(kv.1, &line); return line
+            var line = "    "
+            JSONValue.writeString(kv.0, &line)
+            line += ": "
+            JSONValue.writeString(kv.1, &line)
+            return line
         }.joined(separator: ",\n")
         return out + "\n  }\n}\n"
     }

@@ -62,7 +62,11 @@ final class PTTensor {
     /// Index of the checkpoint entry holding its data (tied tensors share one).
     var entry = -1
     init(storage: PTStorage, dtype: DType, offset: Int, shape: [Int], stride: [Int]) {
-        self.storage = storage; self.dtype = dtype; self.offset = offset; self.shape = shape; self.stride = stride
+        self.storage = storage
+        self.dtype = dtype
+        self.offset = offset
+        self.shape = shape
+        self.stride = stride
     }
 }
 
@@ -71,14 +75,14 @@ enum TorchTypes {
     static let storages: [String: DType] = [
         "DoubleStorage": .f64, "FloatStorage": .f32, "HalfStorage": .f16, "BFloat16Storage": .bf16,
         "LongStorage": .i64, "IntStorage": .i32, "ShortStorage": .i16, "CharStorage": .i8,
-        "ByteStorage": .u8, "BoolStorage": .bool, "ComplexFloatStorage": .c64, "ComplexDoubleStorage": .c128,
+        "ByteStorage": .u8, "BoolStorage": .bool, "ComplexFloatStorage": .c64, "ComplexDoubleStorage": .c128
     ]
     /// torch.<dtype> names.
     static let dtypes: [String: DType] = [
         "float64": .f64, "double": .f64, "float32": .f32, "float": .f32, "float16": .f16, "half": .f16,
         "bfloat16": .bf16, "int64": .i64, "long": .i64, "int32": .i32, "int": .i32, "int16": .i16, "short": .i16,
         "int8": .i8, "uint8": .u8, "bool": .bool, "uint16": .u16, "uint32": .u32, "uint64": .u64,
-        "float8_e4m3fn": .f8e4m3, "float8_e5m2": .f8e5m2, "complex64": .c64, "complex128": .c128,
+        "float8_e4m3fn": .f8e4m3, "float8_e5m2": .f8e5m2, "complex64": .c64, "complex128": .c128
     ]
 
     static func storageClass(_ d: DType) -> String? { storages.first { $0.value == d }?.key }
@@ -115,13 +119,17 @@ enum TorchTypes {
         case "torch.storage": return name == "UntypedStorage" || name == "TypedStorage"
         case "torch._tensor": return name == "_rebuild_from_type_v2"
         case "torch._utils":
-            return ["_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
-                    "_rebuild_parameter_with_state", "_rebuild_qtensor", "_rebuild_sparse_tensor",
-                    "_rebuild_meta_tensor_no_storage", "_rebuild_nested_tensor", "_rebuild_wrapper_subclass",
-                    "_rebuild_device_tensor_from_numpy", "_rebuild_device_tensor_from_cpu_tensor"].contains(name)
+            return [
+                "_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
+                "_rebuild_parameter_with_state", "_rebuild_qtensor", "_rebuild_sparse_tensor",
+                "_rebuild_meta_tensor_no_storage", "_rebuild_nested_tensor", "_rebuild_wrapper_subclass",
+                "_rebuild_device_tensor_from_numpy", "_rebuild_device_tensor_from_cpu_tensor"
+            ].contains(name)
         case "torch":
-            return ["Size", "Tensor", "device", "per_tensor_affine", "per_channel_affine", "per_tensor_symmetric",
-                    "per_channel_symmetric", "per_channel_affine_float_qparams"].contains(name)
+            return [
+                "Size", "Tensor", "device", "per_tensor_affine", "per_channel_affine", "per_tensor_symmetric",
+                "per_channel_symmetric", "per_channel_affine_float_qparams"
+            ].contains(name)
                 || dtypes[name] != nil || name.hasSuffix("Storage")
         default: return false
         }

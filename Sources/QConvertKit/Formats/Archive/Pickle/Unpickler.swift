@@ -143,22 +143,32 @@ struct Unpickler {
         while true {
             let op = try byte()
             switch op {
-            case 0x80: let p = try byte(); guard p >= 2 && p <= 5 else { throw fail("pickle protocol \(p) is not supported") }
-            case 0x95:   // FRAME: only a length hint; it must stay inside the data
+            case 0x80:
+                let p = try byte()
+                guard p >= 2 && p <= 5 else { throw fail("pickle protocol \(p) is not supported") }
+            case 0x95:  // FRAME: only a length hint; it must stay inside the data
                 let n = try uint(8)
                 guard n <= UInt64(data.count - pos) else { throw fail("FRAME of \(n) bytes runs past the end") }
             case UInt8(ascii: "."): return try pop()
             case UInt8(ascii: "("): marks.append(stack.count)
             case UInt8(ascii: "0"): _ = try pop()
             case UInt8(ascii: "1"): _ = try popMark()
-            case UInt8(ascii: "2"): guard let t = stack.last else { throw fail("DUP on an empty stack") }; try push(t, depth: depths[depths.count - 1])
+            case UInt8(ascii: "2"):
+                guard let t = stack.last else { throw fail("DUP on an empty stack") }
+                try push(t, depth: depths[depths.count - 1])
             case UInt8(ascii: "N"): try push(.none)
             case 0x88: try push(.bool(true))
             case 0x89: try push(.bool(false))
             case UInt8(ascii: "I"):
                 let s = try line()
-                if s == "01" { try push(.bool(true)) } else if s == "00" { try push(.bool(false)) }
-                else { guard let v = Int(s) else { throw fail("bad INT '\(s)'") }; try push(.int(v)) }
+                if s == "01" {
+                    try push(.bool(true))
+                } else if s == "00" {
+                    try push(.bool(false))
+                } else {
+                    guard let v = Int(s) else { throw fail("bad INT '\(s)'") }
+                    try push(.int(v))
+                }
             case UInt8(ascii: "J"): try push(.int(Int(Int32(truncatingIfNeeded: try uint(4)))))
             case UInt8(ascii: "K"): try push(.int(Int(try byte())))
             case UInt8(ascii: "M"): try push(.int(Int(try uint(2))))
@@ -166,7 +176,10 @@ struct Unpickler {
                 let n = op == 0x8a ? Int(try byte()) : Int(try uint(4))
                 guard n <= 64 else { throw fail("integer of \(n) bytes is too large") }
                 let b = try take(n)
-                if n > 8 { try push(.bigInt(Array(b))); continue }
+                if n > 8 {
+                    try push(.bigInt(Array(b)))
+                    continue
+                }
                 var v: Int64 = 0
                 for k in (0..<n).reversed() { v = v << 8 | Int64(b[k]) }
                 if n > 0 && n < 8 && b[n - 1] & 0x80 != 0 { v -= Int64(1) << (8 * Int64(n)) }
@@ -176,8 +189,11 @@ struct Unpickler {
                 if s.hasSuffix("L") { s.removeLast() }
                 guard let v = Int(s) else { throw fail("bad LONG '\(s)'") }
                 try push(.int(v))
-            case UInt8(ascii: "G"): try push(.float(Double(bitPattern: try (0..<8).reduce(UInt64(0)) { acc, _ in acc << 8 | UInt64(try byte()) })))
-            case UInt8(ascii: "F"): guard let v = Double(try line()) else { throw fail("bad FLOAT") }; try push(.float(v))
+            case UInt8(ascii: "G"):
+                try push(.float(Double(bitPattern: try (0..<8).reduce(UInt64(0)) { acc, _ in acc << 8 | UInt64(try byte()) })))
+            case UInt8(ascii: "F"):
+                guard let v = Double(try line()) else { throw fail("bad FLOAT") }
+                try push(.float(v))
             case UInt8(ascii: "X"), 0x8c, 0x8d:
                 let n = op == 0x8c ? Int(try byte()) : op == 0x8d ? try length(8) : try length(4)
                 guard let s = String(validating: try take(n), as: UTF8.self) else { throw fail("string is not UTF-8") }
@@ -189,11 +205,17 @@ struct Unpickler {
                 let n = op == UInt8(ascii: "C") ? Int(try byte()) : (op == UInt8(ascii: "B") ? try length(4) : try length(8))
                 try push(.bytes(Array(try take(n))))
             case UInt8(ascii: ")"): try push(.tuple([]), depth: 1)
-            case UInt8(ascii: "t"): let (items, deepest) = try popMarkWithDepth(); try pushContainer(.tuple(items), items: items, deepest: deepest)
+            case UInt8(ascii: "t"):
+                let (items, deepest) = try popMarkWithDepth()
+                try pushContainer(.tuple(items), items: items, deepest: deepest)
             case 0x85, 0x86, 0x87:
                 var items: [PickleValue] = []
                 var deepest = 0
-                for _ in 0..<Int(op - 0x84) { let (v, d) = try popWithDepth(); items.insert(v, at: 0); deepest = max(deepest, d) }
+                for _ in 0..<Int(op - 0x84) {
+                    let (v, d) = try popWithDepth()
+                    items.insert(v, at: 0)
+                    deepest = max(deepest, d)
+                }
                 try pushContainer(.tuple(items), items: items, deepest: deepest)
             case UInt8(ascii: "]"): try push(.list(PickleList()), depth: 1)
             case UInt8(ascii: "l"):
@@ -221,7 +243,8 @@ struct Unpickler {
                 for k in stride(from: 0, to: items.count, by: 2) { set(d, items[k], items[k + 1]) }
                 try pushContainer(.dict(d), items: items, deepest: deepest)
             case UInt8(ascii: "s"):
-                let (v, dv) = try popWithDepth(), (k, dk) = try popWithDepth()
+                let (v, dv) = try popWithDepth()
+                let (k, dk) = try popWithDepth()
                 guard case .dict(let d)? = stack.last else { throw fail("SETITEM on something that is not a dict") }
                 try growTop(by: max(dv, dk), "SETITEM")
                 embed([k, v])
@@ -241,20 +264,25 @@ struct Unpickler {
                 // (adding to a copy made every ADDITEMS quadratic).
                 var (top, d) = try popWithDepth()
                 guard case .set(var members) = top else { throw fail("ADDITEMS on something that is not a set") }
-                top = .none   // the last other reference to the array: `members` now grows in place
+                top = .none  // the last other reference to the array: `members` now grows in place
                 members += items
                 embed(items)
                 try push(.set(members), depth: max(d, deepest + 1))
-            case 0x91: let (items, deepest) = try popMarkWithDepth(); try pushContainer(.set(items), items: items, deepest: deepest)
+            case 0x91:
+                let (items, deepest) = try popMarkWithDepth()
+                try pushContainer(.set(items), items: items, deepest: deepest)
             case UInt8(ascii: "c"):
-                let module = try line(), name = try line()
+                let module = try line()
+                let name = try line()
                 try push(try global(module, name))
             case 0x93:
-                let name = try pop(), module = try pop()
+                let name = try pop()
+                let module = try pop()
                 guard case .string(let n) = name, case .string(let m) = module else { throw fail("STACK_GLOBAL needs two strings") }
                 try push(try global(m, n))
             case UInt8(ascii: "R"), 0x81:
-                let (args, da) = try popWithDepth(), callable = try pop()
+                let (args, da) = try popWithDepth()
+                let callable = try pop()
                 guard case .tuple(let a) = args else { throw fail("\(op == 0x81 ? "NEWOBJ" : "REDUCE") arguments are not a tuple") }
                 let result = try reduce(callable, a)
                 try pushContainer(result, items: [args], deepest: da)
@@ -266,17 +294,21 @@ struct Unpickler {
                     try growTop(by: ds, "BUILD")
                     embed([state])
                     d.state = state
-                case .tensor: break   // _rebuild_parameter_with_state: no Python state is kept
+                case .tensor: break  // _rebuild_parameter_with_state: no Python state is kept
                 default: throw fail("BUILD on something that is not an OrderedDict or a tensor")
                 }
             case UInt8(ascii: "Q"): try push(try persistentLoad(try pop()))
             case UInt8(ascii: "P"): try push(try persistentLoad(.string(try line())))
             case UInt8(ascii: "h"): try get(Int(try byte()))
             case UInt8(ascii: "j"): try get(Int(try uint(4)))
-            case UInt8(ascii: "g"): guard let k = Int(try line()) else { throw fail("bad GET") }; try get(k)
+            case UInt8(ascii: "g"):
+                guard let k = Int(try line()) else { throw fail("bad GET") }
+                try get(k)
             case UInt8(ascii: "q"): try memoize(Int(try byte()))
             case UInt8(ascii: "r"): try memoize(Int(try uint(4)))
-            case UInt8(ascii: "p"): guard let k = Int(try line()) else { throw fail("bad PUT") }; try memoize(k)
+            case UInt8(ascii: "p"):
+                guard let k = Int(try line()) else { throw fail("bad PUT") }
+                try memoize(k)
             case 0x94: try memoize(memo.count)
             default:
                 throw fail(String(format: "opcode 0x%02x at byte %d is not allowed", op, pos - 1))
@@ -288,7 +320,10 @@ struct Unpickler {
     /// not a scan: SETITEMS on a large dict was quadratic), other keys are appended.
     func set(_ d: PickleDict, _ k: PickleValue, _ v: PickleValue) {
         if case .string(let ks) = k {
-            if let i = d.stringKeys[ks] { d.items[i].value = v; return }
+            if let i = d.stringKeys[ks] {
+                d.items[i].value = v
+                return
+            }
             d.stringKeys[ks] = d.items.count
         }
         d.items.append((k, v))
@@ -335,7 +370,7 @@ struct Unpickler {
             return s
         case ("_codecs", "encode"):
             guard a.count >= 1, case .string(let s) = a[0] else { throw fail("_codecs.encode needs a string") }
-            return .bytes(s.unicodeScalars.map { UInt8(truncatingIfNeeded: $0.value) })   // latin-1
+            return .bytes(s.unicodeScalars.map { UInt8(truncatingIfNeeded: $0.value) })  // latin-1
         case ("builtins", "set"):
             if let first = a.first, case .list(let l) = first { return .set(l.items) }
             return .set([])
@@ -351,8 +386,9 @@ struct Unpickler {
                 }
                 dtype = d
             }
-            let t = PTTensor(storage: st, dtype: dtype, offset: try int(a[1], "storage offset"),
-                             shape: try ints(a[2], "size"), stride: try ints(a[3], "stride"))
+            let t = PTTensor(
+                storage: st, dtype: dtype, offset: try int(a[1], "storage offset"),
+                shape: try ints(a[2], "size"), stride: try ints(a[3], "stride"))
             if a.count > 4, case .bool(let rg) = a[4] { t.requiresGrad = rg }
             return .tensor(t)
         case ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state"):
