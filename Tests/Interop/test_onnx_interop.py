@@ -150,6 +150,9 @@ def test_int4_groups_of_32_on_opset21(models, tmp_path):
 
 def test_opset_too_old_for_groups_is_refused_with_the_option_named(models, tmp_path):
     out = str(tmp_path / "x.onnx")
+    # plan shows the refusal before anything is converted
+    plan = run("plan", models["mlp"], "--preset", "w4g128", "--onnx-form", "qdq").stdout
+    assert "a conversion to ONNX would be refused" in plan and "opset" in plan
     p = run(models["mlp"], "-o", out, "--preset", "w4g128", "--onnx-form", "qdq", check=False)
     assert p.returncode == 64
     assert "opset" in p.stderr and "granularity" in p.stderr and len(p.stderr.strip().splitlines()) == 1

@@ -151,7 +151,7 @@ public enum Converter {
     public static func plan(input: String, options: ConvertOptions) throws -> (Checkpoint, [TensorPlan]) {
         let ckpt = try open(input)
         var plans = try Planner.plan(ckpt, policy: options.policy, strict: options.strict)
-        OnnxWriter.annotate(&plans, source: ckpt)
+        try OnnxWriter.annotate(&plans, source: ckpt)
         return (ckpt, plans)
     }
 
@@ -172,7 +172,7 @@ public enum Converter {
         let input = ckpt.path
         var planned = try Planner.plan(ckpt, policy: options.policy, strict: options.strict)
         let writer = try FormatRegistry.writer(for: output, format: options.format, inputFormat: ckpt.format)
-        if writer is OnnxWriter { OnnxWriter.annotate(&planned, source: ckpt) }
+        if writer is OnnxWriter { try OnnxWriter.annotate(&planned, source: ckpt, output: output) }
         let plans = planned
         try PathGuard.checkOutput(output, input: ckpt)
 

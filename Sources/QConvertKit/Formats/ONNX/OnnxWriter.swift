@@ -26,11 +26,25 @@ public struct OnnxWriter: FormatWriter {
 
     /// Records in each quantized weight's plan the ONNX form it will take (for `plan` and the report),
     /// and adds a warning where the form falls back or onnxruntime would run it slowly.
-    public static func annotate(_ plans: inout [TensorPlan], source: Checkpoint) {
+    ///
+    /// With `output`, a weight the model's opset cannot express is refused here, before any tensor is
+    /// quantized (the message names the output); without, `plan` shows the refusal as a warning.
+    public static func annotate(_ plans: inout [TensorPlan], source: Checkpoint, output: String? = nil) throws {
         guard let model = source.container as? OnnxModel, !model.written else { return }
         let byName = Dictionary(plans.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
+        func check(_ i: Int, _ body: () throws -> Void) throws {
+            do { try body() } catch let e as QConvertError {
+                guard output == nil else { throw e }
+                plans[i].warnings.append("a conversion to ONNX would be refused: " + e.description)
+            }
+        }
         for i in plans.indices {
-            guard let s = plans[i].decision.scheme, s.target.isQuantization, let loc = model.located[plans[i].name] else { continue }
+            guard let s = plans[i].decision.scheme, let loc = model.located[plans[i].name] else { continue }
+            if s.target.isCast {
+                try check(i) { try OnnxSink.checkCast(s, opset: model.opset, path: output ?? source.path, name: loc.graphName) }
+                continue
+            }
+            guard s.target.isQuantization else { continue }
             let choice = OnnxForms.choose(plans[i], loc: loc, model: model, plans: byName)
             if case .qdq = choice, plans[i].onnxForm == .auto, !s.target.isFP8 {
                 // onnxruntime keeps a weight's DequantizeLinear at run time unless it becomes an integer
@@ -47,6 +61,13 @@ public struct OnnxWriter: FormatWriter {
                 p.calibrationSeconds = 0
                 plans[i] = p
                 continue
+            }
+            if case .qdq = choice {
+                let p = plans[i]
+                try check(i) {
+                    _ = try OnnxSink.dequantizeLinearForm(
+                        p, scheme: s, opset: model.opset, path: output ?? source.path, name: loc.graphName)
+                }
             }
             switch choice {
             case .qdq: plans[i].onnxFormChosen = "qdq"
@@ -248,16 +269,10 @@ final class OnnxSink: CheckpointSink {
         return Packing.pack4(q, shape: [q.count])
     }
 
-    /// Returns the IR version the new tensors need (0 when none).
-    func applyQuantize(
-        _ p: TensorPlan, scheme s: QuantScheme, loc: OnnxModel.Located, values: [UInt8], scale: [UInt8],
-        zeroPoint: [UInt8]?, opset: Int
-    ) throws -> Int {
-        let w = loc.graphName
-        let shape = p.shape
-        let rank = shape.count
-        let is4 = s.target == .int4 || s.target == .uint4
-        // What the model's opset can express with DequantizeLinear.
+    /// Whether the model's opset can express the scheme with DequantizeLinear: false when it can, true
+    /// when the weight must be dequantized with Cast and Mul instead (`onnx_fallback: decompose`);
+    /// throws when neither is possible. Checked before any tensor is quantized, and again when writing.
+    static func dequantizeLinearForm(_ p: TensorPlan, scheme s: QuantScheme, opset: Int, path: String, name w: String) throws -> Bool {
         var required = 10
         var why = "per-tensor DequantizeLinear"
         if s.granularity == .channel {
@@ -272,14 +287,14 @@ final class OnnxSink: CheckpointSink {
             required = max(required, 21)
             why = "blocked DequantizeLinear"
         }
-        if is4 {
+        if s.target == .int4 || s.target == .uint4 {
             required = max(required, 21)
             why = "int4/uint4 DequantizeLinear"
         }
         let floatOut = p.dtype
         let scaleInSourceType = (floatOut == .f16 || floatOut == .bf16) && opset >= 19
         if floatOut != .f32 && !scaleInSourceType && floatOut != .f16 && floatOut != .bf16 && floatOut != .f64 {
-            throw fail("tensor '\(w)' of \(floatOut.rawValue) cannot be dequantized in ONNX")
+            throw QConvertError.usage(message: "\(path): tensor '\(w)' of \(floatOut.rawValue) cannot be dequantized in ONNX")
         }
         let decompose = opset < required
         if decompose {
@@ -292,6 +307,29 @@ final class OnnxSink: CheckpointSink {
                             : "set 'onnx_fallback: decompose' to dequantize with Cast and Mul instead (the opset is never raised)"))
             }
         }
+        return decompose
+    }
+
+    /// A cast the model's opset cannot express (bfloat16 needs opset 13).
+    static func checkCast(_ s: QuantScheme, opset: Int, path: String, name w: String) throws {
+        if s.target == .bf16 && opset < 13 {
+            throw QConvertError.usage(
+                message: "\(path): tensor '\(w)': a bfloat16 Cast needs opset ≥ 13 but the model imports \(opset); cast to fp16 instead")
+        }
+    }
+
+    /// Returns the IR version the new tensors need (0 when none).
+    func applyQuantize(
+        _ p: TensorPlan, scheme s: QuantScheme, loc: OnnxModel.Located, values: [UInt8], scale: [UInt8],
+        zeroPoint: [UInt8]?, opset: Int
+    ) throws -> Int {
+        let w = loc.graphName
+        let shape = p.shape
+        let rank = shape.count
+        let is4 = s.target == .int4 || s.target == .uint4
+        let decompose = try OnnxSink.dequantizeLinearForm(p, scheme: s, opset: opset, path: path, name: w)
+        let floatOut = p.dtype
+        let scaleInSourceType = (floatOut == .f16 || floatOut == .bf16) && opset >= 19
         // Stored integers.
         var qType = onnxType(s.target)
         var qBytes = values
@@ -419,10 +457,7 @@ final class OnnxSink: CheckpointSink {
 
     func applyCast(_ p: TensorPlan, scheme s: QuantScheme, loc: OnnxModel.Located, values: [UInt8], opset: Int) throws {
         let w = loc.graphName
-        if s.target == .bf16 && opset < 13 {
-            throw QConvertError.usage(
-                message: "\(path): tensor '\(w)': a bfloat16 Cast needs opset ≥ 13 but the model imports \(opset); cast to fp16 instead")
-        }
+        try OnnxSink.checkCast(s, opset: opset, path: path, name: w)
         let name = model.uniqueName(w + (s.target == .fp16 ? "_fp16" : "_bf16"))
         let t = values.withUnsafeBytes { Proto.newTensor(name: name, dataType: onnxType(s.target), dims: p.shape, raw: $0) }
         let cast = Proto.newNode(
