@@ -100,7 +100,7 @@ def test_matmulnbits_weights_are_the_numpy_reference_and_run(tmp_path, kind, sch
     weights = model(src, kind)
     args, params = SCHEMES[scheme]
     out = tmp_path / "q.onnx"
-    run(src, "-o", out, "-q", "--set", "min_elements=0", *args)           # auto: MatMulNBits wherever it fits
+    run(src, "-o", out, "-q", "--set", "min_elements=0", "--onnx-form", "matmulnbits", *args)
     m = onnx.load(str(out))
     onnx.checker.check_model(m, full_check=True)
     assert {o.domain: o.version for o in m.opset_import}.get("com.microsoft") == 1
@@ -123,7 +123,7 @@ def test_matmulnbits_weights_are_the_numpy_reference_and_run(tmp_path, kind, sch
     y_q = session(out).run(None, f)[0]
     assert cosine(y_float, y_q) >= (0.98 if scheme.startswith("w4") else 0.999)
     exact = tmp_path / "exact.onnx"
-    run(src, "-o", exact, "-q", "--set", "min_elements=0", "--set", "accuracy_level=0", *args)
+    run(src, "-o", exact, "-q", "--set", "min_elements=0", "--set", "accuracy_level=0", "--onnx-form", "matmulnbits", *args)
     deq = tmp_path / "deq.safetensors"
     run("dequantize", exact, "-o", deq)
     ref_model = tmp_path / "ref.onnx"
@@ -229,3 +229,20 @@ def test_auto_keeps_float_what_would_run_slower(tmp_path):
     assert ops.count("DequantizeLinear") == 2
     x = {"x": r.standard_normal((2, 16, 8, 8)).astype(np.float32)}
     assert cosine(session(src).run(None, x)[0], session(out).run(None, x)[0]) >= 0.999
+
+
+@pytest.mark.parametrize("kind,preset,form", [("mlp2d", "int8", "MatMulNBits"), ("mlp3d", "int8", "MatMulInteger"),
+                                              ("mlp3d", "w4g128", "MatMulNBits"), ("gemm", "int8", "MatMulNBits")])
+def test_auto_picks_the_fast_form_for_the_activation(tmp_path, kind, preset, form):
+    """8-bit weights multiplying sequences (rank-3 activations) take the dynamic form, whose int8 GEMM is
+    fastest on large products; batches of vectors and 4-bit weights take MatMulNBits."""
+    src = tmp_path / "m.onnx"
+    model(src, kind)
+    out = tmp_path / "auto.onnx"
+    run(src, "-o", out, "-q", "--set", "min_elements=0", "--preset", preset, "--set", "group_size=32")
+    m = onnx.load(str(out))
+    onnx.checker.check_model(m, full_check=True)
+    ops = {nd.op_type for nd in m.graph.node}
+    assert form in ops and "DequantizeLinear" not in ops, ops
+    f = feeds(kind)
+    assert cosine(session(src).run(None, f)[0], session(out).run(None, f)[0]) >= (0.98 if preset == "w4g128" else 0.998)

@@ -220,6 +220,14 @@ enum OnnxForms {
             }
             return .qdq(note: nil)
         case .auto, .matmulnbits:
+            // 8-bit weights multiplying sequences (activations of rank ≥ 3): the products are large
+            // matrices, where quantizing the activations at run time (the dynamic form) is fastest
+            if p.onnxForm == .auto, case .success(let f) = fitted, !f.gather, f.nAxis == 1, model.opset >= 11,
+                s.target == .int8 || s.target == .uint8, s.granularity == .tensor || s.granularity == .channel,
+                f.uses.allSatisfy({ (model.ranks[$0.a] ?? 0) >= 3 })
+            {
+                return .dynamic(f)
+            }
             switch fitted {
             case .failure(let why):
                 return .qdq(note: p.onnxForm == .auto ? nil : "DequantizeLinear instead of MatMulNBits: \(why)")

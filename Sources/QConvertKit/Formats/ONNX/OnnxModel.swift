@@ -26,6 +26,9 @@ public final class OnnxModel: @unchecked Sendable {
     var located: [String: Located] = [:] { didSet { byGraphName = nil } }
     private var byGraphName: [String: Located]?
 
+    /// Ranks of the main graph's values where they are known (computed once, before any edit).
+    lazy var ranks: [String: Int] = OnnxRanks.infer(self)
+
     /// The tensor a graph knows by `name` (an initializer or a Constant's output).
     func located(graphName name: String) -> Located? {
         if byGraphName == nil { byGraphName = Dictionary(located.values.map { ($0.graphName, $0) }, uniquingKeysWith: { a, _ in a }) }
