@@ -267,3 +267,46 @@ void qk_f64_to_f32(const void *src, int64_t n, float *dst) {
 }
 
 void qk_copy_f32(const void *src, int64_t n, float *dst) { memcpy(dst, src, (size_t)n * 4); }
+
+/* MatMulNBits packing (see MatMulNBitsLayout in OnnxForms.swift). */
+
+void qk_transpose_xor_u8(const uint8_t *src, int64_t rows, int64_t cols, uint8_t x, uint8_t *dst) {
+    /* dst[c * rows + r] = src[r * cols + c] ^ x, in tiles for the cache */
+    const int64_t T = 64;
+    for (int64_t r0 = 0; r0 < rows; r0 += T) {
+        int64_t r1 = r0 + T < rows ? r0 + T : rows;
+        for (int64_t c0 = 0; c0 < cols; c0 += T) {
+            int64_t c1 = c0 + T < cols ? c0 + T : cols;
+            /* contiguous writes, strided reads within a tile that stays in the cache */
+            for (int64_t c = c0; c < c1; c++) {
+                uint8_t *d = dst + c * rows;
+                const uint8_t *s = src + c;
+                for (int64_t r = r0; r < r1; r++) d[r] = s[r * cols] ^ x;
+            }
+        }
+    }
+}
+
+void qk_pack_blocks(const uint8_t *codes, int64_t n, int64_t k, int64_t bs, int bits, const uint8_t *pad, uint8_t *out) {
+    /* codes: [n, k] one code per byte; out: [n, blocks, bs * bits / 8]; pad: one code per (row, block) */
+    int64_t blocks = (k + bs - 1) / bs;
+    int64_t blob = bs * bits / 8;
+    for (int64_t row = 0; row < n; row++) {
+        const uint8_t *c = codes + row * k;
+        uint8_t *o = out + row * blocks * blob;
+        for (int64_t b = 0; b < blocks; b++) {
+            uint8_t p = pad[row * blocks + b];
+            int64_t base = b * bs;
+            uint8_t *ob = o + b * blob;
+            if (bits == 8) {
+                for (int64_t j = 0; j < bs; j++) ob[j] = base + j < k ? c[base + j] : p;
+            } else {
+                for (int64_t j = 0; j < bs; j += 2) {
+                    uint8_t lo = base + j < k ? c[base + j] : p;
+                    uint8_t hi = base + j + 1 < k ? c[base + j + 1] : p;
+                    ob[j / 2] = (uint8_t)((lo & 0x0F) | (hi << 4));
+                }
+            }
+        }
+    }
+}

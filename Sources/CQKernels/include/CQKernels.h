@@ -85,6 +85,12 @@ float qk_min_f32(const float *a, int64_t n);
 /// out[i] = |x[i]|.
 void qk_abs_copy_f32(const float *x, int64_t n, float *out);
 
+/// dst[c * rows + r] = src[r * cols + c] ^ x (a byte matrix transposed, each byte xor x).
+void qk_transpose_xor_u8(const uint8_t *src, int64_t rows, int64_t cols, uint8_t x, uint8_t *dst);
+/// Codes [n, k] (one per byte) into blocks [n, ceil(k/bs), bs*bits/8]: 8-bit as is, 4-bit two per byte
+/// (element 2i in the low nibble); the tail of the last block takes pad[row * blocks + block].
+void qk_pack_blocks(const uint8_t *codes, int64_t n, int64_t k, int64_t bs, int bits, const uint8_t *pad, uint8_t *out);
+
 /// SHA-256 (sha256.c), streaming; `portable` = 1 forces the plain C rounds (tests compare both).
 typedef struct {
     uint32_t h[8];

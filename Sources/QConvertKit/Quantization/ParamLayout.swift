@@ -55,6 +55,13 @@ public struct ParamLayout: Sendable, Equatable {
         return channelAxis == rank - 1 ? rank - 2 : rank - 1
     }
 
+    /// Parameter index of the element at `coords` (one per axis).
+    public func paramIndex(_ coords: [Int]) -> Int {
+        var index = 0
+        for j in 0..<coords.count { index = index * paramShape[j] + coords[j] / divisors[j] }
+        return index
+    }
+
     /// Parameter index of every element, in row-major order (reference path and gathering).
     public func paramIndices() -> [Int32] {
         let n = shape.reduce(1, *)

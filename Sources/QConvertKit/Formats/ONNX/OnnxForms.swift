@@ -1,4 +1,5 @@
 import COnnxProto
+import CQKernels
 import Foundation
 
 /// The forms a quantized MatMul/Gemm weight can take in an ONNX output, and the graph facts that
@@ -286,35 +287,38 @@ struct MatMulNBitsLayout {
 
     /// B, scales and zero points (nil when the default applies) from qconvert's tensors.
     /// Returns nil when a block would span two scales (the scheme does not fit the blocking).
-    func pack(values: [UInt8], scale: [Float], zeroPoint: [UInt8]?, paramIndex: [Int32]) -> (b: [UInt8], scales: [Float], zp: [UInt8]?)? {
+    func pack(values: [UInt8], scale: [Float], zeroPoint: [UInt8]?, params: ParamLayout) -> (b: [UInt8], scales: [Float], zp: [UInt8]?)? {
         let q = codes(values)
         let mask: UInt8 = bits == 4 ? 0x0F : 0xFF
-        var b = [UInt8](repeating: 0, count: n * blocks * blob)
+        guard q.count == n * k else { return nil }
+        // unsigned codes along K for each column: two's complement + 2^(b−1) is an xor with it
+        var nk = [UInt8](repeating: 0, count: n * k)
+        if nAxis == 1 {
+            q.withUnsafeBufferPointer { src in
+                nk.withUnsafeMutableBufferPointer { qk_transpose_xor_u8(src.baseAddress, Int64(k), Int64(n), offset, $0.baseAddress) }
+            }
+        } else {
+            nk = offset == 0 ? q : q.map { $0 ^ offset }
+        }
         var scales = [Float](repeating: 0, count: n * blocks)
         var zps = [UInt8](repeating: 0, count: n * blocks)
         let needZP = zeroPoint != nil || !signed
         for col in 0..<n {
             for blk in 0..<blocks {
-                let first = Int(paramIndex[element(col, blk * blockSize)])
+                let k0 = blk * blockSize
+                let k1 = min(k0 + blockSize, k) - 1
+                let first = params.paramIndex(nAxis == 1 ? [k0, col] : [col, k0])
+                // parameters are constant or blocked along K: a block is one parameter if its ends are
+                guard params.paramIndex(nAxis == 1 ? [k1, col] : [col, k1]) == first else { return nil }
                 scales[col * blocks + blk] = scale[first]
-                let z = zeroPoint.map { ($0[first] &+ offset) & mask } ?? offset
-                zps[col * blocks + blk] = z
-                for j in 0..<blockSize {
-                    let kk = blk * blockSize + j
-                    let code: UInt8
-                    if kk < k {
-                        let e = element(col, kk)
-                        guard Int(paramIndex[e]) == first else { return nil }
-                        code = (q[e] &+ offset) & mask
-                    } else {
-                        code = z  // padding dequantizes to 0
-                    }
-                    let base = (col * blocks + blk) * blob
-                    if bits == 8 {
-                        b[base + j] = code
-                    } else {
-                        b[base + j / 2] |= j % 2 == 0 ? code : code << 4
-                    }
+                zps[col * blocks + blk] = zeroPoint.map { ($0[first] &+ offset) & mask } ?? offset  // also the padding's code
+            }
+        }
+        var b = [UInt8](repeating: 0, count: n * blocks * blob)
+        nk.withUnsafeBufferPointer { c in
+            zps.withUnsafeBufferPointer { z in
+                b.withUnsafeMutableBufferPointer {
+                    qk_pack_blocks(c.baseAddress, Int64(n), Int64(k), Int64(blockSize), Int32(bits), z.baseAddress, $0.baseAddress)
                 }
             }
         }

@@ -6,6 +6,36 @@ import Foundation
 extension OnnxSink {
     var mainGraph: Proto.GraphP? { model.model.pointee.graph }
 
+    /// Packs every MatMulNBits and GatherBlockQuantized weight on all cores before the graph is edited
+    /// (the packing is a pure function of the quantized tensor; the edits that follow are serial).
+    func prepack(_ planByName: [String: TensorPlan]) {
+        var jobs: [(name: String, layout: MatMulNBitsLayout, params: ParamLayout, values: [UInt8], scale: [Float], zp: [UInt8]?)] = []
+        for (pi, p) in options.plans.enumerated() {
+            guard let s = p.decision.scheme, s.target.isQuantization, let loc = model.located[p.name] else { continue }
+            let outs = options.outputsOfPlan[pi]
+            guard outs.count > 1, let values = data[outs[0]], let scale = data[outs[1]] else { continue }
+            let layout: MatMulNBitsLayout
+            switch OnnxForms.choose(p, loc: loc, model: model, plans: planByName) {
+            case .matMulNBits(let f, let bits, let bs, _):
+                layout = MatMulNBitsLayout(k: f.k, n: f.n, nAxis: f.nAxis, bits: bits, blockSize: bs, signed: s.target.isSigned)
+            case .gatherBlockQuantized(let f, let bits, let bs):
+                layout = MatMulNBitsLayout(k: f.k, n: f.n, nAxis: 0, bits: bits, blockSize: bs, signed: s.target.isSigned)
+            default: continue
+            }
+            let params = ParamLayout(shape: p.shape, granularity: s.granularity, axis: s.axis, groupSize: s.groupSize)
+            let scales = scale.withUnsafeBytes { Array($0.bindMemory(to: Float.self)) }
+            jobs.append((p.name, layout, params, values, scales, outs.count > 2 ? data[outs[2]] : nil))
+        }
+        guard !jobs.isEmpty else { return }
+        let results = PackResults(count: jobs.count)
+        let work = jobs
+        DispatchQueue.concurrentPerform(iterations: work.count) { j in
+            let job = work[j]
+            results.set(j, job.layout.pack(values: job.values, scale: job.scale, zeroPoint: job.zp, params: job.params))
+        }
+        for (j, job) in jobs.enumerated() { if let r = results.get(j) { prepacked[job.name] = r } }
+    }
+
     /// Replaces `old` by `new` (in order, at its position) in the main graph; `old` is freed after writing.
     func replaceNode(_ old: Proto.NodeP, with new: [Proto.NodeP]) {
         guard let g = mainGraph else { return }
@@ -55,7 +85,10 @@ extension OnnxSink {
         let layout = MatMulNBitsLayout(k: f.k, n: f.n, nAxis: f.nAxis, bits: bits, blockSize: blockSize, signed: s.target.isSigned)
         let params = ParamLayout(shape: p.shape, granularity: s.granularity, axis: s.axis, groupSize: s.groupSize)
         let scales = scale.withUnsafeBytes { Array($0.bindMemory(to: Float.self)) }
-        guard let packed = layout.pack(values: values, scale: scales, zeroPoint: zeroPoint, paramIndex: params.paramIndices()) else {
+        guard
+            let packed = prepacked.removeValue(forKey: p.name)
+                ?? layout.pack(values: values, scale: scales, zeroPoint: zeroPoint, params: params)
+        else {
             throw fail("internal: tensor '\(w)' does not fit MatMulNBits blocks of \(blockSize)")
         }
         let bName = model.uniqueName(w + "_quantized")
@@ -110,7 +143,8 @@ extension OnnxSink {
         let params = ParamLayout(shape: p.shape, granularity: s.granularity, axis: s.axis, groupSize: s.groupSize)
         let scales = scale.withUnsafeBytes { Array($0.bindMemory(to: Float.self)) }
         guard f.k % blockSize == 0,
-            let packed = layout.pack(values: values, scale: scales, zeroPoint: zeroPoint, paramIndex: params.paramIndices())
+            let packed = prepacked.removeValue(forKey: p.name)
+                ?? layout.pack(values: values, scale: scales, zeroPoint: zeroPoint, params: params)
         else {
             throw fail("internal: tensor '\(w)' does not fit GatherBlockQuantized blocks of \(blockSize)")
         }
@@ -214,5 +248,22 @@ extension OnnxSink {
             ("scale_shape", .array(pDims.map(JSONValue.int))),
             ("onnx", .object([("form", .string("dynamic")), ("activations", .string("uint8, DynamicQuantizeLinear per run"))]))
         ]
+    }
+}
+
+/// Results of the parallel packing, written under a lock.
+final class PackResults: @unchecked Sendable {
+    private var items: [(b: [UInt8], scales: [Float], zp: [UInt8]?)?]
+    private let lock = NSLock()
+    init(count: Int) { items = Array(repeating: nil, count: count) }
+    func set(_ i: Int, _ v: (b: [UInt8], scales: [Float], zp: [UInt8]?)?) {
+        lock.lock()
+        items[i] = v
+        lock.unlock()
+    }
+    func get(_ i: Int) -> (b: [UInt8], scales: [Float], zp: [UInt8]?)? {
+        lock.lock()
+        defer { lock.unlock() }
+        return items[i]
     }
 }

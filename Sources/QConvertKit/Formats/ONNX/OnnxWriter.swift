@@ -89,6 +89,8 @@ final class OnnxSink: CheckpointSink {
     var data: [Int: [UInt8]] = [:]
     /// What the graph holds for each converted tensor, for the metadata document.
     var stored: [String: [(String, JSONValue)]] = [:]
+    /// MatMulNBits/GatherBlockQuantized tensors packed ahead, on every core (by weight name).
+    var prepacked: [String: (b: [UInt8], scales: [Float], zp: [UInt8]?)] = [:]
     /// Nodes taken out of the graph, freed once the model is written.
     var retired: [Proto.NodeP] = []
     /// DynamicQuantizeLinear outputs per activation (the dynamic form shares them).
@@ -133,6 +135,7 @@ final class OnnxSink: CheckpointSink {
             for n in retired { onnx__node_proto__free_unpacked(n, nil) }
             retired = []
         }
+        prepack(planByName)
         for (pi, p) in options.plans.enumerated() {
             guard let scheme = p.decision.scheme else { continue }
             guard let loc = model.located[p.name] else { continue }
