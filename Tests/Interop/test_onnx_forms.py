@@ -246,3 +246,27 @@ def test_auto_picks_the_fast_form_for_the_activation(tmp_path, kind, preset, for
     assert form in ops and "DequantizeLinear" not in ops, ops
     f = feeds(kind)
     assert cosine(session(src).run(None, f)[0], session(out).run(None, f)[0]) >= (0.98 if preset == "w4g128" else 0.998)
+
+
+def test_a_weight_used_inside_a_subgraph_stays_valid(tmp_path):
+    """A main-graph weight that If branches multiply (an outer-scope reference) cannot become
+    MatMulNBits there: the output stays a valid model that runs (the weight keeps DequantizeLinear
+    under qdq, stays float under auto)."""
+    r = np.random.default_rng(9)
+    w = numpy_helper.from_array((r.standard_normal((32, 16)) / 6).astype(np.float32), "w")
+
+    def branch(name):
+        return helper.make_graph([helper.make_node("MatMul", ["x", "w"], [name + "_y"])], name, [],
+                                 [helper.make_tensor_value_info(name + "_y", TensorProto.FLOAT, ["B", 16])])
+    nodes = [helper.make_node("If", ["c"], ["y"], then_branch=branch("then"), else_branch=branch("else"))]
+    g = helper.make_graph(nodes, "if", [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                                        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 16])], [w])
+    src = tmp_path / "if.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(src))
+    x = {"c": np.array(True), "x": r.standard_normal((2, 32)).astype(np.float32)}
+    for form in ("auto", "matmulnbits", "dynamic", "qdq"):
+        out = tmp_path / f"{form}.onnx"
+        run(src, "-o", out, "-q", "--set", "min_elements=0", "--onnx-form", form)
+        onnx.checker.check_model(str(out), full_check=True)
+        assert cosine(session(src).run(None, x)[0], session(out).run(None, x)[0]) >= 0.999, form

@@ -85,6 +85,8 @@ enum OnnxForms {
         guard p.shape.count == 2, p.dtype == .f32 else { return .failure(Why("not a 2-D float32 weight")) }
         let uses = model.consumers[loc.graphName] ?? []
         guard !uses.isEmpty else { return .failure(Why("no MatMul or Gemm uses it")) }
+        // the replacement nodes go into the main graph: a use inside a subgraph or function keeps DequantizeLinear
+        guard uses.allSatisfy({ model.mainNodes.contains($0.node) }) else { return .failure(Why("used inside a subgraph")) }
         // an embedding: every use the data input of a Gather along axis 0
         if uses.allSatisfy({ $0.op == "Gather" && $0.index == 0 && Proto.string($0.node.pointee.domain).isEmpty }) {
             var result: [Use] = []
@@ -136,7 +138,7 @@ enum OnnxForms {
             var use = Use(node: u.node, a: ins[0], bias: bias, biasAdd: nil, output: out[0], product: out[0])
             // MatMul → Add(constant [N]): the bias folds into the kernel.
             if u.op == "MatMul", !graphOutputs.contains(out[0]), let next = model.consumers[out[0]], next.count == 1,
-                next[0].op == "Add", Proto.string(next[0].node.pointee.domain).isEmpty
+                next[0].op == "Add", Proto.string(next[0].node.pointee.domain).isEmpty, model.mainNodes.contains(next[0].node)
             {
                 let addIns = inputs(next[0].node)
                 let other = addIns[1 - next[0].index]

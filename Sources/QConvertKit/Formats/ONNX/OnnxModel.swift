@@ -26,6 +26,12 @@ public final class OnnxModel: @unchecked Sendable {
     var located: [String: Located] = [:] { didSet { byGraphName = nil } }
     private var byGraphName: [String: Located]?
 
+    /// The nodes of the main graph (not of subgraphs or functions), as read.
+    lazy var mainNodes: Set<Proto.NodeP> = {
+        guard let g = model.pointee.graph else { return [] }
+        return Set((0..<g.pointee.n_node).compactMap { g.pointee.node[$0] })
+    }()
+
     /// Ranks of the main graph's values where they are known (computed once, before any edit).
     lazy var ranks: [String: Int] = OnnxRanks.infer(self)
 
