@@ -144,12 +144,54 @@ public struct OutputTensor: Sendable {
     public var shape: [Int]
     public var byteCount: Int
     public var shard: String?
-    public init(name: String, dtype: DType, shape: [Int], byteCount: Int, shard: String? = nil) {
+    /// What the tensor is, decided once by the converter with its final (unique) name: writers read
+    /// roles, they never work them out from positions or names.
+    public var role: OutputRole
+    public init(name: String, dtype: DType, shape: [Int], byteCount: Int, shard: String? = nil, role: OutputRole = .plain) {
         self.name = name
         self.dtype = dtype
         self.shape = shape
         self.byteCount = byteCount
         self.shard = shard
+        self.role = role
+    }
+}
+
+/// The role of an output tensor, with the index of the plan (in `WriterOptions.plans`) it comes from.
+public enum OutputRole: Sendable, Equatable {
+    /// A tensor of the input, kept or cast.
+    case passthrough(plan: Int)
+    /// The quantized values of a tensor.
+    case values(plan: Int)
+    /// Its scales.
+    case scale(plan: Int)
+    /// Its zero points.
+    case zeroPoint(plan: Int)
+    /// A tensor written without plans (dequantize).
+    case plain
+
+    public var plan: Int? {
+        switch self {
+        case .passthrough(let p), .values(let p), .scale(let p), .zeroPoint(let p): return p
+        case .plain: return nil
+        }
+    }
+
+    /// For each of `planCount` plans, the indices of its outputs: values (or the passthrough tensor),
+    /// then scale, then zero point, whatever their positions.
+    public static func outputsByPlan(_ tensors: [OutputTensor], planCount: Int) -> [[Int]] {
+        var first = [Int?](repeating: nil, count: planCount)
+        var scale = [Int?](repeating: nil, count: planCount)
+        var zero = [Int?](repeating: nil, count: planCount)
+        for (i, t) in tensors.enumerated() {
+            switch t.role {
+            case .passthrough(let p), .values(let p): if p < planCount { first[p] = i }
+            case .scale(let p): if p < planCount { scale[p] = i }
+            case .zeroPoint(let p): if p < planCount { zero[p] = i }
+            case .plain: break
+            }
+        }
+        return (0..<planCount).map { p in [first[p], scale[p], zero[p]].compactMap { $0 } }
     }
 }
 
@@ -161,8 +203,6 @@ public struct WriterOptions: Sendable {
     public var metadataSizeHint: Int
     /// The plans behind the output tensors, for writers that rebuild a graph (ONNX).
     public var plans: [TensorPlan] = []
-    /// For each plan, the indices of its output tensors (values, then scale and zero point).
-    public var outputsOfPlan: [[Int]] = []
     /// ONNX: what to do when the model's opset cannot express a scheme ("decompose" or "refuse").
     public var onnxFallback: String = "decompose"
     /// ONNX: write tensor data to a side file (also automatic past 2 GB).

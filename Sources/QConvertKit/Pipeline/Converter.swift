@@ -189,22 +189,25 @@ public enum Converter {
 
         var outputs: [OutputTensor] = []
         var outIndex: [[Int]] = []
-        for p in plans {
+        for (pi, p) in plans.enumerated() {
             let e = ckpt.entries[p.entryIndex]
             var idx: [Int] = []
-            func add(_ name: String, _ dtype: DType, _ shape: [Int]) {
+            func add(_ name: String, _ dtype: DType, _ shape: [Int], _ role: OutputRole) {
                 idx.append(outputs.count)
                 outputs.append(
                     OutputTensor(
                         name: name, dtype: dtype, shape: shape,
-                        byteCount: Shape(shape).checkedByteCount(dtype) ?? 0, shard: e.shard))
+                        byteCount: Shape(shape).checkedByteCount(dtype) ?? 0, shard: e.shard, role: role))
             }
             if let s = p.decision.scheme {
-                add(p.valuesName, s.target.storageDType, Quantizer.storedShape(p.shape, target: s.target))
-                if let sn = p.scaleName { add(sn, .f32, p.paramShape) }
-                if let zn = p.zeroPointName { add(zn, s.target.zeroPointDType, p.paramShape) }
+                let quantized = s.target.isQuantization
+                add(
+                    p.valuesName, s.target.storageDType, Quantizer.storedShape(p.shape, target: s.target),
+                    quantized ? .values(plan: pi) : .passthrough(plan: pi))
+                if let sn = p.scaleName { add(sn, .f32, p.paramShape, .scale(plan: pi)) }
+                if let zn = p.zeroPointName { add(zn, s.target.zeroPointDType, p.paramShape, .zeroPoint(plan: pi)) }
             } else {
-                add(p.valuesName, e.dtype, e.shape)
+                add(p.valuesName, e.dtype, e.shape, .passthrough(plan: pi))
             }
             outIndex.append(idx)
         }
@@ -217,7 +220,6 @@ public enum Converter {
         JSONValue.writeString(hint, &escaped)
         var wopts = WriterOptions(maxShardSize: options.maxShardSize, metadataSizeHint: escaped.utf8.count)
         wopts.plans = plans
-        wopts.outputsOfPlan = outIndex
         wopts.externalData = options.externalData
         let sink = try writer.open(path: output, tensors: outputs, source: ckpt, options: wopts)
         var metrics: [Int: TensorMetrics] = [:]

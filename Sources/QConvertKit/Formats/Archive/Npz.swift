@@ -201,9 +201,9 @@ public struct NpzWriter: FormatWriter {
         for (k, t) in tensors.enumerated() where [.bf16, .f8e4m3, .f8e5m2].contains(t.dtype) {
             exotic.append((tensors[k].name, t.dtype.rawValue))
         }
-        for (pi, p) in options.plans.enumerated() {
-            if let s = p.decision.scheme, s.target == .int4 || s.target == .uint4 {
-                exotic.append((tensors[options.outputsOfPlan[pi][0]].name, s.target.rawValue))
+        for t in tensors {
+            if case .values(let pi) = t.role, let s = options.plans[pi].decision.scheme, s.target == .int4 || s.target == .uint4 {
+                exotic.append((t.name, s.target.rawValue))
             }
         }
         let zip = try ZipWriter(path: path, members: zip(tensors, headers).map { ($0.name + ".npy", $1.count + $0.byteCount, 1) })

@@ -383,7 +383,8 @@ final class PyTorchSink: CheckpointSink {
             if let tree = source.container as? PTTree, !options.plans.isEmpty {
                 // entry index → its output tensors
                 var outputs: [Int: [Int]] = [:]
-                for (pi, plan) in options.plans.enumerated() { outputs[plan.entryIndex] = options.outputsOfPlan[pi] }
+                let byPlan = OutputRole.outputsByPlan(tensors, planCount: options.plans.count)
+                for (pi, plan) in options.plans.enumerated() { outputs[plan.entryIndex] = byPlan[pi] }
                 let root = rebuild(tree.root, outputs: outputs, emitted: Box(Set<Int>()))
                 p.value(root) { pk, t in
                     let o = t.entry < 0 ? -1 - t.entry : (outputs[t.entry]?.first ?? 0)

@@ -12,7 +12,7 @@ extension OnnxSink {
         var jobs: [(name: String, layout: MatMulNBitsLayout, params: ParamLayout, values: [UInt8], scale: [Float], zp: [UInt8]?)] = []
         for (pi, p) in options.plans.enumerated() {
             guard let s = p.decision.scheme, s.target.isQuantization, let loc = model.located[p.name] else { continue }
-            let outs = options.outputsOfPlan[pi]
+            let outs = outputsOfPlan[pi]
             guard outs.count > 1, let values = data[outs[0]], let scale = data[outs[1]] else { continue }
             let layout: MatMulNBitsLayout
             switch OnnxForms.choose(p, loc: loc, model: model, plans: planByName) {

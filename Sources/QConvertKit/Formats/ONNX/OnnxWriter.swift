@@ -107,10 +107,12 @@ final class OnnxSink: CheckpointSink {
     /// Output index of each converted tensor's values → its plan; and every output a converted tensor yields.
     lazy var planOfValues: [Int: Int] = {
         var m: [Int: Int] = [:]
-        for (pi, outs) in options.outputsOfPlan.enumerated() where options.plans[pi].decision.scheme != nil { m[outs[0]] = pi }
+        for (pi, outs) in outputsOfPlan.enumerated() where options.plans[pi].decision.scheme != nil { m[outs[0]] = pi }
         return m
     }()
-    lazy var converted: Set<Int> = Set(planOfValues.keys.flatMap { options.outputsOfPlan[planOfValues[$0]!] })
+    lazy var converted: Set<Int> = Set(planOfValues.keys.flatMap { outputsOfPlan[planOfValues[$0]!] })
+    /// Each plan's outputs by role: values (or the cast tensor), then scale, then zero point.
+    lazy var outputsOfPlan: [[Int]] = OutputRole.outputsByPlan(tensors, planCount: options.plans.count)
 
     func put(_ index: Int, _ bytes: UnsafeRawBufferPointer) throws {
         // Kept tensors stay where they are in the graph; only converted ones are needed.
@@ -139,7 +141,7 @@ final class OnnxSink: CheckpointSink {
         for (pi, p) in options.plans.enumerated() {
             guard let scheme = p.decision.scheme else { continue }
             guard let loc = model.located[p.name] else { continue }
-            let outs = options.outputsOfPlan[pi]
+            let outs = outputsOfPlan[pi]
             guard let values = data[outs[0]] else { throw fail("internal: no data for \(p.name)") }
             if scheme.target.isCast {
                 try applyCast(p, scheme: scheme, loc: loc, values: values, opset: opset)
