@@ -360,3 +360,38 @@ func quantize(_ x: [Float], shape: [Int], _ scheme: QuantScheme, reference: Bool
         }
     }
 }
+
+/// Every quantized type of the traits table, swept the way llama.cpp's test-quantize-fns does: the fast
+/// kernels equal the reference ones, the stored bytes are as the table says, and dequantizing stays
+/// within half a step (integers) or the format's relative precision (fp8).
+@Suite struct EveryTargetType {
+    @Test(arguments: TargetType.allCases.filter(\.isQuantization))
+    func quantizesDequantizesAndAgreesWithTheReference(_ target: TargetType) throws {
+        var rng = SeededRandom(11)
+        let shape = [6, 37]  // odd rows: 4-bit packing leaves a high nibble
+        let x = (0..<(6 * 37)).map { _ in rng.normal() }
+        for mapping in Mapping.allCases where !(target.isFP8 && mapping == .affine) {
+            for granularity in [Granularity.tensor, .channel, .group] {
+                let scheme = QuantScheme(target: target, mapping: mapping, granularity: granularity, axis: 0, groupSize: 16)
+                let fast = try quantize(x, shape: shape, scheme)
+                let ref = try quantize(x, shape: shape, scheme, reference: true)
+                #expect(
+                    fast.values == ref.values && fast.scale == ref.scale && fast.zeroPoint == ref.zeroPoint,
+                    "\(target) \(mapping) \(granularity)")
+                let stored = Shape(Quantizer.storedShape(shape, target: target)).checkedByteCount(target.storageDType)
+                #expect(fast.values.count == stored)
+                #expect(target.traits.storage == target.storageDType && target.bits == target.traits.bits)
+                let layout = ParamLayout(shape: shape, granularity: granularity, axis: 0, groupSize: 16)
+                let back = Quantizer.dequantize(
+                    values: fast.values, target: target, shape: shape, scale: fast.scale, zeroPoint: fast.zeroPoint,
+                    granularity: granularity, axis: 0, groupSize: 16)
+                let index = layout.paramIndices()
+                for i in x.indices {
+                    let step = abs(fast.scale![Int(index[i])])
+                    let bound = target.isFP8 ? abs(x[i]) * (target == .fp8_e4m3 ? 0.0625 : 0.125) + step : step / 2 + 1e-6
+                    #expect(abs(back[i] - x[i]) <= bound, "\(target) \(mapping) \(granularity) element \(i)")
+                }
+            }
+        }
+    }
+}

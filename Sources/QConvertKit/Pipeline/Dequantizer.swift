@@ -95,10 +95,10 @@ public enum Dequantizer {
             return try restoreMatMulNBits(e, record: r, target: target, shape: shape, ckpt: ckpt, byName: byName, path: path)
         }
         var values = try e.bytes.withUnsafeBytes { [UInt8]($0) }
-        let is4 = target == .int4 || target == .uint4
+        let is4 = target.isPacked4
         if is4, case .bool(true)? = r["packing"]?["unpacked"] {
             // stored one value per byte (an ONNX model too old for 4-bit types)
-            target = target == .int4 ? .int8 : .uint8
+            target = target.widened
         } else if is4, r["packing"]?["axis"] == .null {
             // packed over the flattened tensor (ONNX): repack along rows
             let n = shape.reduce(1, *)
@@ -156,8 +156,7 @@ public enum Dequantizer {
             let bits = o?["bits"]?.nonNegativeInt, let bs = o?["block_size"]?.nonNegativeInt,
             nAxis <= 1, shape.count == 2, shape[nAxis] == n, shape[1 - nAxis] == k, k > 0, n > 0,
             bs >= 16, bs <= 1 << 20, bs & (bs - 1) == 0,
-            bits == ((target == .int4 || target == .uint4) ? 4 : 8),
-            target == .int8 || target == .uint8 || target == .int4 || target == .uint4
+            bits == target.bits, target.isIntegerQuantization
         else { throw bad("metadata of its MatMulNBits form does not match its shape \(Shape(shape))") }
         let granularity = Granularity(rawValue: r["granularity"]?.stringValue ?? "tensor") ?? .tensor
         let axis = r["axis"]?.nonNegativeInt ?? nAxis

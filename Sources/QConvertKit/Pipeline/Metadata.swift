@@ -51,12 +51,12 @@ public enum MetadataDocument {
             kv.append(("scale", p.scaleName.map(JSONValue.string) ?? .null))
             kv.append(("scale_shape", .array(p.paramShape.map(JSONValue.int))))
             kv.append(("zero_point", p.zeroPointName.map(JSONValue.string) ?? .null))
-            if s.target == .int4 || s.target == .uint4 {
+            if s.target.isPacked4 {
                 kv.append(
                     (
                         "packing",
                         .object([
-                            ("bits", .int(4)), ("signed", .bool(s.target == .int4)), ("axis", .int(-1)),
+                            ("bits", .int(4)), ("signed", .bool(s.target.isSigned)), ("axis", .int(-1)),
                             ("order", .string("low_nibble_first")),
                             (
                                 "note",

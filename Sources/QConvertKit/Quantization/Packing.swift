@@ -30,4 +30,7 @@ public enum Packing {
         }
         return out
     }
+
+    /// A 4-bit two's complement code widened to a byte (0x0D → 0xFD); the high nibble is ignored.
+    public static func signExtend4(_ b: UInt8) -> UInt8 { (b & 0x08) != 0 ? b | 0xF0 : b & 0x0F }
 }

@@ -49,7 +49,7 @@ public struct QuantizedTensor: Sendable {
 public enum Quantizer {
     /// The shape of the stored values: 4-bit types halve the last axis (rounded up).
     public static func storedShape(_ shape: [Int], target: TargetType) -> [Int] {
-        guard target == .int4 || target == .uint4 else { return shape }
+        guard target.isPacked4 else { return shape }
         guard let last = shape.last else { return [1] }
         return shape.dropLast() + [(last + 1) / 2]
     }
@@ -103,7 +103,7 @@ public enum Quantizer {
             }
         }
         let stored: [UInt8]
-        if scheme.target == .int4 || scheme.target == .uint4 {
+        if scheme.target.isPacked4 {
             stored = Packing.pack4(q, shape: shape)
         } else {
             stored = q
@@ -408,7 +408,7 @@ public enum Quantizer {
             for i in 0..<n { out[i] = FP8.decode(values[i], format: fmt) * scales[Int(idx[i])] }
             return out
         }
-        let q: [UInt8] = (target == .int4 || target == .uint4) ? Packing.unpack4(values, shape: shape) : values
+        let q: [UInt8] = target.isPacked4 ? Packing.unpack4(values, shape: shape) : values
         for i in 0..<n {
             let p = Int(idx[i])
             let qi: Int32 = target.isSigned ? Int32(Int8(bitPattern: signExtend(q[i], target))) : Int32(q[i])
@@ -425,8 +425,7 @@ public enum Quantizer {
 
     @inline(__always)
     static func signExtend(_ b: UInt8, _ t: TargetType) -> UInt8 {
-        guard t == .int4 else { return b }
-        return (b & 0x08) != 0 ? b | 0xF0 : b & 0x0F
+        t.isPacked4 && t.isSigned ? Packing.signExtend4(b) : b
     }
 }
 

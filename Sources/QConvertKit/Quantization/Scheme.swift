@@ -5,48 +5,47 @@ public enum TargetType: String, Sendable, CaseIterable, Codable {
     case fp16, bf16
     case keep
 
-    public var isIntegerQuantization: Bool { [.int8, .uint8, .int4, .uint4].contains(self) }
-    public var isFP8: Bool { self == .fp8_e4m3 || self == .fp8_e5m2 }
+    /// Every fact about the type, from one exhaustive table (adding a type is adding a row here).
+    public var traits: TypeTraits {
+        switch self {
+        case .int8:
+            return TypeTraits(kind: .integer, bits: 8, signed: true, fullRange: (-128, 127), storage: .i8, onnxType: 3)
+        case .uint8:
+            return TypeTraits(kind: .integer, bits: 8, signed: false, fullRange: (0, 255), storage: .u8, onnxType: 2)
+        case .int4:
+            return TypeTraits(kind: .integer, bits: 4, signed: true, fullRange: (-8, 7), storage: .u8, onnxType: 22)
+        case .uint4:
+            return TypeTraits(kind: .integer, bits: 4, signed: false, fullRange: (0, 15), storage: .u8, onnxType: 21)
+        case .fp8_e4m3:
+            return TypeTraits(kind: .fp8, bits: 8, signed: true, fullRange: (0, 0), storage: .f8e4m3, onnxType: 17)
+        case .fp8_e5m2:
+            return TypeTraits(kind: .fp8, bits: 8, signed: true, fullRange: (0, 0), storage: .f8e5m2, onnxType: 19)
+        case .fp16:
+            return TypeTraits(kind: .cast, bits: 16, signed: true, fullRange: (0, 0), storage: .f16, onnxType: 10)
+        case .bf16:
+            return TypeTraits(kind: .cast, bits: 16, signed: true, fullRange: (0, 0), storage: .bf16, onnxType: 16)
+        case .keep:
+            return TypeTraits(kind: .keep, bits: 0, signed: false, fullRange: (0, 0), storage: .u8, onnxType: 0)
+        }
+    }
+
+    public var isIntegerQuantization: Bool { traits.kind == .integer }
+    public var isFP8: Bool { traits.kind == .fp8 }
     public var isQuantization: Bool { isIntegerQuantization || isFP8 }
-    public var isCast: Bool { self == .fp16 || self == .bf16 }
-
-    public var bits: Int {
-        switch self {
-        case .int8, .uint8, .fp8_e4m3, .fp8_e5m2: return 8
-        case .int4, .uint4: return 4
-        case .fp16, .bf16: return 16
-        case .keep: return 0
-        }
-    }
-
-    public var isSigned: Bool { self == .int8 || self == .int4 }
-
+    public var isCast: Bool { traits.kind == .cast }
+    public var bits: Int { traits.bits }
+    /// Signed integer types (two's complement codes).
+    public var isSigned: Bool { traits.kind == .integer && traits.signed }
+    /// Integer types stored two values per byte (element 0 in the low nibble).
+    public var isPacked4: Bool { traits.kind == .integer && traits.bits == 4 }
     /// Full integer range of the type.
-    public var fullRange: (qmin: Int32, qmax: Int32) {
-        switch self {
-        case .int8: return (-128, 127)
-        case .uint8: return (0, 255)
-        case .int4: return (-8, 7)
-        case .uint4: return (0, 15)
-        default: return (0, 0)
-        }
-    }
-
+    public var fullRange: (qmin: Int32, qmax: Int32) { traits.fullRange }
     /// The stored dtype of the quantized values (4-bit types are packed into u8).
-    public var storageDType: DType {
-        switch self {
-        case .int8: return .i8
-        case .uint8, .int4, .uint4: return .u8
-        case .fp8_e4m3: return .f8e4m3
-        case .fp8_e5m2: return .f8e5m2
-        case .fp16: return .f16
-        case .bf16: return .bf16
-        case .keep: return .u8
-        }
-    }
-
+    public var storageDType: DType { traits.storage }
     /// The dtype of zero-point tensors (unpacked, one per byte for 4-bit types).
     public var zeroPointDType: DType { isSigned ? .i8 : .u8 }
+    /// The 8-bit integer type a 4-bit one widens to (one value per byte), itself otherwise.
+    public var widened: TargetType { isPacked4 ? (isSigned ? .int8 : .uint8) : self }
 
     var fp8Format: FP8.Format? {
         switch self {
@@ -55,6 +54,18 @@ public enum TargetType: String, Sendable, CaseIterable, Codable {
         default: return nil
         }
     }
+}
+
+/// The facts of one target type (see `TargetType.traits`).
+public struct TypeTraits: Sendable {
+    public enum Kind: Sendable { case integer, fp8, cast, keep }
+    public var kind: Kind
+    public var bits: Int
+    public var signed: Bool
+    public var fullRange: (qmin: Int32, qmax: Int32)
+    public var storage: DType
+    /// ONNX TensorProto data type of the stored values (0: none).
+    public var onnxType: Int32
 }
 
 /// scale: symmetric, zero point 0, restricted range; affine: zero point, range widened to contain 0.

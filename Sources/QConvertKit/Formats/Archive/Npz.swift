@@ -202,7 +202,7 @@ public struct NpzWriter: FormatWriter {
             exotic.append((tensors[k].name, t.dtype.rawValue))
         }
         for t in tensors {
-            if case .values(let pi) = t.role, let s = options.plans[pi].decision.scheme, s.target == .int4 || s.target == .uint4 {
+            if case .values(let pi) = t.role, let s = options.plans[pi].decision.scheme, s.target.isPacked4 {
                 exotic.append((t.name, s.target.rawValue))
             }
         }

@@ -254,19 +254,7 @@ final class OnnxSink: CheckpointSink {
         g.pointee.n_input = n
     }
 
-    func onnxType(_ t: TargetType) -> Int32 {
-        switch t {
-        case .int8: return 3
-        case .uint8: return 2
-        case .int4: return 22
-        case .uint4: return 21
-        case .fp8_e4m3: return 17
-        case .fp8_e5m2: return 19
-        case .fp16: return 10
-        case .bf16: return 16
-        case .keep: return 0
-        }
-    }
+    func onnxType(_ t: TargetType) -> Int32 { t.traits.onnxType }
 
     /// ONNX packs 4-bit values over the flattened tensor, element 0 in the low nibble.
     func flatPack4(_ rowPacked: [UInt8], shape: [Int]) -> [UInt8] {
@@ -292,7 +280,7 @@ final class OnnxSink: CheckpointSink {
             required = max(required, 21)
             why = "blocked DequantizeLinear"
         }
-        if s.target == .int4 || s.target == .uint4 {
+        if s.target.isPacked4 {
             required = max(required, 21)
             why = "int4/uint4 DequantizeLinear"
         }
@@ -331,7 +319,7 @@ final class OnnxSink: CheckpointSink {
         let w = loc.graphName
         let shape = p.shape
         let rank = shape.count
-        let is4 = s.target == .int4 || s.target == .uint4
+        let is4 = s.target.isPacked4
         let decompose = try OnnxSink.dequantizeLinearForm(p, scheme: s, opset: opset, path: path, name: w)
         let floatOut = p.dtype
         let scaleInSourceType = (floatOut == .f16 || floatOut == .bf16) && opset >= 19
@@ -342,8 +330,8 @@ final class OnnxSink: CheckpointSink {
             if decompose {
                 // Cast from int4 needs opset 21 too: store one value per byte instead.
                 let nib = Packing.unpack4(values, shape: shape)
-                qBytes = s.target == .int4 ? nib.map { ($0 & 0x08) != 0 ? $0 | 0xF0 : $0 } : nib
-                qType = s.target == .int4 ? 3 : 2
+                qBytes = s.target.isSigned ? nib.map(Packing.signExtend4) : nib
+                qType = s.target.widened.traits.onnxType
             } else {
                 qBytes = flatPack4(values, shape: shape)
             }
@@ -393,8 +381,8 @@ final class OnnxSink: CheckpointSink {
             if is4 && !decompose {
                 zb = Packing.pack4(zp.map { $0 & 0x0F }, shape: [zp.count])
             } else if is4 {
-                zb = s.target == .int4 ? zp.map { ($0 & 0x08) != 0 ? $0 | 0xF0 : $0 & 0x0F } : zp
-                zType = s.target == .int4 ? 3 : 2
+                zb = s.target.isSigned ? zp.map(Packing.signExtend4) : zp
+                zType = s.target.widened.traits.onnxType
             }
             newTensors.append(zb.withUnsafeBytes { Proto.newTensor(name: name, dataType: zType, dims: pDims, raw: $0) })
             dqInputs.append(name)
@@ -448,7 +436,7 @@ final class OnnxSink: CheckpointSink {
                             ("note", .string("one value per byte (the model's opset has no 4-bit types)"))
                         ])
                         : .object([
-                            ("bits", .int(4)), ("signed", .bool(s.target == .int4)), ("axis", .null),
+                            ("bits", .int(4)), ("signed", .bool(s.target.isSigned)), ("axis", .null),
                             ("order", .string("low_nibble_first")),
                             ("note", .string("ONNX layout: two values per byte over the flattened tensor, element 0 in the low nibble"))
                         ])
