@@ -85,9 +85,16 @@ static void put(const char *s) {
     }
 }
 
+static atomic_int handling;
+
 static void on_sigbus(int sig, siginfo_t *info, void *context) {
     (void)sig;
     (void)context;
+    /* several threads can fault on the same truncated file (the hash, the CRC check, the conversion):
+       the first one reports and exits, the others wait for the exit */
+    if (atomic_exchange(&handling, 1)) {
+        for (;;) pause();
+    }
     uintptr_t addr = (uintptr_t)info->si_addr;
     const char *path = NULL;
     for (int i = 0; i < QK_GUARD_SLOTS && !path; i++) {
