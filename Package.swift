@@ -3,7 +3,6 @@ import PackageDescription
 
 let package = Package(
     name: "qconvert",
-    platforms: [.macOS(.v13)],
     products: [
         .executable(name: "qconvert", targets: ["qconvert"]),
         .library(name: "QConvertKit", targets: ["QConvertKit"])
@@ -15,7 +14,8 @@ let package = Package(
     targets: [
         .target(
             name: "CQKernels",
-            cSettings: [.unsafeFlags(["-O3"])]
+            // The kernels read float bits through integer pointers: no strict-aliasing assumptions.
+            cSettings: [.unsafeFlags(["-O3", "-fno-strict-aliasing"])]
         ),
         .systemLibrary(
             name: "CProtobufC",

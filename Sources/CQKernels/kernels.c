@@ -13,6 +13,10 @@ typedef double uf64 __attribute__((aligned(1)));
 #define LANES 16
 #define BLOCK 4096
 
+#if defined(__FAST_MATH__)
+#error "kernels.c must not be compiled with -ffast-math: the round-half-even trick needs IEEE addition"
+#endif
+
 // Round half to even for |v| <= 2^22 by the add-and-subtract trick; callers
 // clamp v to the integer range first, so the bound always holds.
 #define RNE_MAGIC 12582912.0f
