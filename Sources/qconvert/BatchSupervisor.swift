@@ -21,9 +21,7 @@ enum BatchSupervisor {
             "qconvert-batch-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         ).path
         guard mkdir(dir, 0o700) == 0 else { throw QConvertError.write(path: dir, message: String(cString: strerror(errno))) }
-        defer {
-            if ProcessInfo.processInfo.environment["QCONVERT_KEEP_JOURNAL"] == nil { try? FileManager.default.removeItem(atPath: dir) }
-        }
+        defer { try? FileManager.default.removeItem(atPath: dir) }
         installForwarding()
 
         var results = [[Batch.Outcome]?](repeating: nil, count: items.count)

@@ -96,28 +96,25 @@ def test_npz_members_are_inflated_one_at_a_time(tmp_path):
 def patch_declared_size(path, member, new_size):
     """Rewrites a zip64 member's uncompressed size in the local header and the central directory."""
     data = bytearray(path.read_bytes())
+
+    def patch_zip64_extra(start, length):
+        # the zip64 extra field (id 1) starts with the uncompressed size
+        e = start
+        while e < start + length:
+            eid, ln = struct.unpack_from("<HH", data, e)
+            if eid == 1:
+                struct.pack_into("<Q", data, e + 4, new_size)
+            e += 4 + ln
+
     with zipfile.ZipFile(path) as z:
-        info = z.getinfo(member)
-    # local header zip64 extra: after the name, id 1: usize, csize
-    lh = info.header_offset
+        lh = z.getinfo(member).header_offset
     nl, el = struct.unpack_from("<HH", data, lh + 26)
-    e = lh + 30 + nl
-    while e < lh + 30 + nl + el:
-        eid, ln = struct.unpack_from("<HH", data, e)
-        if eid == 1:
-            struct.pack_into("<Q", data, e + 4, new_size)
-        e += 4 + ln
-    # central directory
+    patch_zip64_extra(lh + 30 + nl, el)
     cd = data.rfind(b"PK\x01\x02")
     while cd > 0:
         nl, el, cl = struct.unpack_from("<HHH", data, cd + 28)
         if data[cd + 46:cd + 46 + nl].decode() == member:
-            e = cd + 46 + nl
-            while e < cd + 46 + nl + el:
-                eid, ln = struct.unpack_from("<HH", data, e)
-                if eid == 1:
-                    struct.pack_into("<Q", data, e + 4, new_size)
-                e += 4 + ln
+            patch_zip64_extra(cd + 46 + nl, el)
             if struct.unpack_from("<I", data, cd + 24)[0] != 0xFFFFFFFF:
                 struct.pack_into("<I", data, cd + 24, new_size)
         cd = data.rfind(b"PK\x01\x02", 0, cd)

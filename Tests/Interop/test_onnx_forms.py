@@ -270,3 +270,78 @@ def test_a_weight_used_inside_a_subgraph_stays_valid(tmp_path):
         run(src, "-o", out, "-q", "--set", "min_elements=0", "--onnx-form", form)
         onnx.checker.check_model(str(out), full_check=True)
         assert cosine(session(src).run(None, x)[0], session(out).run(None, x)[0]) >= 0.999, form
+
+
+@pytest.mark.parametrize("preset", ["int8", "w4g128", "uint8"])
+def test_embeddings_become_gatherblockquantized_and_run(tmp_path, preset):
+    """A table used only by Gather (an embedding) is written as GatherBlockQuantized: onnxruntime
+    gathers the rows and dequantizes only those; the rows equal the numpy reference's, and
+    dequantize gives the same floats as the qdq form."""
+    r = np.random.default_rng(4)
+    table = (r.standard_normal((300, 64)) * 0.5).astype(np.float32)
+    w = (r.standard_normal((64, 32)) / 8).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"]), helper.make_node("MatMul", ["e", "w"], ["y"])]
+    g = helper.make_graph(nodes, "emb", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "S"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", 32])],
+                          [numpy_helper.from_array(table, "emb"), numpy_helper.from_array(w, "w")])
+    src = tmp_path / "emb.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(src))
+    out = tmp_path / "q.onnx"
+    run(src, "-o", out, "-q", "--set", "min_elements=0", "--preset", preset, "--set", "group_size=32")
+    m = onnx.load(str(out))
+    onnx.checker.check_model(m, full_check=True)
+    assert "GatherBlockQuantized" in {nd.op_type for nd in m.graph.node}
+    doc = json.loads({p.key: p.value for p in m.metadata_props}["qconvert.quantization"])
+    rec = doc["tensors"]["emb"]
+    assert rec["onnx"]["form"] == "gatherblockquantized"
+    ids = {"ids": r.integers(0, 300, size=(2, 7)).astype(np.int64)}
+    # the gathered rows, as onnxruntime computes them, against the reference dequantized table
+    probe = onnx.load(str(out))
+    probe.graph.output.insert(0, helper.make_tensor_value_info("e", TensorProto.FLOAT, None))
+    got = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(["e"], ids)[0]
+    mapping = {"int8": "scale", "uint8": "affine", "w4g128": "scale-full"}[preset]
+    dtype = {"int8": "int8", "uint8": "uint8", "w4g128": "int8"}[preset]   # w4g128 keeps embedding tables at int8 (full range)
+    gran = "channel"
+    q, s, z = ref.quantize(table, dtype, mapping, gran, axis=0)
+    want = ref.dequantize(q, s, z, table.shape, gran, 0, 128)
+    np.testing.assert_allclose(got, want[ids["ids"]], rtol=0, atol=1e-6)
+    assert cosine(session(src).run(None, ids)[0], session(out).run(None, ids)[0]) >= (0.98 if preset == "w4g128" else 0.998)
+    run("dequantize", out, "-o", tmp_path / "d.safetensors")
+    qdq = tmp_path / "qdq.onnx"
+    run(src, "-o", qdq, "-q", "--set", "min_elements=0", "--preset", preset, "--set", "group_size=32", "--onnx-form", "qdq",
+        "--set", "granularity=channel")
+    run("dequantize", qdq, "-o", tmp_path / "d2.safetensors")
+    np.testing.assert_array_equal(load_file(str(tmp_path / "d.safetensors"))["emb"], load_file(str(tmp_path / "d2.safetensors"))["emb"])
+
+
+def test_four_bit_embedding_groups_run(tmp_path):
+    """A 4-bit table in groups (a policy that does not keep embeddings at 8 bits) runs too."""
+    r = np.random.default_rng(6)
+    table = r.standard_normal((100, 64)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("Gather", ["emb", "ids"], ["y"])], "emb",
+                          [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])], [numpy_helper.from_array(table, "emb")])
+    src = tmp_path / "emb4.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(src))
+    out = tmp_path / "q4.onnx"
+    run(src, "-o", out, "-q", "--set", "min_elements=0", "--set", "dtype=int4", "--set", "symmetric_range=full",
+        "--set", "granularity=group", "--set", "group_size=32")
+    onnx.checker.check_model(str(out), full_check=True)
+    ids = {"ids": np.array([0, 5, 99, 5], np.int64)}
+    got = session(out).run(None, ids)[0]
+    q, s, z = ref.quantize(table, "int4", "scale-full", "group", axis=0, group_size=32)
+    want = ref.dequantize(q, s, z, table.shape, "group", 0, 32)
+    np.testing.assert_allclose(got, want[ids["ids"]], rtol=0, atol=1e-6)
+
+
+def test_dynamic_form_with_uint8_affine_weights_runs(tmp_path):
+    src = tmp_path / "m.onnx"
+    model(src, "mlp3d")
+    out = tmp_path / "u8.onnx"
+    run(src, "-o", out, "-q", "--set", "min_elements=0", "--preset", "uint8", "--onnx-form", "dynamic")
+    m = onnx.load(str(out))
+    onnx.checker.check_model(m, full_check=True)
+    mi = [nd for nd in m.graph.node if nd.op_type == "MatMulInteger"]
+    assert mi and all(len(nd.input) == 4 for nd in mi)       # with the weights' zero points
+    f = feeds("mlp3d")
+    assert cosine(session(src).run(None, f)[0], session(out).run(None, f)[0]) >= 0.998

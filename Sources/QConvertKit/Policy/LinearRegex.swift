@@ -208,13 +208,13 @@ public struct LinearRegex: Sendable {
             case 0x2E: return .set(.any)  // .
             case 0x5E: return .start  // ^
             case 0x24: return .end  // $
-            case 0x5C: return .set(try parseEscape(inClass: false))  // backslash
+            case 0x5C: return .set(try parseEscape())  // backslash
             case 0x2A, 0x2B, 0x3F: throw err("nothing to repeat")
             default: return .set(CharSet(ranges: [c...c]))
             }
         }
 
-        mutating func parseEscape(inClass: Bool) throws -> CharSet {
+        mutating func parseEscape() throws -> CharSet {
             guard let c = peek() else { throw err("pattern ends with '\\'") }
             pos += 1
             switch c {
@@ -250,7 +250,7 @@ public struct LinearRegex: Sendable {
                 pos += 1
                 var lo: UInt32
                 if c == 0x5C {
-                    let e = try parseEscape(inClass: true)
+                    let e = try parseEscape()
                     if e.negated || e.ranges.count != 1 || e.ranges[0].count != 1 {
                         if e.negated { throw err("negated escapes are not supported inside [...]") }
                         set.ranges += e.ranges
@@ -265,7 +265,7 @@ public struct LinearRegex: Sendable {
                     var hi = chars[pos]
                     pos += 1
                     if hi == 0x5C {
-                        let e = try parseEscape(inClass: true)
+                        let e = try parseEscape()
                         guard !e.negated, e.ranges.count == 1, e.ranges[0].count == 1 else {
                             throw err("bad range in [...]")
                         }

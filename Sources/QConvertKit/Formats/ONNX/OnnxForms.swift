@@ -49,14 +49,6 @@ enum OnnxForms {
             }
         }
 
-        var name: String {
-            switch self {
-            case .qdq: return "qdq"
-            case .matMulNBits: return "matmulnbits"
-            case .dynamic: return "dynamic"
-            case .gatherBlockQuantized: return "gatherblockquantized"
-            }
-        }
     }
 
     static func floatAttribute(_ node: Proto.NodeP, _ name: String) -> Float? {

@@ -8,14 +8,15 @@ extension OnnxSink {
 
     /// Packs every MatMulNBits and GatherBlockQuantized weight on all cores before the graph is edited
     /// (the packing is a pure function of the quantized tensor; the edits that follow are serial).
-    func prepack(_ planByName: [String: TensorPlan]) {
+    func prepack(_ choices: [Int: OnnxForms.Choice]) {
         var jobs: [(name: String, layout: MatMulNBitsLayout, params: ParamLayout, values: [UInt8], scale: [Float], zp: [UInt8]?)] = []
-        for (pi, p) in options.plans.enumerated() {
-            guard let s = p.decision.scheme, s.target.isQuantization, let loc = model.located[p.name] else { continue }
+        for (pi, choice) in choices.sorted(by: { $0.key < $1.key }) {
+            let p = options.plans[pi]
+            guard let s = p.decision.scheme else { continue }
             let outs = outputsOfPlan[pi]
             guard outs.count > 1, let values = data[outs[0]], let scale = data[outs[1]] else { continue }
             let layout: MatMulNBitsLayout
-            switch OnnxForms.choose(p, loc: loc, model: model, plans: planByName) {
+            switch choice {
             case .matMulNBits(let f, let bits, let bs, _):
                 layout = MatMulNBitsLayout(k: f.k, n: f.n, nAxis: f.nAxis, bits: bits, blockSize: bs, signed: s.target.isSigned)
             case .gatherBlockQuantized(let f, let bits, let bs):
@@ -34,6 +35,32 @@ extension OnnxSink {
             results.set(j, job.layout.pack(values: job.values, scale: job.scale, zeroPoint: job.zp, params: job.params))
         }
         for (j, job) in jobs.enumerated() { if let r = results.get(j) { prepacked[job.name] = r } }
+    }
+
+    /// The packed weight of a MatMulNBits or GatherBlockQuantized plan as new initializers (codes with
+    /// `codeDims`, scales `[N, blocks]`, zero points with `zeroDims(count)` when present), replacing the
+    /// float weight; returns their names.
+    func placePacked(
+        _ p: TensorPlan, loc: OnnxModel.Located, kernel: String, n: Int, blocks: Int, codeDims: [Int], zeroDims: (Int) -> [Int]
+    ) throws -> (codes: String, scale: String, zeroPoint: String?) {
+        let w = loc.graphName
+        guard let packed = prepacked.removeValue(forKey: p.name) else {
+            throw fail("internal: tensor '\(w)' does not fit \(kernel) blocks")
+        }
+        let cName = model.uniqueName(w + "_quantized")
+        let sName = model.uniqueName(w + "_scale")
+        var tensors = [
+            packed.b.withUnsafeBytes { Proto.newTensor(name: cName, dataType: 2, dims: codeDims, raw: $0) },
+            packed.scales.withUnsafeBytes { Proto.newTensor(name: sName, dataType: 1, dims: [n, blocks], raw: $0) }
+        ]
+        var zName: String? = nil
+        if let z = packed.zp {
+            let name = model.uniqueName(w + "_zero_point")
+            tensors.append(z.withUnsafeBytes { Proto.newTensor(name: name, dataType: 2, dims: zeroDims(z.count), raw: $0) })
+            zName = name
+        }
+        replaceTensor(loc, with: tensors, nodes: [])
+        return (cName, sName, zName)
     }
 
     /// Replaces `old` by `new` (in order, at its position) in the main graph; `old` is freed after writing.
@@ -77,33 +104,12 @@ extension OnnxSink {
         m.pointee.n_opset_import = n
     }
 
-    func applyMatMulNBits(
-        _ p: TensorPlan, scheme s: QuantScheme, loc: OnnxModel.Located, fit f: OnnxForms.Fit, bits: Int, blockSize: Int,
-        values: [UInt8], scale: [UInt8], zeroPoint: [UInt8]?
-    ) throws {
+    func applyMatMulNBits(_ p: TensorPlan, loc: OnnxModel.Located, fit f: OnnxForms.Fit, bits: Int, blockSize: Int) throws {
         let w = loc.graphName
-        let layout = MatMulNBitsLayout(k: f.k, n: f.n, nAxis: f.nAxis, bits: bits, blockSize: blockSize, signed: s.target.isSigned)
-        let params = ParamLayout(shape: p.shape, granularity: s.granularity, axis: s.axis, groupSize: s.groupSize)
-        let scales = scale.withUnsafeBytes { Array($0.bindMemory(to: Float.self)) }
-        guard
-            let packed = prepacked.removeValue(forKey: p.name)
-                ?? layout.pack(values: values, scale: scales, zeroPoint: zeroPoint, params: params)
-        else {
-            throw fail("internal: tensor '\(w)' does not fit MatMulNBits blocks of \(blockSize)")
-        }
-        let bName = model.uniqueName(w + "_quantized")
-        let sName = model.uniqueName(w + "_scale")
-        var tensors = [
-            packed.b.withUnsafeBytes { Proto.newTensor(name: bName, dataType: 2, dims: [f.n, layout.blocks, layout.blob], raw: $0) },
-            packed.scales.withUnsafeBytes { Proto.newTensor(name: sName, dataType: 1, dims: [f.n, layout.blocks], raw: $0) }
-        ]
-        var zName: String? = nil
-        if let z = packed.zp {
-            let name = model.uniqueName(w + "_zero_point")
-            tensors.append(z.withUnsafeBytes { Proto.newTensor(name: name, dataType: 2, dims: [z.count], raw: $0) })
-            zName = name
-        }
-        replaceTensor(loc, with: tensors, nodes: [])
+        let layout = MatMulNBitsLayout(k: f.k, n: f.n, nAxis: f.nAxis, bits: bits, blockSize: blockSize, signed: false)
+        let (bName, sName, zName) = try placePacked(
+            p, loc: loc, kernel: "MatMulNBits", n: f.n, blocks: layout.blocks, codeDims: [f.n, layout.blocks, layout.blob],
+            zeroDims: { [$0] })
         for use in f.uses {
             var inputs = [use.a, bName, sName, zName ?? "", "", use.bias ?? ""]
             while inputs.last == "" { inputs.removeLast() }
@@ -134,33 +140,12 @@ extension OnnxSink {
 
     /// An embedding as com.microsoft.GatherBlockQuantized: the rows a run gathers are dequantized,
     /// not the whole table. Data [rows, cols·bits/8] (the MatMulNBits bytes, rows being whole blocks).
-    func applyGatherBlockQuantized(
-        _ p: TensorPlan, scheme s: QuantScheme, loc: OnnxModel.Located, fit f: OnnxForms.Fit, bits: Int,
-        blockSize: Int, values: [UInt8], scale: [UInt8], zeroPoint: [UInt8]?
-    ) throws {
+    func applyGatherBlockQuantized(_ p: TensorPlan, loc: OnnxModel.Located, fit f: OnnxForms.Fit, bits: Int, blockSize: Int) throws {
         let w = loc.graphName
-        let layout = MatMulNBitsLayout(k: f.k, n: f.n, nAxis: 0, bits: bits, blockSize: blockSize, signed: s.target.isSigned)
-        let params = ParamLayout(shape: p.shape, granularity: s.granularity, axis: s.axis, groupSize: s.groupSize)
-        let scales = scale.withUnsafeBytes { Array($0.bindMemory(to: Float.self)) }
-        guard f.k % blockSize == 0,
-            let packed = prepacked.removeValue(forKey: p.name)
-                ?? layout.pack(values: values, scale: scales, zeroPoint: zeroPoint, params: params)
-        else {
-            throw fail("internal: tensor '\(w)' does not fit GatherBlockQuantized blocks of \(blockSize)")
-        }
-        let dName = model.uniqueName(w + "_quantized")
-        let sName = model.uniqueName(w + "_scale")
-        var tensors = [
-            packed.b.withUnsafeBytes { Proto.newTensor(name: dName, dataType: 2, dims: [f.n, f.k * bits / 8], raw: $0) },
-            packed.scales.withUnsafeBytes { Proto.newTensor(name: sName, dataType: 1, dims: [f.n, layout.blocks], raw: $0) }
-        ]
-        var zName: String? = nil
-        if let z = packed.zp {
-            let name = model.uniqueName(w + "_zero_point")
-            tensors.append(z.withUnsafeBytes { Proto.newTensor(name: name, dataType: 2, dims: [f.n, z.count / f.n], raw: $0) })
-            zName = name
-        }
-        replaceTensor(loc, with: tensors, nodes: [])
+        let layout = MatMulNBitsLayout(k: f.k, n: f.n, nAxis: 0, bits: bits, blockSize: blockSize, signed: false)
+        let (dName, sName, zName) = try placePacked(
+            p, loc: loc, kernel: "GatherBlockQuantized", n: f.n, blocks: layout.blocks, codeDims: [f.n, f.k * bits / 8],
+            zeroDims: { [f.n, $0 / f.n] })
         for use in f.uses {
             let node = Proto.newNode(
                 op: "GatherBlockQuantized", name: model.uniqueName(w + "_GatherBlockQuantized"),

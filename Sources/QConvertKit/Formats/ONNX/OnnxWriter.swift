@@ -137,7 +137,13 @@ final class OnnxSink: CheckpointSink {
             for n in retired { onnx__node_proto__free_unpacked(n, nil) }
             retired = []
         }
-        prepack(planByName)
+        // each quantized weight's form, decided once on the graph as read
+        var choices: [Int: OnnxForms.Choice] = [:]
+        for (pi, p) in options.plans.enumerated() {
+            guard let s = p.decision.scheme, s.target.isQuantization, let loc = model.located[p.name] else { continue }
+            choices[pi] = OnnxForms.choose(p, loc: loc, model: model, plans: planByName)
+        }
+        prepack(choices)
         for (pi, p) in options.plans.enumerated() {
             guard let scheme = p.decision.scheme else { continue }
             guard let loc = model.located[p.name] else { continue }
@@ -148,7 +154,7 @@ final class OnnxSink: CheckpointSink {
             } else {
                 let scale = data[outs[1]]!
                 let zp = outs.count > 2 ? data[outs[2]] : nil
-                let choice = OnnxForms.choose(p, loc: loc, model: model, plans: planByName)
+                let choice = choices[pi] ?? .qdq(note: nil)
                 switch choice {
                 case .qdq:
                     needIR = max(
@@ -156,14 +162,11 @@ final class OnnxSink: CheckpointSink {
                     stored[p.name, default: []].append(
                         ("onnx", .object([("form", .string("qdq"))] + (choice.note.map { [("note", .string($0))] } ?? []))))
                 case .matMulNBits(let f, let bits, let bs, _):
-                    try applyMatMulNBits(
-                        p, scheme: scheme, loc: loc, fit: f, bits: bits, blockSize: bs, values: values, scale: scale, zeroPoint: zp)
+                    try applyMatMulNBits(p, loc: loc, fit: f, bits: bits, blockSize: bs)
                 case .dynamic(let f):
                     try applyDynamic(p, scheme: scheme, loc: loc, fit: f, values: values, scale: scale, zeroPoint: zp)
                 case .gatherBlockQuantized(let f, let bits, let bs):
-                    try applyGatherBlockQuantized(
-                        p, scheme: scheme, loc: loc, fit: f, bits: bits, blockSize: bs, values: values, scale: scale,
-                        zeroPoint: zp)
+                    try applyGatherBlockQuantized(p, loc: loc, fit: f, bits: bits, blockSize: bs)
                 }
             }
             data[outs[0]] = nil
