@@ -148,7 +148,12 @@ def test_an_input_truncated_while_converting_fails_in_one_line(tmp_path):
         src = tmp_path / "in.safetensors"
         save_file(tensors, str(src))
         p = subprocess.Popen([QCONVERT, src, "-o", tmp_path / "out.safetensors", "-q", "--jobs", "1"], stderr=subprocess.PIPE, text=True)
-        time.sleep(0.05 + 0.03 * k)
+        # Truncate only once the output's temporary file exists: the input is mapped by then. (A fixed
+        # delay raced the start-up on a slower machine: the header read saw the short file first.)
+        deadline = time.monotonic() + 30
+        while p.poll() is None and len(list(tmp_path.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(0.02 * k)
         os.truncate(src, 1000)
         err = p.communicate(timeout=60)[1]
         outcomes.append(p.returncode)
