@@ -6,7 +6,8 @@ struct DiffCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "diff",
         abstract: "Compare two checkpoints tensor by tensor (any formats; qconvert outputs are dequantized).",
-        discussion: "Prints max abs error, SQNR and cosine per tensor, the worst first. With gates, exits 5 when one fails."
+        discussion:
+            "Prints max abs error, SQNR and cosine per tensor, the worst first, then the model's figures (from the summed error sums of the tensors that differ, as a conversion's gates compute them). With gates, exits 5 when one fails."
     )
 
     @Argument(help: ArgumentHelp("The reference checkpoint (e.g. the float original).", valueName: "a"))
@@ -38,6 +39,10 @@ struct DiffCommand: ParsableCommand {
                 for row in rows {
                     print(row.enumerated().map { $1.padding(toLength: w[$0], withPad: " ", startingAt: 0) }.joined(separator: "  "))
                 }
+                let m = r.model
+                print(
+                    "model (\(r.rows.filter(\.changed).count) differing tensors): SQNR "
+                        + (m.sqnrDB.map { String(format: "%.2f dB", $0) } ?? "exact") + String(format: ", cosine %.6f", m.cosine))
                 if !r.onlyInA.isEmpty { print("only in \(a): \(r.onlyInA.joined(separator: ", "))") }
                 if !r.onlyInB.isEmpty { print("only in \(b): \(r.onlyInB.joined(separator: ", "))") }
             }

@@ -52,17 +52,15 @@ struct Inspect: ParsableCommand {
             let total = ckpt.entries.reduce(0) { $0 + $1.bytes.count }
             out += "\(ckpt.entries.count) tensors, \(formatBytes(total))\n"
             for (k, v) in ckpt.metadata where k != MetadataDocument.key { out += "metadata \(k): \(v)\n" }
-            if let q = quant, let doc = try? JSONParser.parse(q) {
+            if let doc = try MetadataDocument.find(in: ckpt.metadata, path: file) {
                 out += "\nquantization metadata (\(MetadataDocument.key)): "
-                out += "qconvert \(doc["tool"]?["version"]?.stringValue ?? "?"), policy \(doc["policy"]?["source"]?.stringValue ?? "?")\n"
-                out += "  input \(doc["input"]?["hash"]?.stringValue ?? "?")\n"
-                for (name, r) in doc["tensors"]?.objectValue ?? [] {
-                    var line = "  \(name): \(r["source_dtype"]?.stringValue ?? "?") → \(r["dtype"]?.stringValue ?? "?")"
-                    if let g = r["granularity"]?.stringValue { line += " \(g)" }
-                    if let m = r["mapping"]?.stringValue { line += " \(m)" }
-                    if let sq = r["metrics"]?["sqnr_db"] {
-                        line += sq.doubleValue.map { String(format: "  SQNR %.1f dB", $0) } ?? "  exact"
-                    }
+                out += "qconvert \(doc.tool.version), policy \(doc.policy.source)\n"
+                out += "  input \(doc.input.hash)\n"
+                for (name, r) in doc.tensors.sorted(by: { $0.key < $1.key }) {
+                    var line = "  \(name): \(r.sourceDType) → \(r.dtype.rawValue)"
+                    if let g = r.granularity { line += " \(g.rawValue)" }
+                    if let m = r.mapping { line += " \(m.rawValue)" }
+                    if let m = r.metrics { line += m.sqnrDB.map { String(format: "  SQNR %.1f dB", $0) } ?? "  exact" }
                     out += line + "\n"
                 }
             }

@@ -8,7 +8,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 import make_onnx_models
 from conftest import QCONVERT, run
@@ -472,3 +472,39 @@ def test_concurrent_folder_outputs_never_mix(eight, tmp_path):
         assert [p.wait() for p in procs] == [0, 0, 0, 0]
         assert folder_state(out) in (2, 8)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors", "out"]
+
+
+def test_model_figures_are_one_definition_in_convert_and_diff(tmp_path):
+    """The convert gate rebuilt a model's sums from per-tensor SQNR (assuming Σq² = Σx², and Σx² = 1 for
+    exact tensors), so it and `diff` reported different model SQNRs for the same pair. Both now add the
+    raw sums of the tensors that changed; numpy computes the same figures from the dequantized values."""
+    rng = np.random.default_rng(11)
+    src = {
+        "w": (rng.standard_normal((64, 96)) * np.linspace(0.1, 3, 96)).astype(np.float32),
+        "zero": np.zeros((64, 64), np.float32),  # quantized exactly
+        "b": rng.standard_normal(96).astype(np.float32),  # kept (1-D)
+    }
+    save_file(src, str(tmp_path / "a.safetensors"))
+    out = tmp_path / "q.safetensors"
+    report = tmp_path / "r.json"
+    run(tmp_path / "a.safetensors", "-o", out, "-q", "--report", report)
+    totals = json.loads(report.read_text())["totals"]
+    d = json.loads(run("diff", tmp_path / "a.safetensors", out, "--json").stdout)["model"]
+    run("dequantize", out, "-o", tmp_path / "dq.safetensors")
+    dq = load_file(str(tmp_path / "dq.safetensors"))
+    x = np.concatenate([src[k].ravel().astype(np.float64) for k in ("w", "zero")])
+    q = np.concatenate([dq[k].ravel().astype(np.float64) for k in ("w", "zero")])
+    want_sqnr = 10 * np.log10((x * x).sum() / ((x - q) ** 2).sum())
+    want_cos = (x * q).sum() / np.sqrt((x * x).sum() * (q * q).sum())
+    assert d["tensors"] == 2
+    for got in (totals["model_sqnr_db"], d["sqnr_db"]):
+        assert got == pytest.approx(want_sqnr, abs=1e-6)
+    for got in (totals["model_cosine"], d["cosine"]):
+        assert got == pytest.approx(want_cos, abs=1e-9)
+    # the gates fail on the same model figure, printed first
+    for args in ([tmp_path / "a.safetensors", "-o", tmp_path / "g.safetensors"], ["diff", tmp_path / "a.safetensors", out]):
+        r = run(*args, "--min-sqnr", "200", check=False)
+        assert r.returncode == 5
+        line = r.stderr.strip().splitlines()[-1]
+        got = float(line.split("model: sqnr_db ")[1].split(" ")[0])
+        assert got == pytest.approx(want_sqnr, rel=1e-5), line

@@ -61,7 +61,7 @@ def load_quantized(out, name, record):
         assert q.dtype == np.uint8
         q = ref.unpack4(q, record["source_shape"], record["dtype"] == "int4")
     scale = t[record["scale"]]
-    zp = t[record["zero_point"]] if record["zero_point"] else np.zeros(scale.shape, dtype=np.int64)
+    zp = t[record["zero_point"]] if record.get("zero_point") else np.zeros(scale.shape, dtype=np.int64)
     return q, scale, zp, t
 
 
@@ -227,7 +227,7 @@ def test_metadata_document_shape(tmp):
     run(inp, "-o", out, "-q")
     doc, meta = metadata_doc(out)
     assert meta["note"] == "kept"
-    assert doc["format"] == "qconvert.quantization/1"
+    assert doc["format"] == "qconvert.quantization/2"
     assert doc["tool"]["name"] == "qconvert"
     import hashlib
     import xxhash
@@ -238,10 +238,48 @@ def test_metadata_document_shape(tmp):
     doc2, _ = metadata_doc(out)
     assert doc2["input"]["hash"] == "sha256:" + hashlib.sha256(data).hexdigest()
     rec = doc["tensors"]["w"]
-    for key in ("source_dtype", "source_shape", "dtype", "mapping", "granularity", "axis", "calibration", "scale", "zero_point", "metrics"):
+    for key in ("source_dtype", "source_shape", "dtype", "mapping", "granularity", "axis", "calibration", "scale", "metrics"):
         assert key in rec
-    assert rec["scale"] == "w_scale" and rec["zero_point"] is None
+    assert rec["scale"] == "w_scale" and "zero_point" not in rec
     assert doc["kept_tensors"] == 1
+    # version 2: keys sorted at every level; the raw sums the figures come from
+    text = safe_open(str(out), "np").metadata()["qconvert.quantization"]
+    assert text == json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    m = rec["metrics"]
+    assert m["sums"]["count"] == x.size
+    assert m["sqnr_db"] == pytest.approx(10 * np.log10(m["sums"]["x2"] / m["sums"]["e2"]), rel=1e-12)
+    assert m["cosine"] == pytest.approx(m["sums"]["xq"] / np.sqrt(m["sums"]["x2"] * m["sums"]["q2"]), rel=1e-12)
+
+
+def test_version_1_metadata_is_still_read(tmp):
+    """Outputs of earlier qconvert versions carry version 1 documents (nulls for absent names and axes,
+    no sums): dequantize still restores them, to the same values as the version 2 document."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((16, 40)).astype(np.float32)
+    inp = write_input(tmp, {"w": x, "v": x[:, :24].copy()})
+    pol = tmp / "p.yaml"
+    pol.write_text("defaults: {dtype: int8, granularity: channel}\nrules:\n  - {match: v, dtype: int4, granularity: group, group_size: 8, mapping: affine}\n")
+    out = tmp / "o.safetensors"
+    run(inp, "-o", out, "-q", "--policy", pol)
+    with safe_open(str(out), "np") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    doc = json.loads(meta["qconvert.quantization"])
+    old = dict(doc, format="qconvert.quantization/1")
+    for rec in old["tensors"].values():
+        rec.setdefault("axis", None)
+        rec.setdefault("zero_point", None)
+        rec["metrics"].pop("sums")
+        if "packing" in rec:
+            rec["packing"]["note"] = "v1"
+    v1 = tmp / "v1.safetensors"
+    save_file(tensors, str(v1), metadata=dict(meta, **{"qconvert.quantization": json.dumps(old)}))
+    run("dequantize", out, "-o", tmp / "a.safetensors")
+    run("dequantize", v1, "-o", tmp / "b.safetensors")
+    a, b = load_file(str(tmp / "a.safetensors")), load_file(str(tmp / "b.safetensors"))
+    assert set(a) == set(b) == {"w", "v"}
+    for k in a:
+        assert np.array_equal(a[k], b[k])
 
 
 def test_reference_library_reads_sharded_output(tmp):

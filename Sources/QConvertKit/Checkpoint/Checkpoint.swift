@@ -218,10 +218,17 @@ public struct WriterOptions: Sendable {
 public protocol CheckpointSink: AnyObject {
     /// Writes the bytes of output tensor `index` (an index into the declared tensors).
     func put(_ index: Int, _ bytes: UnsafeRawBufferPointer) throws
-    /// Finishes with the container metadata; `perShard` maps a shard file name to the
-    /// metadata of that shard where it differs.
-    func commit(metadata: [(key: String, value: String)], perShard: [String: [(key: String, value: String)]]) throws
+    /// Finishes with the container metadata and qconvert's metadata document (stored under
+    /// `MetadataDocument.key`); `perShard` maps a shard file name to the document of that shard.
+    func commit(metadata: [(key: String, value: String)], document: MetadataDocument?, perShard: [String: MetadataDocument]) throws
     func abort()
+}
+
+extension MetadataDocument {
+    /// The container metadata with a document (if any) stored under its key.
+    static func entries(_ metadata: [(key: String, value: String)], _ doc: MetadataDocument?) -> [(key: String, value: String)] {
+        metadata.filter { $0.key != key } + (doc.map { [(key, $0.encoded)] } ?? [])
+    }
 }
 
 /// A format plugin that reads checkpoints.

@@ -156,31 +156,26 @@ public enum Batch {
     /// The existing output, opened, when this qconvert version wrote it from the same input and policy.
     public static func upToDate(output: String, inputHash: String, policy: Policy) -> Checkpoint? {
         guard FileManager.default.fileExists(atPath: output), let ck = try? Converter.open(output),
-            let text = ck.metadata.first(where: { $0.key == MetadataDocument.key })?.value,
-            let doc = try? JSONParser.parse(text),
-            doc["input"]?["hash"]?.stringValue == inputHash,
-            doc["policy"]?["sha256"]?.stringValue == sha256Hex(policy.text),
-            doc["tool"]?["version"]?.stringValue == QConvertVersion.string
+            let doc = try? MetadataDocument.find(in: ck.metadata, path: output),
+            doc.input.hash == inputHash, doc.policy.sha256 == sha256Hex(policy.text), doc.tool.version == QConvertVersion.string
         else { return nil }
         return ck
     }
 
-    /// The tensors an earlier run recorded in an output's metadata, as one document with a "tensors"
-    /// object: a folder of shards records in each shard the tensors it holds.
-    static func recordedTensors(output: String, existing: Checkpoint) -> JSONValue? {
-        func doc(_ ck: Checkpoint) -> JSONValue? {
-            ck.metadata.first(where: { $0.key == MetadataDocument.key }).flatMap { try? JSONParser.parse($0.value) }
-        }
+    /// The tensors an earlier run recorded in an output's metadata: a folder of shards records in each
+    /// shard the tensors it holds.
+    static func recordedTensors(output: String, existing: Checkpoint) -> [String: TensorRecord]? {
+        func doc(_ ck: Checkpoint) -> MetadataDocument? { try? MetadataDocument.find(in: ck.metadata, path: output) }
         var isDir: ObjCBool = false
         guard FileManager.default.fileExists(atPath: output, isDirectory: &isDir), isDir.boolValue,
             Set(existing.entries.compactMap(\.shard)).count > 1
-        else { return doc(existing) }
-        var tensors: [(String, JSONValue)] = []
+        else { return doc(existing)?.tensors }
+        var tensors: [String: TensorRecord] = [:]
         for shard in Set(existing.entries.compactMap(\.shard)).sorted() {
             guard let ck = try? Converter.open(output + "/" + shard), let d = doc(ck) else { return nil }
-            tensors += d["tensors"]?.objectValue ?? []
+            tensors.merge(d.tensors) { a, _ in a }
         }
-        return .object([("tensors", .object(tensors))])
+        return tensors
     }
 
     /// Converts every item under every variant, `jobs` models at a time; one failure never stops
@@ -257,13 +252,9 @@ public enum Batch {
                 // wrote it, and a gate it failed then fails again now: a retry never turns a failure into success.
                 o.status = "skipped"
                 o.bytesAfter = existing.entries.reduce(0) { $0 + $1.bytes.count }
-                if let doc = recordedTensors(output: output, existing: existing) {
-                    let sqnrs = (doc["tensors"]?.objectValue ?? []).compactMap { $0.1["metrics"]?["sqnr_db"]?.doubleValue }
-                    o.worstSQNR = sqnrs.min()
-                    let failures = template.gates.evaluate(
-                        tensors: QualityGates.rows(
-                            metadata: doc, bytesBefore: before,
-                            bytesAfter: o.bytesAfter))
+                if let records = recordedTensors(output: output, existing: existing) {
+                    o.worstSQNR = records.values.compactMap { $0.metrics?.sqnrDB }.min()
+                    let failures = template.gates.evaluate(QualityGates.rows(records, bytesBefore: before, bytesAfter: o.bytesAfter))
                     if !failures.isEmpty {
                         o.status = "gate-failed"
                         o.error = GateFailure(failures: failures, outputWritten: true).description + " (output of an earlier run)"

@@ -89,9 +89,30 @@ public struct ConversionReport: Sendable {
         tensors.flatMap { t in t.plan.warnings.map { (t.plan.name, $0) } }
     }
 
+    static func metricsJSON(_ m: TensorMetrics) -> JSONValue {
+        .object([
+            ("max_abs_err", .number(m.maxAbsError)),
+            ("mse", .number(m.mse)),
+            ("sqnr_db", m.sqnrDB.map(JSONValue.number) ?? .null),
+            ("cosine", .number(m.cosine)),
+            ("clipped", .number(m.clippedFraction)),
+            ("bits_per_weight", .number(m.bitsPerWeight)),
+            ("bytes_before", .int(m.bytesBefore)),
+            ("bytes_after", .int(m.bytesAfter)),
+            (
+                "sums",
+                .object([
+                    ("x2", .number(m.sums.x2)), ("e2", .number(m.sums.e2)), ("xq", .number(m.sums.xq)), ("q2", .number(m.sums.q2)),
+                    ("count", .int(m.sums.count))
+                ])
+            )
+        ])
+    }
+
     /// The report document (Schemas/report.schema.json).
     public var json: String {
         let w = worst
+        let model = modelSums
         let doc: JSONValue = .object([
             ("format", .string("qconvert.report/1")),
             ("tool", .object([("name", .string("qconvert")), ("version", .string(QConvertVersion.string))])),
@@ -106,7 +127,8 @@ public struct ConversionReport: Sendable {
                     ("kept", .int(keptCount)), ("bytes_before", .int(bytesBefore)), ("bytes_after", .int(bytesAfter)),
                     ("size_ratio", .number(bytesBefore > 0 ? Double(bytesAfter) / Double(bytesBefore) : 1)),
                     ("worst_tensor", w.map { .string($0.plan.name) } ?? .null),
-                    ("worst_sqnr_db", w?.metrics?.sqnrDB.map(JSONValue.number) ?? .null)
+                    ("worst_sqnr_db", w?.metrics?.sqnrDB.map(JSONValue.number) ?? .null),
+                    ("model_sqnr_db", model.sqnrDB.map(JSONValue.number) ?? .null), ("model_cosine", .number(model.cosine))
                 ])
             ),
             (
@@ -132,7 +154,7 @@ public struct ConversionReport: Sendable {
                         }
                         kv.append(("bytes_before", .int(t.plan.bytesBefore)))
                         kv.append(("bytes_after", .int(t.metrics?.bytesAfter ?? t.plan.bytesAfter)))
-                        if let m = t.metrics { kv.append(("metrics", MetadataDocument.metricsJSON(m))) }
+                        if let m = t.metrics { kv.append(("metrics", ConversionReport.metricsJSON(m))) }
                         kv.append(("warnings", .array(t.plan.warnings.map(JSONValue.string))))
                         return .object(kv)
                     })
@@ -212,12 +234,9 @@ public enum Converter {
             outIndex.append(idx)
         }
         // Room for the metadata document: its size with the widest possible metrics.
-        let widest = Dictionary(uniqueKeysWithValues: plans.indices.map { ($0, MetadataDocument.widestMetrics) })
-        let hint = MetadataDocument.document(
-            plans: plans, metrics: widest, inputFormat: ckpt.format,
-            inputHash: "sha256:" + String(repeating: "0", count: 64), policy: options.policy)
+        let hint = MetadataDocument.widest(plans: plans, policy: options.policy, inputFormat: ckpt.format)
         var escaped = ""
-        JSONValue.writeString(hint, &escaped)
+        JSONValue.writeString(hint.encoded, &escaped)
         var wopts = WriterOptions(maxShardSize: options.maxShardSize, metadataSizeHint: escaped.utf8.count)
         wopts.plans = plans
         wopts.externalData = options.externalData
@@ -302,31 +321,20 @@ public enum Converter {
                 let failures = options.gates.evaluate(report())
                 if !failures.isEmpty { throw GateFailure(failures: failures, outputWritten: false, report: report()) }
             }
-            var meta = ckpt.metadata.filter { $0.key != MetadataDocument.key }
-            meta.append(
-                (
-                    MetadataDocument.key,
-                    MetadataDocument.document(
-                        plans: plans, metrics: metrics, inputFormat: ckpt.format,
-                        inputHash: hashBox.value, policy: options.policy)
-                ))
-            var perShard: [String: [(key: String, value: String)]] = [:]
+            let meta = ckpt.metadata.filter { $0.key != MetadataDocument.key }
+            let doc = MetadataDocument(
+                plans: plans, metrics: metrics, inputFormat: ckpt.format, inputHash: hashBox.value, policy: options.policy)
+            var perShard: [String: MetadataDocument] = [:]
             let shardNames = Set(outputs.compactMap(\.shard))
             if shardNames.count > 1 {
                 for s in shardNames {
                     let only = Set(plans.indices.filter { ckpt.entries[plans[$0].entryIndex].shard == s })
-                    var m = ckpt.metadata.filter { $0.key != MetadataDocument.key }
-                    m.append(
-                        (
-                            MetadataDocument.key,
-                            MetadataDocument.document(
-                                plans: plans, metrics: metrics, inputFormat: ckpt.format,
-                                inputHash: hashBox.value, policy: options.policy, only: only)
-                        ))
-                    perShard[s] = m
+                    perShard[s] = MetadataDocument(
+                        plans: plans, metrics: metrics, inputFormat: ckpt.format, inputHash: hashBox.value, policy: options.policy,
+                        only: only)
                 }
             }
-            try sink.commit(metadata: meta, perShard: perShard)
+            try sink.commit(metadata: meta, document: doc, perShard: perShard)
         } catch {
             sink.abort()
             hashGroup.wait()

@@ -11,41 +11,36 @@ public enum Dequantizer {
     public static func run(input: String, output: String, format: String? = nil) throws -> Result {
         let ckpt = try Converter.open(input)
         try ckpt.runDeferredChecks()
-        guard let text = ckpt.metadata.first(where: { $0.key == MetadataDocument.key })?.value else {
+        guard let doc = try MetadataDocument.find(in: ckpt.metadata, path: input) else {
             throw QConvertError.badInput(path: input, message: "no '\(MetadataDocument.key)' metadata: not a qconvert-quantized file")
         }
-        let doc: JSONValue
-        do { doc = try JSONParser.parse(text) } catch {
-            throw QConvertError.badInput(path: input, message: "the quantization metadata is not valid JSON: \(error)")
-        }
-        guard let records = doc["tensors"]?.objectValue else {
-            throw QConvertError.badInput(path: input, message: "the quantization metadata has no 'tensors' object")
-        }
+        let records = doc.tensors.sorted { $0.key < $1.key }
         let byName = Dictionary(ckpt.entries.enumerated().map { ($1.name, $0) }, uniquingKeysWith: { a, _ in a })
         var consumed = Set<String>()
         struct Job {
             var entry: Int
-            var record: JSONValue
+            var record: TensorRecord
             var name: String
         }
         var jobs: [String: Job] = [:]
         for (name, rec) in records {
-            let stored = rec["values"]?.stringValue ?? name
+            let stored = rec.values ?? name
             guard let i = byName[stored] else {
                 throw QConvertError.badInput(path: input, message: "metadata describes tensor '\(name)' but the file does not hold it")
             }
             jobs[stored] = Job(entry: i, record: rec, name: name)
-            if let s = rec["scale"]?.stringValue { consumed.insert(s) }
-            if let z = rec["zero_point"]?.stringValue { consumed.insert(z) }
+            if let s = rec.scale { consumed.insert(s) }
+            if let z = rec.zeroPoint { consumed.insert(z) }
         }
         var outputs: [OutputTensor] = []
         var sources: [(entry: Int, job: Job?)] = []
         for (i, e) in ckpt.entries.enumerated() where !consumed.contains(e.name) {
             if let j = jobs[e.name] {
-                guard let sd = j.record["source_dtype"]?.stringValue, let dtype = DType(safetensorsName: sd) ?? DType(rawValue: sd),
-                    let shape = j.record["source_shape"]?.arrayValue?.compactMap(\.nonNegativeInt)
-                else {
-                    throw QConvertError.badInput(path: input, message: "tensor '\(e.name)': metadata lacks source_dtype or source_shape")
+                let sd = j.record.sourceDType
+                let shape = j.record.sourceShape
+                guard let dtype = DType(safetensorsName: sd) ?? DType(rawValue: sd), shape.allSatisfy({ $0 >= 0 }) else {
+                    throw QConvertError.badInput(
+                        path: input, message: "tensor '\(e.name)': metadata has a bad source_dtype or source_shape")
                 }
                 let outType: DType = [.f32, .f16, .bf16, .f64].contains(dtype) ? dtype : .f32
                 outputs.append(
@@ -73,7 +68,7 @@ public enum Dequantizer {
                 try bytes.withUnsafeBytes { try sink.put(k, $0) }
             }
             let meta = ckpt.metadata.filter { $0.key != MetadataDocument.key }
-            try sink.commit(metadata: meta, perShard: [:])
+            try sink.commit(metadata: meta, document: nil, perShard: [:])
         } catch {
             sink.abort()
             throw error
@@ -81,25 +76,24 @@ public enum Dequantizer {
         return Result(restored: jobs.count, copied: sources.count - jobs.count)
     }
 
-    public static func restore(_ e: TensorEntry, record r: JSONValue, ckpt: Checkpoint, byName: [String: Int], path: String) throws
+    public static func restore(_ e: TensorEntry, record r: TensorRecord, ckpt: Checkpoint, byName: [String: Int], path: String) throws
         -> [Float]
     {
         func bad(_ m: String) -> QConvertError { .badInput(path: path, message: "tensor '\(e.name)': \(m)") }
-        guard let dt = r["dtype"]?.stringValue, var target = TargetType(rawValue: dt) else { throw bad("unknown quantized dtype") }
-        let rawShape = r["source_shape"]?.arrayValue ?? []
-        let shape = rawShape.compactMap(\.nonNegativeInt)
-        guard shape.count == rawShape.count, Shape(shape).checkedByteCount(.f32) != nil else {
+        var target = r.dtype
+        let shape = r.sourceShape
+        guard shape.allSatisfy({ $0 >= 0 }), Shape(shape).checkedByteCount(.f32) != nil else {
             throw bad("metadata source_shape is not a valid shape")
         }
-        if let form = r["onnx"]?["form"]?.stringValue, form == "matmulnbits" || form == "gatherblockquantized" {
+        if let form = r.onnx?.form, form == "matmulnbits" || form == "gatherblockquantized" {
             return try restoreMatMulNBits(e, record: r, target: target, shape: shape, ckpt: ckpt, byName: byName, path: path)
         }
         var values = try e.bytes.withUnsafeBytes { [UInt8]($0) }
         let is4 = target.isPacked4
-        if is4, case .bool(true)? = r["packing"]?["unpacked"] {
+        if is4, r.packing?.unpacked == true {
             // stored one value per byte (an ONNX model too old for 4-bit types)
             target = target.widened
-        } else if is4, r["packing"]?["axis"] == .null {
+        } else if is4, r.packing?.flattened == true {
             // packed over the flattened tensor (ONNX): repack along rows
             let n = shape.reduce(1, *)
             if values.count == (n + 1) / 2 { values = Packing.pack4(Packing.unpack4(values, shape: [n]), shape: shape) }
@@ -108,18 +102,18 @@ public enum Dequantizer {
         guard values.count == expected else { throw bad("holds \(values.count) bytes, metadata implies \(expected)") }
         var scale: [Float]? = nil
         var zp: [UInt8]? = nil
-        let granularity = Granularity(rawValue: r["granularity"]?.stringValue ?? "tensor") ?? .tensor
-        let axis = r["axis"]?.nonNegativeInt ?? 0
-        let groupSize = r["group_size"]?.nonNegativeInt ?? 1
+        let granularity = r.granularity ?? .tensor
+        let axis = r.axis ?? 0
+        let groupSize = r.groupSize ?? 1
         // The metadata is input like any other: an axis outside the shape would index out of bounds.
-        if let a = r["axis"], a != .null, a.nonNegativeInt == nil { throw bad("metadata axis \(a.compact) is not an axis") }
+        if axis < 0 { throw bad("metadata axis \(axis) is not an axis") }
         if granularity == .channel || granularity == .group {
             guard !shape.isEmpty, axis < shape.count else {
-                throw bad("metadata axis \(r["axis"]?.compact ?? "null") is outside the rank-\(shape.count) shape")
+                throw bad("metadata axis \(r.axis.map(String.init) ?? "null") is outside the rank-\(shape.count) shape")
             }
         }
         let layout = ParamLayout(shape: shape, granularity: granularity, axis: axis, groupSize: max(groupSize, 1))
-        if let sn = r["scale"]?.stringValue {
+        if let sn = r.scale {
             guard let si = byName[sn] else { throw bad("scale tensor '\(sn)' is missing") }
             let se = ckpt.entries[si]
             guard se.dtype == .f32, se.elementCount == layout.paramCount else {
@@ -127,14 +121,14 @@ public enum Dequantizer {
             }
             scale = try se.bytes.withUnsafeBytes { FloatDecoding.toFloat32($0, dtype: .f32, count: se.elementCount) }
         }
-        if let zn = r["zero_point"]?.stringValue {
+        if let zn = r.zeroPoint {
             guard let zi = byName[zn] else { throw bad("zero-point tensor '\(zn)' is missing") }
             let ze = ckpt.entries[zi]
             guard ze.elementCount == layout.paramCount, ze.dtype.bits == 8 else {
                 throw bad("zero-point tensor '\(zn)' has the wrong type or size")
             }
             zp = try ze.bytes.withUnsafeBytes { [UInt8]($0) }
-            if is4, zp!.count == (layout.paramCount + 1) / 2, layout.paramCount > 1 || r["packing"]?["axis"] == .null {
+            if is4, zp!.count == (layout.paramCount + 1) / 2, layout.paramCount > 1 || r.packing?.flattened == true {
                 zp = Packing.unpack4(zp!, shape: [layout.paramCount])  // ONNX packs 4-bit zero points too
             }
         }
@@ -147,30 +141,29 @@ public enum Dequantizer {
     /// points): back to qconvert's layout, then dequantized like any other. The metadata is checked
     /// against the shape first (it is input like any other).
     static func restoreMatMulNBits(
-        _ e: TensorEntry, record r: JSONValue, target: TargetType, shape: [Int], ckpt: Checkpoint,
+        _ e: TensorEntry, record r: TensorRecord, target: TargetType, shape: [Int], ckpt: Checkpoint,
         byName: [String: Int], path: String
     ) throws -> [Float] {
         func bad(_ m: String) -> QConvertError { .badInput(path: path, message: "tensor '\(e.name)': \(m)") }
-        let o = r["onnx"]
-        guard let k = o?["K"]?.nonNegativeInt, let n = o?["N"]?.nonNegativeInt, let nAxis = o?["n_axis"]?.nonNegativeInt,
-            let bits = o?["bits"]?.nonNegativeInt, let bs = o?["block_size"]?.nonNegativeInt,
-            nAxis <= 1, shape.count == 2, shape[nAxis] == n, shape[1 - nAxis] == k, k > 0, n > 0,
+        let o = r.onnx
+        guard let k = o?.K, let n = o?.N, let nAxis = o?.nAxis, let bits = o?.bits, let bs = o?.blockSize,
+            nAxis >= 0, nAxis <= 1, shape.count == 2, shape[nAxis] == n, shape[1 - nAxis] == k, k > 0, n > 0,
             bs >= 16, bs <= 1 << 20, bs & (bs - 1) == 0,
             bits == target.bits, target.isIntegerQuantization
         else { throw bad("metadata of its MatMulNBits form does not match its shape \(Shape(shape))") }
-        let granularity = Granularity(rawValue: r["granularity"]?.stringValue ?? "tensor") ?? .tensor
-        let axis = r["axis"]?.nonNegativeInt ?? nAxis
-        let groupSize = max(r["group_size"]?.nonNegativeInt ?? 1, 1)
-        guard axis < 2 else { throw bad("metadata axis is outside the rank-2 shape") }
+        let granularity = r.granularity ?? .tensor
+        let axis = r.axis ?? nAxis
+        let groupSize = max(r.groupSize ?? 1, 1)
+        guard axis >= 0, axis < 2 else { throw bad("metadata axis is outside the rank-2 shape") }
         let params = ParamLayout(shape: shape, granularity: granularity, axis: axis, groupSize: groupSize)
         let layout = MatMulNBitsLayout(k: k, n: n, nAxis: nAxis, bits: bits, blockSize: bs, signed: target.isSigned)
-        guard let sn = r["scale"]?.stringValue, let si = byName[sn], ckpt.entries[si].dtype == .f32 else {
+        guard let sn = r.scale, let si = byName[sn], ckpt.entries[si].dtype == .f32 else {
             throw bad("scale tensor is missing")
         }
         let se = ckpt.entries[si]
         let scales = try se.bytes.withUnsafeBytes { FloatDecoding.toFloat32($0, dtype: .f32, count: se.elementCount) }
         var zp: [UInt8]? = nil
-        if let zn = r["zero_point"]?.stringValue {
+        if let zn = r.zeroPoint {
             guard let zi = byName[zn] else { throw bad("zero-point tensor '\(zn)' is missing") }
             zp = try ckpt.entries[zi].bytes.withUnsafeBytes { [UInt8]($0) }
         }

@@ -4,11 +4,14 @@ import Foundation
 public enum Diff {
     public struct Row: Sendable {
         public var name: String
-        public var maxAbsError: Double
-        public var sqnrDB: Double?
-        public var cosine: Double
-        public var x2: Double, e2: Double, xq: Double, q2: Double
+        public var sums: ErrorSums
         public var bytesA: Int, bytesB: Int
+        /// Whether the two sides differ in stored form (dtype, quantized or not) or in value; only
+        /// such tensors count in the model's figures, as only converted ones do in a conversion's.
+        public var changed: Bool
+        public var maxAbsError: Double { sums.maxAbsError }
+        public var sqnrDB: Double? { sums.sqnrDB }
+        public var cosine: Double { sums.cosine }
     }
 
     public struct Result: Sendable {
@@ -17,8 +20,16 @@ public enum Diff {
         public var onlyInA: [String]
         public var onlyInB: [String]
 
+        var gateRows: [QualityGates.Row] {
+            rows.map { QualityGates.Row(name: $0.name, sums: $0.sums, before: $0.bytesA, after: $0.bytesB, changed: $0.changed) }
+        }
+
+        /// The model's sums: those of the tensors that differ, added up.
+        public var model: ErrorSums { QualityGates.modelSums(gateRows) }
+
         public var json: String {
-            JSONValue.object([
+            let m = model
+            return JSONValue.object([
                 ("format", .string("qconvert.diff/1")),
                 (
                     "tensors",
@@ -31,40 +42,45 @@ public enum Diff {
                             ])
                         })
                 ),
+                (
+                    "model",
+                    .object([
+                        ("tensors", .int(rows.filter(\.changed).count)), ("max_abs_err", .number(m.maxAbsError)),
+                        ("sqnr_db", m.sqnrDB.map(JSONValue.number) ?? .null), ("cosine", .number(m.cosine))
+                    ])
+                ),
                 ("only_in_a", .array(onlyInA.map(JSONValue.string))),
                 ("only_in_b", .array(onlyInB.map(JSONValue.string)))
             ]).compact + "\n"
         }
 
-        public func gateFailures(_ gates: QualityGates) -> [QualityGates.Failure] {
-            gates.evaluate(tensors: rows.map { ($0.name, $0.x2, $0.e2, $0.xq, $0.q2, $0.bytesA, $0.bytesB) })
-        }
+        public func gateFailures(_ gates: QualityGates) -> [QualityGates.Failure] { gates.evaluate(gateRows) }
     }
 
     /// Float values of every tensor of a checkpoint that has them (quantized ones dequantized),
     /// with the bytes each takes (parameters included).
-    static func floats(_ ck: Checkpoint, path: String) throws -> [String: ([Float], Int)] {
+    static func floats(_ ck: Checkpoint, path: String) throws -> [String: (values: [Float], bytes: Int, form: String)] {
         try ck.runDeferredChecks()
-        var doc: JSONValue? = nil
-        if let text = ck.metadata.first(where: { $0.key == MetadataDocument.key })?.value { doc = try? JSONParser.parse(text) }
-        let records = doc?["tensors"]?.objectValue ?? []
+        let records = try MetadataDocument.find(in: ck.metadata, path: path)?.tensors ?? [:]
         let byName = Dictionary(ck.entries.enumerated().map { ($1.name, $0) }, uniquingKeysWith: { a, _ in a })
         var params = Set<String>()
         for (_, r) in records {
-            if let s = r["scale"]?.stringValue { params.insert(s) }
-            if let z = r["zero_point"]?.stringValue { params.insert(z) }
+            if let s = r.scale { params.insert(s) }
+            if let z = r.zeroPoint { params.insert(z) }
         }
-        var out: [String: ([Float], Int)] = [:]
+        var out: [String: (values: [Float], bytes: Int, form: String)] = [:]
         for (name, r) in records {
-            guard let i = byName[r["values"]?.stringValue ?? name] else { continue }
+            guard let i = byName[r.values ?? name] else { continue }
             params.insert(ck.entries[i].name)
             var size = ck.entries[i].bytes.count
-            for key in ["scale", "zero_point"] { if let n = r[key]?.stringValue, let j = byName[n] { size += ck.entries[j].bytes.count } }
-            out[name] = (try Dequantizer.restore(ck.entries[i], record: r, ckpt: ck, byName: byName, path: path), size)
+            for n in [r.scale, r.zeroPoint].compactMap({ $0 }) { if let j = byName[n] { size += ck.entries[j].bytes.count } }
+            let form = "quantized " + r.dtype.rawValue
+            out[name] = (try Dequantizer.restore(ck.entries[i], record: r, ckpt: ck, byName: byName, path: path), size, form)
         }
         for e in ck.entries where out[e.name] == nil && !params.contains(e.name) && e.dtype.isFloatingPoint {
             out[e.name] = (
-                try e.bytes.withUnsafeBytes { FloatDecoding.toFloat32($0, dtype: e.dtype, count: e.elementCount) }, e.bytes.count
+                try e.bytes.withUnsafeBytes { FloatDecoding.toFloat32($0, dtype: e.dtype, count: e.elementCount) }, e.bytes.count,
+                e.dtype.rawValue
             )
         }
         return out
@@ -77,32 +93,16 @@ public enum Diff {
         let fb = try floats(cb, path: b)
         var rows: [Row] = []
         for name in fa.keys.sorted() {
-            guard let (y, bytesB) = fb[name] else { continue }
-            let (x, bytesA) = fa[name]!
-            guard x.count == y.count else {
+            guard let sb = fb[name], let sa = fa[name] else { continue }
+            guard sa.values.count == sb.values.count else {
                 // The checkpoints do not match: bad input (exit 3), not a mistake on the command line.
-                throw QConvertError.badInput(path: b, message: "tensor '\(name)' has \(y.count) elements here but \(x.count) in \(a)")
+                throw QConvertError.badInput(
+                    path: b, message: "tensor '\(name)' has \(sb.values.count) elements here but \(sa.values.count) in \(a)")
             }
-            var x2 = 0.0
-            var e2 = 0.0
-            var xq = 0.0
-            var q2 = 0.0
-            var me = 0.0
-            for k in 0..<x.count {
-                let xv = Double(x[k])
-                let yv = Double(y[k])
-                let d = xv - yv
-                x2 += xv * xv
-                e2 += d * d
-                xq += xv * yv
-                q2 += yv * yv
-                me = max(me, abs(d))
+            let sums = sa.values.withUnsafeBufferPointer { x in
+                sb.values.withUnsafeBufferPointer { y in ErrorSums(reference: x, compared: y) }
             }
-            let cos = x2 > 0 && q2 > 0 ? xq / (x2.squareRoot() * q2.squareRoot()) : (x2 == 0 && q2 == 0 ? 1 : 0)
-            rows.append(
-                Row(
-                    name: name, maxAbsError: me, sqnrDB: e2 > 0 ? 10 * log10(x2 / e2) : nil, cosine: cos,
-                    x2: x2, e2: e2, xq: xq, q2: q2, bytesA: bytesA, bytesB: bytesB))
+            rows.append(Row(name: name, sums: sums, bytesA: sa.bytes, bytesB: sb.bytes, changed: sa.form != sb.form || sums.e2 > 0))
         }
         rows.sort { ($0.sqnrDB ?? .infinity, $0.name) < ($1.sqnrDB ?? .infinity, $1.name) }  // worst first
         return Result(rows: rows, onlyInA: fa.keys.filter { fb[$0] == nil }.sorted(), onlyInB: fb.keys.filter { fa[$0] == nil }.sorted())

@@ -29,93 +29,88 @@ public struct QualityGates: Sendable, Equatable {
         }
     }
 
-    /// Per-tensor and whole-model checks on error sums.
-    public func evaluate(tensors: [(name: String, x2: Double, e2: Double, xq: Double, q2: Double, before: Int, after: Int)]) -> [Failure] {
-        var out: [Failure] = []
-        func sqnr(_ x2: Double, _ e2: Double) -> Double { e2 > 0 ? 10 * log10(x2 / e2) : .infinity }
-        // The same definition as the per-tensor metrics: two all-zero tensors agree (1); one all-zero
-        // tensor against any other agrees in nothing (0).
-        func cosine(_ xq: Double, _ x2: Double, _ q2: Double) -> Double {
-            if x2 > 0 && q2 > 0 { return xq / (x2.squareRoot() * q2.squareRoot()) }
-            return x2 == 0 && q2 == 0 ? 1 : 0
+    /// One tensor as the gates see it: its error sums, its sizes, and whether the conversion changed
+    /// it (quantized or cast, or different values); only changed tensors count in the model's figures.
+    public struct Row: Sendable {
+        public var name: String
+        public var sums: ErrorSums
+        public var before: Int
+        public var after: Int
+        public var changed: Bool
+        public init(name: String, sums: ErrorSums, before: Int, after: Int, changed: Bool) {
+            self.name = name
+            self.sums = sums
+            self.before = before
+            self.after = after
+            self.changed = changed
         }
-        var X2 = 0.0
-        var E2 = 0.0
-        var XQ = 0.0
-        var Q2 = 0.0
-        var B = 0
-        var A = 0
-        for t in tensors {
-            X2 += t.x2
-            E2 += t.e2
-            XQ += t.xq
-            Q2 += t.q2
-            B += t.before
-            A += t.after
-            if let m = minSQNR, sqnr(t.x2, t.e2) < m {
-                out.append(Failure(tensor: t.name, gate: "sqnr_db", value: sqnr(t.x2, t.e2), threshold: m))
-            }
-            if let m = minCosine, cosine(t.xq, t.x2, t.q2) < m {
-                out.append(Failure(tensor: t.name, gate: "cosine", value: cosine(t.xq, t.x2, t.q2), threshold: m))
-            }
-            if let m = maxSizeRatio, t.before > 0, Double(t.after) / Double(t.before) > m {
-                out.append(Failure(tensor: t.name, gate: "size_ratio", value: Double(t.after) / Double(t.before), threshold: m))
-            }
-        }
-        if let m = minSQNR, sqnr(X2, E2) < m { out.append(Failure(tensor: "model", gate: "sqnr_db", value: sqnr(X2, E2), threshold: m)) }
-        if let m = minCosine, cosine(XQ, X2, Q2) < m {
-            out.append(Failure(tensor: "model", gate: "cosine", value: cosine(XQ, X2, Q2), threshold: m))
-        }
-        if let m = maxSizeRatio, B > 0, Double(A) / Double(B) > m {
-            out.append(Failure(tensor: "model", gate: "size_ratio", value: Double(A) / Double(B), threshold: m))
-        }
-        return out
     }
 
-    /// Gates on a conversion: quantized and cast tensors by their metrics; sizes over every tensor.
-    public func evaluate(_ r: ConversionReport) -> [Failure] {
-        var rows: [(name: String, x2: Double, e2: Double, xq: Double, q2: Double, before: Int, after: Int)] = []
-        for t in r.tensors {
-            if let m = t.metrics {
-                // Recover the sums from the metrics (mse·n = Σe², SQNR gives Σx²).
-                let n = Double(Shape(t.plan.shape).elementCount)
-                let e2 = m.mse * n
-                let x2 = m.sqnrDB.map { e2 * pow(10, $0 / 10) } ?? 1
-                let q2 = x2
-                rows.append((t.plan.name, x2, e2, m.cosine * x2, q2, m.bytesBefore, m.bytesAfter))
-            } else {
-                rows.append((t.plan.name, 0, 0, 0, 0, t.plan.bytesBefore, t.plan.bytesAfter))
+    /// The whole model's sums: those of the tensors the conversion changed, added up.
+    public static func modelSums(_ rows: [Row]) -> ErrorSums {
+        rows.filter(\.changed).reduce(ErrorSums()) { $0 + $1.sums }
+    }
+
+    /// Per-tensor and whole-model checks; the model's failures come first.
+    public func evaluate(_ rows: [Row]) -> [Failure] {
+        var perTensor: [Failure] = []
+        var model: [Failure] = []
+        func check(_ name: String, _ s: ErrorSums, before: Int, after: Int, into out: inout [Failure]) {
+            let sqnr = s.sqnrDB ?? .infinity
+            if let m = minSQNR, sqnr < m { out.append(Failure(tensor: name, gate: "sqnr_db", value: sqnr, threshold: m)) }
+            if let m = minCosine, s.cosine < m { out.append(Failure(tensor: name, gate: "cosine", value: s.cosine, threshold: m)) }
+            if let m = maxSizeRatio, before > 0, Double(after) / Double(before) > m {
+                out.append(Failure(tensor: name, gate: "size_ratio", value: Double(after) / Double(before), threshold: m))
             }
         }
-        // kept tensors have no error (x2 = e2 = 0 passes the SQNR and cosine gates); only their sizes count
-        return evaluate(tensors: rows)
+        for r in rows { check(r.name, r.sums, before: r.before, after: r.after, into: &perTensor) }
+        check(
+            "model", Self.modelSums(rows), before: rows.reduce(0) { $0 + $1.before }, after: rows.reduce(0) { $0 + $1.after },
+            into: &model)
+        return model + perTensor
     }
+
+    /// Gates on a conversion: quantized and cast tensors by their sums; sizes over every tensor.
+    public func evaluate(_ r: ConversionReport) -> [Failure] { evaluate(r.gateRows) }
+}
+
+extension ConversionReport {
+    /// Every tensor as the gates see it. Kept tensors have no error and do not count in the model's
+    /// SQNR and cosine; their sizes do count.
+    public var gateRows: [QualityGates.Row] {
+        tensors.map { t in
+            if let m = t.metrics {
+                return QualityGates.Row(name: t.plan.name, sums: m.sums, before: m.bytesBefore, after: m.bytesAfter, changed: true)
+            }
+            return QualityGates.Row(
+                name: t.plan.name, sums: ErrorSums(), before: t.plan.bytesBefore, after: t.plan.bytesAfter, changed: false)
+        }
+    }
+
+    /// The model's error sums (the tensors the conversion quantized or cast).
+    public var modelSums: ErrorSums { QualityGates.modelSums(gateRows) }
 }
 
 extension QualityGates {
-    /// The per-tensor rows of an earlier conversion, from its metadata document: every converted tensor
-    /// by its recorded metrics, and the tensors it kept as one row (their size ratio is 1, their error 0).
+    /// The rows of an earlier conversion, from its metadata document: every converted tensor by its
+    /// recorded sums, and the tensors it kept as one row (their size ratio is 1, their error 0).
     /// `bytesBefore` and `bytesAfter` are the whole model's.
-    public static func rows(metadata doc: JSONValue, bytesBefore: Int, bytesAfter: Int)
-        -> [(name: String, x2: Double, e2: Double, xq: Double, q2: Double, before: Int, after: Int)]
-    {
-        var rows: [(name: String, x2: Double, e2: Double, xq: Double, q2: Double, before: Int, after: Int)] = []
+    public static func rows(_ records: [String: TensorRecord], bytesBefore: Int, bytesAfter: Int) -> [Row] {
+        var rows: [Row] = []
         var before = 0
         var after = 0
-        for (name, record) in doc["tensors"]?.objectValue ?? [] {
-            guard let m = record["metrics"] else { continue }
-            let n = Double((record["source_shape"]?.arrayValue ?? []).reduce(1) { $0 * ($1.nonNegativeInt ?? 1) })
-            let e2 = (m["mse"]?.doubleValue ?? 0) * n
-            let x2 = m["sqnr_db"]?.doubleValue.map { e2 * pow(10, $0 / 10) } ?? 1
-            let b = m["bytes_before"]?.nonNegativeInt ?? 0
-            let a = m["bytes_after"]?.nonNegativeInt ?? 0
-            before += b
-            after += a
-            rows.append((name, x2, e2, (m["cosine"]?.doubleValue ?? 1) * x2, x2, b, a))
+        for (name, r) in records.sorted(by: { $0.key < $1.key }) {
+            guard let m = r.metrics else { continue }
+            before += m.bytesBefore
+            after += m.bytesAfter
+            rows.append(Row(name: name, sums: m.errorSums, before: m.bytesBefore, after: m.bytesAfter, changed: true))
         }
-        let keptBefore = bytesBefore - before
-        let keptAfter = bytesAfter - after
-        if keptBefore > 0 { rows.append(("kept tensors", 0, 0, 0, 0, keptBefore, max(keptAfter, 0))) }
+        if bytesBefore - before > 0 {
+            rows.append(
+                Row(
+                    name: "kept tensors", sums: ErrorSums(), before: bytesBefore - before, after: max(bytesAfter - after, 0), changed: false
+                ))
+        }
         return rows
     }
 }

@@ -1,8 +1,10 @@
 import CQKernels
 import Foundation
 
-/// Per-tensor error metrics (QUANTIZATION.md section 6).
-public struct TensorMetrics: Sendable, Codable, Equatable {
+/// Per-tensor error metrics (QUANTIZATION.md section 6), all derived from `sums`.
+public struct TensorMetrics: Sendable, Equatable {
+    /// The raw sums; gates and model totals add these, never the derived figures.
+    public var sums: ErrorSums
     public var maxAbsError: Double
     public var mse: Double
     /// nil when the reconstruction is exact (infinite SQNR).
@@ -15,14 +17,11 @@ public struct TensorMetrics: Sendable, Codable, Equatable {
     public var bytesAfter: Int
 
     init(sums m: qk_metrics, count: Int, bytesBefore: Int, bytesAfter: Int) {
-        maxAbsError = Double(m.max_err)
-        mse = count > 0 ? m.sum_e2 / Double(count) : 0
-        sqnrDB = m.sum_e2 > 0 ? (m.sum_x2 > 0 ? 10 * log10(m.sum_x2 / m.sum_e2) : -Double.infinity) : nil
-        if m.sum_x2 > 0 && m.sum_q2 > 0 {
-            cosine = m.sum_xq / (m.sum_x2.squareRoot() * m.sum_q2.squareRoot())
-        } else {
-            cosine = (m.sum_x2 == 0 && m.sum_q2 == 0) ? 1 : 0
-        }
+        sums = ErrorSums(m, count: count)
+        maxAbsError = sums.maxAbsError
+        mse = sums.mse
+        sqnrDB = sums.sqnrDB
+        cosine = sums.cosine
         clippedFraction = count > 0 ? Double(m.clipped) / Double(count) : 0
         bitsPerWeight = count > 0 ? Double(bytesAfter * 8) / Double(count) : 0
         self.bytesBefore = bytesBefore

@@ -237,11 +237,11 @@ final class NpzSink: CheckpointSink {
         return out
     }
 
-    func commit(metadata: [(key: String, value: String)], perShard: [String: [(key: String, value: String)]]) throws {
+    func commit(metadata: [(key: String, value: String)], document: MetadataDocument?, perShard: [String: MetadataDocument]) throws {
         do {
             var extra: [(String, [UInt8])] = []
-            if let doc = metadata.first(where: { $0.key == MetadataDocument.key })?.value {
-                extra.append((NpzReader.metadataMember, NpzSink.unicodeArray(doc)))
+            if let doc = document {
+                extra.append((NpzReader.metadataMember, NpzSink.unicodeArray(doc.encoded)))
             }
             if !exotic.isEmpty {
                 let obj = JSONValue.object(exotic.map { ($0.0, .string($0.1)) })

@@ -377,7 +377,7 @@ final class PyTorchSink: CheckpointSink {
 
     func abort() { zip.abort() }
 
-    func commit(metadata: [(key: String, value: String)], perShard: [String: [(key: String, value: String)]]) throws {
+    func commit(metadata: [(key: String, value: String)], document: MetadataDocument?, perShard: [String: MetadataDocument]) throws {
         do {
             var p = Pickler { k in (String(k), self.tensors[k].dtype, Shape(self.tensors[k].shape).elementCount) }
             if let tree = source.container as? PTTree, !options.plans.isEmpty {
@@ -409,8 +409,8 @@ final class PyTorchSink: CheckpointSink {
                 ("\(archive)/byteorder", Array("little".utf8)),
                 ("\(archive)/version", Array("3\n".utf8))
             ]
-            if let doc = metadata.first(where: { $0.key == MetadataDocument.key })?.value {
-                extra.append(("\(archive)/\(MetadataDocument.key).json", Array(doc.utf8)))
+            if let doc = document {
+                extra.append(("\(archive)/\(MetadataDocument.key).json", Array(doc.encoded.utf8)))
             }
             try zip.finish(appending: extra)
         } catch {

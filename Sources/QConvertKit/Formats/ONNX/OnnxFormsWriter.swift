@@ -124,18 +124,21 @@ extension OnnxSink {
             if let add = use.biasAdd { replaceNode(add, with: []) }
         }
         importMicrosoftDomain()
-        stored[p.name] = [
-            ("values", .string(bName)), ("scale", .string(sName)), ("zero_point", zName.map(JSONValue.string) ?? .null),
-            ("scale_shape", .array([.int(f.n), .int(layout.blocks)])),
-            (
-                "onnx",
-                .object([
-                    ("form", .string("matmulnbits")), ("K", .int(f.k)), ("N", .int(f.n)), ("n_axis", .int(f.nAxis)),
-                    ("bits", .int(bits)), ("block_size", .int(blockSize)), ("accuracy_level", .int(p.accuracyLevel)),
-                    ("bias_folded", .bool(f.uses.contains { $0.bias != nil }))
-                ])
-            )
-        ]
+        var form = OnnxFormRecord(form: "matmulnbits")
+        form.K = f.k
+        form.N = f.n
+        form.nAxis = f.nAxis
+        form.bits = bits
+        form.blockSize = blockSize
+        form.accuracyLevel = p.accuracyLevel
+        form.biasFolded = f.uses.contains { $0.bias != nil }
+        stored[p.name] = { [form, blocks = layout.blocks] r in
+            r.values = bName
+            r.scale = sName
+            r.zeroPoint = zName
+            r.scaleShape = [f.n, blocks]
+            r.onnx = form
+        }
     }
 
     /// An embedding as com.microsoft.GatherBlockQuantized: the rows a run gathers are dequantized,
@@ -158,17 +161,19 @@ extension OnnxSink {
             replaceNode(use.node, with: [node])
         }
         importMicrosoftDomain()
-        stored[p.name] = [
-            ("values", .string(dName)), ("scale", .string(sName)), ("zero_point", zName.map(JSONValue.string) ?? .null),
-            ("scale_shape", .array([.int(f.n), .int(layout.blocks)])),
-            (
-                "onnx",
-                .object([
-                    ("form", .string("gatherblockquantized")), ("K", .int(f.k)), ("N", .int(f.n)), ("n_axis", .int(0)),
-                    ("bits", .int(bits)), ("block_size", .int(blockSize))
-                ])
-            )
-        ]
+        var form = OnnxFormRecord(form: "gatherblockquantized")
+        form.K = f.k
+        form.N = f.n
+        form.nAxis = 0
+        form.bits = bits
+        form.blockSize = blockSize
+        stored[p.name] = { [form, blocks = layout.blocks] r in
+            r.values = dName
+            r.scale = sName
+            r.zeroPoint = zName
+            r.scaleShape = [f.n, blocks]
+            r.onnx = form
+        }
     }
 
     func applyDynamic(
@@ -228,11 +233,14 @@ extension OnnxSink {
             }
             replaceNode(use.node, with: nodes)
         }
-        stored[p.name] = [
-            ("values", .string(qName)), ("scale", .string(sName)), ("zero_point", zName.map(JSONValue.string) ?? .null),
-            ("scale_shape", .array(pDims.map(JSONValue.int))),
-            ("onnx", .object([("form", .string("dynamic")), ("activations", .string("uint8, DynamicQuantizeLinear per run"))]))
-        ]
+        stored[p.name] = { r in
+            r.values = qName
+            r.scale = sName
+            r.zeroPoint = zName
+            r.scaleShape = pDims
+            r.onnx = OnnxFormRecord(form: "dynamic")
+            r.onnx?.activations = "uint8, DynamicQuantizeLinear per run"
+        }
     }
 }
 

@@ -88,7 +88,8 @@ final class OnnxSink: CheckpointSink {
     let options: WriterOptions
     var data: [Int: [UInt8]] = [:]
     /// What the graph holds for each converted tensor, for the metadata document.
-    var stored: [String: [(String, JSONValue)]] = [:]
+    /// What the graph really holds for each converted tensor, applied to its metadata record.
+    var stored: [String: (inout TensorRecord) -> Void] = [:]
     /// MatMulNBits/GatherBlockQuantized tensors packed ahead, on every core (by weight name).
     var prepacked: [String: (b: [UInt8], scales: [Float], zp: [UInt8]?)] = [:]
     /// Nodes taken out of the graph, freed once the model is written.
@@ -129,7 +130,7 @@ final class OnnxSink: CheckpointSink {
 
     func fail(_ m: String) -> QConvertError { .usage(message: "\(path): \(m)") }
 
-    func commit(metadata: [(key: String, value: String)], perShard: [String: [(key: String, value: String)]]) throws {
+    func commit(metadata: [(key: String, value: String)], document: MetadataDocument?, perShard: [String: MetadataDocument]) throws {
         let opset = model.opset
         var needIR = 0
         let planByName = Dictionary(options.plans.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
@@ -159,8 +160,12 @@ final class OnnxSink: CheckpointSink {
                 case .qdq:
                     needIR = max(
                         needIR, try applyQuantize(p, scheme: scheme, loc: loc, values: values, scale: scale, zeroPoint: zp, opset: opset))
-                    stored[p.name, default: []].append(
-                        ("onnx", .object([("form", .string("qdq"))] + (choice.note.map { [("note", .string($0))] } ?? []))))
+                    let facts = stored[p.name]
+                    stored[p.name] = { r in
+                        facts?(&r)
+                        r.onnx = OnnxFormRecord(form: "qdq")
+                        r.onnx?.note = choice.note
+                    }
                 case .matMulNBits(let f, let bits, let bs, _):
                     try applyMatMulNBits(p, loc: loc, fit: f, bits: bits, blockSize: bs)
                 case .dynamic(let f):
@@ -176,7 +181,11 @@ final class OnnxSink: CheckpointSink {
             m.pointee.ir_version = Int64(needIR)
             m.pointee.has_ir_version = 1
         }
-        setMetadata(metadata.map { kv in kv.key == MetadataDocument.key ? (kv.key, patched(kv.value)) : kv })
+        var doc = document
+        if doc != nil {
+            for (name, edit) in stored { if doc!.tensors[name] != nil { edit(&doc!.tensors[name]!) } }
+        }
+        setMetadata(MetadataDocument.entries(metadata, doc))
         try write()
     }
 
@@ -424,28 +433,23 @@ final class OnnxSink: CheckpointSink {
                     attributes: [Proto.intAttr("to", Int(Proto.dataType(floatOut)))]))
         }
         replaceTensor(loc, with: newTensors, nodes: nodes)
-        var facts: [(String, JSONValue)] = [
-            ("values", .string(qName)), ("scale", .string(scaleName)),
-            ("zero_point", zpName.map(JSONValue.string) ?? .null),
-            ("scale_shape", .array(pDims.map(JSONValue.int)))
-        ]
-        if is4 {
-            facts.append(
-                (
-                    "packing",
-                    decompose
-                        ? .object([
-                            ("bits", .int(4)), ("unpacked", .bool(true)),
-                            ("note", .string("one value per byte (the model's opset has no 4-bit types)"))
-                        ])
-                        : .object([
-                            ("bits", .int(4)), ("signed", .bool(s.target.isSigned)), ("axis", .null),
-                            ("order", .string("low_nibble_first")),
-                            ("note", .string("ONNX layout: two values per byte over the flattened tensor, element 0 in the low nibble"))
-                        ])
-                ))
+        let packing: PackingRecord? =
+            !is4
+            ? nil
+            : decompose
+                ? PackingRecord(
+                    bits: 4, signed: nil, axis: nil, flattened: nil, unpacked: true, order: nil,
+                    note: "one value per byte (the model's opset has no 4-bit types)")
+                : PackingRecord(
+                    bits: 4, signed: s.target.isSigned, axis: nil, flattened: true, unpacked: nil, order: "low_nibble_first",
+                    note: "ONNX layout: two values per byte over the flattened tensor, element 0 in the low nibble")
+        stored[p.name] = { r in
+            r.values = qName
+            r.scale = scaleName
+            r.zeroPoint = zpName
+            r.scaleShape = pDims
+            if is4 { r.packing = packing }
         }
-        stored[p.name] = facts
         if is4 && !decompose { return 10 }
         if s.target.isFP8 { return 9 }
         return 0
@@ -460,23 +464,7 @@ final class OnnxSink: CheckpointSink {
             op: "Cast", name: model.uniqueName(w + "_Cast"), inputs: [name], outputs: [w],
             attributes: [Proto.intAttr("to", Int(Proto.dataType(p.dtype)))])
         replaceTensor(loc, with: [t], nodes: [cast])
-        stored[p.name] = [("values", .string(name))]
-    }
-
-    /// The metadata document with the names and layouts the graph really holds.
-    func patched(_ doc: String) -> String {
-        guard case .object(var top)? = try? JSONParser.parse(doc), let ti = top.firstIndex(where: { $0.0 == "tensors" }),
-            case .object(var tensors) = top[ti].1
-        else { return doc }
-        for k in tensors.indices {
-            guard let facts = stored[tensors[k].0], case .object(var rec) = tensors[k].1 else { continue }
-            for (key, value) in facts {
-                if let i = rec.firstIndex(where: { $0.0 == key }) { rec[i].1 = value } else { rec.append((key, value)) }
-            }
-            tensors[k].1 = .object(rec)
-        }
-        top[ti].1 = .object(tensors)
-        return JSONValue.object(top).compact
+        stored[p.name] = { r in r.values = name }
     }
 
     func setMetadata(_ metadata: [(key: String, value: String)]) {

@@ -152,11 +152,11 @@ final class SafetensorsSink: CheckpointSink {
         try shards[loc.shard].file.pwrite(bytes, at: loc.offset)
     }
 
-    func commit(metadata: [(key: String, value: String)], perShard: [String: [(key: String, value: String)]]) throws {
+    func commit(metadata: [(key: String, value: String)], document: MetadataDocument?, perShard: [String: MetadataDocument]) throws {
         do {
             for k in shards.indices {
                 let name = URL(fileURLWithPath: shards[k].path).lastPathComponent
-                let meta = perShard[name] ?? metadata
+                let meta = MetadataDocument.entries(metadata, perShard[name] ?? document)
                 let s = shards[k]
                 var json = SafetensorsSink.headerJSON(order: s.order, begins: s.begins, tensors: tensors, metadata: meta)
                 let need = json.utf8.count
@@ -170,7 +170,7 @@ final class SafetensorsSink: CheckpointSink {
                 }
             }
             if shards.count > 1, let folder {
-                let index = indexJSON(metadata: metadata)
+                let index = indexJSON(metadata: MetadataDocument.entries(metadata, document))
                 let f = try AtomicFile(path: folder.stagingPath + "/model.safetensors.index.json")
                 do {
                     try f.pwrite(Array(index.utf8), at: 0)
