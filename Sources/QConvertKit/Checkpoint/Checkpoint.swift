@@ -246,5 +246,13 @@ public protocol FormatReader: Sendable {
 public protocol FormatWriter: Sendable {
     var name: String { get }
     var fileExtensions: [String] { get }
+    /// Refusals the format makes from the plans alone (an opset too old for a scheme), and the notes
+    /// it adds to them; the converter calls it before any tensor is quantized.
+    func check(_ plans: inout [TensorPlan], source: Checkpoint, output: String) throws
     func open(path: String, tensors: [OutputTensor], source: Checkpoint, options: WriterOptions) throws -> CheckpointSink
+}
+
+extension FormatWriter {
+    /// Formats that can hold every plan have nothing to check.
+    public func check(_ plans: inout [TensorPlan], source: Checkpoint, output: String) throws {}
 }

@@ -194,7 +194,7 @@ public enum Converter {
         let input = ckpt.path
         var planned = try Planner.plan(ckpt, policy: options.policy, strict: options.strict)
         let writer = try FormatRegistry.writer(for: output, format: options.format, inputFormat: ckpt.format)
-        if writer is OnnxWriter { try OnnxWriter.annotate(&planned, source: ckpt, output: output) }
+        try writer.check(&planned, source: ckpt, output: output)
         let plans = planned
         try PathGuard.checkOutput(output, input: ckpt)
 

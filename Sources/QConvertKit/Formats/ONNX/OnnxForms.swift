@@ -217,7 +217,8 @@ enum OnnxForms {
         case .auto, .matmulnbits:
             // 8-bit weights multiplying sequences (activations of rank ≥ 3): the products are large
             // matrices, where quantizing the activations at run time (the dynamic form) is fastest
-            if p.onnxForm == .auto, case .success(let f) = fitted, !f.gather, f.nAxis == 1, model.opset >= 11,
+            if p.onnxForm == .auto, case .success(let f) = fitted, !f.gather, f.nAxis == 1,
+                OnnxFeature.dynamicQuantize.available(at: model.opset),
                 s.target == .int8 || s.target == .uint8, s.granularity == .tensor || s.granularity == .channel,
                 f.uses.allSatisfy({ (model.ranks[$0.a] ?? 0) >= 3 })
             {
@@ -238,7 +239,9 @@ enum OnnxForms {
                 return .qdq(note: nil)
             }
             let integer8 = s.target == .int8 || s.target == .uint8
-            if integer8, s.granularity == .tensor || s.granularity == .channel, f.nAxis == 1, model.opset >= 11 {
+            if integer8, s.granularity == .tensor || s.granularity == .channel, f.nAxis == 1,
+                OnnxFeature.dynamicQuantize.available(at: model.opset)
+            {
                 return .dynamic(f)
             }
             let why =

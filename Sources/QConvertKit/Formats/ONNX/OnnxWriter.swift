@@ -24,6 +24,10 @@ public struct OnnxWriter: FormatWriter {
         return OnnxSink(path: path, model: model, source: source, tensors: tensors, options: options)
     }
 
+    public func check(_ plans: inout [TensorPlan], source: Checkpoint, output: String) throws {
+        try Self.annotate(&plans, source: source, output: output)
+    }
+
     /// Records in each quantized weight's plan the ONNX form it will take (for `plan` and the report),
     /// and adds a warning where the form falls back or onnxruntime would run it slowly.
     ///
@@ -278,26 +282,11 @@ final class OnnxSink: CheckpointSink {
     /// when the weight must be dequantized with Cast and Mul instead (`onnx_fallback: decompose`);
     /// throws when neither is possible. Checked before any tensor is quantized, and again when writing.
     static func dequantizeLinearForm(_ p: TensorPlan, scheme s: QuantScheme, opset: Int, path: String, name w: String) throws -> Bool {
-        var required = 10
-        var why = "per-tensor DequantizeLinear"
-        if s.granularity == .channel {
-            required = 13
-            why = "per-axis DequantizeLinear"
-        }
-        if s.target.isFP8 {
-            required = max(required, 19)
-            why = "float8 DequantizeLinear"
-        }
-        if s.granularity == .group || s.granularity == .element {
-            required = max(required, 21)
-            why = "blocked DequantizeLinear"
-        }
-        if s.target.isPacked4 {
-            required = max(required, 21)
-            why = "int4/uint4 DequantizeLinear"
-        }
+        let needed = OnnxFeature.dequantize(s).reduce(.perTensorDequantize) { $1.minimumOpset >= $0.minimumOpset ? $1 : $0 }
+        let required = needed.minimumOpset
+        let why = needed.what
         let floatOut = p.dtype
-        let scaleInSourceType = (floatOut == .f16 || floatOut == .bf16) && opset >= 19
+        let scaleInSourceType = (floatOut == .f16 || floatOut == .bf16) && OnnxFeature.float16ScaleDequantize.available(at: opset)
         if floatOut != .f32 && !scaleInSourceType && floatOut != .f16 && floatOut != .bf16 && floatOut != .f64 {
             throw QConvertError.usage(message: "\(path): tensor '\(w)' of \(floatOut.rawValue) cannot be dequantized in ONNX")
         }
@@ -315,11 +304,13 @@ final class OnnxSink: CheckpointSink {
         return decompose
     }
 
-    /// A cast the model's opset cannot express (bfloat16 needs opset 13).
+    /// A cast the model's opset cannot express.
     static func checkCast(_ s: QuantScheme, opset: Int, path: String, name w: String) throws {
-        if s.target == .bf16 && opset < 13 {
+        if s.target == .bf16 && !OnnxFeature.bfloat16Cast.available(at: opset) {
             throw QConvertError.usage(
-                message: "\(path): tensor '\(w)': a bfloat16 Cast needs opset ≥ 13 but the model imports \(opset); cast to fp16 instead")
+                message:
+                    "\(path): tensor '\(w)': \(OnnxFeature.bfloat16Cast.what) needs opset ≥ \(OnnxFeature.bfloat16Cast.minimumOpset) but the model imports \(opset); cast to fp16 instead"
+            )
         }
     }
 
@@ -334,7 +325,7 @@ final class OnnxSink: CheckpointSink {
         let is4 = s.target.isPacked4
         let decompose = try OnnxSink.dequantizeLinearForm(p, scheme: s, opset: opset, path: path, name: w)
         let floatOut = p.dtype
-        let scaleInSourceType = (floatOut == .f16 || floatOut == .bf16) && opset >= 19
+        let scaleInSourceType = (floatOut == .f16 || floatOut == .bf16) && OnnxFeature.float16ScaleDequantize.available(at: opset)
         // Stored integers.
         var qType = onnxType(s.target)
         var qBytes = values
