@@ -33,14 +33,17 @@ struct BatchRun: ParsableCommand {
     @Option(
         name: .customLong("variant"),
         help: ArgumentHelp(
-            "NAME=preset:NAME or NAME=policy:FILE; several variants write OUT/NAME/... from one read of each input.", valueName: "spec"))
-    var variants: [String] = []
+            "NAME=preset:NAME or NAME=policy:FILE; several variants write OUT/NAME/... from one read of each input.", valueName: "spec"),
+        transform: VariantSpec.parse)
+    var variants: [VariantSpec] = []
 
     @Option(name: .long, parsing: .unconditional, help: "Models converted at once.")
     var jobs: Int = 2
 
-    @Option(name: .long, help: ArgumentHelp("Take share I of N of the work list (0-based), e.g. 0/3.", valueName: "I/N"))
-    var shard: String?
+    @Option(
+        name: .long, help: ArgumentHelp("Take share I of N of the work list (0-based), e.g. 0/3.", valueName: "I/N"),
+        transform: ShardSpec.parse)
+    var shard = ShardSpec()
 
     @Option(
         name: .long,
@@ -60,17 +63,7 @@ struct BatchRun: ParsableCommand {
     @Option(name: .customLong("worker-journal"), help: .hidden)
     var workerJournal: String?
 
-    func parseShard() throws -> (Int, Int) {
-        guard let s = shard else { return (0, 1) }
-        let parts = s.split(separator: "/").compactMap { Int($0) }
-        guard parts.count == 2, parts[1] >= 1, parts[0] >= 0, parts[0] < parts[1] else {
-            throw ValidationError("--shard is I/N with 0 ≤ I < N, e.g. 1/4")
-        }
-        return (parts[0], parts[1])
-    }
-
     func validate() throws {
-        _ = try parseShard()
         if jobs < 1 { throw ValidationError("--jobs must be at least 1") }
     }
 
@@ -79,21 +72,7 @@ struct BatchRun: ParsableCommand {
             let base = try policyOptions.load()
             var vs: [Batch.Variant] = []
             for spec in variants {
-                guard let eq = spec.firstIndex(of: "=") else { throw ValidationError("--variant is NAME=preset:NAME or NAME=policy:FILE") }
-                let name = String(spec[..<eq])
-                let what = String(spec[spec.index(after: eq)...])
-                guard !name.isEmpty, !name.contains("/") else {
-                    throw ValidationError("variant name '\(name)' must be a plain folder name")
-                }
-                let p: Policy
-                if what.hasPrefix("preset:") {
-                    p = try PolicyLoader.preset(String(what.dropFirst(7)))
-                } else if what.hasPrefix("policy:") {
-                    p = try PolicyLoader.load(path: String(what.dropFirst(7)))
-                } else {
-                    throw ValidationError("variant '\(name)': give preset:NAME or policy:FILE")
-                }
-                vs.append(Batch.Variant(name: name, policy: try PolicyLoader.applyOverrides(p, policyOptions.overrides)))
+                vs.append(Batch.Variant(name: spec.name, policy: try PolicyLoader.applyOverrides(spec.load(), policyOptions.overrides)))
             }
             if vs.isEmpty { vs = [Batch.Variant(name: "", policy: base)] }
             var template = ConvertOptions(policy: base, jobs: 1, strict: policyOptions.strict)
@@ -105,8 +84,7 @@ struct BatchRun: ParsableCommand {
                     jobs: jobs, tty: tty)
                 return
             }
-            let (i, n) = try parseShard()
-            let items = Batch.shard(try Batch.discover(src, excluding: output), index: i, count: n)
+            let items = Batch.shard(try Batch.discover(src, excluding: output), index: shard.index, count: shard.count)
             let outcomes = try BatchSupervisor.supervise(items, jobs: jobs, variants: vs, out: output)
             if tty { FileHandle.standardError.write(Data("\r\u{1B}[2K".utf8)) }
             if let m = manifest {
@@ -116,7 +94,7 @@ struct BatchRun: ParsableCommand {
                 }
             }
             if !quiet { BatchRun.printTable(outcomes) }
-            let failed = outcomes.filter { $0.status == "failed" }
+            let failed = outcomes.filter { $0.status == .failed }
             for f in failed {
                 FileHandle.standardError.write(
                     Data(
@@ -124,8 +102,8 @@ struct BatchRun: ParsableCommand {
                     ))
             }
             if !failed.isEmpty { throw ExitCode(6) }
-            if outcomes.contains(where: { $0.status == "gate-failed" }) {
-                for g in outcomes where g.status == "gate-failed" {
+            if outcomes.contains(where: { $0.status == .gateFailed }) {
+                for g in outcomes where g.status == .gateFailed {
                     FileHandle.standardError.write(Data((oneLine("qconvert: \(g.model): \(g.error ?? "")") + "\n").utf8))
                 }
                 throw ExitCode(gateExitCode)
@@ -140,14 +118,16 @@ struct BatchRun: ParsableCommand {
                 o.model, o.variant.isEmpty ? "-" : o.variant, o.format,
                 o.bytesAfter > 0 ? "\(formatBytes(o.bytesBefore)) → \(formatBytes(o.bytesAfter))" : formatBytes(o.bytesBefore),
                 o.bytesBefore > 0 && o.bytesAfter > 0 ? String(format: "%.1f %%", 100 * Double(o.bytesAfter) / Double(o.bytesBefore)) : "-",
-                o.worstSQNR.map { String(format: "%.1f dB", $0) } ?? "-", String(format: "%.2f s", o.seconds), o.status
+                o.worstSQNR.map { String(format: "%.1f dB", $0) } ?? "-", String(format: "%.2f s", o.seconds), o.status.rawValue
             ])
         }
         var w = [Int](repeating: 0, count: rows[0].count)
         for r in rows { for (i, c) in r.enumerated() { w[i] = max(w[i], c.count) } }
         for r in rows { print(r.enumerated().map { $1.padding(toLength: w[$0], withPad: " ", startingAt: 0) }.joined(separator: "  ")) }
         let counts = Dictionary(grouping: outcomes, by: \.status).mapValues(\.count)
-        print("\(outcomes.count) conversions: " + counts.sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }.joined(separator: ", "))
+        print(
+            "\(outcomes.count) conversions: "
+                + counts.sorted { $0.key.rawValue < $1.key.rawValue }.map { "\($0.value) \($0.key.rawValue)" }.joined(separator: ", "))
     }
 }
 
@@ -172,7 +152,12 @@ struct BatchMerge: ParsableCommand {
                     guard let v = try? JSONParser.parse(String(line)) else {
                         throw QConvertError.badInput(path: m, message: "line \(n + 1) is not JSON")
                     }
-                    all.append(Batch.Outcome(json: v))
+                    guard let o = Batch.Outcome(json: v) else {
+                        throw QConvertError.badInput(
+                            path: m,
+                            message: "line \(n + 1) has no known status (\(Batch.Status.allCases.map(\.rawValue).joined(separator: ", ")))")
+                    }
+                    all.append(o)
                 }
             }
             all.sort { ($0.model, $0.variant) < ($1.model, $1.variant) }
@@ -183,7 +168,7 @@ struct BatchMerge: ParsableCommand {
                 }
             }
             BatchRun.printTable(all)
-            if all.contains(where: { $0.status == "failed" }) { throw ExitCode(6) }
+            if all.contains(where: { $0.status == .failed }) { throw ExitCode(6) }
         }
     }
 }

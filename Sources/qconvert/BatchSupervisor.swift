@@ -47,7 +47,7 @@ enum BatchSupervisor {
                 guard let v = try? JSONParser.parse(String(line)) else { continue }  // a line cut by the crash
                 if let k = v["start"]?.nonNegativeInt, k < items.count { inFlight.insert(k) }
                 if let k = v["done"]?.nonNegativeInt, k < items.count, let rows = v["outcomes"]?.arrayValue {
-                    results[k] = rows.map(Batch.Outcome.init(json:))
+                    results[k] = rows.compactMap(Batch.Outcome.init(json:))
                     inFlight.remove(k)
                     suspects.remove(k)
                 }
@@ -84,7 +84,7 @@ enum BatchSupervisor {
             Batch.Outcome(
                 model: item.relative, variant: v.name, format: "?",
                 output: Batch.outputPath(out: out, variant: v.name, relative: item.relative),
-                status: "failed", error: why, bytesBefore: 0, bytesAfter: 0, worstSQNR: nil, seconds: 0)
+                status: .failed, error: why, bytesBefore: 0, bytesAfter: 0, worstSQNR: nil, seconds: 0)
         }
     }
 

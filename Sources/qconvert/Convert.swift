@@ -32,19 +32,20 @@ struct Convert: ParsableCommand {
     @Option(name: .long, parsing: .unconditional, help: "Tensors processed at once (output bytes do not depend on it).")
     var jobs: Int = 2
 
-    @Option(name: .long, help: ArgumentHelp("Output format, when the extension does not say (safetensors).", valueName: "name"))
-    var format: String?
+    @Option(name: .long, help: ArgumentHelp("Output format, when the extension does not say.", valueName: "name"))
+    var format: FormatName?
 
     @Option(
         name: .long, parsing: .unconditional,
-        help: ArgumentHelp("Split the output into shards of at most this size (e.g. 5GB); the output is then a folder.", valueName: "size"))
-    var maxShardSize: String?
+        help: ArgumentHelp("Split the output into shards of at most this size (e.g. 5GB); the output is then a folder.", valueName: "size"),
+        transform: parseSize)
+    var maxShardSize: Int?
 
     @Option(
         name: .long,
         help: ArgumentHelp(
             "Input fingerprint recorded in the metadata: xxh64 (fast) or sha256 (checkable with sha256sum).", valueName: "algorithm"))
-    var inputHash: String = "xxh64"
+    var inputHash: ContentHash = .xxh64
 
     @Flag(name: .long, help: "ONNX: write tensor data to OUT.data beside the model (automatic past 2 GB).")
     var externalData = false
@@ -72,15 +73,14 @@ struct Convert: ParsableCommand {
         }
         if !dryRun && output == nil { throw ValidationError("missing -o/--output (or use --dry-run to see the plan)") }
         if jobs < 1 { throw ValidationError("--jobs must be at least 1") }
-        if ContentHash(rawValue: inputHash) == nil { throw ValidationError("--input-hash is xxh64 or sha256") }
     }
 
     func run() throws {
         try runReportingErrors {
             let policy = try policyOptions.load()
-            var options = ConvertOptions(policy: policy, jobs: jobs, strict: policyOptions.strict, format: format)
-            if let m = maxShardSize { options.maxShardSize = try parseSize(m) }
-            options.inputHash = ContentHash(rawValue: inputHash) ?? .xxh64
+            var options = ConvertOptions(policy: policy, jobs: jobs, strict: policyOptions.strict, format: format?.name)
+            options.maxShardSize = maxShardSize
+            options.inputHash = inputHash
             options.externalData = externalData
             options.gates = gateOptions.gates
             if dryRun {

@@ -82,7 +82,7 @@ struct DequantizeCommand: ParsableCommand {
     var output: String
 
     @Option(name: .long, help: ArgumentHelp("Output format, when the extension does not say.", valueName: "name"))
-    var format: String?
+    var format: FormatName?
 
     @Flag(name: [.short, .long], help: "No summary.")
     var quiet = false
@@ -90,7 +90,7 @@ struct DequantizeCommand: ParsableCommand {
     func run() throws {
         try runReportingErrors {
             installInterruptCleanup()
-            let r = try Dequantizer.run(input: input, output: output, format: format)
+            let r = try Dequantizer.run(input: input, output: output, format: format?.name)
             if !quiet { print("\(input) → \(output): \(r.restored) tensors restored to float, \(r.copied) copied") }
         }
     }

@@ -49,8 +49,8 @@ struct PolicyOptions: ParsableArguments {
     @Option(name: .long, help: ArgumentHelp("A policy file (YAML, any extension).", valueName: "file"))
     var policy: String?
 
-    @Option(name: .long, help: ArgumentHelp("A built-in policy: int8 (default), uint8, w4g128, fp16, bf16, keep.", valueName: "name"))
-    var preset: String?
+    @Option(name: .long, help: ArgumentHelp("A built-in policy (default int8).", valueName: "name"))
+    var preset: Preset?
 
     @Option(
         name: .customLong("set"),
@@ -72,7 +72,7 @@ struct PolicyOptions: ParsableArguments {
     }
 
     func load() throws -> Policy {
-        let base = try policy.map(PolicyLoader.load(path:)) ?? PolicyLoader.preset(preset ?? "int8")
+        let base = try policy.map(PolicyLoader.load(path:)) ?? PolicyLoader.preset(preset ?? .int8)
         var p = try PolicyLoader.applyOverrides(base, overrides + (onnxForm.map { ["onnx_form=\($0.rawValue)"] } ?? []))
         if onnxForm != nil {
             for i in p.rules.indices { p.rules[i].settings.onnxForm = nil }  // the command line wins over every rule
@@ -80,8 +80,6 @@ struct PolicyOptions: ParsableArguments {
         return p
     }
 }
-
-extension OnnxForm: ExpressibleByArgument {}
 
 /// Exit code of a failed quality gate.
 let gateExitCode: Int32 = 5

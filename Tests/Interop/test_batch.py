@@ -235,3 +235,15 @@ def test_killing_the_batch_stops_its_worker(tmp_path):
     while time.time() < deadline and any(os.path.exists(f"/proc/{w}") for w in workers):
         time.sleep(0.05)
     assert not any(os.path.exists(f"/proc/{w}") and "Z" not in open(f"/proc/{w}/stat").read().split()[2] for w in workers)
+
+
+def test_merge_refuses_rows_with_an_unknown_status(tmp_path):
+    """Manifest statuses were free strings: a row with a status qconvert never writes was merged as
+    neither failed nor converted, and the merge exited 0."""
+    m = tmp_path / "m.jsonl"
+    m.write_text(json.dumps({"model": "a", "variant": "", "format": "safetensors", "output": "x", "status": "exploded",
+                             "error": None, "bytes_before": 1, "bytes_after": 1, "worst_sqnr_db": None, "seconds": 0}) + "\n")
+    r = subprocess.run([QCONVERT, "batch", "merge", str(m)], capture_output=True, text=True)
+    assert r.returncode == 3, r.stderr
+    line = r.stderr.strip()
+    assert "\n" not in line and "m.jsonl" in line and "status" in line

@@ -70,6 +70,26 @@ import Testing
         #expect(throws: QConvertError.self) { try PolicyLoader.preset("int3") }
     }
 
+    @Test func everyEnumeratedSettingParsesToItsType() throws {
+        // each name a policy may give reaches the planner as that value, never a fallback
+        for m in CalibrationMethod.allCases {
+            let p = try PolicyLoader.parse(text: "defaults: {calibration: \(m.rawValue)}", source: "t.yaml")
+            #expect(p.defaults.calibration == m)
+        }
+        for f in OnnxFallback.allCases {
+            #expect(try PolicyLoader.parse(text: "defaults: {onnx_fallback: \(f.rawValue)}", source: "t.yaml").defaults.onnxFallback == f)
+        }
+        for r in SymmetricRange.allCases {
+            #expect(
+                try PolicyLoader.parse(text: "defaults: {symmetric_range: \(r.rawValue)}", source: "t.yaml").defaults.symmetricRange == r)
+        }
+        for x in CalibrationSearch.allCases {
+            #expect(try PolicyLoader.parse(text: "defaults: {search: \(x.rawValue)}", source: "t.yaml").defaults.search == x)
+        }
+        #expect(throws: QConvertError.self) { try PolicyLoader.parse(text: "defaults: {calibration: kl}", source: "t.yaml") }
+        for preset in Preset.allCases { #expect(try PolicyLoader.preset(preset).source == "preset:\(preset.rawValue)") }
+    }
+
     @Test func selectorsByDtypeRankElementsAndOp() throws {
         let p = try PolicyLoader.parse(
             text: """

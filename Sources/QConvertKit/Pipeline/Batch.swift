@@ -22,13 +22,19 @@ public enum Batch {
         }
     }
 
+    /// How a model's conversion under one variant ended (the manifest's `status`).
+    public enum Status: String, Sendable, CaseIterable {
+        case converted, skipped, failed
+        case gateFailed = "gate-failed"
+    }
+
     /// What happened to one model under one variant.
     public struct Outcome: Sendable {
         public var model: String
         public var variant: String
         public var format: String
         public var output: String
-        public var status: String  // converted, skipped, failed, gate-failed
+        public var status: Status
         public var error: String?
         public var bytesBefore: Int
         public var bytesAfter: Int
@@ -38,7 +44,7 @@ public enum Batch {
         public var json: String {
             JSONValue.object([
                 ("model", .string(model)), ("variant", .string(variant)), ("format", .string(format)), ("output", .string(output)),
-                ("status", .string(status)), ("error", error.map(JSONValue.string) ?? .null),
+                ("status", .string(status.rawValue)), ("error", error.map(JSONValue.string) ?? .null),
                 ("bytes_before", .int(bytesBefore)), ("bytes_after", .int(bytesAfter)),
                 ("size_ratio", bytesBefore > 0 ? .number(Double(bytesAfter) / Double(bytesBefore)) : .null),
                 ("worst_sqnr_db", worstSQNR.map(JSONValue.number) ?? .null),
@@ -60,17 +66,19 @@ public enum Batch {
             }
             let ratio = bytesBefore > 0 ? String(format: "%.4f", Double(bytesAfter) / Double(bytesBefore)) : ""
             return [
-                q(model), q(variant), format, status, String(bytesBefore), String(bytesAfter), ratio,
+                q(model), q(variant), format, status.rawValue, String(bytesBefore), String(bytesAfter), ratio,
                 worstSQNR.map { String(format: "%.2f", $0) } ?? "", String(format: "%.3f", seconds), q(error ?? "")
             ].joined(separator: ",")
         }
 
-        public init(json: JSONValue) {
+        /// A manifest row; nil when its status is not one qconvert writes.
+        public init?(json: JSONValue) {
+            guard let s = json["status"]?.stringValue.flatMap(Status.init(rawValue:)) else { return nil }
+            status = s
             model = json["model"]?.stringValue ?? ""
             variant = json["variant"]?.stringValue ?? ""
             format = json["format"]?.stringValue ?? ""
             output = json["output"]?.stringValue ?? ""
-            status = json["status"]?.stringValue ?? ""
             error = json["error"]?.stringValue
             bytesBefore = json["bytes_before"]?.nonNegativeInt ?? 0
             bytesAfter = json["bytes_after"]?.nonNegativeInt ?? 0
@@ -79,7 +87,7 @@ public enum Batch {
         }
 
         public init(
-            model: String, variant: String, format: String, output: String, status: String, error: String?,
+            model: String, variant: String, format: String, output: String, status: Status, error: String?,
             bytesBefore: Int, bytesAfter: Int, worstSQNR: Double?, seconds: Double
         ) {
             self.model = model
@@ -226,7 +234,7 @@ public enum Batch {
                 Outcome(
                     model: item.relative, variant: v.name, format: "?",
                     output: outputPath(out: out, variant: v.name, relative: item.relative),
-                    status: "failed", error: "\(error)", bytesBefore: 0, bytesAfter: 0, worstSQNR: nil,
+                    status: .failed, error: "\(error)", bytesBefore: 0, bytesAfter: 0, worstSQNR: nil,
                     seconds: Date().timeIntervalSince(start))
             }
         }
@@ -245,18 +253,18 @@ public enum Batch {
                 output += ext
             }
             var o = Outcome(
-                model: item.relative, variant: v.name, format: ck.format, output: output, status: "converted", error: nil,
+                model: item.relative, variant: v.name, format: ck.format, output: output, status: .converted, error: nil,
                 bytesBefore: before, bytesAfter: 0, worstSQNR: nil, seconds: 0)
             if let existing = upToDate(output: output, inputHash: hash, policy: v.policy) {
                 // Nothing to convert again, but the manifest row keeps the quality figures of the run that
                 // wrote it, and a gate it failed then fails again now: a retry never turns a failure into success.
-                o.status = "skipped"
+                o.status = .skipped
                 o.bytesAfter = existing.entries.reduce(0) { $0 + $1.bytes.count }
                 if let records = recordedTensors(output: output, existing: existing) {
                     o.worstSQNR = records.values.compactMap { $0.metrics?.sqnrDB }.min()
                     let failures = template.gates.evaluate(QualityGates.rows(records, bytesBefore: before, bytesAfter: o.bytesAfter))
                     if !failures.isEmpty {
-                        o.status = "gate-failed"
+                        o.status = .gateFailed
                         o.error = GateFailure(failures: failures, outputWritten: true).description + " (output of an earlier run)"
                     }
                 }
@@ -275,12 +283,12 @@ public enum Batch {
                 o.worstSQNR = r.worst?.metrics?.sqnrDB
             } catch let g as GateFailure {
                 // Not written: the next run converts it again and fails again until input or policy change.
-                o.status = "gate-failed"
+                o.status = .gateFailed
                 o.error = g.description
                 o.bytesAfter = g.report?.bytesAfter ?? 0
                 o.worstSQNR = g.report?.worst?.metrics?.sqnrDB
             } catch {
-                o.status = "failed"
+                o.status = .failed
                 o.error = "\(error)"
             }
             o.seconds = Date().timeIntervalSince(t0)

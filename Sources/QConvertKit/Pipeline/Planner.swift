@@ -33,7 +33,7 @@ public struct TensorPlan: Sendable {
     public var zeroPointName: String?
     public var paramShape: [Int]
     /// ONNX: "decompose" or "refuse" when the opset cannot express the scheme.
-    public var onnxFallback: String = "decompose"
+    public var onnxFallback: OnnxFallback = .decompose
     /// ONNX: the requested form of a quantized MatMul/Gemm weight, and MatMulNBits' accuracy_level.
     public var onnxForm: OnnxForm = .auto
     public var accuracyLevel: Int = 4
@@ -102,7 +102,7 @@ public enum Planner {
             rule: rule, axisGuessed: false, bytesBefore: before, bytesAfter: before, warnings: [],
             valuesName: e.name, scaleName: nil, zeroPointName: nil, paramShape: [])
         let target = s.dtype ?? .int8
-        plan.onnxFallback = s.onnxFallback ?? "decompose"
+        plan.onnxFallback = s.onnxFallback ?? .decompose
         plan.onnxForm = s.onnxForm ?? .auto
         plan.accuracyLevel = s.accuracyLevel ?? 4
         func keep(_ why: String) -> TensorPlan {
@@ -151,16 +151,16 @@ public enum Planner {
             axis = rank == 0 ? 0 : r
         }
         let calibration: Calibration
-        switch s.calibration ?? "max" {
-        case "percentile": calibration = .percentile(s.percentile ?? 99.99)
-        case "entropy": calibration = .entropy(bins: s.bins ?? 2048, levels: s.levels, exhaustive: s.search == "exhaustive")
-        case "mse": calibration = .mse(bins: s.bins ?? 2048, exhaustive: s.search == "exhaustive")
-        default: calibration = .max
+        switch s.calibration ?? .max {
+        case .max: calibration = .max
+        case .percentile: calibration = .percentile(s.percentile ?? 99.99)
+        case .entropy: calibration = .entropy(bins: s.bins ?? 2048, levels: s.levels, exhaustive: s.search == .exhaustive)
+        case .mse: calibration = .mse(bins: s.bins ?? 2048, exhaustive: s.search == .exhaustive)
         }
         var scheme = QuantScheme(
             target: target, mapping: mapping, granularity: granularity, axis: axis,
             groupSize: s.groupSize ?? 128, calibration: calibration, saturate: s.saturate ?? false)
-        scheme.fullSymmetricRange = s.symmetricRange == "full" && mapping == .scale && target.isIntegerQuantization
+        scheme.fullSymmetricRange = s.symmetricRange == .full && mapping == .scale && target.isIntegerQuantization
         if case .entropy(let bins, let lv, _) = calibration {
             let levels = lv ?? (target.isFP8 ? 128 : 1 << (target.bits - 1))
             if bins <= levels {

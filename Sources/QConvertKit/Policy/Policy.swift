@@ -18,6 +18,22 @@ public enum OnnxForm: String, Sendable, CaseIterable {
     case dynamic
 }
 
+/// How a range is calibrated, by name (the parameters are separate policy keys).
+public enum CalibrationMethod: String, Sendable, CaseIterable { case max, percentile, entropy, mse }
+
+/// entropy and mse: coarse-to-fine over the thresholds, or every threshold.
+public enum CalibrationSearch: String, Sendable, CaseIterable { case fast, exhaustive }
+
+/// ONNX: what to do when the model's opset cannot express a scheme with DequantizeLinear.
+public enum OnnxFallback: String, Sendable, CaseIterable {
+    /// Dequantize with Cast and Mul instead.
+    case decompose
+    case refuse
+}
+
+/// Symmetric (scale) integer mappings: ±(2^(b−1)−1), or the full range −2^(b−1) … 2^(b−1)−1.
+public enum SymmetricRange: String, Sendable, CaseIterable { case restricted, full }
+
 /// Settings a policy's `defaults` or a rule may give. A rule sets only the keys it names.
 public struct PolicySettings: Sendable, Equatable {
     public var dtype: TargetType?
@@ -25,19 +41,16 @@ public struct PolicySettings: Sendable, Equatable {
     public var granularity: Granularity?
     public var axis: AxisSetting?
     public var groupSize: Int?
-    public var calibration: String?
+    public var calibration: CalibrationMethod?
     public var percentile: Double?
     public var bins: Int?
     public var levels: Int?
-    /// entropy and mse: "fast" (coarse-to-fine over the thresholds) or "exhaustive" (every threshold).
-    public var search: String?
+    public var search: CalibrationSearch?
     public var minElements: Int?
     public var minRank: Int?
     public var saturate: Bool?
-    /// ONNX: when the model's opset cannot express a scheme, "decompose" (Cast + Mul) or "refuse".
-    public var onnxFallback: String?
-    /// Symmetric (scale) integer mappings: "restricted" (±(2^(b−1)−1)) or "full" (−2^(b−1) … 2^(b−1)−1).
-    public var symmetricRange: String?
+    public var onnxFallback: OnnxFallback?
+    public var symmetricRange: SymmetricRange?
     /// ONNX: the form of quantized MatMul/Gemm weights.
     public var onnxForm: OnnxForm?
     /// ONNX MatMulNBits: accuracy_level (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute).
@@ -76,18 +89,18 @@ public struct PolicySettings: Sendable, Equatable {
         s.granularity = .channel
         s.axis = .auto
         s.groupSize = 128
-        s.calibration = "max"
+        s.calibration = .max
         s.percentile = 99.99
         s.bins = 2048
         s.levels = nil
-        s.search = "fast"
+        s.search = .fast
         s.minElements = 1024
         s.minRank = 2
         s.saturate = false
-        s.onnxFallback = "decompose"
+        s.onnxFallback = .decompose
         s.onnxForm = .auto
         s.accuracyLevel = 4
-        s.symmetricRange = "restricted"
+        s.symmetricRange = .restricted
         return s
     }()
 }

@@ -3,66 +3,16 @@ import Yams
 
 /// Reads policy files (YAML, any extension) and the built-in presets.
 public enum PolicyLoader {
-    /// Built-in presets, as the policy text they stand for.
-    public static let presets: [String: String] = [
-        "int8": """
-        # int8 symmetric per-channel, max calibration; float tensors of rank >= 2 with >= 1024 elements
-        defaults:
-          dtype: int8
-          mapping: scale
-          granularity: channel
-          calibration: max
-        """,
-        "uint8": """
-        # uint8 affine (zero point) per-channel
-        defaults:
-          dtype: uint8
-          mapping: affine
-          granularity: channel
-        """,
-        "w4g128": """
-        # int4 symmetric over the full range (-8..7, as Q4_0 and MatMulNBits), groups of 128 along the reduction axis
-        defaults:
-          dtype: int4
-          mapping: scale
-          symmetric_range: full
-          granularity: group
-          group_size: 128
-        rules:
-          # embedding tables (ONNX Gather data) keep 8 bits, as llama.cpp keeps its token embeddings wider
-          - op: Gather
-            dtype: int8
-            granularity: channel
-        """,
-        "fp16": """
-        # every float tensor cast to float16
-        defaults:
-          dtype: fp16
-          min_elements: 0
-          min_rank: 0
-        """,
-        "bf16": """
-        # every float tensor cast to bfloat16
-        defaults:
-          dtype: bf16
-          min_elements: 0
-          min_rank: 0
-        """,
-        "keep": """
-        # nothing changes: every tensor copied bit for bit
-        defaults:
-          dtype: keep
-        """
-    ]
-
-    public static var presetNames: [String] { ["int8", "uint8", "w4g128", "fp16", "bf16", "keep"] }
+    public static var presetNames: [String] { Preset.allCases.map(\.rawValue) }
 
     public static func preset(_ name: String) throws -> Policy {
-        guard let text = presets[name] else {
+        guard let p = Preset(rawValue: name) else {
             throw QConvertError.usage(message: "unknown preset '\(name)'; choose one of \(presetNames.joined(separator: ", "))")
         }
-        return try parse(text: text, source: "preset:\(name)")
+        return try preset(p)
     }
+
+    public static func preset(_ p: Preset) throws -> Policy { try parse(text: p.text, source: "preset:\(p.rawValue)") }
 
     public static func load(path: String) throws -> Policy {
         guard let data = FileManager.default.contents(atPath: path) else {
@@ -278,12 +228,7 @@ public enum PolicyLoader {
                 let i = try int(v, key, path)
                 guard i >= 1 else { throw err(path, v, "group_size must be at least 1") }
                 s.groupSize = i
-            case "calibration":
-                let t = try string(v, key, path)
-                guard ["max", "percentile", "entropy", "mse"].contains(t) else {
-                    throw err(path, v, "bad calibration '\(t)' (max | percentile | entropy | mse)")
-                }
-                s.calibration = t
+            case "calibration": s.calibration = try choice(v, key, path)
             case "percentile":
                 let t = try string(v, key, path)
                 guard let p = Double(t), p > 0, p <= 100 else { throw err(path, v, "percentile must be a number in (0, 100]") }
@@ -296,10 +241,7 @@ public enum PolicyLoader {
                 let i = try int(v, key, path)
                 guard i >= 1 else { throw err(path, v, "levels must be at least 1") }
                 s.levels = i
-            case "search":
-                let t = try string(v, key, path)
-                guard ["fast", "exhaustive"].contains(t) else { throw err(path, v, "bad search '\(t)' (fast | exhaustive)") }
-                s.search = t
+            case "search": s.search = try choice(v, key, path)
             case "min_elements":
                 let i = try int(v, key, path)
                 guard i >= 0 else { throw err(path, v, "min_elements must not be negative") }
@@ -314,20 +256,9 @@ public enum PolicyLoader {
                     throw err(path, v, "saturate must be true or false")
                 }
                 s.saturate = b
-            case "onnx_fallback":
-                let t = try string(v, key, path)
-                guard t == "decompose" || t == "refuse" else { throw err(path, v, "onnx_fallback must be decompose or refuse") }
-                s.onnxFallback = t
-            case "onnx_form":
-                let t = try string(v, key, path)
-                guard let f = OnnxForm(rawValue: t) else {
-                    throw err(path, v, "onnx_form must be one of \(OnnxForm.allCases.map(\.rawValue).joined(separator: ", "))")
-                }
-                s.onnxForm = f
-            case "symmetric_range":
-                let t = try string(v, key, path)
-                guard t == "restricted" || t == "full" else { throw err(path, v, "symmetric_range must be restricted or full") }
-                s.symmetricRange = t
+            case "onnx_fallback": s.onnxFallback = try choice(v, key, path)
+            case "onnx_form": s.onnxForm = try choice(v, key, path)
+            case "symmetric_range": s.symmetricRange = try choice(v, key, path)
             case "accuracy_level":
                 let i = try int(v, key, path)
                 guard (0...4).contains(i) else { throw err(path, v, "accuracy_level is 0 to 4 (4: int8 compute, the fast one)") }
@@ -336,6 +267,16 @@ public enum PolicyLoader {
             }
         }
         return (s, rule)
+    }
+
+    /// A value that must be one of an enumeration's names; the error lists them.
+    static func choice<T: RawRepresentable & CaseIterable>(_ v: Node, _ key: String, _ path: String) throws -> T
+    where T.RawValue == String {
+        let t = try string(v, key, path)
+        guard let x = T(rawValue: t) else {
+            throw err(path, v, "bad \(key) '\(t)' (\(T.allCases.map(\.rawValue).joined(separator: " | ")))")
+        }
+        return x
     }
 
     static func string(_ v: Node, _ key: String, _ path: String) throws -> String {
@@ -377,6 +318,71 @@ public enum PolicyLoader {
         default:
             let first = "\(e)".split(separator: "\n").first.map(String.init) ?? "bad YAML"
             return .policy(path: path, line: 0, column: 0, message: "YAML: \(first)")
+        }
+    }
+}
+
+/// The built-in policies (`--preset`).
+public enum Preset: String, Sendable, CaseIterable {
+    case int8, uint8, w4g128, fp16, bf16, keep
+
+    /// The policy text the preset stands for.
+    public var text: String {
+        switch self {
+        case .int8:
+            """
+            # int8 symmetric per-channel, max calibration; float tensors of rank >= 2 with >= 1024 elements
+            defaults:
+              dtype: int8
+              mapping: scale
+              granularity: channel
+              calibration: max
+            """
+        case .uint8:
+            """
+            # uint8 affine (zero point) per-channel
+            defaults:
+              dtype: uint8
+              mapping: affine
+              granularity: channel
+            """
+        case .w4g128:
+            """
+            # int4 symmetric over the full range (-8..7, as Q4_0 and MatMulNBits), groups of 128 along the reduction axis
+            defaults:
+              dtype: int4
+              mapping: scale
+              symmetric_range: full
+              granularity: group
+              group_size: 128
+            rules:
+              # embedding tables (ONNX Gather data) keep 8 bits, as llama.cpp keeps its token embeddings wider
+              - op: Gather
+                dtype: int8
+                granularity: channel
+            """
+        case .fp16:
+            """
+            # every float tensor cast to float16
+            defaults:
+              dtype: fp16
+              min_elements: 0
+              min_rank: 0
+            """
+        case .bf16:
+            """
+            # every float tensor cast to bfloat16
+            defaults:
+              dtype: bf16
+              min_elements: 0
+              min_rank: 0
+            """
+        case .keep:
+            """
+            # nothing changes: every tensor copied bit for bit
+            defaults:
+              dtype: keep
+            """
         }
     }
 }

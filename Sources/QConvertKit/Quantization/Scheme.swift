@@ -82,14 +82,16 @@ public enum Calibration: Sendable, Equatable, Hashable {
     case entropy(bins: Int, levels: Int?, exhaustive: Bool = false)
     case mse(bins: Int, exhaustive: Bool = false)
 
-    public var name: String {
+    public var method: CalibrationMethod {
         switch self {
-        case .max: return "max"
-        case .percentile: return "percentile"
-        case .entropy: return "entropy"
-        case .mse: return "mse"
+        case .max: .max
+        case .percentile: .percentile
+        case .entropy: .entropy
+        case .mse: .mse
         }
     }
+
+    public var name: String { method.rawValue }
 }
 
 /// A complete quantization recipe for one tensor, with its axis already resolved.

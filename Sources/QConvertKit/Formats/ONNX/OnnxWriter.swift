@@ -293,7 +293,7 @@ final class OnnxSink: CheckpointSink {
         let decompose = opset < required
         if decompose {
             let cannot = s.granularity == .group || s.granularity == .element || s.target.isFP8
-            if p.onnxFallback == "refuse" || cannot {
+            if p.onnxFallback == .refuse || cannot {
                 throw QConvertError.usage(
                     message: "\(path): tensor '\(w)' needs \(why), which needs opset ≥ \(required), but the model imports opset \(opset); "
                         + (cannot
