@@ -19,6 +19,7 @@ typedef struct {
 
 static qk_mapping_slot mappings[QK_GUARD_SLOTS];
 static _Atomic(char *) temps[QK_GUARD_SLOTS];
+static int exit_code = 3;
 
 static char *copy_string(const char *s) {
     size_t n = strlen(s);
@@ -112,10 +113,11 @@ static void on_sigbus(int sig, siginfo_t *info, void *context) {
         put(": ");
     }
     put("the file became shorter while it was being read (truncated or replaced by another process); no output written\n");
-    _exit(3);
+    _exit(exit_code);
 }
 
-void qk_guard_install(void) {
+void qk_guard_install(int code) {
+    exit_code = code;
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_sigaction = on_sigbus;

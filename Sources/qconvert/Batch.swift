@@ -101,12 +101,12 @@ struct BatchRun: ParsableCommand {
                         (oneLine("qconvert: failed: \(f.model)\(f.variant.isEmpty ? "" : " [\(f.variant)]"): \(f.error ?? "")") + "\n").utf8
                     ))
             }
-            if !failed.isEmpty { throw ExitCode(6) }
+            if !failed.isEmpty { throw ExitCode(ExitStatus.batchFailures.rawValue) }
             if outcomes.contains(where: { $0.status == .gateFailed }) {
                 for g in outcomes where g.status == .gateFailed {
                     FileHandle.standardError.write(Data((oneLine("qconvert: \(g.model): \(g.error ?? "")") + "\n").utf8))
                 }
-                throw ExitCode(gateExitCode)
+                throw ExitCode(ExitStatus.gateFailed.rawValue)
             }
         }
     }
@@ -168,7 +168,7 @@ struct BatchMerge: ParsableCommand {
                 }
             }
             BatchRun.printTable(all)
-            if all.contains(where: { $0.status == .failed }) { throw ExitCode(6) }
+            if all.contains(where: { $0.status == .failed }) { throw ExitCode(ExitStatus.batchFailures.rawValue) }
         }
     }
 }

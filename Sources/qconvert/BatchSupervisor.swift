@@ -132,7 +132,7 @@ enum BatchSupervisor {
             let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
             source.setEventHandler {
                 let pid = workerPID
-                if pid > 0 { kill(pid, sig) } else { exit(128 + sig) }
+                if pid > 0 { kill(pid, sig) } else { exit(ExitStatus.interrupted(sig)) }
             }
             source.resume()
             signalSources.append(source)
@@ -144,7 +144,7 @@ enum BatchSupervisor {
         itemsFile: String, journal: String, variants: [Batch.Variant], out: String, template: ConvertOptions,
         jobs: Int, tty: Bool
     ) throws {
-        if TempFileRegistry.dieWithParent() { throw ExitCode(128 + SIGTERM) }
+        if TempFileRegistry.dieWithParent() { throw ExitCode(ExitStatus.interrupted(SIGTERM)) }
         installInterruptCleanup()
         guard let data = FileManager.default.contents(atPath: itemsFile),
             let list = try? JSONParser.parse(String(decoding: data, as: UTF8.self)).arrayValue

@@ -19,9 +19,7 @@ struct QConvert: ParsableCommand {
               qconvert plan model.safetensors --policy Samples/policy.cfg
               qconvert inspect model.int8.safetensors
 
-            Exit codes: 0 success; 2 policy error; 3 bad input (unreadable, malformed, NaN in a tensor to \
-            quantize); 4 the output could not be written; 5 a quality gate failed; 6 some models of a batch \
-            failed; 64 usage error; 128+N interrupted by signal N (130 Ctrl-C, 143 SIGTERM).
+            Exit codes: \(ExitStatus.summary)
             """,
         version: QConvertVersion.string,
         subcommands: [Convert.self, PlanCommand.self, Inspect.self, DequantizeCommand.self, DiffCommand.self, BatchCommand.self],
@@ -37,9 +35,18 @@ struct QConvert: ParsableCommand {
             try command.run()
         } catch {
             if error is ExitCode || error is CleanExit || exitCode(for: error) == .success { exit(withError: error) }
+            if let e = error as? QConvertError {
+                FileHandle.standardError.write(Data("qconvert: error: \(oneLine(e.description))\n".utf8))
+                Foundation.exit(e.exitCode)
+            }
+            if exitCode(for: error) == .failure {
+                // not the argument parser's: an error nothing in qconvert names
+                FileHandle.standardError.write(Data("qconvert: error: \(oneLine(unexpected(error).description))\n".utf8))
+                Foundation.exit(ExitStatus.internalFault.rawValue)
+            }
             let message = message(for: error).split(separator: "\n").first.map(String.init) ?? "\(error)"
             FileHandle.standardError.write(Data("qconvert: error: \(oneLine(message)) (qconvert --help shows the usage)\n".utf8))
-            Foundation.exit(exitCode(for: error).rawValue)
+            Foundation.exit(ExitStatus.usage.rawValue)
         }
     }
 }
@@ -81,10 +88,8 @@ struct PolicyOptions: ParsableArguments {
     }
 }
 
-/// Exit code of a failed quality gate.
-let gateExitCode: Int32 = 5
-
-/// Runs a body, turning library errors into one line on stderr and a documented exit code.
+/// Runs a body, turning library errors into one line on stderr and a documented exit code. Errors
+/// the library does not name (a Foundation error that escaped) are reported as internal faults.
 func runReportingErrors(_ body: () throws -> Void) throws {
     do {
         try body()
@@ -93,8 +98,19 @@ func runReportingErrors(_ body: () throws -> Void) throws {
         throw ExitCode(e.exitCode)
     } catch let g as GateFailure {
         FileHandle.standardError.write(Data("qconvert: \(oneLine(g.description))\n".utf8))
-        throw ExitCode(gateExitCode)
+        throw ExitCode(ExitStatus.gateFailed.rawValue)
+    } catch let e where e is ExitCode || e is CleanExit || e is ValidationError {
+        throw e
+    } catch {
+        let e = unexpected(error)
+        FileHandle.standardError.write(Data("qconvert: error: \(oneLine(e.description))\n".utf8))
+        throw ExitCode(e.exitCode)
     }
+}
+
+/// An error nothing in qconvert names, as an internal fault with its type and text.
+func unexpected(_ error: Error) -> QConvertError {
+    .internal(message: "\(type(of: error)): \(error)")
 }
 
 /// A message as one printable line: control characters (newlines, terminal escapes) that names from a
@@ -146,7 +162,7 @@ func installInterruptCleanup() {
         source.setEventHandler {
             TempFileRegistry.shared.removeAll()
             FileHandle.standardError.write(Data("\nqconvert: interrupted; no output written\n".utf8))
-            exit(128 + sig)
+            exit(ExitStatus.interrupted(sig))
         }
         source.resume()
         signalSources.append(source)

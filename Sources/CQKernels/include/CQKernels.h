@@ -105,7 +105,8 @@ void qk_sha256_final(qk_sha256_state *s, uint8_t out[32]);
 
 /// SIGBUS guard (guard.c): mapped inputs and temporary outputs are registered so that a file
 /// truncated under a running conversion ends in one line naming it, temporaries removed, exit 3.
-void qk_guard_install(void);
+/// `code`: the exit status of a truncated input (ExitStatus.badInput).
+void qk_guard_install(int code);
 void qk_guard_add_mapping(const void *base, size_t length, const char *path);
 void qk_guard_remove_mapping(const void *base);
 void qk_guard_add_temp(const char *path);

@@ -13,6 +13,8 @@ public enum QConvertError: Error, CustomStringConvertible, Equatable, Sendable {
     case write(path: String, message: String)
     /// The request itself is inconsistent (unknown format, tensors-only input to a graph format…).
     case usage(message: String)
+    /// A fault of qconvert itself: a state its own code should never reach.
+    case `internal`(message: String)
 
     public var description: String {
         switch self {
@@ -23,16 +25,20 @@ public enum QConvertError: Error, CustomStringConvertible, Equatable, Sendable {
         case .tensor(let n, let m): return "tensor '\(n)': \(m)"
         case .write(let p, let m): return "\(p): cannot write: \(m)"
         case .usage(let m): return m
+        case .internal(let m): return "internal fault: \(m)"
         }
     }
 
     /// The process exit code the command line uses for this error (see README, exit codes).
-    public var exitCode: Int32 {
+    public var exitStatus: ExitStatus {
         switch self {
-        case .usage: return 64
-        case .policy: return 2
-        case .badInput, .io, .tensor: return 3
-        case .write: return 4
+        case .usage: .usage
+        case .policy: .policy
+        case .badInput, .io, .tensor: .badInput
+        case .write: .writeFailed
+        case .internal: .internalFault
         }
     }
+
+    public var exitCode: Int32 { exitStatus.rawValue }
 }

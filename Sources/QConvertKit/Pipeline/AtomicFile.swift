@@ -255,7 +255,7 @@ public final class TempFileRegistry: @unchecked Sendable {
     }
 
     /// Makes a SIGBUS from a truncated input end in one line and exit 3, removing temporaries.
-    public static func installTruncationGuard() { qk_guard_install() }
+    public static func installTruncationGuard() { qk_guard_install(ExitStatus.badInput.rawValue) }
 
     /// Has the kernel send SIGTERM to this process when its parent dies (a batch worker whose
     /// supervisor was killed must not run on alone); true if the parent is already gone.

@@ -45,7 +45,7 @@ extension OnnxSink {
     ) throws -> (codes: String, scale: String, zeroPoint: String?) {
         let w = loc.graphName
         guard let packed = prepacked.removeValue(forKey: p.name) else {
-            throw fail("internal: tensor '\(w)' does not fit \(kernel) blocks")
+            throw QConvertError.internal(message: "\(path): tensor '\(w)' does not fit \(kernel) blocks")
         }
         let cName = model.uniqueName(w + "_quantized")
         let sName = model.uniqueName(w + "_scale")

@@ -153,7 +153,7 @@ final class OnnxSink: CheckpointSink {
             guard let scheme = p.decision.scheme else { continue }
             guard let loc = model.located[p.name] else { continue }
             let outs = outputsOfPlan[pi]
-            guard let values = data[outs[0]] else { throw fail("internal: no data for \(p.name)") }
+            guard let values = data[outs[0]] else { throw QConvertError.internal(message: "\(path): no data for \(p.name)") }
             if scheme.target.isCast {
                 try applyCast(p, scheme: scheme, loc: loc, values: values, opset: opset)
             } else {

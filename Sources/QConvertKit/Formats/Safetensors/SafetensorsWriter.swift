@@ -145,9 +145,10 @@ final class SafetensorsSink: CheckpointSink {
     }
 
     func put(_ index: Int, _ bytes: UnsafeRawBufferPointer) throws {
-        precondition(
-            bytes.count == tensors[index].byteCount,
-            "tensor \(tensors[index].name): \(bytes.count) bytes for a declared \(tensors[index].byteCount)")
+        guard bytes.count == tensors[index].byteCount else {
+            throw QConvertError.internal(
+                message: "tensor \(tensors[index].name): \(bytes.count) bytes for a declared \(tensors[index].byteCount)")
+        }
         let loc = location[index]
         try shards[loc.shard].file.pwrite(bytes, at: loc.offset)
     }
