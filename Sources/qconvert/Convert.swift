@@ -81,6 +81,7 @@ struct Convert: ParsableCommand {
             var options = ConvertOptions(policy: policy, jobs: jobs, strict: policyOptions.strict, format: format?.name)
             options.maxShardSize = maxShardSize
             options.inputHash = inputHash
+            options.consumeInput = true
             options.externalData = externalData
             options.gates = gateOptions.gates
             if dryRun {

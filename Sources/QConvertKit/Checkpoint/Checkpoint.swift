@@ -30,6 +30,18 @@ public struct TensorEntry: Sendable {
     public var elementCount: Int { Shape(shape).elementCount }
 }
 
+/// The format's own structure that its writer needs (the ONNX graph, the pickled object tree), kept by
+/// the checkpoint it was read with. Writers read it and never change it.
+public protocol CheckpointContainer: AnyObject, Sendable {
+    /// Frees the memory holding an entry's bytes where the reader owns them (payloads copied out of
+    /// a protobuf); entries of mapped files need nothing.
+    func releasePayload(entry name: String)
+}
+
+extension CheckpointContainer {
+    public func releasePayload(entry name: String) {}
+}
+
 /// A checkpoint read by a reader plugin: ordered tensor entries plus what the writer needs of the container.
 public final class Checkpoint: @unchecked Sendable {
     public let format: String
@@ -42,14 +54,33 @@ public final class Checkpoint: @unchecked Sendable {
     public var metadata: [(key: String, value: String)]
     /// Shard file names in order, when the input is sharded.
     public var shardNames: [String]?
-    /// The format's own structure that its writer needs (the ONNX model), if any.
-    public var container: AnyObject?
-    /// Integrity checks left for later (CRCs of stored zip members), run before any output is
-    /// committed; the converter runs them on another thread while it works.
-    public var deferredChecks: [@Sendable () throws -> Void] = []
+    /// The format's own structure that its writer needs, if any.
+    public var container: (any CheckpointContainer)?
+    private let consumeLock = NSLock()
+    private var consumedFlag = false
 
-    /// Runs the deferred checks now.
-    public func runDeferredChecks() throws { for c in deferredChecks { try c() } }
+    /// Whether a conversion that read each entry once has released entries' memory: the checkpoint
+    /// cannot be converted again (open it again).
+    public var consumed: Bool {
+        consumeLock.lock()
+        defer { consumeLock.unlock() }
+        return consumedFlag
+    }
+
+    /// For a conversion done with entry `i` (its output is in the writer's hands): frees the memory the
+    /// reader holds it in, and marks the checkpoint consumed.
+    public func consume(_ i: Int) {
+        consumeLock.lock()
+        consumedFlag = true
+        consumeLock.unlock()
+        container?.releasePayload(entry: entries[i].name)
+    }
+    /// Runs now every integrity check the entries' bytes carry (CRCs of stored zip members); each
+    /// runs once, so a reader of the bytes later waits for or shares its outcome. Reading the bytes
+    /// checks them anyway: this only moves the work (the converter calls it on another thread).
+    public func verifyIntegrity() throws {
+        for e in entries { if case .verified(_, _, _, let check) = e.bytes { try check.verify() } }
+    }
 
     public init(
         format: String, path: String, files: [MappedFile], entries: [TensorEntry],

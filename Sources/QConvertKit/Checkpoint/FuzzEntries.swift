@@ -58,7 +58,7 @@ public enum FuzzEntries {
                     return raw.count
                 }
             }
-            try? ck.runDeferredChecks()
+            try? ck.verifyIntegrity()
         }
     }
 }

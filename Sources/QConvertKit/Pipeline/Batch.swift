@@ -240,10 +240,8 @@ public enum Batch {
         }
         let before = ck.entries.reduce(0) { $0 + $1.bytes.count }
         return variants.enumerated().map { vi, v in
+            // the last variant is the last to read the input: it may release its memory as it goes
             let t0 = Date()
-            // The ONNX writer edits the model it was given: each further variant reads it again.
-            var ck = ck
-            if vi > 0 && ck.container is OnnxModel, let again = try? Converter.open(item.path) { ck = again }
             var output = outputPath(out: out, variant: v.name, relative: item.relative)
             // A model found by its content under an extension no writer knows: the output gets its
             // format's extension, so that it is one file of that format, never a folder by accident.
@@ -277,6 +275,7 @@ public enum Batch {
                     withIntermediateDirectories: true)
                 var opts = template
                 opts.policy = v.policy
+                opts.consumeInput = vi == variants.count - 1
                 opts.jobs = 1
                 let r = try Converter.convert(ck, output: output, options: opts, inputHash: hash)
                 o.bytesAfter = r.bytesAfter

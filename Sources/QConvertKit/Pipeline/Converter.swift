@@ -16,6 +16,9 @@ public struct ConvertOptions: Sendable {
     public var externalData = false
     /// Quality gates checked on the result.
     public var gates = QualityGates()
+    /// The input is converted once: the memory holding each converted tensor is released as soon as
+    /// the writer has its replacement (`Checkpoint.consume`), keeping peak memory near the input's size.
+    public var consumeInput = false
 
     public init(
         policy: Policy, jobs: Int = 1, strict: Bool = false, format: String? = nil, maxShardSize: Int? = nil,
@@ -192,6 +195,9 @@ public enum Converter {
     ) throws -> ConversionReport {
         let start = Date()
         let input = ckpt.path
+        guard !ckpt.consumed else {
+            throw QConvertError.internal(message: "\(ckpt.path): this reading was consumed by an earlier conversion; open it again")
+        }
         var planned = try Planner.plan(ckpt, policy: options.policy, strict: options.strict)
         let writer = try FormatRegistry.writer(for: output, format: options.format, inputFormat: ckpt.format)
         try writer.check(&planned, source: ckpt, output: output)
@@ -202,11 +208,11 @@ public enum Converter {
         let hashBox = Box("")
         let hashGroup = DispatchGroup()
         DispatchQueue.global().async(group: hashGroup) { hashBox.value = knownHash ?? ckpt.contentHash(options.inputHash) }
-        // Integrity checks the reader deferred (zip CRCs) run beside the conversion; nothing is
-        // committed until they pass.
+        // Integrity checks of the input's bytes (zip CRCs) run on first use of the bytes; starting them
+        // here, beside the conversion, keeps them off the quantizing threads.
         let checkError = Box<Error?>(nil)
         DispatchQueue.global().async(group: hashGroup) {
-            do { try ckpt.runDeferredChecks() } catch { checkError.value = error }
+            do { try ckpt.verifyIntegrity() } catch { checkError.value = error }
         }
 
         var outputs: [OutputTensor] = []
@@ -303,6 +309,7 @@ public enum Converter {
                         if let sc = q.scale, o.count > 1 { try sc.withUnsafeBytes { try sink.put(o[1], $0) } }
                         if let zp = q.zeroPoint, o.count > 2 { try zp.withUnsafeBytes { try sink.put(o[2], $0) } }
                         metrics[i] = q.metrics
+                        if options.consumeInput { ckpt.consume(p.entryIndex) }
                     } else {
                         try e.bytes.withUnsafeBytes { try sink.put(outIndex[i][0], $0) }
                     }

@@ -10,7 +10,6 @@ public enum Dequantizer {
 
     public static func run(input: String, output: String, format: String? = nil) throws -> Result {
         let ckpt = try Converter.open(input)
-        try ckpt.runDeferredChecks()
         guard let doc = try MetadataDocument.find(in: ckpt.metadata, path: input) else {
             throw QConvertError.badInput(path: input, message: "no '\(MetadataDocument.key)' metadata: not a qconvert-quantized file")
         }

@@ -60,7 +60,6 @@ public enum Diff {
     /// Float values of every tensor of a checkpoint that has them (quantized ones dequantized),
     /// with the bytes each takes (parameters included).
     static func floats(_ ck: Checkpoint, path: String) throws -> [String: (values: [Float], bytes: Int, form: String)] {
-        try ck.runDeferredChecks()
         let records = try MetadataDocument.find(in: ck.metadata, path: path)?.tensors ?? [:]
         let byName = Dictionary(ck.entries.enumerated().map { ($1.name, $0) }, uniquingKeysWith: { a, _ in a })
         var params = Set<String>()

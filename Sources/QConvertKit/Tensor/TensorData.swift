@@ -4,6 +4,9 @@ import Foundation
 /// Where a tensor's bytes live: a window of a mapped file, or memory of its own.
 public enum TensorBytes: @unchecked Sendable {
     case mapped(MappedFile, offset: Int, count: Int)
+    /// A window of a mapped file whose integrity (a zip member's CRC-32) is verified before its bytes
+    /// are first used: every reader of the bytes gets the check, none has to remember it.
+    case verified(MappedFile, offset: Int, count: Int, check: IntegrityCheck)
     case owned([UInt8])
     /// Memory owned by another object (e.g. an unpacked protobuf), kept alive by `owner`.
     case borrowed(UnsafeRawPointer?, count: Int, owner: AnyObject)
@@ -13,7 +16,7 @@ public enum TensorBytes: @unchecked Sendable {
 
     public var count: Int {
         switch self {
-        case .mapped(_, _, let c): return c
+        case .mapped(_, _, let c), .verified(_, _, let c, _): return c
         case .owned(let a): return a.count
         case .borrowed(_, let c, _): return c
         case .deferred(let d): return d.count
@@ -24,6 +27,9 @@ public enum TensorBytes: @unchecked Sendable {
     public func withUnsafeBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
         switch self {
         case .mapped(let f, let off, let c): return try body(f.bytes(at: off, count: c))
+        case .verified(let f, let off, let c, let check):
+            try check.verify()
+            return try body(f.bytes(at: off, count: c))
         case .owned(let a): return try a.withUnsafeBytes(body)
         case .borrowed(let p, let c, let owner):
             return try withExtendedLifetime(owner) { try body(UnsafeRawBufferPointer(start: c > 0 ? p : nil, count: c)) }
@@ -38,7 +44,44 @@ public enum TensorBytes: @unchecked Sendable {
 
     /// Releases the resident pages of a mapped window after use.
     public func release() {
-        if case .mapped(let f, let off, let c) = self { f.release(offset: off, count: c) }
+        switch self {
+        case .mapped(let f, let off, let c), .verified(let f, let off, let c, _): f.release(offset: off, count: c)
+        case .owned, .borrowed, .deferred: break
+        }
+    }
+
+    /// The same window without its integrity check, to parse a member's header when it is read (the
+    /// data still gets the check when it is used).
+    var headerView: TensorBytes {
+        if case .verified(let f, let off, let c, _) = self { return .mapped(f, offset: off, count: c) }
+        return self
+    }
+
+    /// `count` bytes from `offset` of these bytes, still mapped (and still checked) where these are;
+    /// nil for bytes that are not a mapped window.
+    public func window(offset: Int, count: Int) -> TensorBytes? {
+        switch self {
+        case .mapped(let f, let off, _): return .mapped(f, offset: off + offset, count: count)
+        case .verified(let f, let off, _, let check): return .verified(f, offset: off + offset, count: count, check: check)
+        case .owned, .borrowed, .deferred: return nil
+        }
+    }
+}
+
+/// A check of some bytes' integrity, run once by whichever reader comes first (others wait for and
+/// share its outcome).
+public final class IntegrityCheck: @unchecked Sendable {
+    private let lock = NSLock()
+    private var outcome: Result<Void, Error>?
+    private let body: @Sendable () throws -> Void
+
+    public init(_ body: @escaping @Sendable () throws -> Void) { self.body = body }
+
+    public func verify() throws {
+        lock.lock()
+        defer { lock.unlock() }
+        if outcome == nil { outcome = Result { try body() } }
+        try outcome!.get()
     }
 }
 

@@ -25,7 +25,6 @@ public struct NpzReader: FormatReader {
         var entries: [TensorEntry] = []
         var metadata: [(key: String, value: String)] = []
         var storedTypes: [String: DType] = [:]
-        var deferred: [@Sendable () throws -> Void] = []
         for m in zip.members {
             guard m.name.hasSuffix(".npy") else { continue }
             let isMeta = m.name == NpzReader.metadataMember || m.name == NpzReader.dtypesMember
@@ -36,7 +35,6 @@ public struct NpzReader: FormatReader {
                 continue
             }
             let bytes = try zip.bytes(m, deferCRC: !isMeta)
-            if !isMeta && m.method == 0 { deferred.append { try zip.verifyCRC(m) } }
             if isMeta {
                 let text = try NpzReader.unicodeScalar(bytes, name: m.name, path: path)
                 if m.name == NpzReader.metadataMember {
@@ -54,7 +52,6 @@ public struct NpzReader: FormatReader {
             if let d = storedTypes[entries[k].name], d.bits == entries[k].dtype.bits { entries[k].dtype = d }
         }
         let ck = Checkpoint(format: name, path: path, files: [zip.file], entries: entries, metadata: metadata)
-        ck.deferredChecks = deferred
         return ck
     }
 
@@ -108,12 +105,11 @@ public struct NpzReader: FormatReader {
     }
 
     static func tensor(_ bytes: TensorBytes, name: String, path: String) throws -> TensorEntry {
-        let l = try bytes.withUnsafeBytes { b in try layout(b, total: b.count, name: name, path: path) }
+        let l = try bytes.headerView.withUnsafeBytes { b in try layout(b, total: b.count, name: name, path: path) }
         var data: TensorBytes
-        switch bytes {
-        case .mapped(let f, let off, _): data = .mapped(f, offset: off + l.header.dataOffset, count: l.nbytes)
-        default: data = .owned(try bytes.withUnsafeBytes { Array($0[l.header.dataOffset...]) })
-        }
+        data =
+            try bytes.window(offset: l.header.dataOffset, count: l.nbytes)
+            ?? .owned(bytes.withUnsafeBytes { Array($0[l.header.dataOffset...]) })
         if l.needsReorder { data = .owned(reorder(try data.withUnsafeBytes { Array($0) }, l)) }
         return TensorEntry(name: name, dtype: l.dtype, shape: l.header.shape, bytes: data, outputAxis: l.header.shape.count >= 2 ? 0 : nil)
     }

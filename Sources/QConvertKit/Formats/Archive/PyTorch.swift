@@ -1,7 +1,7 @@
 import Foundation
 
 /// The object tree of a torch.save archive, kept so that a .pt output reproduces its structure.
-final class PTTree: @unchecked Sendable {
+final class PTTree: CheckpointContainer, @unchecked Sendable {
     let root: PickleValue
     init(root: PickleValue) { self.root = root }
 }
@@ -53,7 +53,6 @@ public struct PyTorchReader: FormatReader {
         guard let pkl = zip.member(named: prefix + "/data.pkl") else { throw bad("no \(prefix)/data.pkl in the archive") }
         let pklBytes = try zip.bytes(pkl)
         var storageBytes: [String: TensorBytes] = [:]
-        var deferred: [@Sendable () throws -> Void] = []
         let root: PickleValue
         do {
             root = try pklBytes.withUnsafeBytes { raw -> PickleValue in
@@ -71,7 +70,6 @@ public struct PyTorchReader: FormatReader {
                     }
                     if storageBytes[st.key] == nil {
                         storageBytes[st.key] = try zip.bytes(rec, deferCRC: true)
-                        deferred.append { try zip.verifyCRC(rec) }
                     }
                     return .storage(st)
                 }
@@ -85,7 +83,6 @@ public struct PyTorchReader: FormatReader {
             metadata.append((MetadataDocument.key, String(decoding: try zip.bytes(m).withUnsafeBytes { Array($0) }, as: UTF8.self)))
         }
         let ck = try checkpoint(root: root, storageBytes: storageBytes, file: zip.file, metadata: metadata, path: path)
-        ck.deferredChecks = deferred
         return ck
     }
 
@@ -310,10 +307,8 @@ public struct PyTorchReader: FormatReader {
         for k in stride(from: t.shape.count - 2, through: 0, by: -1) { contiguous[k] = contiguous[k + 1] * t.shape[k + 1] }
         let isContiguous = n <= 1 || zip(zip(t.shape, t.stride), contiguous).allSatisfy { $0.0.0 == 1 || $0.0.1 == $0.1 }
         if isContiguous {
-            switch storage {
-            case .mapped(let f, let off, _): return .mapped(f, offset: off + t.offset * elsize, count: byteCount)
-            default: return .owned(try storage.withUnsafeBytes { Array($0[(t.offset * elsize)..<(t.offset * elsize + byteCount)]) })
-            }
+            if let w = storage.window(offset: t.offset * elsize, count: byteCount) { return w }
+            return .owned(try storage.withUnsafeBytes { Array($0[(t.offset * elsize)..<(t.offset * elsize + byteCount)]) })
         }
         // A strided view is gathered into memory; one that repeats elements (stride 0) can describe far
         // more bytes than its storage holds. Past 64 times the storage plus 256 MB it is refused.

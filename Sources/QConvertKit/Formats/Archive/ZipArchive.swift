@@ -85,14 +85,17 @@ public final class ZipArchive: @unchecked Sendable {
     }
 
     /// The member's bytes: stored members in place, deflated ones inflated by libzip (which checks
-    /// their CRC). A stored member's CRC is checked here unless `deferCRC`, in which case the caller
-    /// must run `verifyCRC` before trusting the output (the converter does, on another thread).
+    /// their CRC). A stored member's CRC is checked here unless `deferCRC`, in which case it is checked
+    /// the first time its bytes are used (`TensorBytes.verified`).
     public func bytes(_ m: Member, deferCRC: Bool = false) throws -> TensorBytes {
         func bad(_ msg: String) -> QConvertError { .badInput(path: path, message: "member '\(m.name)': \(msg)") }
         if m.method == 0 {
             guard m.compressedSize == m.size else { throw bad("stored sizes disagree") }
-            if !deferCRC { try verifyCRC(m) }
-            return .mapped(file, offset: m.dataOffset, count: m.size)
+            if !deferCRC {
+                try verifyCRC(m)
+                return .mapped(file, offset: m.dataOffset, count: m.size)
+            }
+            return .verified(file, offset: m.dataOffset, count: m.size, check: IntegrityCheck { try self.verifyCRC(m) })
         }
         return .owned(try inflate(m))
     }

@@ -47,22 +47,7 @@ public struct OnnxReader: FormatReader {
         guard let graph = model.model.pointee.graph else { throw bad("the model has no graph") }
         _ = graph
         var entries: [TensorEntry] = []
-        var names = Set<String>()
-        var nextSuffix: [String: Int] = [:]
-
-        func register(_ t: Proto.TensorP, graphName: String, home: OnnxModel.Home) throws {
-            // strings and exotic types stay as they are
-            guard t.pointee.has_data_type != 0, let dtype = Proto.dtype(t.pointee.data_type) else { return }
-            var name = graphName
-            // Repeated names (across subgraphs, or a hostile file's thousands of copies) get #2, #3, ...;
-            // the next suffix to try is remembered per name, so this stays linear.
-            var k = nextSuffix[graphName] ?? 2
-            while names.contains(name) {
-                name = "\(graphName)#\(k)"
-                k += 1
-            }
-            if name != graphName { nextSuffix[graphName] = k }
-            names.insert(name)
+        try model.index { t, dtype, name, graphName in
             var dims: [Int] = []
             for i in 0..<t.pointee.n_dims {
                 let d = t.pointee.dims[i]
@@ -74,43 +59,6 @@ public struct OnnxReader: FormatReader {
             }
             let bytes = try payload(t, name: graphName, dtype: dtype, expected: expected, model: model)
             entries.append(TensorEntry(name: name, dtype: dtype, shape: dims, bytes: bytes))
-            model.located[name] = OnnxModel.Located(tensor: t, home: home, graphName: graphName)
-        }
-
-        try model.forEachGraph { g in
-            for i in 0..<g.pointee.n_initializer {
-                guard let t = g.pointee.initializer[i] else { continue }
-                let n = Proto.string(t.pointee.name)
-                model.usedNames.insert(n)
-                try register(t, graphName: n, home: .initializer(graph: g))
-            }
-            for i in 0..<g.pointee.n_input { if let v = g.pointee.input[i] { model.usedNames.insert(Proto.string(v.pointee.name)) } }
-            for i in 0..<g.pointee.n_output { if let v = g.pointee.output[i] { model.usedNames.insert(Proto.string(v.pointee.name)) } }
-            for i in 0..<g.pointee.n_node {
-                guard let n = g.pointee.node[i] else { continue }
-                try visitNode(n, graph: g, function: nil)
-            }
-        }
-        try model.forEachFunction { f in
-            for i in 0..<f.pointee.n_node {
-                guard let n = f.pointee.node[i] else { continue }
-                try visitNode(n, graph: nil, function: f)
-            }
-        }
-
-        func visitNode(_ n: Proto.NodeP, graph: Proto.GraphP?, function: UnsafeMutablePointer<Onnx__FunctionProto>?) throws {
-            let op = Proto.string(n.pointee.op_type)
-            model.usedNames.insert(Proto.string(n.pointee.name))
-            let inputs = Proto.strings(n.pointee.input, n.pointee.n_input)
-            let outputs = Proto.strings(n.pointee.output, n.pointee.n_output)
-            for o in outputs { model.usedNames.insert(o) }
-            for (k, i) in inputs.enumerated() where !i.isEmpty { model.consumers[i, default: []].append((op, k, n)) }
-            let domain = Proto.string(n.pointee.domain)
-            if op == "Constant", domain.isEmpty || domain == "ai.onnx", let out = outputs.first,
-                let a = Proto.attribute(n, "value"), let t = a.pointee.t
-            {
-                try register(t, graphName: out, home: .constant(node: n, graph: graph, function: function))
-            }
         }
 
         // Roles from consumers: the output-channel axis (QUANTIZATION.md section 4) and op names.

@@ -17,11 +17,8 @@ public struct OnnxWriter: FormatWriter {
         guard !options.plans.isEmpty || tensors.isEmpty else {
             throw QConvertError.usage(message: "\(path): this operation cannot write ONNX")
         }
-        guard !model.written else {
-            throw QConvertError.usage(message: "\(path): an ONNX model that was read once can be written once; read it again")
-        }
-        model.written = true
-        return OnnxSink(path: path, model: model, source: source, tensors: tensors, options: options)
+        let replaced = Set(options.plans.filter { $0.decision.scheme != nil }.map(\.name))
+        return OnnxSink(path: path, model: try model.editableCopy(replacing: replaced), source: source, tensors: tensors, options: options)
     }
 
     public func check(_ plans: inout [TensorPlan], source: Checkpoint, output: String) throws {
@@ -34,7 +31,7 @@ public struct OnnxWriter: FormatWriter {
     /// With `output`, a weight the model's opset cannot express is refused here, before any tensor is
     /// quantized (the message names the output); without, `plan` shows the refusal as a warning.
     public static func annotate(_ plans: inout [TensorPlan], source: Checkpoint, output: String? = nil) throws {
-        guard let model = source.container as? OnnxModel, !model.written else { return }
+        guard let model = source.container as? OnnxModel else { return }
         let byName = Dictionary(plans.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
         func check(_ i: Int, _ body: () throws -> Void) throws {
             do { try body() } catch let e as QConvertError {
@@ -123,11 +120,6 @@ final class OnnxSink: CheckpointSink {
         // Kept tensors stay where they are in the graph; only converted ones are needed.
         guard converted.contains(index) else { return }
         data[index] = [UInt8](bytes)
-        // The float payload is no longer needed once its replacement is here.
-        if let pi = planOfValues[index], let loc = model.located[options.plans[pi].name], loc.tensor.pointee.has_raw_data != 0 {
-            free(loc.tensor.pointee.raw_data.data)
-            loc.tensor.pointee.raw_data = ProtobufCBinaryData(len: 0, data: nil)
-        }
     }
 
     func abort() { data.removeAll() }
@@ -139,7 +131,7 @@ final class OnnxSink: CheckpointSink {
         var needIR = 0
         let planByName = Dictionary(options.plans.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
         defer {
-            for n in retired { onnx__node_proto__free_unpacked(n, nil) }
+            for n in retired { model.free(node: n) }
             retired = []
         }
         // each quantized weight's form, decided once on the graph as read
@@ -202,7 +194,7 @@ final class OnnxSink: CheckpointSink {
             var n = g.pointee.n_initializer
             var list = g.pointee.initializer
             if let idx = (0..<n).first(where: { list?[$0] == loc.tensor }) {
-                onnx__tensor_proto__free_unpacked(loc.tensor, nil)
+                model.free(tensor: loc.tensor)
                 for k in idx..<(n - 1) { list![k] = list![k + 1] }
                 n -= 1
             }
@@ -231,7 +223,7 @@ final class OnnxSink: CheckpointSink {
             // the Constant node now yields the first new tensor; the others become Constant nodes too
             let first = newTensors[0]
             if let a = Proto.attribute(cnode, "value") {
-                onnx__tensor_proto__free_unpacked(a.pointee.t, nil)
+                if let old = a.pointee.t { model.free(tensor: old) }
                 a.pointee.t = first
             }
             Proto.setString(cnode.pointee.output, 0, Proto.string(first.pointee.name))
@@ -596,11 +588,7 @@ final class OnnxSink: CheckpointSink {
 
     func setExternal(_ t: Proto.TensorP, location: String, offset: Int, length: Int) {
         clearExternal(t)
-        if t.pointee.has_raw_data != 0 {
-            free(t.pointee.raw_data.data)
-            t.pointee.raw_data = ProtobufCBinaryData(len: 0, data: nil)
-            t.pointee.has_raw_data = 0
-        }
+        if t.pointee.has_raw_data != 0 { model.dropPayload(t) }
         var list = t.pointee.external_data
         var n = 0
         for (k, v) in [("location", location), ("offset", String(offset)), ("length", String(length))] {
