@@ -56,7 +56,7 @@ struct PlanCommand: ParsableCommand {
                 case .element: gran = "element"
                 }
                 if s.mapping == .affine { gran += " affine" }
-                if s.calibration != .max { gran += " " + s.calibration.name }
+                if !s.calibration.isMax { gran += " " + s.calibration.name }
                 if let form = p.onnxFormChosen { notes.insert("onnx: " + form, at: 0) }
             }
             rows.append([

@@ -72,7 +72,7 @@ import Testing
 
     @Test func everyEnumeratedSettingParsesToItsType() throws {
         // each name a policy may give reaches the planner as that value, never a fallback
-        for m in CalibrationMethod.allCases {
+        for m in CalibrationName.allCases {
             let p = try PolicyLoader.parse(text: "defaults: {calibration: \(m.rawValue)}", source: "t.yaml")
             #expect(p.defaults.calibration == m)
         }

@@ -200,17 +200,7 @@ public struct CalibrationRecord: Codable, Sendable, Equatable {
 
     init(_ s: QuantScheme) {
         method = s.calibration.name
-        switch s.calibration {
-        case .percentile(let pc): percentile = pc
-        case .entropy(let b, let lv, let exhaustive):
-            bins = b
-            search = exhaustive ? "exhaustive" : "fast"
-            levels = lv ?? (s.target.isFP8 ? 128 : 1 << (s.target.bits - 1))
-        case .mse(let b, let exhaustive):
-            bins = b
-            search = exhaustive ? "exhaustive" : "fast"
-        case .max: break
-        }
+        s.calibration.method.record(into: &self, target: s.target)
     }
 }
 

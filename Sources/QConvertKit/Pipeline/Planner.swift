@@ -150,34 +150,20 @@ public enum Planner {
             }
             axis = rank == 0 ? 0 : r
         }
-        let calibration: Calibration
-        switch s.calibration ?? .max {
-        case .max: calibration = .max
-        case .percentile: calibration = .percentile(s.percentile ?? 99.99)
-        case .entropy: calibration = .entropy(bins: s.bins ?? 2048, levels: s.levels, exhaustive: s.search == .exhaustive)
-        case .mse: calibration = .mse(bins: s.bins ?? 2048, exhaustive: s.search == .exhaustive)
-        }
+        // a name the policy accepted is registered
+        let calibration = Calibration(name: (s.calibration ?? .max).rawValue, settings: s) ?? .max
         var scheme = QuantScheme(
             target: target, mapping: mapping, granularity: granularity, axis: axis,
             groupSize: s.groupSize ?? 128, calibration: calibration, saturate: s.saturate ?? false)
         scheme.fullSymmetricRange = s.symmetricRange == .full && mapping == .scale && target.isIntegerQuantization
-        if case .entropy(let bins, let lv, _) = calibration {
-            let levels = lv ?? (target.isFP8 ? 128 : 1 << (target.bits - 1))
-            if bins <= levels {
-                plan.warnings.append("entropy with bins \(bins) ≤ levels \(levels) has one candidate: it equals max")
-            }
-        }
+        plan.warnings += calibration.method.warnings(target: target)
         if granularity == .element { plan.warnings.append("per-element parameters make this tensor larger than float32") }
         if plan.axisGuessed { plan.warnings.append("output-channel axis guessed as 0") }
         let layout = ParamLayout(shape: e.shape, granularity: granularity, axis: axis, groupSize: scheme.groupSize)
         plan.paramShape = layout.paramShape
         // With few parameter groups the exhaustive search costs little: use it (the metadata says so).
         if layout.paramCount <= CalibrationCost.exhaustiveUpTo {
-            switch scheme.calibration {
-            case .entropy(let b, let l, false): scheme.calibration = .entropy(bins: b, levels: l, exhaustive: true)
-            case .mse(let b, false): scheme.calibration = .mse(bins: b, exhaustive: true)
-            default: break
-            }
+            scheme.calibration = Calibration(scheme.calibration.method.exhaustive)
         }
         plan.calibrationSeconds = CalibrationCost.seconds(scheme, layout: layout)
         if plan.calibrationSeconds >= CalibrationCost.slow {

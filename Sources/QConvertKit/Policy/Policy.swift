@@ -18,8 +18,17 @@ public enum OnnxForm: String, Sendable, CaseIterable {
     case dynamic
 }
 
-/// How a range is calibrated, by name (the parameters are separate policy keys).
-public enum CalibrationMethod: String, Sendable, CaseIterable { case max, percentile, entropy, mse }
+/// A calibration method by its registered name (`Calibration.registry`); the parameters are separate
+/// policy keys.
+public struct CalibrationName: RawRepresentable, CaseIterable, Sendable, Hashable {
+    public let rawValue: String
+    public init?(rawValue: String) {
+        guard Calibration.registry.contains(where: { $0.name == rawValue }) else { return nil }
+        self.rawValue = rawValue
+    }
+    public static var allCases: [CalibrationName] { Calibration.registry.compactMap { CalibrationName(rawValue: $0.name) } }
+    public static let max = CalibrationName(rawValue: MaxCalibration.name)!
+}
 
 /// entropy and mse: coarse-to-fine over the thresholds, or every threshold.
 public enum CalibrationSearch: String, Sendable, CaseIterable { case fast, exhaustive }
@@ -41,7 +50,7 @@ public struct PolicySettings: Sendable, Equatable {
     public var granularity: Granularity?
     public var axis: AxisSetting?
     public var groupSize: Int?
-    public var calibration: CalibrationMethod?
+    public var calibration: CalibrationName?
     public var percentile: Double?
     public var bins: Int?
     public var levels: Int?

@@ -135,36 +135,12 @@ public enum Calibrator {
         return bestI
     }
 
-    /// The range [beta, alpha] of one group of values under a calibration method, by the
-    /// straightforward reference implementation above (a pass over every bin for every candidate,
-    /// full sorts for percentiles). `lo` and `hi` are the group's min and max.
+    /// The range [beta, alpha] of one group of values by the method's reference implementation.
     static func referenceRange(
         _ values: UnsafeBufferPointer<Float>, lo: Float, hi: Float, calibration: Calibration,
         mapping: Mapping, levels: Int, qmaxSymmetric: Int
     ) -> (beta: Float, alpha: Float) {
-        let amax = Swift.max(abs(lo), abs(hi))
-        switch calibration {
-        case .max:
-            return mapping == .scale ? (-amax, amax) : (lo, hi)
-        case .percentile(let p):
-            if mapping == .scale {
-                let mags = values.map { abs($0) }.sorted()
-                let a = mags.withUnsafeBufferPointer { percentileSorted($0, p) }
-                return (-Float(a), Float(a))
-            }
-            let s = values.sorted()
-            return s.withUnsafeBufferPointer {
-                (Float(percentileSorted($0, (100 - p) / 2)), Float(percentileSorted($0, 100 - (100 - p) / 2)))
-            }
-        case .entropy(let bins, let lv, _):
-            let hist = absHistogram(values, amax: amax, bins: bins)
-            let i = entropyCandidate(hist: hist, levels: lv ?? levels)
-            return threshold(i, bins: bins, amax: amax, lo: lo, hi: hi, mapping: mapping)
-        case .mse(let bins, _):
-            let hist = absHistogram(values, amax: amax, bins: bins)
-            let i = mseCandidate(hist: hist, levels: levels, qmax: qmaxSymmetric)
-            return threshold(i, bins: bins, amax: amax, lo: lo, hi: hi, mapping: mapping)
-        }
+        calibration.method.referenceRange(values, lo: lo, hi: hi, mapping: mapping, levels: levels, qmaxSymmetric: qmaxSymmetric)
     }
 
     /// The range for candidate `i` (the threshold in bin widths).
@@ -186,7 +162,7 @@ public enum Calibrator {
 ///   rounding of the objective. Otherwise the candidates are searched coarse to fine (calibrate.c's
 ///   KL_SEARCH and MSE_SEARCH): the one approximation, bounded by the tests against the exhaustive
 ///   search (mse within 1 % of its error; entropy's reconstruction error within 1 % of its).
-final class CalibrationScratch {
+public final class CalibrationScratch {
     let bins: Int
     var dense: [UInt32]
     var binIndex: [UInt32]
@@ -196,22 +172,14 @@ final class CalibrationScratch {
     var scratch: [Double] = []
 
     init(capacity: Int, calibration: Calibration) {
-        switch calibration {
-        case .entropy(let b, _, _), .mse(let b, _):
-            bins = Swift.max(b, 1)
-        case .max, .percentile:
-            bins = 0
-        }
+        let b = calibration.method.scratchBins
+        bins = b > 0 ? b : 0
         let sparse = Swift.min(capacity, bins)
         dense = [UInt32](repeating: 0, count: bins)
         binIndex = [UInt32](repeating: 0, count: Swift.max(sparse, 1))
         counts = [UInt32](repeating: 0, count: Swift.max(sparse, 1))
         prefix = [Int64](repeating: 0, count: Swift.max(sparse, 1) + 1)
-        if case .percentile = calibration {
-            floats = [Float](repeating: 0, count: Swift.max(capacity, 1))
-        } else {
-            floats = []
-        }
+        floats = calibration.method.needsFloatCopy ? [Float](repeating: 0, count: Swift.max(capacity, 1)) : []
     }
 
     /// The range [beta, alpha] of one group of values (`lo`, `hi` its min and max).
@@ -219,58 +187,46 @@ final class CalibrationScratch {
         _ values: UnsafeBufferPointer<Float>, lo: Float, hi: Float, calibration: Calibration, mapping: Mapping,
         levels: Int, qmaxSymmetric: Int
     ) -> (beta: Float, alpha: Float) {
-        let amax = Swift.max(abs(lo), abs(hi))
-        switch calibration {
-        case .max:
-            return mapping == .scale ? (-amax, amax) : (lo, hi)
-        case .percentile(let p):
-            return floats.withUnsafeMutableBufferPointer { buf in
-                let a = buf.baseAddress!
-                let n = values.count
-                if mapping == .scale {
-                    qk_abs_copy_f32(values.baseAddress, Int64(n), a)
-                    let v = percentile(a, n, p)
-                    return (-Float(v), Float(v))
-                }
-                _ = buf.initialize(from: values)
-                let b = percentile(a, n, (100 - p) / 2)
-                let t = percentile(a, n, 100 - (100 - p) / 2)
-                return (Float(b), Float(t))
-            }
-        case .entropy(let bins, let lv, let exhaustive):
-            let nz = histogram(values, amax: amax)
-            let lev = Int64(lv ?? levels)
-            let need = Int(qk_calib_scratch_doubles(Int64(nz), Int64(bins), lev))
-            if scratch.count < need { scratch = [Double](repeating: 0, count: Swift.max(need, scratch.count * 2)) }
-            let i = binIndex.withUnsafeBufferPointer { b in
-                counts.withUnsafeBufferPointer { c in
-                    prefix.withUnsafeMutableBufferPointer { pf in
-                        scratch.withUnsafeMutableBufferPointer { sc in
-                            qk_entropy_candidate(
-                                b.baseAddress, c.baseAddress, Int64(nz), pf.baseAddress, Int64(bins),
-                                lev, sc.baseAddress, exhaustive ? 1 : 0, nil)
-                        }
-                    }
-                }
-            }
-            return Calibrator.threshold(Int(i), bins: bins, amax: amax, lo: lo, hi: hi, mapping: mapping)
-        case .mse(let bins, let exhaustive):
-            let nz = histogram(values, amax: amax)
-            let i = binIndex.withUnsafeBufferPointer { b in
-                counts.withUnsafeBufferPointer { c in
-                    prefix.withUnsafeMutableBufferPointer { pf in
-                        qk_mse_candidate(
+        calibration.method.range(values, lo: lo, hi: hi, mapping: mapping, levels: levels, qmaxSymmetric: qmaxSymmetric, scratch: self)
+    }
+
+    /// The entropy method's candidate threshold (in bins) for one group, by the C kernel.
+    func entropyCandidate(_ values: UnsafeBufferPointer<Float>, amax: Float, levels: Int, exhaustive: Bool) -> Int {
+        let nz = histogram(values, amax: amax)
+        let lev = Int64(levels)
+        let need = Int(qk_calib_scratch_doubles(Int64(nz), Int64(bins), lev))
+        if scratch.count < need { scratch = [Double](repeating: 0, count: Swift.max(need, scratch.count * 2)) }
+        let i = binIndex.withUnsafeBufferPointer { b in
+            counts.withUnsafeBufferPointer { c in
+                prefix.withUnsafeMutableBufferPointer { pf in
+                    scratch.withUnsafeMutableBufferPointer { sc in
+                        qk_entropy_candidate(
                             b.baseAddress, c.baseAddress, Int64(nz), pf.baseAddress, Int64(bins),
-                            Int64(levels), Int64(qmaxSymmetric), exhaustive ? 1 : 0, nil)
+                            lev, sc.baseAddress, exhaustive ? 1 : 0, nil)
                     }
                 }
             }
-            return Calibrator.threshold(Int(i), bins: bins, amax: amax, lo: lo, hi: hi, mapping: mapping)
         }
+        return Int(i)
+    }
+
+    /// The mse method's candidate threshold (in bins) for one group, by the C kernel.
+    func mseCandidate(_ values: UnsafeBufferPointer<Float>, amax: Float, levels: Int, qmaxSymmetric: Int, exhaustive: Bool) -> Int {
+        let nz = histogram(values, amax: amax)
+        let i = binIndex.withUnsafeBufferPointer { b in
+            counts.withUnsafeBufferPointer { c in
+                prefix.withUnsafeMutableBufferPointer { pf in
+                    qk_mse_candidate(
+                        b.baseAddress, c.baseAddress, Int64(nz), pf.baseAddress, Int64(bins),
+                        Int64(levels), Int64(qmaxSymmetric), exhaustive ? 1 : 0, nil)
+                }
+            }
+        }
+        return Int(i)
     }
 
     /// numpy's linear percentile from two order statistics found by selection; `a` is reordered.
-    private func percentile(_ a: UnsafeMutablePointer<Float>, _ n: Int, _ p: Double) -> Double {
+    static func percentile(_ a: UnsafeMutablePointer<Float>, _ n: Int, _ p: Double) -> Double {
         let virtual = (p / 100.0) * Double(n - 1)
         let prevIndex = Swift.max(0, Swift.min(n - 1, Int(virtual.rounded(.down))))
         let nextIndex = Swift.min(n - 1, prevIndex + 1)
@@ -318,25 +274,7 @@ public enum CalibrationCost {
         let groups = layout.paramCount
         guard groups > 0 else { return 0 }
         let n = Double(layout.shape.reduce(1, *)) / Double(groups)
-        let levels = scheme.target.isFP8 ? 128.0 : Double(1 << (scheme.target.bits - 1))
-        let micros: Double
-        switch scheme.calibration {
-        case .max:
-            return 0
-        case .percentile:
-            micros = 0.008 * n
-        case .entropy(let bins, let lv, let exhaustive):
-            let b = Double(bins)
-            let l = Double(lv ?? Int(levels))
-            let candidates = Swift.max(b - l + 1, 1)
-            let evaluations = exhaustive ? candidates : Swift.min(candidates, 50)
-            micros = 0.005 * n + evaluations * (0.1 + 0.002 * Swift.min(n, l, b) + 0.0003 * Swift.min(n, b))
-        case .mse(let bins, let exhaustive):
-            let b = Double(bins)
-            let candidates = Swift.max(b - levels + 1, 1)
-            let evaluations = exhaustive ? candidates : Swift.min(candidates, 70)
-            micros = 0.005 * n + evaluations * (0.05 + 0.0003 * Swift.min(n, b))
-        }
+        let micros = scheme.calibration.method.costMicros(groupLength: n, levels: Double(scheme.target.calibrationLevels))
         return micros * Double(groups) / 1e6
     }
 }

@@ -134,10 +134,8 @@ public enum Quantizer {
         var alpha = [Float](repeating: -.infinity, count: pc)
         let levels = scheme.target.isFP8 ? 128 : 1 << (scheme.target.bits - 1)
         let qmaxSym = scheme.target.isFP8 ? 127 : (1 << (scheme.target.bits - 1)) - 1
-        if case .entropy(let bins, let lv, _) = scheme.calibration, bins <= (lv ?? levels) {
-            warnings.append("entropy calibration with bins (\(bins)) ≤ levels (\(lv ?? levels)) has only one candidate: it equals max")
-        }
-        if scheme.calibration == .max {
+        warnings += scheme.calibration.method.warnings(target: scheme.target)
+        if scheme.calibration.isMax {
             minMaxPerParam(x, layout: layout, lo: &beta, hi: &alpha)
             // the full symmetric range needs to know on which side the largest magnitude is
             if scheme.mapping == .scale && !scheme.fullSymmetricRange {

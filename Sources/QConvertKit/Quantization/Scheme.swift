@@ -74,26 +74,6 @@ public enum Mapping: String, Sendable, Codable, CaseIterable { case scale, affin
 /// Which elements share one (scale, zero point).
 public enum Granularity: String, Sendable, Codable, CaseIterable { case tensor, channel, group, element }
 
-/// How the range [beta, alpha] is chosen from the data.
-public enum Calibration: Sendable, Equatable, Hashable {
-    case max
-    case percentile(Double)
-    /// `exhaustive`: evaluate every candidate threshold instead of searching coarse to fine.
-    case entropy(bins: Int, levels: Int?, exhaustive: Bool = false)
-    case mse(bins: Int, exhaustive: Bool = false)
-
-    public var method: CalibrationMethod {
-        switch self {
-        case .max: .max
-        case .percentile: .percentile
-        case .entropy: .entropy
-        case .mse: .mse
-        }
-    }
-
-    public var name: String { method.rawValue }
-}
-
 /// A complete quantization recipe for one tensor, with its axis already resolved.
 public struct QuantScheme: Sendable, Equatable, Hashable {
     public var target: TargetType
