@@ -395,3 +395,28 @@ func quantize(_ x: [Float], shape: [Int], _ scheme: QuantScheme, reference: Bool
         }
     }
 }
+
+@Suite struct SubBytePacking {
+    /// Every width packs and unpacks back, rows of any length (tails leave high bits 0), low bits first.
+    @Test(arguments: [1, 2, 4]) func packRoundTrips(bits: Int) {
+        var rng = SeededRandom(UInt64(bits) + 1)
+        for shape in [[3, 7], [2, 8], [1, 1], [5, 13], [0, 4]] {
+            let n = shape.reduce(1, *)
+            let q = (0..<n).map { _ in UInt8(truncatingIfNeeded: rng.next()) & UInt8((1 << bits) - 1) }
+            let packed = Packing.pack(q, shape: shape, bits: bits)
+            let per = 8 / bits
+            #expect(packed.count == shape.dropLast().reduce(1, *) * ((shape.last! + per - 1) / per))
+            #expect(Packing.unpack(packed, shape: shape, bits: bits) == q)
+        }
+        #expect(Packing.pack([1, 0, 1, 1], shape: [4], bits: 1) == [0b1101])
+        #expect(Packing.pack([3, 2, 1], shape: [3], bits: 2) == [0b01_10_11])
+        #expect(Packing.pack([0xA, 0x3, 0x7], shape: [3], bits: 4) == [0x3A, 0x07])
+    }
+
+    @Test func signExtension() {
+        #expect(Packing.signExtend(0x0D, bits: 4) == 0xFD)
+        #expect(Packing.signExtend(0x07, bits: 4) == 0x07)
+        #expect(Packing.signExtend(0b10, bits: 2) == 0xFE)
+        #expect(Packing.signExtend(0b1, bits: 1) == 0xFF)
+    }
+}

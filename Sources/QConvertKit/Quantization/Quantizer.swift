@@ -48,9 +48,10 @@ public struct QuantizedTensor: Sendable {
 public enum Quantizer {
     /// The shape of the stored values: 4-bit types halve the last axis (rounded up).
     public static func storedShape(_ shape: [Int], target: TargetType) -> [Int] {
-        guard target.isPacked4 else { return shape }
+        let per = target.traits.valuesPerByte
+        guard per > 1 else { return shape }
         guard let last = shape.last else { return [1] }
-        return shape.dropLast() + [(last + 1) / 2]
+        return shape.dropLast() + [(last + per - 1) / per]
     }
 
     /// Quantizes (or casts) float32 values of the given shape. `bytesBefore` is the

@@ -66,6 +66,8 @@ public struct TypeTraits: Sendable {
     public var storage: DType
     /// ONNX TensorProto data type of the stored values (0: none).
     public var onnxType: Int32
+    /// Values stored per byte: integer types narrower than a byte are packed (`Packing.pack`).
+    public var valuesPerByte: Int { kind == .integer && bits < 8 ? 8 / bits : 1 }
 }
 
 /// scale: symmetric, zero point 0, restricted range; affine: zero point, range widened to contain 0.
