@@ -29,7 +29,7 @@ demo:
 swift-test: lint
 	@mkdir -p .build
 	$(SWIFT) build 2>&1 | tee .build/build.log
-	@if grep -E "(Sources|Tests)/[^ ]*: warning:" .build/build.log; then echo "the build has warnings"; exit 1; fi
+	@if grep -E "(Sources|Tests)/[^ ]*: warning:|^warning: '[^']*': found .* unhandled" .build/build.log; then echo "the build has warnings"; exit 1; fi
 	$(SWIFT) test
 
 interop:

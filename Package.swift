@@ -41,6 +41,7 @@ let package = Package(
                 "CZip",
                 .product(name: "Yams", package: "Yams")
             ],
+            exclude: ["README.md"],
             // Checked arithmetic and bounds in release too: the library parses hostile files, and a missed
             // check must trap rather than corrupt memory. The hot loops are C kernels (CQKernels).
             swiftSettings: []

@@ -395,7 +395,7 @@ public enum Quantizer {
             var out = [Float](repeating: 0, count: n)
             values.withUnsafeBytes { qk_bf16_to_f32($0.baseAddress, Int64(n), &out) }
             return out
-        default:
+        case .int8, .uint8, .int4, .uint4, .fp8_e4m3, .fp8_e5m2:
             break
         }
         let layout = ParamLayout(shape: shape, granularity: granularity, axis: axis, groupSize: groupSize)

@@ -51,7 +51,7 @@ public enum TargetType: String, Sendable, CaseIterable, Codable {
         switch self {
         case .fp8_e4m3: return .e4m3
         case .fp8_e5m2: return .e5m2
-        default: return nil
+        case .int8, .uint8, .int4, .uint4, .fp16, .bf16, .keep: return nil
         }
     }
 }
