@@ -1,6 +1,13 @@
+/// A rule of a file format that input breaks, with the data that shows how. Each reader of hostile
+/// input has its own enum of them (`SafetensorsRule`, `NpyRule`, `OnnxWireRule`, `PickleRule`,
+/// `ZipRule`), so callers and tests match the rule, not its wording; `description` is the wording.
+public protocol FormatViolation: Error, CustomStringConvertible, Sendable {}
+
 /// Every error the library reports. Each case names the file, tensor or key it is about,
 /// and `description` is a single line a person can act on.
 public enum QConvertError: Error, CustomStringConvertible, Equatable, Sendable {
+    /// A file breaks a rule of its format.
+    case violation(path: String, any FormatViolation)
     /// A file could not be read, or is not what it claims to be.
     case badInput(path: String, message: String)
     /// Reading failed at the operating-system level.
@@ -18,6 +25,7 @@ public enum QConvertError: Error, CustomStringConvertible, Equatable, Sendable {
 
     public var description: String {
         switch self {
+        case .violation(let p, let v): return "\(p): \(v)"
         case .badInput(let p, let m): return "\(p): \(m)"
         case .io(let p, let m): return "\(p): \(m)"
         case .policy(let p, let l, let c, let m):
@@ -34,11 +42,30 @@ public enum QConvertError: Error, CustomStringConvertible, Equatable, Sendable {
         switch self {
         case .usage: .usage
         case .policy: .policy
-        case .badInput, .io, .tensor: .badInput
+        case .violation, .badInput, .io, .tensor: .badInput
         case .write: .writeFailed
         case .internal: .internalFault
         }
     }
 
     public var exitCode: Int32 { exitStatus.rawValue }
+
+    /// The rule a file breaks, when the error is one.
+    public var violation: (any FormatViolation)? {
+        if case .violation(_, let v) = self { return v }
+        return nil
+    }
+
+    public static func == (a: QConvertError, b: QConvertError) -> Bool {
+        switch (a, b) {
+        case (.violation(let p, let v), .violation(let q, let w)): p == q && type(of: v) == type(of: w) && v.description == w.description
+        case (.badInput(let p, let m), .badInput(let q, let n)), (.io(let p, let m), .io(let q, let n)),
+            (.write(let p, let m), .write(let q, let n)):
+            p == q && m == n
+        case (.policy(let p, let l, let c, let m), .policy(let q, let k, let d, let n)): p == q && l == k && c == d && m == n
+        case (.tensor(let a, let m), .tensor(let b, let n)): a == b && m == n
+        case (.usage(let m), .usage(let n)), (.internal(let m), .internal(let n)): m == n
+        default: false
+        }
+    }
 }

@@ -58,8 +58,8 @@ enum Npy {
     }
 
     static func parseHeader(_ b: UnsafeRawBufferPointer, name: String, path: String) throws -> Header {
-        func bad(_ m: String) -> QConvertError { .badInput(path: path, message: "member '\(name)': \(m)") }
-        guard b.count >= 10, Array(b[0..<6]) == magic else { throw bad("not a .npy array (bad magic)") }
+        func bad(_ r: NpyRule) -> QConvertError { .violation(path: path, r) }
+        guard b.count >= 10, Array(b[0..<6]) == magic else { throw bad(.badMagic(member: name)) }
         let major = b[6]
         let (len, start): (Int, Int)
         switch major {
@@ -67,28 +67,28 @@ enum Npy {
             len = Int(b[8]) | Int(b[9]) << 8
             start = 10
         case 2, 3:
-            guard b.count >= 12 else { throw bad("truncated .npy header") }
+            guard b.count >= 12 else { throw bad(.truncatedHeader(member: name)) }
             len = Int(b[8]) | Int(b[9]) << 8 | Int(b[10]) << 16 | Int(b[11]) << 24
             start = 12
-        default: throw bad(".npy version \(major) is not supported")
+        default: throw bad(.unsupportedVersion(member: name, major: Int(major)))
         }
-        guard len <= maxHeader else { throw bad(".npy header of \(len) bytes exceeds \(maxHeader)") }
-        guard start + len <= b.count else { throw bad("truncated .npy header") }
+        guard len <= maxHeader else { throw bad(.headerTooLong(member: name, length: len, limit: maxHeader)) }
+        guard start + len <= b.count else { throw bad(.truncatedHeader(member: name)) }
         let raw = Array(b[start..<(start + len)])
         let text = major == 3 ? String(decoding: raw, as: UTF8.self) : String(raw.map { Character(Unicode.Scalar($0)) })
         var p = NpyLiteralParser(Array(text.unicodeScalars))
         guard let dict = try? p.parseDict() else {
-            throw bad("cannot read the .npy header \(text.trimmingCharacters(in: .whitespacesAndNewlines))")
+            throw bad(.unreadableHeader(member: name, text: text.trimmingCharacters(in: .whitespacesAndNewlines)))
         }
         guard Set(dict.keys) == ["descr", "fortran_order", "shape"] else {
-            throw bad(".npy header must have exactly descr, fortran_order and shape")
+            throw bad(.wrongKeys(member: name))
         }
         guard case .string(let descr)? = dict["descr"] else {
-            throw bad("descr \(dict["descr"].map { "\($0)" } ?? "") is not a simple dtype (structured and object arrays are refused)")
+            throw bad(.notSimpleDType(member: name, descr: dict["descr"].map { "\($0)" } ?? ""))
         }
-        guard case .bool(let fo)? = dict["fortran_order"] else { throw bad("fortran_order is not a bool") }
+        guard case .bool(let fo)? = dict["fortran_order"] else { throw bad(.fortranOrderNotBool(member: name)) }
         guard case .tuple(let shape)? = dict["shape"], shape.allSatisfy({ $0 >= 0 }) else {
-            throw bad("shape is not a tuple of non-negative integers")
+            throw bad(.badShape(member: name))
         }
         return Header(descr: descr, fortranOrder: fo, shape: shape, dataOffset: start + len)
     }
@@ -196,5 +196,43 @@ struct NpyLiteralParser {
             i += 1
         }
         return .other
+    }
+}
+
+/// The rules of the .npy format (and of an .npz's members) a file can break.
+public enum NpyRule: FormatViolation, Equatable {
+    case badMagic(member: String)
+    case truncatedHeader(member: String)
+    case unsupportedVersion(member: String, major: Int)
+    case headerTooLong(member: String, length: Int, limit: Int)
+    case unreadableHeader(member: String, text: String)
+    case wrongKeys(member: String)
+    case notSimpleDType(member: String, descr: String)
+    case fortranOrderNotBool(member: String)
+    case badShape(member: String)
+    case objectArray(array: String)
+    case unsupportedDType(array: String, descr: String)
+    case shapeOverflows(array: String, shape: [Int])
+    case sizeMismatch(array: String, shape: [Int], descr: String, needs: Int, holds: Int)
+    case notText(member: String, reason: String)
+
+    public var description: String {
+        switch self {
+        case .badMagic(let m): "member '\(m)': not a .npy array (bad magic)"
+        case .truncatedHeader(let m): "member '\(m)': truncated .npy header"
+        case .unsupportedVersion(let m, let v): "member '\(m)': .npy version \(v) is not supported"
+        case .headerTooLong(let m, let n, let limit): "member '\(m)': .npy header of \(n) bytes exceeds \(limit)"
+        case .unreadableHeader(let m, let t): "member '\(m)': cannot read the .npy header \(t)"
+        case .wrongKeys(let m): "member '\(m)': .npy header must have exactly descr, fortran_order and shape"
+        case .notSimpleDType(let m, let d): "member '\(m)': descr \(d) is not a simple dtype (structured and object arrays are refused)"
+        case .fortranOrderNotBool(let m): "member '\(m)': fortran_order is not a bool"
+        case .badShape(let m): "member '\(m)': shape is not a tuple of non-negative integers"
+        case .objectArray(let a): "array '\(a)': object arrays (|O) hold pickled Python objects and are refused"
+        case .unsupportedDType(let a, let d): "array '\(a)': dtype '\(d)' is not supported"
+        case .shapeOverflows(let a, let s): "array '\(a)': shape \(Shape(s)) overflows"
+        case .sizeMismatch(let a, let s, let d, let need, let holds):
+            "array '\(a)': shape \(Shape(s)) of \(d) needs \(need) bytes but the member holds \(holds)"
+        case .notText(let m, let why): "member '\(m)' is \(why)"
+        }
     }
 }

@@ -67,18 +67,18 @@ public struct NpzReader: FormatReader {
     }
 
     static func layout(_ head: UnsafeRawBufferPointer, total: Int, name: String, path: String) throws -> Layout {
-        func bad(_ m: String) -> QConvertError { .badInput(path: path, message: "array '\(name)': \(m)") }
+        func bad(_ r: NpyRule) -> QConvertError { .violation(path: path, r) }
         let header = try Npy.parseHeader(head, name: name + ".npy", path: path)
         guard let (dtype, size, bigEndian) = Npy.dtype(header.descr) else {
-            if header.descr.hasSuffix("O") { throw bad("object arrays (|O) hold pickled Python objects and are refused") }
-            throw bad("dtype '\(header.descr)' is not supported")
+            if header.descr.hasSuffix("O") { throw bad(.objectArray(array: name)) }
+            throw bad(.unsupportedDType(array: name, descr: header.descr))
         }
         guard let n = Shape(header.shape).checkedElementCount, case (let nbytes, false) = n.multipliedReportingOverflow(by: size) else {
-            throw bad("shape \(Shape(header.shape)) overflows")
+            throw bad(.shapeOverflows(array: name, shape: header.shape))
         }
         guard total - header.dataOffset == nbytes else {
             throw bad(
-                "shape \(Shape(header.shape)) of \(header.descr) needs \(nbytes) bytes but the member holds \(total - header.dataOffset)")
+                .sizeMismatch(array: name, shape: header.shape, descr: header.descr, needs: nbytes, holds: total - header.dataOffset))
         }
         return Layout(header: header, dtype: dtype, size: size, bigEndian: bigEndian, count: n, nbytes: nbytes)
     }
@@ -152,7 +152,7 @@ public struct NpzReader: FormatReader {
         try bytes.withUnsafeBytes { b in
             let h = try Npy.parseHeader(b, name: name, path: path)
             guard h.descr.hasPrefix("<U"), h.shape.isEmpty else {
-                throw QConvertError.badInput(path: path, message: "member '\(name)' is not a string")
+                throw QConvertError.violation(path: path, NpyRule.notText(member: name, reason: "not a string"))
             }
             let data = UnsafeRawBufferPointer(rebasing: b[h.dataOffset...])
             var s = ""
@@ -160,7 +160,7 @@ public struct NpzReader: FormatReader {
                 let v = data.loadUnaligned(fromByteOffset: 4 * k, as: UInt32.self).littleEndian
                 if v == 0 { break }
                 guard let u = Unicode.Scalar(v) else {
-                    throw QConvertError.badInput(path: path, message: "member '\(name)' is not valid text")
+                    throw QConvertError.violation(path: path, NpyRule.notText(member: name, reason: "not valid text"))
                 }
                 s.unicodeScalars.append(u)
             }

@@ -59,13 +59,12 @@ public struct PyTorchReader: FormatReader {
                 var u = Unpickler(raw) { pid in
                     let st = try PyTorchReader.storage(pid)
                     guard let rec = zip.member(named: "\(prefix)/data/\(st.key)") else {
-                        throw Unpickler.Failure(message: "storage '\(st.key)' has no record \(prefix)/data/\(st.key)")
+                        throw PickleRule.storage("storage '\(st.key)' has no record \(prefix)/data/\(st.key)")
                     }
                     let elsize = max(st.dtype.bits / 8, 1)
                     guard case (let need, false) = st.numel.multipliedReportingOverflow(by: elsize), need == rec.size else {
-                        throw Unpickler.Failure(
-                            message:
-                                "storage '\(st.key)' declares \(st.numel) elements of \(st.dtype.rawValue) but its record holds \(rec.size) bytes"
+                        throw PickleRule.storage(
+                            "storage '\(st.key)' declares \(st.numel) elements of \(st.dtype.rawValue) but its record holds \(rec.size) bytes"
                         )
                     }
                     if storageBytes[st.key] == nil {
@@ -75,8 +74,8 @@ public struct PyTorchReader: FormatReader {
                 }
                 return try u.load()
             }
-        } catch let f as Unpickler.Failure {
-            throw bad("\(prefix)/data.pkl: \(f.message)")
+        } catch let f as PickleRule {
+            throw QConvertError.violation(path: path, PickleRule.inMember("\(prefix)/data.pkl", f))
         }
         var metadata: [(key: String, value: String)] = []
         if let m = zip.member(named: "\(prefix)/\(MetadataDocument.key).json") {
@@ -146,11 +145,11 @@ public struct PyTorchReader: FormatReader {
         guard case .tuple(let t) = pid, t.count >= 5, case .string("storage") = t[0],
             case .global(let m, let cls) = t[1], case .string(let key) = t[2], case .int(let numel) = t[4], numel >= 0
         else {
-            throw Unpickler.Failure(message: "unsupported persistent id")
+            throw PickleRule.storage("unsupported persistent id")
         }
         let untyped = (m == "torch.storage" || m == "torch") && (cls == "UntypedStorage" || cls == "TypedStorage")
         guard let dtype = untyped ? DType.u8 : TorchTypes.storages[cls] else {
-            throw Unpickler.Failure(message: "storage class '\(m).\(cls)' is not supported")
+            throw PickleRule.storage("storage class '\(m).\(cls)' is not supported")
         }
         return PTStorage(key: key, dtype: dtype, numel: numel)
     }
@@ -172,7 +171,7 @@ public struct PyTorchReader: FormatReader {
                 pos += u.pos
                 return v
             }
-            let noPid: (PickleValue) throws -> PickleValue = { _ in throw Unpickler.Failure(message: "unexpected persistent id") }
+            let noPid: (PickleValue) throws -> PickleValue = { _ in throw PickleRule.storage("unexpected persistent id") }
             guard case .bigInt(let magic) = try next(noPid), magic == [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19] else {
                 throw bad("bad magic number")
             }
@@ -184,7 +183,7 @@ public struct PyTorchReader: FormatReader {
             root = try next { pid in
                 let st = try PyTorchReader.storage(pid)
                 if let seen = storages[st.key], seen.dtype != st.dtype {
-                    throw Unpickler.Failure(message: "storage '\(st.key)' used with two types")
+                    throw PickleRule.storage("storage '\(st.key)' used with two types")
                 }
                 if let seen = storages[st.key], seen.numel >= st.numel { return .storage(seen) }
                 storages[st.key] = st
@@ -195,8 +194,8 @@ public struct PyTorchReader: FormatReader {
                 guard case .string(let s) = $0 else { throw bad("storage key is not a string") }
                 return s
             }
-        } catch let u as Unpickler.Failure {
-            throw bad(u.message)
+        } catch let u as PickleRule {
+            throw QConvertError.violation(path: path, PickleRule.inMember("legacy torch.save file", u))
         }
         var storageBytes: [String: TensorBytes] = [:]
         for key in keys {

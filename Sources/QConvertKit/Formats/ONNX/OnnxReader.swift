@@ -18,12 +18,12 @@ public struct OnnxReader: FormatReader {
         let f = try MappedFile(path: path)
         do {
             guard f.size < Int(Int32.max) else {
-                throw bad("a protobuf model over 2 GB cannot be read; such models keep their weights in external data")
+                throw QConvertError.violation(path: path, OnnxWireRule.tooLarge)
             }
             let raw = f.bytes(at: 0, count: f.size)
             let wire: OnnxWireCheck
-            do { wire = try OnnxWireCheck.check(raw) } catch let e as OnnxWireCheck.Failure {
-                throw bad("not a valid ONNX model: \(e.message)")
+            do { wire = try OnnxWireCheck.check(raw) } catch let e as OnnxWireRule {
+                throw QConvertError.violation(path: path, e)
             }
             // protobuf-c copies every payload; drop the file's pages behind the copying so that
             // memory holds one copy of the weights, not two.
@@ -40,7 +40,7 @@ public struct OnnxReader: FormatReader {
                 raw.baseAddress.flatMap { onnx__model_proto__unpack(&allocator, f.size, $0.assumingMemoryBound(to: UInt8.self)) }
             }
             guard let m = unpacked else {
-                throw bad("not a valid ONNX model (protobuf could not be decoded)")
+                throw QConvertError.violation(path: path, OnnxWireRule.undecodable)
             }
             model = OnnxModel(model: m, path: path)
         }

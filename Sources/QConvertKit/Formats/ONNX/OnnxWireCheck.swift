@@ -4,7 +4,7 @@
 /// enclosing message, and refuses nesting deeper than `maxDepth`.
 struct OnnxWireCheck {
     enum Kind { case model, graph, node, attribute, function, training, valueInfo, type, typeInner, tensor }
-    struct Failure: Error { let message: String }
+    typealias Failure = OnnxWireRule
 
     static let maxDepth = 64
     /// Byte ranges of large payload fields inside tensors, in file order.
@@ -42,26 +42,26 @@ struct OnnxWireCheck {
 
     mutating func scan(_ b: UnsafeRawBufferPointer, _ start: Int, _ end: Int, _ kind: Kind, depth: Int) throws {
         guard depth <= OnnxWireCheck.maxDepth else {
-            throw Failure(message: "nesting deeper than \(OnnxWireCheck.maxDepth) levels (subgraphs or types)")
+            throw OnnxWireRule.tooDeep(limit: OnnxWireCheck.maxDepth)
         }
         var pos = start
         func varint() throws -> UInt64 {
             var v: UInt64 = 0
             var shift: UInt64 = 0
             while true {
-                guard pos < end else { throw Failure(message: "truncated protobuf (varint runs past the end at byte \(pos))") }
+                guard pos < end else { throw OnnxWireRule.truncatedVarint(at: pos) }
                 let c = b[pos]
                 pos += 1
                 v |= UInt64(c & 0x7F) << shift
                 if c & 0x80 == 0 { return v }
                 shift += 7
-                guard shift < 64 else { throw Failure(message: "corrupt protobuf (overlong varint at byte \(pos))") }
+                guard shift < 64 else { throw OnnxWireRule.overlongVarint(at: pos) }
             }
         }
         while pos < end {
             let tag = try varint()
             let field = tag >> 3
-            guard field != 0 else { throw Failure(message: "corrupt protobuf (field number 0 at byte \(pos))") }
+            guard field != 0 else { throw OnnxWireRule.fieldZero(at: pos) }
             switch tag & 7 {
             case 0: _ = try varint()
             case 1: pos += 8
@@ -69,7 +69,7 @@ struct OnnxWireCheck {
             case 2:
                 let len = try varint()
                 guard len <= UInt64(end - pos) else {
-                    throw Failure(message: "truncated protobuf (a field of \(len) bytes runs past the end at byte \(pos))")
+                    throw OnnxWireRule.fieldPastEnd(length: len, at: pos)
                 }
                 let l = Int(len)
                 if kind != .tensor, let c = OnnxWireCheck.child(kind, field) {
@@ -79,9 +79,36 @@ struct OnnxWireCheck {
                 }
                 pos += l
             default:
-                throw Failure(message: "corrupt protobuf (wire type \(tag & 7) at byte \(pos))")
+                throw OnnxWireRule.badWireType(Int(tag & 7), at: pos)
             }
-            guard pos <= end else { throw Failure(message: "truncated protobuf (field runs past the end)") }
+            guard pos <= end else { throw OnnxWireRule.fieldPastEnd(length: nil, at: pos) }
+        }
+    }
+}
+
+/// The protobuf wire rules an ONNX file can break (checked before protobuf-c decodes it).
+public enum OnnxWireRule: FormatViolation, Equatable {
+    case tooDeep(limit: Int)
+    case truncatedVarint(at: Int)
+    case overlongVarint(at: Int)
+    case fieldZero(at: Int)
+    case fieldPastEnd(length: UInt64?, at: Int)
+    case badWireType(Int, at: Int)
+    case undecodable
+    case tooLarge
+
+    public var description: String {
+        let prefix = "not a valid ONNX model: "
+        return switch self {
+        case .tooDeep(let n): prefix + "nesting deeper than \(n) levels (subgraphs or types)"
+        case .truncatedVarint(let p): prefix + "truncated protobuf (varint runs past the end at byte \(p))"
+        case .overlongVarint(let p): prefix + "corrupt protobuf (overlong varint at byte \(p))"
+        case .fieldZero(let p): prefix + "corrupt protobuf (field number 0 at byte \(p))"
+        case .fieldPastEnd(let n?, let p): prefix + "truncated protobuf (a field of \(n) bytes runs past the end at byte \(p))"
+        case .fieldPastEnd(nil, _): prefix + "truncated protobuf (field runs past the end)"
+        case .badWireType(let t, let p): prefix + "corrupt protobuf (wire type \(t) at byte \(p))"
+        case .undecodable: "not a valid ONNX model (protobuf could not be decoded)"
+        case .tooLarge: "a protobuf model over 2 GB cannot be read; such models keep their weights in external data"
         }
     }
 }

@@ -4,7 +4,7 @@ import Foundation
 /// protocols 2 to 5 build plain values; GLOBAL may name only what torch's weights-only loader
 /// allows; REDUCE, BUILD and NEWOBJ produce typed values for the few callables checkpoints use.
 struct Unpickler {
-    struct Failure: Error { let message: String }
+    typealias Failure = PickleRule
 
     let data: UnsafeRawBufferPointer
     var pos = 0
@@ -26,16 +26,16 @@ struct Unpickler {
         self.persistentLoad = persistentLoad
     }
 
-    func fail(_ m: String) -> Failure { Failure(message: m) }
+    func fail(_ r: PickleRule) -> PickleRule { r }
 
     mutating func byte() throws -> UInt8 {
-        guard pos < data.count else { throw fail("pickle ends early (truncated?)") }
+        guard pos < data.count else { throw fail(.truncated) }
         pos += 1
         return data[pos - 1]
     }
 
     mutating func take(_ n: Int) throws -> UnsafeRawBufferPointer {
-        guard n >= 0, n <= data.count - pos else { throw fail("pickle field of \(n) bytes runs past the end") }
+        guard n >= 0, n <= data.count - pos else { throw fail(.pastEnd(what: "a field", bytes: UInt64(max(n, 0)))) }
         defer { pos += n }
         return UnsafeRawBufferPointer(rebasing: data[pos..<(pos + n)])
     }
@@ -50,12 +50,12 @@ struct Unpickler {
     /// A length field of `width` bytes that must fit in what is left of the data.
     mutating func length(_ width: Int) throws -> Int {
         let v = try uint(width)
-        guard v <= UInt64(data.count - pos) else { throw fail("a length of \(v) bytes runs past the end of the pickle") }
+        guard v <= UInt64(data.count - pos) else { throw fail(.pastEnd(what: "a length", bytes: v)) }
         return Int(v)
     }
 
     mutating func line() throws -> String {
-        guard let nl = data[pos...].firstIndex(of: 0x0A) else { throw fail("unterminated text field") }
+        guard let nl = data[pos...].firstIndex(of: 0x0A) else { throw fail(.unterminatedText) }
         let s = String(decoding: UnsafeRawBufferPointer(rebasing: data[pos..<nl]), as: UTF8.self)
         pos = nl + 1
         return s
@@ -73,9 +73,9 @@ struct Unpickler {
     mutating func pop() throws -> PickleValue { try popWithDepth().value }
 
     mutating func popWithDepth() throws -> (value: PickleValue, depth: Int) {
-        guard let v = stack.popLast() else { throw fail("stack underflow") }
+        guard let v = stack.popLast() else { throw fail(.stackShape(op: "POP", problem: "stack underflow")) }
         let d = depths.removeLast()
-        if case .mark = v { throw fail("unexpected MARK") }
+        if case .mark = v { throw fail(.stackShape(op: "POP", problem: "unexpected MARK")) }
         return (v, depthOf(v, recorded: d))
     }
 
@@ -83,7 +83,7 @@ struct Unpickler {
 
     /// The items since the last MARK and the deepest of their depths.
     mutating func popMarkWithDepth() throws -> (items: [PickleValue], deepest: Int) {
-        guard let m = marks.popLast(), m <= stack.count else { throw fail("no MARK to pop to") }
+        guard let m = marks.popLast(), m <= stack.count else { throw fail(.stackShape(op: "MARK", problem: "no MARK to pop to")) }
         let items = Array(stack[m...])
         var deepest = 0
         for (k, v) in items.enumerated() { deepest = max(deepest, depthOf(v, recorded: depths[m + k])) }
@@ -93,8 +93,8 @@ struct Unpickler {
     }
 
     mutating func push(_ v: PickleValue, depth: Int = 0) throws {
-        guard stack.count < Unpickler.maxStack else { throw fail("pickle stack grows past \(Unpickler.maxStack)") }
-        guard depth <= Unpickler.maxDepth else { throw fail("values nested deeper than \(Unpickler.maxDepth) levels") }
+        guard stack.count < Unpickler.maxStack else { throw fail(.limit(.stack, Unpickler.maxStack)) }
+        guard depth <= Unpickler.maxDepth else { throw fail(.limit(.depth, Unpickler.maxDepth)) }
         stack.append(v)
         depths.append(depth)
     }
@@ -118,15 +118,15 @@ struct Unpickler {
     /// The list or dict on top of the stack, to add items to: never one another value already holds
     /// (CPython's pickler fills a container before placing it; only a hostile pickle does otherwise).
     mutating func growTop(by deepest: Int, _ what: String) throws {
-        guard let top = stack.last else { throw fail("\(what) on an empty stack") }
+        guard let top = stack.last else { throw fail(.stackShape(op: what, problem: "empty stack")) }
         let d = max(depthOf(top, recorded: depths[depths.count - 1]), deepest + 1)
-        guard d <= Unpickler.maxDepth else { throw fail("values nested deeper than \(Unpickler.maxDepth) levels") }
+        guard d <= Unpickler.maxDepth else { throw fail(.limit(.depth, Unpickler.maxDepth)) }
         switch top {
         case .list(let l):
-            guard !l.embedded else { throw fail("\(what) to a list that another value already holds") }
+            guard !l.embedded else { throw fail(.sharedContainer(op: what, kind: "list")) }
             l.depth = d
         case .dict(let dict):
-            guard !dict.embedded else { throw fail("\(what) to a dict that another value already holds") }
+            guard !dict.embedded else { throw fail(.sharedContainer(op: what, kind: "dict")) }
             dict.depth = d
         default: break
         }
@@ -134,8 +134,8 @@ struct Unpickler {
     }
 
     mutating func memoize(_ k: Int) throws {
-        guard let top = stack.last else { throw fail("memoize on an empty stack") }
-        guard memo.count < Unpickler.maxMemo else { throw fail("pickle memo grows past \(Unpickler.maxMemo)") }
+        guard let top = stack.last else { throw fail(.stackShape(op: "MEMOIZE", problem: "empty stack")) }
+        guard memo.count < Unpickler.maxMemo else { throw fail(.limit(.memo, Unpickler.maxMemo)) }
         memo[k] = (top, depths[depths.count - 1])
     }
 
@@ -145,16 +145,16 @@ struct Unpickler {
             switch op {
             case 0x80:
                 let p = try byte()
-                guard p >= 2 && p <= 5 else { throw fail("pickle protocol \(p) is not supported") }
+                guard p >= 2 && p <= 5 else { throw fail(.unsupportedProtocol(Int(p))) }
             case 0x95:  // FRAME: only a length hint; it must stay inside the data
                 let n = try uint(8)
-                guard n <= UInt64(data.count - pos) else { throw fail("FRAME of \(n) bytes runs past the end") }
+                guard n <= UInt64(data.count - pos) else { throw fail(.pastEnd(what: "FRAME", bytes: n)) }
             case UInt8(ascii: "."): return try pop()
             case UInt8(ascii: "("): marks.append(stack.count)
             case UInt8(ascii: "0"): _ = try pop()
             case UInt8(ascii: "1"): _ = try popMark()
             case UInt8(ascii: "2"):
-                guard let t = stack.last else { throw fail("DUP on an empty stack") }
+                guard let t = stack.last else { throw fail(.stackShape(op: "DUP", problem: "empty stack")) }
                 try push(t, depth: depths[depths.count - 1])
             case UInt8(ascii: "N"): try push(.none)
             case 0x88: try push(.bool(true))
@@ -166,7 +166,7 @@ struct Unpickler {
                 } else if s == "00" {
                     try push(.bool(false))
                 } else {
-                    guard let v = Int(s) else { throw fail("bad INT '\(s)'") }
+                    guard let v = Int(s) else { throw fail(.badLiteral(op: "INT", text: s)) }
                     try push(.int(v))
                 }
             case UInt8(ascii: "J"): try push(.int(Int(Int32(truncatingIfNeeded: try uint(4)))))
@@ -174,7 +174,7 @@ struct Unpickler {
             case UInt8(ascii: "M"): try push(.int(Int(try uint(2))))
             case 0x8a, 0x8b:
                 let n = op == 0x8a ? Int(try byte()) : Int(try uint(4))
-                guard n <= 64 else { throw fail("integer of \(n) bytes is too large") }
+                guard n <= 64 else { throw fail(.badLiteral(op: "LONG", text: "\(n)-byte integer")) }
                 let b = try take(n)
                 if n > 8 {
                     try push(.bigInt(Array(b)))
@@ -187,16 +187,18 @@ struct Unpickler {
             case UInt8(ascii: "L"):
                 var s = try line()
                 if s.hasSuffix("L") { s.removeLast() }
-                guard let v = Int(s) else { throw fail("bad LONG '\(s)'") }
+                guard let v = Int(s) else { throw fail(.badLiteral(op: "LONG", text: s)) }
                 try push(.int(v))
             case UInt8(ascii: "G"):
                 try push(.float(Double(bitPattern: try (0..<8).reduce(UInt64(0)) { acc, _ in acc << 8 | UInt64(try byte()) })))
             case UInt8(ascii: "F"):
-                guard let v = Double(try line()) else { throw fail("bad FLOAT") }
+                guard let v = Double(try line()) else { throw fail(.badLiteral(op: "FLOAT", text: nil)) }
                 try push(.float(v))
             case UInt8(ascii: "X"), 0x8c, 0x8d:
                 let n = op == 0x8c ? Int(try byte()) : op == 0x8d ? try length(8) : try length(4)
-                guard let s = String(validating: try take(n), as: UTF8.self) else { throw fail("string is not UTF-8") }
+                guard let s = String(validating: try take(n), as: UTF8.self) else {
+                    throw fail(.badLiteral(op: "string", text: "not UTF-8"))
+                }
                 try push(.string(s))
             case UInt8(ascii: "T"), UInt8(ascii: "U"):
                 let n = op == UInt8(ascii: "U") ? Int(try byte()) : try length(4)  // a negative BINSTRING length is huge here
@@ -225,45 +227,45 @@ struct Unpickler {
                 try pushContainer(.list(l), items: items, deepest: deepest)
             case UInt8(ascii: "a"):
                 let (v, d) = try popWithDepth()
-                guard case .list(let l)? = stack.last else { throw fail("APPEND on something that is not a list") }
+                guard case .list(let l)? = stack.last else { throw fail(.wrongTarget(op: "APPEND", expected: "a list")) }
                 try growTop(by: d, "APPEND")
                 embed([v])
                 l.items.append(v)
             case UInt8(ascii: "e"):
                 let (items, deepest) = try popMarkWithDepth()
-                guard case .list(let l)? = stack.last else { throw fail("APPENDS on something that is not a list") }
+                guard case .list(let l)? = stack.last else { throw fail(.wrongTarget(op: "APPENDS", expected: "a list")) }
                 try growTop(by: deepest, "APPENDS")
                 embed(items)
                 l.items += items
             case UInt8(ascii: "}"): try push(.dict(PickleDict()), depth: 1)
             case UInt8(ascii: "d"):
                 let (items, deepest) = try popMarkWithDepth()
-                guard items.count % 2 == 0 else { throw fail("DICT with an odd number of items") }
+                guard items.count % 2 == 0 else { throw fail(.oddItems(op: "DICT")) }
                 let d = PickleDict()
                 for k in stride(from: 0, to: items.count, by: 2) { set(d, items[k], items[k + 1]) }
                 try pushContainer(.dict(d), items: items, deepest: deepest)
             case UInt8(ascii: "s"):
                 let (v, dv) = try popWithDepth()
                 let (k, dk) = try popWithDepth()
-                guard case .dict(let d)? = stack.last else { throw fail("SETITEM on something that is not a dict") }
+                guard case .dict(let d)? = stack.last else { throw fail(.wrongTarget(op: "SETITEM", expected: "a dict")) }
                 try growTop(by: max(dv, dk), "SETITEM")
                 embed([k, v])
                 set(d, k, v)
             case UInt8(ascii: "u"):
                 let (items, deepest) = try popMarkWithDepth()
-                guard items.count % 2 == 0 else { throw fail("SETITEMS with an odd number of items") }
-                guard case .dict(let d)? = stack.last else { throw fail("SETITEMS on something that is not a dict") }
+                guard items.count % 2 == 0 else { throw fail(.oddItems(op: "SETITEMS")) }
+                guard case .dict(let d)? = stack.last else { throw fail(.wrongTarget(op: "SETITEMS", expected: "a dict")) }
                 try growTop(by: deepest, "SETITEMS")
                 embed(items)
                 for k in stride(from: 0, to: items.count, by: 2) { set(d, items[k], items[k + 1]) }
             case 0x8f: try push(.set([]), depth: 1)
             case 0x90:
                 let (items, deepest) = try popMarkWithDepth()
-                guard case .set? = stack.last else { throw fail("ADDITEMS on something that is not a set") }
+                guard case .set? = stack.last else { throw fail(.wrongTarget(op: "ADDITEMS", expected: "a set")) }
                 // Taken off the stack and put back: the array is then uniquely held and grows in place
                 // (adding to a copy made every ADDITEMS quadratic).
                 var (top, d) = try popWithDepth()
-                guard case .set(var members) = top else { throw fail("ADDITEMS on something that is not a set") }
+                guard case .set(var members) = top else { throw fail(.wrongTarget(op: "ADDITEMS", expected: "a set")) }
                 top = .none  // the last other reference to the array: `members` now grows in place
                 members += items
                 embed(items)
@@ -278,40 +280,44 @@ struct Unpickler {
             case 0x93:
                 let name = try pop()
                 let module = try pop()
-                guard case .string(let n) = name, case .string(let m) = module else { throw fail("STACK_GLOBAL needs two strings") }
+                guard case .string(let n) = name, case .string(let m) = module else {
+                    throw fail(.badArguments(callable: "STACK_GLOBAL", detail: "needs two strings"))
+                }
                 try push(try global(m, n))
             case UInt8(ascii: "R"), 0x81:
                 let (args, da) = try popWithDepth()
                 let callable = try pop()
-                guard case .tuple(let a) = args else { throw fail("\(op == 0x81 ? "NEWOBJ" : "REDUCE") arguments are not a tuple") }
+                guard case .tuple(let a) = args else {
+                    throw fail(.badArguments(callable: op == 0x81 ? "NEWOBJ" : "REDUCE", detail: "arguments are not a tuple"))
+                }
                 let result = try reduce(callable, a)
                 try pushContainer(result, items: [args], deepest: da)
             case UInt8(ascii: "b"):
                 let (state, ds) = try popWithDepth()
-                guard let target = stack.last else { throw fail("BUILD on an empty stack") }
+                guard let target = stack.last else { throw fail(.stackShape(op: "BUILD", problem: "empty stack")) }
                 switch target {
                 case .dict(let d):
                     try growTop(by: ds, "BUILD")
                     embed([state])
                     d.state = state
                 case .tensor: break  // _rebuild_parameter_with_state: no Python state is kept
-                default: throw fail("BUILD on something that is not an OrderedDict or a tensor")
+                default: throw fail(.wrongTarget(op: "BUILD", expected: "an OrderedDict or a tensor"))
                 }
             case UInt8(ascii: "Q"): try push(try persistentLoad(try pop()))
             case UInt8(ascii: "P"): try push(try persistentLoad(.string(try line())))
             case UInt8(ascii: "h"): try get(Int(try byte()))
             case UInt8(ascii: "j"): try get(Int(try uint(4)))
             case UInt8(ascii: "g"):
-                guard let k = Int(try line()) else { throw fail("bad GET") }
+                guard let k = Int(try line()) else { throw fail(.badLiteral(op: "GET", text: nil)) }
                 try get(k)
             case UInt8(ascii: "q"): try memoize(Int(try byte()))
             case UInt8(ascii: "r"): try memoize(Int(try uint(4)))
             case UInt8(ascii: "p"):
-                guard let k = Int(try line()) else { throw fail("bad PUT") }
+                guard let k = Int(try line()) else { throw fail(.badLiteral(op: "PUT", text: nil)) }
                 try memoize(k)
             case 0x94: try memoize(memo.count)
             default:
-                throw fail(String(format: "opcode 0x%02x at byte %d is not allowed", op, pos - 1))
+                throw fail(.opcodeNotAllowed(op, at: pos - 1))
             }
         }
     }
@@ -330,30 +336,30 @@ struct Unpickler {
     }
 
     mutating func get(_ k: Int) throws {
-        guard let v = memo[k] else { throw fail("memo key \(k) was never stored") }
+        guard let v = memo[k] else { throw fail(.unknownMemo(k)) }
         try push(v.value, depth: depthOf(v.value, recorded: v.depth))
     }
 
     func global(_ module: String, _ name: String) throws -> PickleValue {
         guard TorchTypes.isAllowed(module, name) else {
-            throw fail("global '\(module).\(name)' is not allowed (only what torch's weights-only loader accepts)")
+            throw fail(.globalNotAllowed(module: module, name: name))
         }
         return .global(module: module, name: name)
     }
 
     func int(_ v: PickleValue, _ what: String) throws -> Int {
-        guard case .int(let i) = v else { throw fail("\(what) is not an integer") }
+        guard case .int(let i) = v else { throw fail(.badArguments(callable: what, detail: "not an integer")) }
         return i
     }
 
     func ints(_ v: PickleValue, _ what: String) throws -> [Int] {
-        guard case .tuple(let t) = v else { throw fail("\(what) is not a tuple") }
+        guard case .tuple(let t) = v else { throw fail(.badArguments(callable: what, detail: "not a tuple")) }
         return try t.map { try int($0, what) }
     }
 
     /// What REDUCE (and NEWOBJ) may call: a fixed set of constructors, nothing else.
     func reduce(_ callable: PickleValue, _ a: [PickleValue]) throws -> PickleValue {
-        guard case .global(let m, let n) = callable else { throw fail("REDUCE on something that is not an allowed callable") }
+        guard case .global(let m, let n) = callable else { throw fail(.wrongTarget(op: "REDUCE", expected: "an allowed callable")) }
         switch (m, n) {
         case ("collections", "OrderedDict"), ("collections", "Counter"):
             let d = PickleDict()
@@ -363,13 +369,15 @@ struct Unpickler {
             }
             return .dict(d)
         case ("torch", "Size"):
-            guard a.count == 1, case .tuple = a[0] else { throw fail("torch.Size needs one tuple") }
+            guard a.count == 1, case .tuple = a[0] else { throw fail(.badArguments(callable: "torch.Size", detail: "needs one tuple")) }
             return a[0]
         case ("torch", "device"):
-            guard let s = a.first, case .string = s else { throw fail("torch.device needs a string") }
+            guard let s = a.first, case .string = s else { throw fail(.badArguments(callable: "torch.device", detail: "needs a string")) }
             return s
         case ("_codecs", "encode"):
-            guard a.count >= 1, case .string(let s) = a[0] else { throw fail("_codecs.encode needs a string") }
+            guard a.count >= 1, case .string(let s) = a[0] else {
+                throw fail(.badArguments(callable: "_codecs.encode", detail: "needs a string"))
+            }
             return .bytes(s.unicodeScalars.map { UInt8(truncatingIfNeeded: $0.value) })  // latin-1
         case ("builtins", "set"):
             if let first = a.first, case .list(let l) = first { return .set(l.items) }
@@ -378,11 +386,11 @@ struct Unpickler {
             if let first = a.first, case .bytes = first { return first }
             return .bytes([])
         case ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor_v3"):
-            guard a.count >= 4, case .storage(let st) = a[0] else { throw fail("\(n): bad arguments") }
+            guard a.count >= 4, case .storage(let st) = a[0] else { throw fail(.badArguments(callable: n, detail: "bad arguments")) }
             var dtype = st.dtype
             if n == "_rebuild_tensor_v3" {
                 guard a.count >= 7, case .global("torch", let dn) = a[6], let d = TorchTypes.dtypes[dn] else {
-                    throw fail("_rebuild_tensor_v3: missing or unknown dtype")
+                    throw fail(.badArguments(callable: "_rebuild_tensor_v3", detail: "missing or unknown dtype"))
                 }
                 dtype = d
             }
@@ -392,15 +400,69 @@ struct Unpickler {
             if a.count > 4, case .bool(let rg) = a[4] { t.requiresGrad = rg }
             return .tensor(t)
         case ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state"):
-            guard a.count >= 2, case .tensor(let t) = a[0] else { throw fail("\(n): bad arguments") }
+            guard a.count >= 2, case .tensor(let t) = a[0] else { throw fail(.badArguments(callable: n, detail: "bad arguments")) }
             t.isParameter = true
             if case .bool(let rg) = a[1] { t.requiresGrad = rg }
             return .tensor(t)
         case ("torch._tensor", "_rebuild_from_type_v2"):
-            guard a.count >= 3, case .tuple(let args) = a[2] else { throw fail("_rebuild_from_type_v2: bad arguments") }
+            guard a.count >= 3, case .tuple(let args) = a[2] else {
+                throw fail(.badArguments(callable: "_rebuild_from_type_v2", detail: "bad arguments"))
+            }
             return try reduce(a[0], args)
         default:
-            throw fail("'\(m).\(n)' is allowed by torch but not supported by qconvert (quantized, sparse, nested or meta tensors)")
+            throw fail(.unsupportedTorch(callable: "\(m).\(n)"))
+        }
+    }
+}
+
+/// The rules of qconvert's restricted unpickler (what torch's weights-only loader accepts, with bounds)
+/// a pickle can break.
+public indirect enum PickleRule: FormatViolation, Equatable {
+    public enum Limit: String, Sendable { case stack, depth, memo }
+
+    case truncated
+    case pastEnd(what: String, bytes: UInt64)
+    case unterminatedText
+    case stackShape(op: String, problem: String)
+    case limit(Limit, Int)
+    case unsupportedProtocol(Int)
+    case badLiteral(op: String, text: String?)
+    case wrongTarget(op: String, expected: String)
+    case sharedContainer(op: String, kind: String)
+    case oddItems(op: String)
+    case unknownMemo(Int)
+    case opcodeNotAllowed(UInt8, at: Int)
+    case globalNotAllowed(module: String, name: String)
+    case badArguments(callable: String, detail: String)
+    case unsupportedTorch(callable: String)
+    /// torch.save's storages (persistent ids, records, types).
+    case storage(String)
+    /// A rule broken inside an archive member (`archive/data.pkl`).
+    case inMember(String, PickleRule)
+
+    public var description: String {
+        switch self {
+        case .truncated: "pickle ends early (truncated?)"
+        case .pastEnd(let what, let n): "\(what) of \(n) bytes runs past the end of the pickle"
+        case .unterminatedText: "unterminated text field"
+        case .stackShape(let op, let problem): "\(op): \(problem)"
+        case .limit(.stack, let n): "pickle stack grows past \(n)"
+        case .limit(.depth, let n): "values nested deeper than \(n) levels"
+        case .limit(.memo, let n): "pickle memo grows past \(n)"
+        case .unsupportedProtocol(let p): "pickle protocol \(p) is not supported"
+        case .badLiteral(let op, let t?): "bad \(op) '\(t)'"
+        case .badLiteral(let op, nil): "bad \(op)"
+        case .wrongTarget(let op, let expected): "\(op) on something that is not \(expected)"
+        case .sharedContainer(let op, let kind): "\(op) to a \(kind) that another value already holds"
+        case .oddItems(let op): "\(op) with an odd number of items"
+        case .unknownMemo(let k): "memo key \(k) was never stored"
+        case .opcodeNotAllowed(let op, let at): String(format: "opcode 0x%02x at byte %d is not allowed", op, at)
+        case .globalNotAllowed(let m, let n): "global '\(m).\(n)' is not allowed (only what torch's weights-only loader accepts)"
+        case .badArguments(let c, let d): "\(c): \(d)"
+        case .unsupportedTorch(let c):
+            "'\(c)' is allowed by torch but not supported by qconvert (quantized, sparse, nested or meta tensors)"
+        case .storage(let m): m
+        case .inMember(let m, let r): "\(m): \(r)"
         }
     }
 }
