@@ -45,15 +45,20 @@ struct VariantSpec {
     var source: Source
 
     static func parse(_ spec: String) throws -> VariantSpec {
-        guard let eq = spec.firstIndex(of: "=") else { throw ValidationError("--variant is NAME=preset:NAME or NAME=policy:FILE") }
+        guard let eq = spec.firstIndex(of: "=") else {
+            throw ValidationError("--variant is NAME=preset:NAME or NAME=policy:FILE")
+        }
         let name = String(spec[..<eq])
         let what = String(spec[spec.index(after: eq)...])
-        guard !name.isEmpty, !name.contains("/") else { throw ValidationError("variant name '\(name)' must be a plain folder name") }
+        guard !name.isEmpty, !name.contains("/") else {
+            throw ValidationError("variant name '\(name)' must be a plain folder name")
+        }
         if what.hasPrefix("preset:") {
             let p = String(what.dropFirst(7))
             guard let preset = Preset(rawValue: p) else {
                 throw ValidationError(
-                    "variant '\(name)': unknown preset '\(p)' (\(Preset.allCases.map(\.rawValue).joined(separator: ", ")))")
+                    "variant '\(name)': unknown preset '\(p)' (\(Preset.allCases.map(\.rawValue).joined(separator: ", ")))"
+                )
             }
             return VariantSpec(name: name, source: .preset(preset))
         }

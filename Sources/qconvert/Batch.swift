@@ -20,7 +20,8 @@ struct BatchCommand: ParsableCommand {
 }
 
 struct BatchRun: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "run", abstract: "Convert every model of SRC (the default).")
+    static let configuration = CommandConfiguration(
+        commandName: "run", abstract: "Convert every model of SRC (the default).")
 
     @Argument(help: ArgumentHelp("A folder of checkpoints, or a manifest file listing them.", valueName: "src"))
     var src: String
@@ -33,7 +34,8 @@ struct BatchRun: ParsableCommand {
     @Option(
         name: .customLong("variant"),
         help: ArgumentHelp(
-            "NAME=preset:NAME or NAME=policy:FILE; several variants write OUT/NAME/... from one read of each input.", valueName: "spec"),
+            "NAME=preset:NAME or NAME=policy:FILE; several variants write OUT/NAME/... from one read of each input.",
+            valueName: "spec"),
         transform: VariantSpec.parse)
     var variants: [VariantSpec] = []
 
@@ -47,7 +49,8 @@ struct BatchRun: ParsableCommand {
 
     @Option(
         name: .long,
-        help: ArgumentHelp("Write one row per model and variant: JSON lines, or CSV when the name ends in .csv.", valueName: "file"))
+        help: ArgumentHelp(
+            "Write one row per model and variant: JSON lines, or CSV when the name ends in .csv.", valueName: "file"))
     var manifest: String?
 
     @OptionGroup var gateOptions: GateOptions
@@ -72,7 +75,9 @@ struct BatchRun: ParsableCommand {
             let base = try policyOptions.load()
             var vs: [Batch.Variant] = []
             for spec in variants {
-                vs.append(Batch.Variant(name: spec.name, policy: try PolicyLoader.applyOverrides(spec.load(), policyOptions.overrides)))
+                vs.append(
+                    Batch.Variant(
+                        name: spec.name, policy: try PolicyLoader.applyOverrides(spec.load(), policyOptions.overrides)))
             }
             if vs.isEmpty { vs = [Batch.Variant(name: "", policy: base)] }
             var template = ConvertOptions(policy: base, jobs: 1, strict: policyOptions.strict)
@@ -98,13 +103,16 @@ struct BatchRun: ParsableCommand {
             for f in failed {
                 FileHandle.standardError.write(
                     Data(
-                        (oneLine("qconvert: failed: \(f.model)\(f.variant.isEmpty ? "" : " [\(f.variant)]"): \(f.error ?? "")") + "\n").utf8
+                        (oneLine(
+                            "qconvert: failed: \(f.model)\(f.variant.isEmpty ? "" : " [\(f.variant)]"): \(f.error ?? "")"
+                        ) + "\n").utf8
                     ))
             }
             if !failed.isEmpty { throw ExitCode(ExitStatus.batchFailures.rawValue) }
             if outcomes.contains(where: { $0.status == .gateFailed }) {
                 for g in outcomes where g.status == .gateFailed {
-                    FileHandle.standardError.write(Data((oneLine("qconvert: \(g.model): \(g.error ?? "")") + "\n").utf8))
+                    FileHandle.standardError.write(
+                        Data((oneLine("qconvert: \(g.model): \(g.error ?? "")") + "\n").utf8))
                 }
                 throw ExitCode(ExitStatus.gateFailed.rawValue)
             }
@@ -116,18 +124,25 @@ struct BatchRun: ParsableCommand {
         for o in outcomes {
             rows.append([
                 o.model, o.variant.isEmpty ? "-" : o.variant, o.format,
-                o.bytesAfter > 0 ? "\(formatBytes(o.bytesBefore)) → \(formatBytes(o.bytesAfter))" : formatBytes(o.bytesBefore),
-                o.bytesBefore > 0 && o.bytesAfter > 0 ? String(format: "%.1f %%", 100 * Double(o.bytesAfter) / Double(o.bytesBefore)) : "-",
-                o.worstSQNR.map { String(format: "%.1f dB", $0) } ?? "-", String(format: "%.2f s", o.seconds), o.status.rawValue
+                o.bytesAfter > 0
+                    ? "\(formatBytes(o.bytesBefore)) → \(formatBytes(o.bytesAfter))" : formatBytes(o.bytesBefore),
+                o.bytesBefore > 0 && o.bytesAfter > 0
+                    ? String(format: "%.1f %%", 100 * Double(o.bytesAfter) / Double(o.bytesBefore)) : "-",
+                o.worstSQNR.map { String(format: "%.1f dB", $0) } ?? "-", String(format: "%.2f s", o.seconds),
+                o.status.rawValue
             ])
         }
         var w = [Int](repeating: 0, count: rows[0].count)
         for r in rows { for (i, c) in r.enumerated() { w[i] = max(w[i], c.count) } }
-        for r in rows { print(r.enumerated().map { $1.padding(toLength: w[$0], withPad: " ", startingAt: 0) }.joined(separator: "  ")) }
+        for r in rows {
+            print(
+                r.enumerated().map { $1.padding(toLength: w[$0], withPad: " ", startingAt: 0) }.joined(separator: "  "))
+        }
         let counts = Dictionary(grouping: outcomes, by: \.status).mapValues(\.count)
         print(
             "\(outcomes.count) conversions: "
-                + counts.sorted { $0.key.rawValue < $1.key.rawValue }.map { "\($0.value) \($0.key.rawValue)" }.joined(separator: ", "))
+                + counts.sorted { $0.key.rawValue < $1.key.rawValue }.map { "\($0.value) \($0.key.rawValue)" }.joined(
+                    separator: ", "))
     }
 }
 
@@ -138,7 +153,9 @@ struct BatchMerge: ParsableCommand {
     @Argument(help: ArgumentHelp("Manifests written by 'qconvert batch --manifest'.", valueName: "manifest"))
     var manifests: [String]
 
-    @Option(name: [.short, .long], help: ArgumentHelp("Write the joined manifest here (JSON lines, or CSV for .csv).", valueName: "file"))
+    @Option(
+        name: [.short, .long],
+        help: ArgumentHelp("Write the joined manifest here (JSON lines, or CSV for .csv).", valueName: "file"))
     var output: String?
 
     func run() throws {
@@ -155,7 +172,9 @@ struct BatchMerge: ParsableCommand {
                     guard let o = Batch.Outcome(json: v) else {
                         throw QConvertError.badInput(
                             path: m,
-                            message: "line \(n + 1) has no known status (\(Batch.Status.allCases.map(\.rawValue).joined(separator: ", ")))")
+                            message:
+                                "line \(n + 1) has no known status (\(Batch.Status.allCases.map(\.rawValue).joined(separator: ", ")))"
+                        )
                     }
                     all.append(o)
                 }

@@ -16,11 +16,15 @@ enum BatchSupervisor {
     /// The running worker, for forwarding SIGINT/SIGTERM (0 when none).
     nonisolated(unsafe) static var workerPID: pid_t = 0
 
-    static func supervise(_ items: [Batch.Item], jobs: Int, variants: [Batch.Variant], out: String) throws -> [Batch.Outcome] {
+    static func supervise(_ items: [Batch.Item], jobs: Int, variants: [Batch.Variant], out: String) throws -> [Batch
+        .Outcome]
+    {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent(
             "qconvert-batch-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         ).path
-        guard mkdir(dir, 0o700) == 0 else { throw QConvertError.write(path: dir, message: String(cString: strerror(errno))) }
+        guard mkdir(dir, 0o700) == 0 else {
+            throw QConvertError.write(path: dir, message: String(cString: strerror(errno)))
+        }
         defer { try? FileManager.default.removeItem(atPath: dir) }
         installForwarding()
 
@@ -34,7 +38,8 @@ enum BatchSupervisor {
             let order = pending.filter { suspects.contains($0) } + pending.filter { !suspects.contains($0) }
             let itemsFile = dir + "/items-\(round).json"
             let journal = dir + "/journal-\(round).jsonl"
-            let list = JSONValue.array(order.map { k in .array([.int(k), .string(items[k].path), .string(items[k].relative)]) })
+            let list = JSONValue.array(
+                order.map { k in .array([.int(k), .string(items[k].path), .string(items[k].relative)]) })
             try Data(list.compact.utf8).write(to: URL(fileURLWithPath: itemsFile))
             _ = FileManager.default.createFile(atPath: journal, contents: nil)
             let status = try spawnWorker(extra: [
@@ -56,7 +61,9 @@ enum BatchSupervisor {
             switch status {
             case .exited(0):
                 // a clean exit converts everything it was given
-                for k in pending { results[k] = failed(items[k], variants, out, "the batch worker ended without converting it") }
+                for k in pending {
+                    results[k] = failed(items[k], variants, out, "the batch worker ended without converting it")
+                }
                 pending = []
             case .exited(let code) where code >= 128 && [SIGINT, SIGTERM].contains(code - 128):
                 throw ExitCode(code)  // interrupted: the worker removed its temporaries
@@ -68,7 +75,8 @@ enum BatchSupervisor {
                 } else if inFlight.isEmpty {
                     // a death outside any model: give up on the rest rather than loop
                     for k in pending {
-                        results[k] = failed(items[k], variants, out, "the batch worker died (\(status)) before converting it")
+                        results[k] = failed(
+                            items[k], variants, out, "the batch worker died (\(status)) before converting it")
                     }
                     pending = []
                 } else {
@@ -79,7 +87,8 @@ enum BatchSupervisor {
         return results.flatMap { $0 ?? [] }
     }
 
-    static func failed(_ item: Batch.Item, _ variants: [Batch.Variant], _ out: String, _ why: String) -> [Batch.Outcome] {
+    static func failed(_ item: Batch.Item, _ variants: [Batch.Variant], _ out: String, _ why: String) -> [Batch.Outcome]
+    {
         variants.map { v in
             Batch.Outcome(
                 model: item.relative, variant: v.name, format: "?",
@@ -94,30 +103,38 @@ enum BatchSupervisor {
         var description: String {
             switch self {
             case .exited(let c): return "exit code \(c)"
-            case .signalled(let s): return "signal \(s)" + (String(validatingCString: strsignal(s)).map { ": \($0)" } ?? "")
+            case .signalled(let s):
+                return "signal \(s)" + (String(validatingCString: strsignal(s)).map { ": \($0)" } ?? "")
             }
         }
     }
 
     /// Runs this executable with the original arguments plus `extra`, waiting for it.
     static func spawnWorker(extra: [String]) throws -> Status {
-        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        let exe =
+            (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
         let args = [exe] + CommandLine.arguments.dropFirst() + extra
         var argv: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) } + [nil]
         defer { for a in argv { free(a) } }
         var pid: pid_t = 0
         // The worker's crash is reported in the manifest, not as a backtrace on the user's terminal.
-        var env = ProcessInfo.processInfo.environment.filter { $0.key != "SWIFT_BACKTRACE" }.map { "\($0.key)=\($0.value)" }
+        var env = ProcessInfo.processInfo.environment.filter { $0.key != "SWIFT_BACKTRACE" }.map {
+            "\($0.key)=\($0.value)"
+        }
         env.append("SWIFT_BACKTRACE=enable=no")
         var envp: [UnsafeMutablePointer<CChar>?] = env.map { strdup($0) } + [nil]
         defer { for e in envp { free(e) } }
         let rc = posix_spawn(&pid, exe, nil, nil, &argv, &envp)
-        guard rc == 0 else { throw QConvertError.io(path: exe, message: "cannot start a batch worker: \(String(cString: strerror(rc)))") }
+        guard rc == 0 else {
+            throw QConvertError.io(path: exe, message: "cannot start a batch worker: \(String(cString: strerror(rc)))")
+        }
         workerPID = pid
         defer { workerPID = 0 }
         var st: Int32 = 0
         while waitpid(pid, &st, 0) < 0 {
-            if errno != EINTR { throw QConvertError.io(path: exe, message: "lost the batch worker: \(String(cString: strerror(errno)))") }
+            if errno != EINTR {
+                throw QConvertError.io(path: exe, message: "lost the batch worker: \(String(cString: strerror(errno)))")
+            }
         }
         // WIFEXITED / WEXITSTATUS / WTERMSIG spelled out (they are macros)
         if st & 0x7f == 0 { return .exited((st >> 8) & 0xff) }
@@ -154,7 +171,8 @@ enum BatchSupervisor {
         var positions: [Int] = []
         var items: [Batch.Item] = []
         for row in list {
-            guard let r = row.arrayValue, r.count == 3, let k = r[0].nonNegativeInt, let path = r[1].stringValue, let rel = r[2].stringValue
+            guard let r = row.arrayValue, r.count == 3, let k = r[0].nonNegativeInt, let path = r[1].stringValue,
+                let rel = r[2].stringValue
             else {
                 throw QConvertError.badInput(path: itemsFile, message: "not a batch worker item list")
             }
@@ -183,7 +201,9 @@ enum BatchSupervisor {
         let at = positions
         // Fault injection for the crash-isolation tests: a model whose relative path is named here
         // crashes the worker as a hostile file would.
-        let crashOn = Set((ProcessInfo.processInfo.environment["QCONVERT_TEST_CRASH_ON"] ?? "").split(separator: ",").map(String.init))
+        let crashOn = Set(
+            (ProcessInfo.processInfo.environment["QCONVERT_TEST_CRASH_ON"] ?? "").split(separator: ",").map(String.init)
+        )
         let names = items.map(\.relative)
         _ = Batch.run(
             items, variants: variants, out: out, template: template, jobs: jobs,

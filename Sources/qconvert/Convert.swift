@@ -14,19 +14,24 @@ struct Convert: ParsableCommand {
 
     @Argument(
         help: ArgumentHelp(
-            "Input checkpoint: a .safetensors file, a folder of shards, a *.index.json, or an .onnx model.", valueName: "input"))
+            "Input checkpoint: a .safetensors file, a folder of shards, a *.index.json, or an .onnx model.",
+            valueName: "input"))
     var input: String
 
     @Option(
         name: [.short, .long],
-        help: ArgumentHelp("Output path; its extension picks the format. A path without one is a folder of shards.", valueName: "output"))
+        help: ArgumentHelp(
+            "Output path; its extension picks the format. A path without one is a folder of shards.",
+            valueName: "output"))
     var output: String?
 
     @OptionGroup var policyOptions: PolicyOptions
 
     @OptionGroup var gateOptions: GateOptions
 
-    @Option(name: .long, help: ArgumentHelp("Write a JSON report (per-tensor metrics) to this file.", valueName: "file.json"))
+    @Option(
+        name: .long,
+        help: ArgumentHelp("Write a JSON report (per-tensor metrics) to this file.", valueName: "file.json"))
     var report: String?
 
     @Option(name: .long, parsing: .unconditional, help: "Tensors processed at once (output bytes do not depend on it).")
@@ -37,14 +42,17 @@ struct Convert: ParsableCommand {
 
     @Option(
         name: .long, parsing: .unconditional,
-        help: ArgumentHelp("Split the output into shards of at most this size (e.g. 5GB); the output is then a folder.", valueName: "size"),
+        help: ArgumentHelp(
+            "Split the output into shards of at most this size (e.g. 5GB); the output is then a folder.",
+            valueName: "size"),
         transform: parseSize)
     var maxShardSize: Int?
 
     @Option(
         name: .long,
         help: ArgumentHelp(
-            "Input fingerprint recorded in the metadata: xxh64 (fast) or sha256 (checkable with sha256sum).", valueName: "algorithm"))
+            "Input fingerprint recorded in the metadata: xxh64 (fast) or sha256 (checkable with sha256sum).",
+            valueName: "algorithm"))
     var inputHash: ContentHash = .xxh64
 
     @Flag(name: .long, help: "ONNX: write tensor data to OUT.data beside the model (automatic past 2 GB).")
@@ -129,9 +137,11 @@ struct Convert: ParsableCommand {
         var out = "\(r.input) → \(r.output) (\(r.outputFormat), \(r.policySource))\n"
         out += "  tensors: \(r.quantizedCount) quantized, \(r.castCount) cast, \(r.keptCount) kept\n"
         let ratio = r.bytesBefore > 0 ? 100 * Double(r.bytesAfter) / Double(r.bytesBefore) : 100
-        out += "  size: \(formatBytes(r.bytesBefore)) → \(formatBytes(r.bytesAfter)) (\(String(format: "%.1f", ratio)) %)\n"
+        out +=
+            "  size: \(formatBytes(r.bytesBefore)) → \(formatBytes(r.bytesAfter)) (\(String(format: "%.1f", ratio)) %)\n"
         if let w = r.worst, let m = w.metrics, let sq = m.sqnrDB {
-            out += "  worst tensor: \(w.plan.name) SQNR \(String(format: "%.1f", sq)) dB, cosine \(String(format: "%.6f", m.cosine))\n"
+            out +=
+                "  worst tensor: \(w.plan.name) SQNR \(String(format: "%.1f", sq)) dB, cosine \(String(format: "%.6f", m.cosine))\n"
         }
         let warnings = r.warnings
         if !warnings.isEmpty {
@@ -163,7 +173,8 @@ final class ProgressBar: @unchecked Sendable {
         let bar = String(repeating: "█", count: filled) + String(repeating: "·", count: width - filled)
         var name = p.current
         if name.count > 40 { name = "…" + name.suffix(39) }
-        let line = "\r\u{1B}[2K[\(bar)] \(String(format: "%3.0f", frac * 100))%  \(p.tensorsDone)/\(p.tensorsTotal) tensors  \(name)"
+        let line =
+            "\r\u{1B}[2K[\(bar)] \(String(format: "%3.0f", frac * 100))%  \(p.tensorsDone)/\(p.tensorsTotal) tensors  \(name)"
         FileHandle.standardError.write(Data(line.utf8))
         drawn = true
     }

@@ -30,19 +30,23 @@ struct DiffCommand: ParsableCommand {
                 var rows = [["tensor", "max abs err", "SQNR dB", "cosine"]]
                 for x in r.rows {
                     rows.append([
-                        x.name, String(format: "%.4g", x.maxAbsError), x.sqnrDB.map { String(format: "%.2f", $0) } ?? "exact",
+                        x.name, String(format: "%.4g", x.maxAbsError),
+                        x.sqnrDB.map { String(format: "%.2f", $0) } ?? "exact",
                         String(format: "%.6f", x.cosine)
                     ])
                 }
                 var w = [0, 0, 0, 0]
                 for row in rows { for (i, c) in row.enumerated() { w[i] = max(w[i], c.count) } }
                 for row in rows {
-                    print(row.enumerated().map { $1.padding(toLength: w[$0], withPad: " ", startingAt: 0) }.joined(separator: "  "))
+                    print(
+                        row.enumerated().map { $1.padding(toLength: w[$0], withPad: " ", startingAt: 0) }.joined(
+                            separator: "  "))
                 }
                 let m = r.model
                 print(
                     "model (\(r.rows.filter(\.changed).count) differing tensors): SQNR "
-                        + (m.sqnrDB.map { String(format: "%.2f dB", $0) } ?? "exact") + String(format: ", cosine %.6f", m.cosine))
+                        + (m.sqnrDB.map { String(format: "%.2f dB", $0) } ?? "exact")
+                        + String(format: ", cosine %.6f", m.cosine))
                 if !r.onlyInA.isEmpty { print("only in \(a): \(r.onlyInA.joined(separator: ", "))") }
                 if !r.onlyInB.isEmpty { print("only in \(b): \(r.onlyInB.joined(separator: ", "))") }
             }

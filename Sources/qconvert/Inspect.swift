@@ -31,7 +31,11 @@ struct Inspect: ParsableCommand {
                                 ])
                             })
                     ),
-                    ("metadata", .object(ckpt.metadata.filter { $0.key != MetadataDocument.key }.map { ($0.key, .string($0.value)) })),
+                    (
+                        "metadata",
+                        .object(
+                            ckpt.metadata.filter { $0.key != MetadataDocument.key }.map { ($0.key, .string($0.value)) })
+                    ),
                     ("quantization", quant.flatMap { try? JSONParser.parse($0) } ?? .null)
                 ])
                 print(doc.compact)
@@ -40,14 +44,17 @@ struct Inspect: ParsableCommand {
             var rows: [[String]] = [["tensor", "dtype", "shape", "bytes"]]
             for e in ckpt.entries {
                 rows.append([
-                    e.name, e.dtype.rawValue, "[" + e.shape.map(String.init).joined(separator: "×") + "]", formatBytes(e.bytes.count)
+                    e.name, e.dtype.rawValue, "[" + e.shape.map(String.init).joined(separator: "×") + "]",
+                    formatBytes(e.bytes.count)
                 ])
             }
             var widths = [0, 0, 0, 0]
             for r in rows { for (i, c) in r.enumerated() { widths[i] = max(widths[i], c.count) } }
             var out = "\(file) (\(ckpt.format)\(ckpt.shardNames.map { ", \($0.count) shards" } ?? ""))\n"
             for r in rows {
-                out += r.enumerated().map { $1.padding(toLength: widths[$0], withPad: " ", startingAt: 0) }.joined(separator: "  ") + "\n"
+                out +=
+                    r.enumerated().map { $1.padding(toLength: widths[$0], withPad: " ", startingAt: 0) }.joined(
+                        separator: "  ") + "\n"
             }
             let total = ckpt.entries.reduce(0) { $0 + $1.bytes.count }
             out += "\(ckpt.entries.count) tensors, \(formatBytes(total))\n"

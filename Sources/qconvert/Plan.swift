@@ -21,7 +21,8 @@ struct PlanCommand: ParsableCommand {
     func run() throws {
         try runReportingErrors {
             let policy = try policyOptions.load()
-            let (ckpt, plans) = try Converter.plan(input: input, options: ConvertOptions(policy: policy, strict: policyOptions.strict))
+            let (ckpt, plans) = try Converter.plan(
+                input: input, options: ConvertOptions(policy: policy, strict: policyOptions.strict))
             if json {
                 let report = ConversionReport(
                     input: input, output: "", inputFormat: ckpt.format, outputFormat: "",
@@ -69,14 +70,17 @@ struct PlanCommand: ParsableCommand {
         var out = ""
         for r in rows {
             out +=
-                r.enumerated().map { i, c in i < r.count - 1 ? c.padding(toLength: widths[i], withPad: " ", startingAt: 0) : c }
+                r.enumerated().map { i, c in
+                    i < r.count - 1 ? c.padding(toLength: widths[i], withPad: " ", startingAt: 0) : c
+                }
                 .joined(separator: "  ").trimmingCharacters(in: .whitespaces) + "\n"
         }
         let before = plans.reduce(0) { $0 + $1.bytesBefore }
         let after = plans.reduce(0) { $0 + $1.bytesAfter }
         let q = plans.filter { $0.decision.scheme?.target.isQuantization == true }.count
         let c = plans.filter { $0.decision.scheme?.target.isCast == true }.count
-        out += "\n\(plans.count) tensors (\(ckpt.format), \(policy.source)): \(q) quantized, \(c) cast, \(plans.count - q - c) kept; "
+        out +=
+            "\n\(plans.count) tensors (\(ckpt.format), \(policy.source)): \(q) quantized, \(c) cast, \(plans.count - q - c) kept; "
         out += "\(formatBytes(before)) → \(formatBytes(after))"
         if before > 0 { out += String(format: " (%.1f %%)", 100 * Double(after) / Double(before)) }
         let calibration = plans.reduce(0) { $0 + $1.calibrationSeconds }

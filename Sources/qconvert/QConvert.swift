@@ -22,7 +22,9 @@ struct QConvert: ParsableCommand {
             Exit codes: \(ExitStatus.summary)
             """,
         version: QConvertVersion.string,
-        subcommands: [Convert.self, PlanCommand.self, Inspect.self, DequantizeCommand.self, DiffCommand.self, BatchCommand.self],
+        subcommands: [
+            Convert.self, PlanCommand.self, Inspect.self, DequantizeCommand.self, DiffCommand.self, BatchCommand.self
+        ],
         defaultSubcommand: Convert.self
     )
 
@@ -41,11 +43,13 @@ struct QConvert: ParsableCommand {
             }
             if exitCode(for: error) == .failure {
                 // not the argument parser's: an error nothing in qconvert names
-                FileHandle.standardError.write(Data("qconvert: error: \(oneLine(unexpected(error).description))\n".utf8))
+                FileHandle.standardError.write(
+                    Data("qconvert: error: \(oneLine(unexpected(error).description))\n".utf8))
                 Foundation.exit(ExitStatus.internalFault.rawValue)
             }
             let message = message(for: error).split(separator: "\n").first.map(String.init) ?? "\(error)"
-            FileHandle.standardError.write(Data("qconvert: error: \(oneLine(message)) (qconvert --help shows the usage)\n".utf8))
+            FileHandle.standardError.write(
+                Data("qconvert: error: \(oneLine(message)) (qconvert --help shows the usage)\n".utf8))
             Foundation.exit(ExitStatus.usage.rawValue)
         }
     }
@@ -61,7 +65,8 @@ struct PolicyOptions: ParsableArguments {
 
     @Option(
         name: .customLong("set"),
-        help: ArgumentHelp("Override a default of the policy, e.g. --set dtype=int4 --set group_size=64.", valueName: "key=value"))
+        help: ArgumentHelp(
+            "Override a default of the policy, e.g. --set dtype=int4 --set group_size=64.", valueName: "key=value"))
     var overrides: [String] = []
 
     @Flag(name: .long, help: "Fail when a policy rule matches no tensor.")
@@ -131,18 +136,22 @@ func oneLine(_ s: String) -> String {
 struct GateOptions: ParsableArguments {
     @Option(
         name: .long,
-        help: ArgumentHelp("Fail (exit 5) when any converted tensor, or the whole model, has a lower SQNR (dB).", valueName: "dB"))
+        help: ArgumentHelp(
+            "Fail (exit 5) when any converted tensor, or the whole model, has a lower SQNR (dB).", valueName: "dB"))
     var minSqnr: Double?
 
     @Option(
         name: .long,
-        help: ArgumentHelp("Fail (exit 5) when any converted tensor, or the whole model, has a lower cosine similarity.", valueName: "x"))
+        help: ArgumentHelp(
+            "Fail (exit 5) when any converted tensor, or the whole model, has a lower cosine similarity.",
+            valueName: "x"))
     var minCosine: Double?
 
     @Option(
         name: .long,
         help: ArgumentHelp(
-            "Fail (exit 5) when the output is larger than this fraction of the input (whole model and per tensor).", valueName: "r"))
+            "Fail (exit 5) when the output is larger than this fraction of the input (whole model and per tensor).",
+            valueName: "r"))
     var maxSizeRatio: Double?
 
     @Flag(name: .long, help: "Kept for compatibility: a failing gate never writes the output.")

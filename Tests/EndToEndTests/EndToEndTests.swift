@@ -13,7 +13,9 @@ struct Run {
 
 enum Tool {
     static let binary: String = {
-        if let p = ProcessInfo.processInfo.environment["QCONVERT"], FileManager.default.isExecutableFile(atPath: p) { return p }
+        if let p = ProcessInfo.processInfo.environment["QCONVERT"], FileManager.default.isExecutableFile(atPath: p) {
+            return p
+        }
         var dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
         for _ in 0..<4 {
             let c = dir.appendingPathComponent("qconvert").path
@@ -58,11 +60,14 @@ enum Tool {
 }
 
 /// Writes a safetensors file the way the reference writer does (tensors in the given order).
-func writeSafetensors(_ path: String, _ tensors: [(String, String, [Int], [UInt8])], metadata: [String: String] = ["format": "pt"]) {
+func writeSafetensors(
+    _ path: String, _ tensors: [(String, String, [Int], [UInt8])], metadata: [String: String] = ["format": "pt"]
+) {
     var header = "{"
     if !metadata.isEmpty {
         header +=
-            "\"__metadata__\":{" + metadata.sorted { $0.key < $1.key }.map { "\"\($0.key)\":\"\($0.value)\"" }.joined(separator: ",") + "}"
+            "\"__metadata__\":{"
+            + metadata.sorted { $0.key < $1.key }.map { "\"\($0.key)\":\"\($0.value)\"" }.joined(separator: ",") + "}"
     }
     var data = [UInt8]()
     for (name, dtype, shape, bytes) in tensors {
@@ -109,7 +114,10 @@ func contents(_ p: String) -> [UInt8] { [UInt8](FileManager.default.contents(atP
         let report = try JSONParser.parse(String(decoding: contents(d + "/r.json"), as: UTF8.self))
         #expect(report["totals"]?["quantized"] == .number("13"))
         let out = try Converter.open(d + "/out.safetensors")
-        #expect(out.entries.contains { $0.name == "layers.0.mlp.up_proj.weight" && $0.dtype == .u8 && $0.shape == [256, 32] })
+        #expect(
+            out.entries.contains {
+                $0.name == "layers.0.mlp.up_proj.weight" && $0.dtype == .u8 && $0.shape == [256, 32]
+            })
         #expect(out.entries.contains { $0.name == "layers.0.mlp.up_proj.weight_scale" && $0.shape == [256, 1] })
         #expect(out.entries.contains { $0.name == "embed_tokens.weight" && $0.dtype == .f16 })
         #expect(out.metadata.contains { $0.key == "format" && $0.value == "pt" })
@@ -135,13 +143,15 @@ func contents(_ p: String) -> [UInt8] { [UInt8](FileManager.default.contents(atP
         let d = Tool.tempDir()
         let out = d + "/out.safetensors"
         _ = FileManager.default.createFile(atPath: out, contents: Data("previous".utf8))
-        writeSafetensors(d + "/nan.safetensors", [("w", "F32", [32, 64], floatBytes(randomFloats(2047, seed: 1) + [.nan]))])
+        writeSafetensors(
+            d + "/nan.safetensors", [("w", "F32", [32, 64], floatBytes(randomFloats(2047, seed: 1) + [.nan]))])
         let r = try Tool.run([d + "/nan.safetensors", "-o", out])
         #expect(r.status == 3)
         #expect(r.stderr.contains("tensor 'w'"))
         #expect(r.stderr.contains("NaN"))
         #expect(contents(out) == Array("previous".utf8))
-        #expect(try FileManager.default.contentsOfDirectory(atPath: d).sorted() == ["nan.safetensors", "out.safetensors"])
+        #expect(
+            try FileManager.default.contentsOfDirectory(atPath: d).sorted() == ["nan.safetensors", "out.safetensors"])
     }
 
     @Test func malformedInputsFailCleanly() throws {
@@ -155,23 +165,35 @@ func contents(_ p: String) -> [UInt8] { [UInt8](FileManager.default.contents(atP
             (
                 "duplicate",
                 safetensorsFile(
-                    #"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#, [0, 0])
+                    #"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#,
+                    [0, 0])
             ),
             ("hole", safetensorsFile(#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#, [0, 0])),
             (
                 "overlap",
                 safetensorsFile(
-                    #"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#, [0, 0])
+                    #"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#,
+                    [0, 0])
             ),
             ("trailing", safetensorsFile(#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#, [0, 0])),
             ("bad-dtype", safetensorsFile(#"{"a":{"dtype":"Q8","shape":[1],"data_offsets":[0,1]}}"#, [0])),
-            ("size-mismatch", safetensorsFile(#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, [UInt8](repeating: 0, count: 8))),
+            (
+                "size-mismatch",
+                safetensorsFile(
+                    #"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, [UInt8](repeating: 0, count: 8))
+            ),
             ("negative-dim", safetensorsFile(#"{"a":{"dtype":"U8","shape":[-1],"data_offsets":[0,1]}}"#, [0])),
-            ("overflow-dims", safetensorsFile(#"{"a":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,4]}}"#, [0, 0, 0, 0]))
+            (
+                "overflow-dims",
+                safetensorsFile(
+                    #"{"a":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,4]}}"#, [0, 0, 0, 0])
+            )
         ]
         // Truncations of a valid file at many points.
         let good = contents(sample)
-        for cut in [9, 100, 2000, good.count / 2, good.count - 1] { corpus.append(("truncated-\(cut)", Array(good[0..<cut]))) }
+        for cut in [9, 100, 2000, good.count / 2, good.count - 1] {
+            corpus.append(("truncated-\(cut)", Array(good[0..<cut])))
+        }
         for (name, bytes) in corpus {
             let inPath = d + "/\(name).safetensors"
             _ = FileManager.default.createFile(atPath: inPath, contents: Data(bytes))
@@ -191,7 +213,8 @@ func contents(_ p: String) -> [UInt8] { [UInt8](FileManager.default.contents(atP
     @Test func policyErrorsAndUsage() throws {
         let d = Tool.tempDir()
         _ = FileManager.default.createFile(
-            atPath: d + "/p.cfg", contents: Data("defaults:\n  dtype: int8\nrules:\n  - match: \"*\"\n    granularty: group\n".utf8))
+            atPath: d + "/p.cfg",
+            contents: Data("defaults:\n  dtype: int8\nrules:\n  - match: \"*\"\n    granularty: group\n".utf8))
         let r = try Tool.run([sample, "-o", d + "/o.safetensors", "--policy", d + "/p.cfg"])
         #expect(r.status == 2)
         #expect(r.stderr.contains("p.cfg:5:5: unknown key 'granularty'"), "\(r.stderr)")
@@ -231,7 +254,9 @@ func contents(_ p: String) -> [UInt8] { [UInt8](FileManager.default.contents(atP
     @Test func dequantizeRestoresFloats() throws {
         let d = Tool.tempDir()
         let x = randomFloats(64 * 96, seed: 5)
-        writeSafetensors(d + "/in.safetensors", [("w", "F32", [64, 96], floatBytes(x)), ("b", "F32", [64], floatBytes(Array(x[0..<64])))])
+        writeSafetensors(
+            d + "/in.safetensors",
+            [("w", "F32", [64, 96], floatBytes(x)), ("b", "F32", [64], floatBytes(Array(x[0..<64])))])
         for preset in ["int8", "uint8", "w4g128"] {
             let q = try Tool.run([d + "/in.safetensors", "-o", d + "/q.safetensors", "--preset", preset, "-q"])
             #expect(q.status == 0, "\(q.stderr)")
@@ -255,7 +280,8 @@ func contents(_ p: String) -> [UInt8] { [UInt8](FileManager.default.contents(atP
         let shardDir = d + "/model"
         try FileManager.default.createDirectory(atPath: shardDir, withIntermediateDirectories: true)
         writeSafetensors(
-            shardDir + "/model-00001-of-00002.safetensors", [("a.weight", "F32", [32, 64], floatBytes(randomFloats(2048, seed: 1)))])
+            shardDir + "/model-00001-of-00002.safetensors",
+            [("a.weight", "F32", [32, 64], floatBytes(randomFloats(2048, seed: 1)))])
         writeSafetensors(
             shardDir + "/model-00002-of-00002.safetensors",
             [
@@ -264,21 +290,28 @@ func contents(_ p: String) -> [UInt8] { [UInt8](FileManager.default.contents(atP
             ])
         let index =
             #"{"metadata":{"total_size":16640},"weight_map":{"a.weight":"model-00001-of-00002.safetensors","b.bias":"model-00002-of-00002.safetensors","b.weight":"model-00002-of-00002.safetensors"}}"#
-        _ = FileManager.default.createFile(atPath: shardDir + "/model.safetensors.index.json", contents: Data(index.utf8))
+        _ = FileManager.default.createFile(
+            atPath: shardDir + "/model.safetensors.index.json", contents: Data(index.utf8))
         let r = try Tool.run([shardDir + "/model.safetensors.index.json", "-o", d + "/out"])
         #expect(r.status == 0, "\(r.stderr)")
         let files = try FileManager.default.contentsOfDirectory(atPath: d + "/out").sorted()
-        #expect(files == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"])
+        #expect(
+            files == [
+                "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"
+            ])
         let out = try Converter.open(d + "/out")
         #expect(out.entries.count == 5)
         #expect(out.entries.first { $0.name == "a.weight_scale" }?.shard == "model-00001-of-00002.safetensors")
-        let idx = try JSONParser.parse(String(decoding: contents(d + "/out/model.safetensors.index.json"), as: UTF8.self))
+        let idx = try JSONParser.parse(
+            String(decoding: contents(d + "/out/model.safetensors.index.json"), as: UTF8.self))
         #expect(idx["weight_map"]?["b.weight_scale"]?.stringValue == "model-00002-of-00002.safetensors")
         #expect(idx["metadata"]?["total_size"] == .number(String(out.entries.reduce(0) { $0 + $1.bytes.count })))
         // a new shard plan
         let r2 = try Tool.run([shardDir, "-o", d + "/resharded", "--max-shard-size", "3kB"])
         #expect(r2.status == 0, "\(r2.stderr)")
-        let f2 = try FileManager.default.contentsOfDirectory(atPath: d + "/resharded").filter { $0.hasSuffix(".safetensors") }
+        let f2 = try FileManager.default.contentsOfDirectory(atPath: d + "/resharded").filter {
+            $0.hasSuffix(".safetensors")
+        }
         #expect(f2.count >= 2)
         #expect(try Converter.open(d + "/resharded").entries.count == 5)
     }
@@ -304,13 +337,17 @@ func contents(_ p: String) -> [UInt8] { [UInt8](FileManager.default.contents(atP
         let d = Tool.tempDir()
         let input = d + "/big.safetensors"
         writeSafetensors(input, [("w", "F32", [768, 1024], floatBytes(randomFloats(768 * 1024, seed: 4)))])
-        let policy = try PolicyLoader.parse(text: "defaults:\n  calibration: entropy\n  search: exhaustive\n", source: "slow.yaml")
+        let policy = try PolicyLoader.parse(
+            text: "defaults:\n  calibration: entropy\n  search: exhaustive\n", source: "slow.yaml")
         let seen = Box2([ConvertProgress]())
-        _ = try Converter.convert(input: input, output: d + "/out.safetensors", options: ConvertOptions(policy: policy, jobs: 2)) {
+        _ = try Converter.convert(
+            input: input, output: d + "/out.safetensors", options: ConvertOptions(policy: policy, jobs: 2)
+        ) {
             seen.value.append($0)
         }
         let total = seen.value.last!.bytesTotal
-        let partial = seen.value.filter { $0.tensorsDone == 0 && $0.bytesDone > 0 && $0.bytesDone < total }.map(\.bytesDone)
+        let partial = seen.value.filter { $0.tensorsDone == 0 && $0.bytesDone > 0 && $0.bytesDone < total }.map(
+            \.bytesDone)
         #expect(partial.count >= 2, "\(seen.value.map(\.bytesDone))")
         #expect(partial == partial.sorted())
         // plan reads no tensor data: a larger tensor costs nothing here.

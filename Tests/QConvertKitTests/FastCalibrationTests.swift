@@ -52,7 +52,8 @@ import Testing
             let lo = x.min()!
             let hi = x.max()!
             let scratch = CalibrationScratch(capacity: x.count, calibration: cal)
-            let f = scratch.range(v, lo: lo, hi: hi, calibration: cal, mapping: mapping, levels: levels, qmaxSymmetric: qmax)
+            let f = scratch.range(
+                v, lo: lo, hi: hi, calibration: cal, mapping: mapping, levels: levels, qmaxSymmetric: qmax)
             let r = Calibrator.referenceRange(
                 v, lo: lo, hi: hi, calibration: cal, mapping: mapping, levels: levels,
                 qmaxSymmetric: qmax)
@@ -67,7 +68,9 @@ import Testing
                 for mapping in [Mapping.scale, .affine] {
                     for (levels, qmax) in [(128, 127), (8, 7)] {
                         let (f, r) = ranges(x, cal, mapping, levels: levels, qmax: qmax)
-                        #expect(f.beta == r.beta && f.alpha == r.alpha, "\(name) \(cal) \(mapping) levels \(levels): \(f) vs \(r)")
+                        #expect(
+                            f.beta == r.beta && f.alpha == r.alpha,
+                            "\(name) \(cal) \(mapping) levels \(levels): \(f) vs \(r)")
                     }
                 }
             }
@@ -88,7 +91,9 @@ import Testing
         var dense = [UInt32](repeating: 0, count: bins)
         var b2 = [UInt32](repeating: 0, count: max(x.count, 1))
         var c2 = b2
-        let nz = x.withUnsafeBufferPointer { qk_sparse_abs_hist($0.baseAddress, Int64(x.count), amax, Int64(bins), &dense, &b2, &c2) }
+        let nz = x.withUnsafeBufferPointer {
+            qk_sparse_abs_hist($0.baseAddress, Int64(x.count), amax, Int64(bins), &dense, &b2, &c2)
+        }
         #expect(Array(b2.prefix(Int(nz))) == bin && Array(c2.prefix(Int(nz))) == cnt)
         #expect(dense.allSatisfy { $0 == 0 })
         return (bin, cnt)
@@ -96,10 +101,13 @@ import Testing
 
     func mseObjective(_ h: (bin: [UInt32], cnt: [UInt32]), bins: Int, levels: Int, qmax: Int, _ i: Int) -> Double {
         var prefix = [Int64](repeating: 0, count: h.bin.count + 1)
-        return qk_mse_objective(h.bin, h.cnt, Int64(h.bin.count), &prefix, Int64(bins), Int64(levels), Int64(qmax), Int64(i))
+        return qk_mse_objective(
+            h.bin, h.cnt, Int64(h.bin.count), &prefix, Int64(bins), Int64(levels), Int64(qmax), Int64(i))
     }
 
-    func mseCandidate(_ h: (bin: [UInt32], cnt: [UInt32]), bins: Int, levels: Int, qmax: Int, exhaustive: Bool) -> (Int, Int) {
+    func mseCandidate(_ h: (bin: [UInt32], cnt: [UInt32]), bins: Int, levels: Int, qmax: Int, exhaustive: Bool) -> (
+        Int, Int
+    ) {
         var prefix = [Int64](repeating: 0, count: h.bin.count + 1)
         var evaluations: Int64 = 0
         let i = qk_mse_candidate(
@@ -115,7 +123,9 @@ import Testing
         for (name, x) in Self.rows() {
             for (bins, levels, qmax) in [(2048, 128, 127), (2048, 8, 7), (300, 128, 127)] {
                 let h = sparseHistogram(x, bins: bins)
-                let hist = x.withUnsafeBufferPointer { Calibrator.absHistogram($0, amax: x.map { abs($0) }.max()!, bins: bins) }
+                let hist = x.withUnsafeBufferPointer {
+                    Calibrator.absHistogram($0, amax: x.map { abs($0) }.max()!, bins: bins)
+                }
                 let ref = Calibrator.mseCandidate(hist: hist, levels: levels, qmax: qmax)
                 let (exhaustive, _) = mseCandidate(h, bins: bins, levels: levels, qmax: qmax, exhaustive: true)
                 let (fast, evaluations) = mseCandidate(h, bins: bins, levels: levels, qmax: qmax, exhaustive: false)
@@ -125,8 +135,12 @@ import Testing
                 #expect(
                     abs(eEx - eRef) <= 1e-9 * max(eRef, 1e-300),
                     "\(name) bins \(bins): exhaustive \(exhaustive) \(eEx) vs reference \(ref) \(eRef)")
-                #expect(eFast <= eEx * 1.01 + 1e-12, "\(name) bins \(bins) levels \(levels): \(fast) \(eFast) vs \(exhaustive) \(eEx)")
-                if bins - levels > 200 { #expect(evaluations < (bins - levels) / 8, "\(name): \(evaluations) evaluations") }
+                #expect(
+                    eFast <= eEx * 1.01 + 1e-12,
+                    "\(name) bins \(bins) levels \(levels): \(fast) \(eFast) vs \(exhaustive) \(eEx)")
+                if bins - levels > 200 {
+                    #expect(evaluations < (bins - levels) / 8, "\(name): \(evaluations) evaluations")
+                }
                 if eEx > 0 { worst = max(worst, eFast / eEx - 1) }
             }
         }
@@ -150,7 +164,8 @@ import Testing
         for cal in calibrations {
             for (target, mapping) in [(TargetType.int8, Mapping.scale), (.uint8, .affine), (.int4, .scale)] {
                 for gran in [Granularity.channel, .group] {
-                    let s = QuantScheme(target: target, mapping: mapping, granularity: gran, axis: 0, groupSize: 64, calibration: cal)
+                    let s = QuantScheme(
+                        target: target, mapping: mapping, granularity: gran, axis: 0, groupSize: 64, calibration: cal)
                     let fast = try quantize(x, shape: shape, s)
                     let ref = try quantize(x, shape: shape, s, reference: true)
                     // The reference evaluates every candidate; the fast searches are held to its error.
@@ -189,8 +204,11 @@ import Testing
                 x[r * cols + c] = z / (chi / 3).squareRoot() * spread
             }
         }
-        for (target, gran) in [(TargetType.int8, Granularity.channel), (.int8, .group), (.int4, .channel), (.int4, .group)] {
-            let fast = QuantScheme(target: target, granularity: gran, groupSize: 128, calibration: .entropy(bins: 2048, levels: nil))
+        for (target, gran) in [
+            (TargetType.int8, Granularity.channel), (.int8, .group), (.int4, .channel), (.int4, .group)
+        ] {
+            let fast = QuantScheme(
+                target: target, granularity: gran, groupSize: 128, calibration: .entropy(bins: 2048, levels: nil))
             let full = QuantScheme(
                 target: target, granularity: gran, groupSize: 128,
                 calibration: .entropy(bins: 2048, levels: nil, exhaustive: true))
@@ -204,7 +222,9 @@ import Testing
         var dense = [UInt32](repeating: 0, count: 2048)
         var bin = [UInt32](repeating: 0, count: cols)
         var cnt = bin
-        let nz = row.withUnsafeBufferPointer { qk_sparse_abs_hist($0.baseAddress, Int64(cols), amax, 2048, &dense, &bin, &cnt) }
+        let nz = row.withUnsafeBufferPointer {
+            qk_sparse_abs_hist($0.baseAddress, Int64(cols), amax, 2048, &dense, &bin, &cnt)
+        }
         var prefix = [Int64](repeating: 0, count: Int(nz) + 1)
         var scratch = [Double](repeating: 0, count: Int(qk_calib_scratch_doubles(nz, 2048, 128)))
         var evalsFast: Int64 = 0
@@ -220,7 +240,8 @@ import Testing
         let cases: [([Int], Granularity, Int)] = [
             ([6, 10], .tensor, 0), ([6, 10], .channel, 0), ([6, 10], .channel, 1), ([6, 10], .group, 0),
             ([6, 10], .group, 1), ([6, 10], .element, 0), ([3, 4, 5], .channel, 0), ([3, 4, 5], .channel, 1),
-            ([3, 4, 5], .channel, 2), ([3, 4, 5], .group, 0), ([3, 4, 5], .group, 2), ([7], .channel, 0), ([7], .group, 0)
+            ([3, 4, 5], .channel, 2), ([3, 4, 5], .group, 0), ([3, 4, 5], .group, 2), ([7], .channel, 0),
+            ([7], .group, 0)
         ]
         for (shape, gran, axis) in cases {
             let layout = ParamLayout(shape: shape, granularity: gran, axis: axis, groupSize: 4)
@@ -230,7 +251,9 @@ import Testing
             #expect((bounds != nil) == monotone, "\(shape) \(gran) axis \(axis)")
             if let bounds {
                 for k in 0..<layout.paramCount {
-                    #expect(idx[bounds[k]..<bounds[k + 1]].allSatisfy { $0 == k } && bounds[k] < bounds[k + 1], "\(shape) \(gran) \(k)")
+                    #expect(
+                        idx[bounds[k]..<bounds[k + 1]].allSatisfy { $0 == k } && bounds[k] < bounds[k + 1],
+                        "\(shape) \(gran) \(k)")
                 }
             }
         }
@@ -250,7 +273,9 @@ import Testing
             }
         }
         // Adversarial: already sorted, reversed, all equal.
-        for x in [(0..<10000).map(Float.init), (0..<10000).reversed().map(Float.init), [Float](repeating: 2, count: 10000)] {
+        for x in [
+            (0..<10000).map(Float.init), (0..<10000).reversed().map(Float.init), [Float](repeating: 2, count: 10000)
+        ] {
             var a = x
             #expect(qk_select_f32(&a, 10000, 4321) == x.sorted()[4321])
         }

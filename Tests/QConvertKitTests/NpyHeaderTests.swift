@@ -56,7 +56,9 @@ import Testing
         #expect(throws: QConvertError.self) { try parse(Array(b.prefix(20))) }  // header cut short
         #expect(throws: QConvertError.self) { try parse(Array(b.prefix(8))) }  // before the length
         b[6] = 4
-        #expect(throws: QConvertError.violation(path: "t.npz", NpyRule.unsupportedVersion(member: "m.npy", major: 4))) { try parse(b) }
+        #expect(throws: QConvertError.violation(path: "t.npz", NpyRule.unsupportedVersion(member: "m.npy", major: 4))) {
+            try parse(b)
+        }
         b[0] = 0x92
         #expect(throws: QConvertError.self) { try parse(b) }  // bad magic
         var huge = v1("{}", major: 2)

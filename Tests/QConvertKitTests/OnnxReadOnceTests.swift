@@ -24,7 +24,9 @@ import Testing
     func model() -> [UInt8] {
         var raw: [UInt8] = []
         for k in 0..<(64 * 64) { withUnsafeBytes(of: Float(sin(Double(k))).bitPattern.littleEndian) { raw += $0 } }
-        let tensor = varint(1 << 3) + varint(64) + varint(1 << 3) + varint(64) + varint(2 << 3) + varint(1) + text(8, "w") + ld(9, raw)
+        let tensor =
+            varint(1 << 3) + varint(64) + varint(1 << 3) + varint(64) + varint(2 << 3) + varint(1) + text(8, "w")
+            + ld(9, raw)
         let node = text(1, "x") + text(1, "w") + text(2, "y") + text(3, "mm") + text(4, "MatMul")
         let graph = ld(1, node) + text(2, "g") + ld(5, tensor) + ld(11, text(1, "x")) + ld(12, text(1, "y"))
         return varint(1 << 3) + varint(8) + ld(8, text(1, "") + varint(2 << 3) + varint(13)) + ld(7, graph)

@@ -41,15 +41,20 @@ import Testing
         let p = try PolicyLoader.parse(text: PolicyTests.issueExample, source: "policy.cfg")
         #expect(p.rules.count == 4)
         #expect(try decide(p, entry("layers.0.attn.q.bias", .f32, [64, 64])).decision == .keep(reason: "policy: keep"))
-        #expect(try decide(p, entry("layers.3.post_attention_layernorm.weight", .f32, [64, 64])).decision == .keep(reason: "policy: keep"))
+        #expect(
+            try decide(p, entry("layers.3.post_attention_layernorm.weight", .f32, [64, 64])).decision
+                == .keep(reason: "policy: keep"))
         #expect(try decide(p, entry("model.embed_tokens.weight")).decision.scheme?.target == .fp16)
         let mlp = try decide(p, entry("layers.2.mlp.up_proj.weight", .f32, [256, 128]))
-        #expect(mlp.decision.scheme == QuantScheme(target: .int4, mapping: .scale, granularity: .group, axis: 0, groupSize: 64))
+        #expect(
+            mlp.decision.scheme
+                == QuantScheme(target: .int4, mapping: .scale, granularity: .group, axis: 0, groupSize: 64))
         #expect(mlp.rule == "rule 4 (layers.*.mlp.*)")
         let other = try decide(p, entry("layers.2.attn.q_proj.weight"))
         #expect(other.decision.scheme == QuantScheme(target: .int8, granularity: .channel, axis: 0))
         #expect(other.rule == "defaults")
-        #expect(try decide(p, entry("small", .f32, [10, 10])).decision == .keep(reason: "100 elements < min_elements 1024"))
+        #expect(
+            try decide(p, entry("small", .f32, [10, 10])).decision == .keep(reason: "100 elements < min_elements 1024"))
         #expect(try decide(p, entry("ids", .i64, [64, 64])).decision == .keep(reason: "not floating point (i64)"))
         #expect(try decide(p, entry("mask", .bool, [64, 64])).decision == .keep(reason: "not floating point (bool)"))
     }
@@ -77,16 +82,23 @@ import Testing
             #expect(p.defaults.calibration == m)
         }
         for f in OnnxFallback.allCases {
-            #expect(try PolicyLoader.parse(text: "defaults: {onnx_fallback: \(f.rawValue)}", source: "t.yaml").defaults.onnxFallback == f)
+            #expect(
+                try PolicyLoader.parse(text: "defaults: {onnx_fallback: \(f.rawValue)}", source: "t.yaml").defaults
+                    .onnxFallback == f)
         }
         for r in SymmetricRange.allCases {
             #expect(
-                try PolicyLoader.parse(text: "defaults: {symmetric_range: \(r.rawValue)}", source: "t.yaml").defaults.symmetricRange == r)
+                try PolicyLoader.parse(text: "defaults: {symmetric_range: \(r.rawValue)}", source: "t.yaml").defaults
+                    .symmetricRange == r)
         }
         for x in CalibrationSearch.allCases {
-            #expect(try PolicyLoader.parse(text: "defaults: {search: \(x.rawValue)}", source: "t.yaml").defaults.search == x)
+            #expect(
+                try PolicyLoader.parse(text: "defaults: {search: \(x.rawValue)}", source: "t.yaml").defaults.search == x
+            )
         }
-        #expect(throws: QConvertError.self) { try PolicyLoader.parse(text: "defaults: {calibration: kl}", source: "t.yaml") }
+        #expect(throws: QConvertError.self) {
+            try PolicyLoader.parse(text: "defaults: {calibration: kl}", source: "t.yaml")
+        }
         for preset in Preset.allCases { #expect(try PolicyLoader.preset(preset).source == "preset:\(preset.rawValue)") }
     }
 
@@ -149,13 +161,17 @@ import Testing
         let p = try PolicyLoader.parse(text: "rules:\n  - match: \"nothing.*\"\n    dtype: keep\n", source: "s.cfg")
         let ck = Checkpoint(format: "test", path: "x", files: [], entries: [entry("w")])
         _ = try Planner.plan(ck, policy: p, strict: false)
-        #expect(throws: QConvertError.policy(path: "s.cfg", line: 2, column: 5, message: "rule nothing.* matches no tensor (--strict)")) {
+        #expect(
+            throws: QConvertError.policy(
+                path: "s.cfg", line: 2, column: 5, message: "rule nothing.* matches no tensor (--strict)")
+        ) {
             _ = try Planner.plan(ck, policy: p, strict: true)
         }
     }
 
     @Test func setOverridesDefaults() throws {
-        let p = try PolicyLoader.applyOverrides(try PolicyLoader.preset("int8"), ["dtype=int4", "group_size=32", "granularity=group"])
+        let p = try PolicyLoader.applyOverrides(
+            try PolicyLoader.preset("int8"), ["dtype=int4", "group_size=32", "granularity=group"])
         #expect(p.defaults.dtype == .int4)
         #expect(p.defaults.groupSize == 32)
         #expect(p.text.contains("--set dtype=int4"))
@@ -182,8 +198,10 @@ import Testing
             ".*(norm|ln_).*", "a{0,2}b", "(a|)+c", "[\\d_]+", "\\D\\S\\W", "(a*)*", "^a$", "a|b|", "[]a]", "[a-]+"
         ]
         let subjects = [
-            "", "a", "aa", "ab", "aab", "abab", "abb", "bb", "b", "abc", "cab", "xx", "xxx", "x", "qrs", "qqs", "s", "12.a_b", "1.",
-            "w.bias", "a.b.bias", "model.ln_f.weight", "layernorm", "c", "aac", "_9", "x y", "a-", "]", "{x", "a{,2}", "ac"
+            "", "a", "aa", "ab", "aab", "abab", "abb", "bb", "b", "abc", "cab", "xx", "xxx", "x", "qrs", "qqs", "s",
+            "12.a_b", "1.",
+            "w.bias", "a.b.bias", "model.ln_f.weight", "layernorm", "c", "aac", "_9", "x y", "a-", "]", "{x", "a{,2}",
+            "ac"
         ]
         for p in patterns {
             let ours = try LinearRegex("^(?:" + p + ")$")
@@ -203,7 +221,8 @@ import Testing
         #expect(!NamePattern("re:(a|a|aa)*(a*)*b")!.matches(name))
         #expect(Date().timeIntervalSince(start) < 5)
         for bad in [
-            "re:a{1001}", "re:(?=a)", "re:\\1", "re:" + String(repeating: "(", count: 70) + String(repeating: ")", count: 70),
+            "re:a{1001}", "re:(?=a)", "re:\\1",
+            "re:" + String(repeating: "(", count: 70) + String(repeating: ")", count: 70),
             "re:(a{1000}){1000}", "re:*a"
         ] {
             #expect(NamePattern(bad) == nil, "\(bad)")

@@ -25,7 +25,8 @@ struct SeededRandom {
 
 func quantize(_ x: [Float], shape: [Int], _ scheme: QuantScheme, reference: Bool = false) throws -> QuantizedTensor {
     try x.withUnsafeBufferPointer {
-        try Quantizer.quantize(name: "t", values: $0, shape: shape, scheme: scheme, bytesBefore: x.count * 4, reference: reference)
+        try Quantizer.quantize(
+            name: "t", values: $0, shape: shape, scheme: scheme, bytesBefore: x.count * 4, reference: reference)
     }
 }
 
@@ -83,19 +84,23 @@ func quantize(_ x: [Float], shape: [Int], _ scheme: QuantScheme, reference: Bool
     }
 
     @Test func zeroTensorGetsUnitScale() throws {
-        let q = try quantize([Float](repeating: 0, count: 10), shape: [10], QuantScheme(target: .int8, granularity: .tensor))
+        let q = try quantize(
+            [Float](repeating: 0, count: 10), shape: [10], QuantScheme(target: .int8, granularity: .tensor))
         #expect(q.scale == [1])
         #expect(q.values.allSatisfy { $0 == 0 })
         let a = try quantize(
-            [Float](repeating: 0, count: 10), shape: [10], QuantScheme(target: .uint8, mapping: .affine, granularity: .tensor))
+            [Float](repeating: 0, count: 10), shape: [10],
+            QuantScheme(target: .uint8, mapping: .affine, granularity: .tensor))
         #expect(a.scale == [1])
     }
 
     @Test func constantTensorDequantizesWithinHalfStep() throws {
         for c: Float in [0.3, -7.25, 1e-3] {
             for scheme in [
-                QuantScheme(target: .int8, granularity: .tensor), QuantScheme(target: .uint8, mapping: .affine, granularity: .tensor),
-                QuantScheme(target: .int4, granularity: .tensor), QuantScheme(target: .uint4, mapping: .affine, granularity: .tensor)
+                QuantScheme(target: .int8, granularity: .tensor),
+                QuantScheme(target: .uint8, mapping: .affine, granularity: .tensor),
+                QuantScheme(target: .int4, granularity: .tensor),
+                QuantScheme(target: .uint4, mapping: .affine, granularity: .tensor)
             ] {
                 let x = [Float](repeating: c, count: 7)
                 let q = try quantize(x, shape: [7], scheme)
@@ -110,7 +115,8 @@ func quantize(_ x: [Float], shape: [Int], _ scheme: QuantScheme, reference: Bool
     @Test func nanIsAnErrorNamingTheTensor() {
         #expect(throws: QConvertError.self) {
             _ = try [Float(1), .nan].withUnsafeBufferPointer {
-                try Quantizer.quantize(name: "blk.0.w", values: $0, shape: [2], scheme: QuantScheme(target: .int8), bytesBefore: 8)
+                try Quantizer.quantize(
+                    name: "blk.0.w", values: $0, shape: [2], scheme: QuantScheme(target: .int8), bytesBefore: 8)
             }
         }
         do {
@@ -145,12 +151,14 @@ func quantize(_ x: [Float], shape: [Int], _ scheme: QuantScheme, reference: Bool
         let back = Quantizer.dequantize(
             values: q.values, target: scheme.target, shape: shape, scale: q.scale, zeroPoint: q.zeroPoint,
             granularity: scheme.granularity, axis: scheme.axis, groupSize: scheme.groupSize)
-        let layout = ParamLayout(shape: shape, granularity: scheme.granularity, axis: scheme.axis, groupSize: scheme.groupSize)
+        let layout = ParamLayout(
+            shape: shape, granularity: scheme.granularity, axis: scheme.axis, groupSize: scheme.groupSize)
         let idx = layout.paramIndices()
         for i in 0..<x.count {
             let s = q.scale![Int(idx[i])]
             // Half a step, plus float32 rounding of x/Δ and of (q − z)·Δ.
-            #expect(abs(x[i] - back[i]) <= s / 2 * 1.0001 + abs(x[i]) * 1e-6, "element \(i): \(x[i]) → \(back[i]), Δ \(s)")
+            #expect(
+                abs(x[i] - back[i]) <= s / 2 * 1.0001 + abs(x[i]) * 1e-6, "element \(i): \(x[i]) → \(back[i]), Δ \(s)")
         }
         #expect(q.metrics.clippedFraction == 0)
         #expect(Double(q.metrics.maxAbsError) <= Double(q.scale!.max()!) / 2 * 1.001)
@@ -202,7 +210,9 @@ func quantize(_ x: [Float], shape: [Int], _ scheme: QuantScheme, reference: Bool
     @Test(arguments: [1, 7, 15, 16, 17, 31, 33, 255, 1001, 4099])
     func lengths(_ n: Int) throws {
         let x = FastKernelsMatchReference.nastyData(n, seed: UInt64(n))
-        for scheme in Properties.schemes + [QuantScheme(target: .int8, granularity: .tensor, calibration: .percentile(99))] {
+        for scheme in Properties.schemes + [
+            QuantScheme(target: .int8, granularity: .tensor, calibration: .percentile(99))
+        ] {
             let shape = n % 3 == 0 && n > 3 ? [3, n / 3] : [1, n]
             var s = scheme
             s.axis = min(s.axis, shape.count - 1)
@@ -230,7 +240,10 @@ func quantize(_ x: [Float], shape: [Int], _ scheme: QuantScheme, reference: Bool
 
     @Test func halfAndBFloatConversionsMatchSwift() {
         var x = FastKernelsMatchReference.nastyData(5000, seed: 3)
-        x += [65504, 65519.99, -65504, 6.1e-5, 5.96e-8, 2.98e-8, 2.9802322e-08, 1e-9, Float.greatestFiniteMagnitude / 4e34, 0.1, 1.0 / 3]
+        x += [
+            65504, 65519.99, -65504, 6.1e-5, 5.96e-8, 2.98e-8, 2.9802322e-08, 1e-9,
+            Float.greatestFiniteMagnitude / 4e34, 0.1, 1.0 / 3
+        ]
         var halves = [UInt16](repeating: 0, count: x.count)
         let overflow = qk_f32_to_f16(x, Int64(x.count), &halves, 0)
         #expect(halves == ReferenceKernels.f32ToF16(x))
@@ -274,7 +287,8 @@ func quantize(_ x: [Float], shape: [Int], _ scheme: QuantScheme, reference: Bool
         var x = [Float](repeating: 0, count: 1000)
         for i in 0..<1000 { x[i] = Float(i % 100) / 100 }
         x[999] = 1000
-        let q = try quantize(x, shape: [1000], QuantScheme(target: .int8, granularity: .tensor, calibration: .percentile(99)))
+        let q = try quantize(
+            x, shape: [1000], QuantScheme(target: .int8, granularity: .tensor, calibration: .percentile(99)))
         #expect(q.scale![0] < 1.0 / 127 * 1.01)
         #expect(q.metrics.clippedFraction > 0)
     }
@@ -283,7 +297,8 @@ func quantize(_ x: [Float], shape: [Int], _ scheme: QuantScheme, reference: Bool
         var rng = SeededRandom(5)
         let x = (0..<2000).map { _ in rng.normal() }
         let e = try quantize(
-            x, shape: [2000], QuantScheme(target: .int8, granularity: .tensor, calibration: .entropy(bins: 128, levels: 128)))
+            x, shape: [2000],
+            QuantScheme(target: .int8, granularity: .tensor, calibration: .entropy(bins: 128, levels: 128)))
         let m = try quantize(x, shape: [2000], QuantScheme(target: .int8, granularity: .tensor))
         #expect(e.scale == m.scale)
         #expect(e.warnings.contains { $0.contains("one candidate") })
@@ -294,13 +309,15 @@ func quantize(_ x: [Float], shape: [Int], _ scheme: QuantScheme, reference: Bool
         var x = (0..<20000).map { _ in rng.normal() }
         x[0] = 60
         let e = try quantize(
-            x, shape: [20000], QuantScheme(target: .int8, granularity: .tensor, calibration: .entropy(bins: 2048, levels: nil)))
+            x, shape: [20000],
+            QuantScheme(target: .int8, granularity: .tensor, calibration: .entropy(bins: 2048, levels: nil)))
         #expect(e.scale![0] * 127 < 30)
         #expect(e.scale![0] * 127 > 2)
         // mse minimises the squared error: never worse than max on data of many outliers
         var y = (0..<20000).map { _ in rng.normal() }
         for i in stride(from: 0, to: 20000, by: 500) { y[i] = 25 }
-        let m = try quantize(y, shape: [20000], QuantScheme(target: .int8, granularity: .tensor, calibration: .mse(bins: 2048)))
+        let m = try quantize(
+            y, shape: [20000], QuantScheme(target: .int8, granularity: .tensor, calibration: .mse(bins: 2048)))
         let mx = try quantize(y, shape: [20000], QuantScheme(target: .int8, granularity: .tensor))
         #expect(m.metrics.mse <= mx.metrics.mse)
         #expect(m.scale![0] <= mx.scale![0])
@@ -328,7 +345,8 @@ func quantize(_ x: [Float], shape: [Int], _ scheme: QuantScheme, reference: Bool
         var rng = SeededRandom(11)
         let x = (0..<(6 * 9)).map { _ in rng.normal() }
         for t in [TargetType.int4, .uint4] {
-            let s = QuantScheme(target: t, mapping: t == .int4 ? .scale : .affine, granularity: .group, axis: 0, groupSize: 4)
+            let s = QuantScheme(
+                target: t, mapping: t == .int4 ? .scale : .affine, granularity: .group, axis: 0, groupSize: 4)
             let q = try quantize(x, shape: [6, 9], s)
             #expect(q.valuesShape == [6, 5])
             let back = Quantizer.dequantize(
@@ -372,7 +390,8 @@ func quantize(_ x: [Float], shape: [Int], _ scheme: QuantScheme, reference: Bool
         let x = (0..<(6 * 37)).map { _ in rng.normal() }
         for mapping in Mapping.allCases where !(target.isFP8 && mapping == .affine) {
             for granularity in [Granularity.tensor, .channel, .group] {
-                let scheme = QuantScheme(target: target, mapping: mapping, granularity: granularity, axis: 0, groupSize: 16)
+                let scheme = QuantScheme(
+                    target: target, mapping: mapping, granularity: granularity, axis: 0, groupSize: 16)
                 let fast = try quantize(x, shape: shape, scheme)
                 let ref = try quantize(x, shape: shape, scheme, reference: true)
                 #expect(
@@ -388,7 +407,8 @@ func quantize(_ x: [Float], shape: [Int], _ scheme: QuantScheme, reference: Bool
                 let index = layout.paramIndices()
                 for i in x.indices {
                     let step = abs(fast.scale![Int(index[i])])
-                    let bound = target.isFP8 ? abs(x[i]) * (target == .fp8_e4m3 ? 0.0625 : 0.125) + step : step / 2 + 1e-6
+                    let bound =
+                        target.isFP8 ? abs(x[i]) * (target == .fp8_e4m3 ? 0.0625 : 0.125) + step : step / 2 + 1e-6
                     #expect(abs(back[i] - x[i]) <= bound, "\(target) \(mapping) \(granularity) element \(i)")
                 }
             }

@@ -25,14 +25,17 @@ func parseHeader(_ bytes: [UInt8]) throws -> SafetensorsHeader {
         #expect(parsed.metadata.map(\.key) == ["format"])
         #expect(try parseHeader(safetensorsBytes(header: "{}", data: [])).tensors.isEmpty)
         #expect(
-            try parseHeader(safetensorsBytes(header: #"{"s":{"dtype":"F32","shape":[],"data_offsets":[0,4]}}"#, data: [0, 0, 0, 0])).tensors
+            try parseHeader(
+                safetensorsBytes(header: #"{"s":{"dtype":"F32","shape":[],"data_offsets":[0,4]}}"#, data: [0, 0, 0, 0])
+            ).tensors
                 .count == 1)
         #expect(try parseHeader(safetensorsBytes(header: #"{"__metadata__":null}"#, data: [])).metadata.isEmpty)
         // empty tensors may share an offset
         #expect(
             try parseHeader(
                 safetensorsBytes(
-                    header: #"{"a":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},"b":{"dtype":"U8","shape":[0],"data_offsets":[0,0]}}"#,
+                    header:
+                        #"{"a":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},"b":{"dtype":"U8","shape":[0],"data_offsets":[0,0]}}"#,
                     data: [])
             ).tensors.count == 2)
     }
@@ -43,30 +46,42 @@ func parseHeader(_ bytes: [UInt8]) throws -> SafetensorsHeader {
         ("header past end", [0xFF, 0, 0, 0, 0, 0, 0, 0, 0x7B], "runs past the end", "headerPastEnd"),
         ("header over 100 MB", [0, 0xE2, 0x06, 0x06, 0, 0, 0, 0] + Array("{}".utf8), "100 MB", "headerTooLong"),
         ("bad json", safetensorsBytes(header: "{\"a\":", data: []), "not valid JSON", "headerNotJSON"),
-        ("nul padding", safetensorsBytes(header: "{}\0\0\0\0\0\0", data: [], pad: false), "not valid JSON", "headerNotJSON"),
         (
-            "not utf8", safetensorsBytes(header: "{}", data: []).enumerated().map { $0.offset == 9 ? 0xFF : $0.element }, "UTF-8",
+            "nul padding", safetensorsBytes(header: "{}\0\0\0\0\0\0", data: [], pad: false), "not valid JSON",
+            "headerNotJSON"
+        ),
+        (
+            "not utf8",
+            safetensorsBytes(header: "{}", data: []).enumerated().map { $0.offset == 9 ? 0xFF : $0.element }, "UTF-8",
             "headerNotUTF8"
         ),
         (
             "duplicate",
             safetensorsBytes(
-                header: #"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#,
+                header:
+                    #"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#,
                 data: [0, 0]), "duplicate key", "headerNotJSON"
         ),
-        ("hole", safetensorsBytes(header: #"{"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#, data: [0, 0]), "hole", "hole"),
+        (
+            "hole", safetensorsBytes(header: #"{"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#, data: [0, 0]),
+            "hole", "hole"
+        ),
         (
             "overlap",
             safetensorsBytes(
-                header: #"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#,
+                header:
+                    #"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#,
                 data: [0, 0]), "overlap", "overlap"
         ),
         (
-            "trailing", safetensorsBytes(header: #"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#, data: [0, 9]), "trailing",
+            "trailing",
+            safetensorsBytes(header: #"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#, data: [0, 9]),
+            "trailing",
             "trailingData"
         ),
         (
-            "truncated data", safetensorsBytes(header: #"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}"#, data: [0, 9]),
+            "truncated data",
+            safetensorsBytes(header: #"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}"#, data: [0, 9]),
             "truncated", "truncated"
         ),
         (
@@ -74,38 +89,51 @@ func parseHeader(_ bytes: [UInt8]) throws -> SafetensorsHeader {
             "unknown dtype 'u8'", "badDType"
         ),
         (
-            "negative dim", safetensorsBytes(header: #"{"a":{"dtype":"U8","shape":[-1],"data_offsets":[0,1]}}"#, data: [0]),
+            "negative dim",
+            safetensorsBytes(header: #"{"a":{"dtype":"U8","shape":[-1],"data_offsets":[0,1]}}"#, data: [0]),
             "not a non-negative integer", "badDimension"
         ),
         (
-            "float dim", safetensorsBytes(header: #"{"a":{"dtype":"U8","shape":[1.0],"data_offsets":[0,1]}}"#, data: [0]),
+            "float dim",
+            safetensorsBytes(header: #"{"a":{"dtype":"U8","shape":[1.0],"data_offsets":[0,1]}}"#, data: [0]),
             "not a non-negative integer", "badDimension"
         ),
         (
-            "size mismatch", safetensorsBytes(header: #"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#, data: [0, 0, 0, 0]),
+            "size mismatch",
+            safetensorsBytes(header: #"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#, data: [0, 0, 0, 0]),
             "needs 8 bytes", "sizeMismatch"
         ),
         (
             "overflow",
-            safetensorsBytes(header: #"{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,4]}}"#, data: [0, 0, 0, 0]),
+            safetensorsBytes(
+                header: #"{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,4]}}"#,
+                data: [0, 0, 0, 0]),
             "overflows", "shapeOverflows"
         ),
         (
             "end before begin",
             safetensorsBytes(
-                header: #"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[0],"data_offsets":[2,1]}}"#,
+                header:
+                    #"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[0],"data_offsets":[2,1]}}"#,
                 data: [0, 0]), "end 1 is before begin 2", "endBeforeBegin"
         ),
-        ("metadata not string", safetensorsBytes(header: #"{"__metadata__":{"a":1}}"#, data: []), "not a string", "metadataValueNotString"),
+        (
+            "metadata not string", safetensorsBytes(header: #"{"__metadata__":{"a":1}}"#, data: []), "not a string",
+            "metadataValueNotString"
+        ),
         ("not an object", safetensorsBytes(header: "[1]", data: []), "not a JSON object", "headerNotObject"),
-        ("missing offsets", safetensorsBytes(header: #"{"a":{"dtype":"U8","shape":[1]}}"#, data: [0]), "data_offsets", "badOffsets")
+        (
+            "missing offsets", safetensorsBytes(header: #"{"a":{"dtype":"U8","shape":[1]}}"#, data: [0]),
+            "data_offsets", "badOffsets"
+        )
     ]
 
     /// A rule's case name: the label of its payload, or (for the rules without one) found by value.
     static func ruleName(_ r: SafetensorsRule) -> String {
         if let label = Mirror(reflecting: r).children.first?.label { return label }
         let bare: [(SafetensorsRule, String)] = [
-            (.notSafetensors, "notSafetensors"), (.headerNotUTF8, "headerNotUTF8"), (.headerNotObject, "headerNotObject"),
+            (.notSafetensors, "notSafetensors"), (.headerNotUTF8, "headerNotUTF8"),
+            (.headerNotObject, "headerNotObject"),
             (.metadataNotObject, "metadataNotObject")
         ]
         return bare.first { $0.0 == r }?.1 ?? "?"
@@ -144,7 +172,8 @@ func parseHeader(_ bytes: [UInt8]) throws -> SafetensorsHeader {
     /// The data of a broken rule, not only its wording.
     @Test func rulesCarryTheirFigures() throws {
         let bytes = safetensorsBytes(
-            header: #"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#,
+            header:
+                #"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#,
             data: [0, 0])
         do {
             _ = try parseHeader(bytes)

@@ -27,11 +27,16 @@ import Testing
         let name = Array("w.npy".utf8)
         let sum = crc ?? crc32(npy)
         let size = le(UInt32(npy.count))
-        var out: [UInt8] = le(UInt32(0x0403_4B50)) + le(UInt16(20)) + le(UInt16(0)) + le(UInt16(0)) + le(UInt16(0)) + le(UInt16(0))
+        var out: [UInt8] =
+            le(UInt32(0x0403_4B50)) + le(UInt16(20)) + le(UInt16(0)) + le(UInt16(0)) + le(UInt16(0)) + le(UInt16(0))
         out += le(sum) + size + size + le(UInt16(name.count)) + le(UInt16(0)) + name + npy
         let central = out.count
-        out += le(UInt32(0x0201_4B50)) + le(UInt16(20)) + le(UInt16(20)) + le(UInt16(0)) + le(UInt16(0)) + le(UInt16(0)) + le(UInt16(0))
-        out += le(sum) + size + size + le(UInt16(name.count)) + le(UInt16(0)) + le(UInt16(0)) + le(UInt16(0)) + le(UInt16(0))
+        out +=
+            le(UInt32(0x0201_4B50)) + le(UInt16(20)) + le(UInt16(20)) + le(UInt16(0)) + le(UInt16(0)) + le(UInt16(0))
+            + le(UInt16(0))
+        out +=
+            le(sum) + size + size + le(UInt16(name.count)) + le(UInt16(0)) + le(UInt16(0)) + le(UInt16(0))
+            + le(UInt16(0))
         out += le(UInt32(0)) + le(UInt32(0)) + name
         let centralSize = out.count - central
         out += le(UInt32(0x0605_4B50)) + le(UInt16(0)) + le(UInt16(0)) + le(UInt16(1)) + le(UInt16(1))

@@ -42,20 +42,22 @@ extension CheckpointContainer {
     public func releasePayload(entry name: String) {}
 }
 
-/// A checkpoint read by a reader plugin: ordered tensor entries plus what the writer needs of the container.
+/// A checkpoint read by a reader plugin: ordered tensor entries plus what the writer needs of the
+/// container. Immutable once read (threads share it while converting); the one state it has, whether a
+/// conversion consumed it, is behind a lock.
 public final class Checkpoint: @unchecked Sendable {
     public let format: String
     /// The path the user named (a file, a folder or an index).
     public let path: String
     /// The files holding the data, in a fixed order (hashing, shard plans).
     public let files: [MappedFile]
-    public var entries: [TensorEntry]
+    public let entries: [TensorEntry]
     /// Container-level string metadata (safetensors `__metadata__`), keys kept in file order.
-    public var metadata: [(key: String, value: String)]
+    public let metadata: [(key: String, value: String)]
     /// Shard file names in order, when the input is sharded.
-    public var shardNames: [String]?
+    public let shardNames: [String]?
     /// The format's own structure that its writer needs, if any.
-    public var container: (any CheckpointContainer)?
+    public let container: (any CheckpointContainer)?
     private let consumeLock = NSLock()
     private var consumedFlag = false
 
@@ -84,7 +86,8 @@ public final class Checkpoint: @unchecked Sendable {
 
     public init(
         format: String, path: String, files: [MappedFile], entries: [TensorEntry],
-        metadata: [(key: String, value: String)] = [], shardNames: [String]? = nil
+        metadata: [(key: String, value: String)] = [], shardNames: [String]? = nil,
+        container: (any CheckpointContainer)? = nil
     ) {
         self.format = format
         self.path = path
@@ -92,6 +95,7 @@ public final class Checkpoint: @unchecked Sendable {
         self.entries = entries
         self.metadata = metadata
         self.shardNames = shardNames
+        self.container = container
     }
 
     /// A hash of the input's bytes, as "ALGORITHM:hex" (for several files: the hash of their
@@ -178,7 +182,9 @@ public struct OutputTensor: Sendable {
     /// What the tensor is, decided once by the converter with its final (unique) name: writers read
     /// roles, they never work them out from positions or names.
     public var role: OutputRole
-    public init(name: String, dtype: DType, shape: [Int], byteCount: Int, shard: String? = nil, role: OutputRole = .plain) {
+    public init(
+        name: String, dtype: DType, shape: [Int], byteCount: Int, shard: String? = nil, role: OutputRole = .plain
+    ) {
         self.name = name
         self.dtype = dtype
         self.shape = shape
@@ -251,13 +257,17 @@ public protocol CheckpointSink: AnyObject {
     func put(_ index: Int, _ bytes: UnsafeRawBufferPointer) throws
     /// Finishes with the container metadata and qconvert's metadata document (stored under
     /// `MetadataDocument.key`); `perShard` maps a shard file name to the document of that shard.
-    func commit(metadata: [(key: String, value: String)], document: MetadataDocument?, perShard: [String: MetadataDocument]) throws
+    func commit(
+        metadata: [(key: String, value: String)], document: MetadataDocument?, perShard: [String: MetadataDocument])
+        throws
     func abort()
 }
 
 extension MetadataDocument {
     /// The container metadata with a document (if any) stored under its key.
-    static func entries(_ metadata: [(key: String, value: String)], _ doc: MetadataDocument?) -> [(key: String, value: String)] {
+    static func entries(_ metadata: [(key: String, value: String)], _ doc: MetadataDocument?) -> [(
+        key: String, value: String
+    )] {
         metadata.filter { $0.key != key } + (doc.map { [(key, $0.encoded)] } ?? [])
     }
 }
@@ -280,7 +290,8 @@ public protocol FormatWriter: Sendable {
     /// Refusals the format makes from the plans alone (an opset too old for a scheme), and the notes
     /// it adds to them; the converter calls it before any tensor is quantized.
     func check(_ plans: inout [TensorPlan], source: Checkpoint, output: String) throws
-    func open(path: String, tensors: [OutputTensor], source: Checkpoint, options: WriterOptions) throws -> CheckpointSink
+    func open(path: String, tensors: [OutputTensor], source: Checkpoint, options: WriterOptions) throws
+        -> CheckpointSink
 }
 
 extension FormatWriter {

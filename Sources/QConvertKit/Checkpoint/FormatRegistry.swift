@@ -22,7 +22,8 @@ public enum FormatRegistry {
         let lower = path.lowercased()
         if let r = readers.first(where: { $0.fileExtensions.contains { lower.hasSuffix($0) } }) { return r }
         throw QConvertError.badInput(
-            path: path, message: "unknown checkpoint format (supported: \(readers.map(\.name).joined(separator: ", ")))")
+            path: path, message: "unknown checkpoint format (supported: \(readers.map(\.name).joined(separator: ", ")))"
+        )
     }
 
     /// The writer for an output path: `format` if given, else by extension; a path
@@ -32,7 +33,8 @@ public enum FormatRegistry {
     /// in the input's format. An extension no writer knows is refused rather than taken for a folder.
     public static func writer(for path: String, format: String?, inputFormat: String) throws -> FormatWriter {
         if path == "-" || path.isEmpty {
-            throw QConvertError.usage(message: "'\(path)': give an output path (writing to standard output is not supported)")
+            throw QConvertError.usage(
+                message: "'\(path)': give an output path (writing to standard output is not supported)")
         }
         let lower = path.lowercased()
         let byExtension = writers.first(where: { $0.fileExtensions.contains { lower.hasSuffix($0) } })
@@ -42,18 +44,23 @@ public enum FormatRegistry {
                     message: "unknown output format '\(f)' (supported: \(writers.map(\.name).joined(separator: ", ")))")
             }
             if let e = byExtension, e.name != w.name {
-                throw QConvertError.usage(message: "\(path): --format \(f) does not match the extension, which means \(e.name)")
+                throw QConvertError.usage(
+                    message: "\(path): --format \(f) does not match the extension, which means \(e.name)")
             }
             return w
         }
         if let w = byExtension { return w }
         var isDir: ObjCBool = false
-        let folder = path.hasSuffix("/") || (FileManager.default.fileExists(atPath: path, isDirectory: &isDir) && isDir.boolValue)
+        let folder =
+            path.hasSuffix("/")
+            || (FileManager.default.fileExists(atPath: path, isDirectory: &isDir) && isDir.boolValue)
         let name = URL(fileURLWithPath: path).lastPathComponent
         if !folder, let dot = name.lastIndex(of: "."), dot != name.startIndex {
             let known = Set(writers.flatMap(\.fileExtensions)).sorted().joined(separator: " ")
             throw QConvertError.usage(
-                message: "\(path): unknown output extension '\(name[dot...])' (known: \(known)); a folder output has none, or ends in /")
+                message:
+                    "\(path): unknown output extension '\(name[dot...])' (known: \(known)); a folder output has none, or ends in /"
+            )
         }
         if let w = writers.first(where: { $0.name == inputFormat }) { return w }
         throw QConvertError.usage(message: "\(path): cannot tell the output format from the extension; use --format")

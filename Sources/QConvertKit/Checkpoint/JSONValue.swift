@@ -281,7 +281,9 @@ public struct JSONParser {
                 case UInt8(ascii: "u"):
                     var cp = try hex4()
                     if (0xD800..<0xDC00).contains(cp) {
-                        guard pos + 1 < bytes.count, bytes[pos] == UInt8(ascii: "\\"), bytes[pos + 1] == UInt8(ascii: "u") else {
+                        guard pos + 1 < bytes.count, bytes[pos] == UInt8(ascii: "\\"),
+                            bytes[pos + 1] == UInt8(ascii: "u")
+                        else {
                             throw fail("unpaired surrogate")
                         }
                         pos += 2

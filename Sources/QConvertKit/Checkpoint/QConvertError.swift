@@ -58,11 +58,13 @@ public enum QConvertError: Error, CustomStringConvertible, Equatable, Sendable {
 
     public static func == (a: QConvertError, b: QConvertError) -> Bool {
         switch (a, b) {
-        case (.violation(let p, let v), .violation(let q, let w)): p == q && type(of: v) == type(of: w) && v.description == w.description
+        case (.violation(let p, let v), .violation(let q, let w)):
+            p == q && type(of: v) == type(of: w) && v.description == w.description
         case (.badInput(let p, let m), .badInput(let q, let n)), (.io(let p, let m), .io(let q, let n)),
             (.write(let p, let m), .write(let q, let n)):
             p == q && m == n
-        case (.policy(let p, let l, let c, let m), .policy(let q, let k, let d, let n)): p == q && l == k && c == d && m == n
+        case (.policy(let p, let l, let c, let m), .policy(let q, let k, let d, let n)):
+            p == q && l == k && c == d && m == n
         case (.tensor(let a, let m), .tensor(let b, let n)): a == b && m == n
         case (.usage(let m), .usage(let n)), (.internal(let m), .internal(let n)): m == n
         default: false

@@ -18,7 +18,9 @@ public final class AtomicFile {
         let url = URL(fileURLWithPath: path)
         let dir = url.deletingLastPathComponent().path
         AtomicFile.removeStaleTemporaries(in: dir)
-        tempPath = dir + "/." + url.lastPathComponent + ".qconvert-\(AtomicFile.host)-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).tmp"
+        tempPath =
+            dir + "/." + url.lastPathComponent
+            + ".qconvert-\(AtomicFile.host)-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).tmp"
         fd = try TempFileRegistry.shared.create(tempPath, finalPath: path)
     }
 
@@ -31,7 +33,10 @@ public final class AtomicFile {
         let name =
             gethostname(&buf, buf.count - 1) == 0
             ? String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self) : "host"
-        let kept = String(name.unicodeScalars.filter { $0.isASCII && (CharacterSet.alphanumerics.contains($0) || $0 == "." || $0 == "_") })
+        let kept = String(
+            name.unicodeScalars.filter {
+                $0.isASCII && (CharacterSet.alphanumerics.contains($0) || $0 == "." || $0 == "_")
+            })
         return kept.isEmpty ? "host" : String(kept.prefix(64))
     }()
 
@@ -87,7 +92,9 @@ public final class AtomicFile {
         var buf = [UInt8](repeating: 0, count: count)
         var done = 0
         while done < count {
-            let n = buf.withUnsafeMutableBytes { Glibc.pread(fd, $0.baseAddress! + done, count - done, off_t(offset + done)) }
+            let n = buf.withUnsafeMutableBytes {
+                Glibc.pread(fd, $0.baseAddress! + done, count - done, off_t(offset + done))
+            }
             if n < 0 {
                 if errno == EINTR { continue }
                 throw QConvertError.write(path: finalPath, message: String(cString: strerror(errno)))
@@ -165,7 +172,8 @@ public final class FolderOutput {
         createdParents = missing
         AtomicFile.removeStaleTemporaries(in: parent)
         stagingPath =
-            parent + "/." + url.lastPathComponent + ".qconvert-\(AtomicFile.host)-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).tmp"
+            parent + "/." + url.lastPathComponent
+            + ".qconvert-\(AtomicFile.host)-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).tmp"
         try TempFileRegistry.shared.createFolder(stagingPath, finalPath: path)
     }
 
@@ -181,14 +189,16 @@ public final class FolderOutput {
         let fm = FileManager.default
         // carry the other files of the folder being replaced over into the new one
         if let names = try? fm.contentsOfDirectory(atPath: finalPath) {
-            for name in names where !FolderOutput.isWeightFile(name) && !(name.hasPrefix(".") && name.hasSuffix(".tmp")) {
+            for name in names where !FolderOutput.isWeightFile(name) && !(name.hasPrefix(".") && name.hasSuffix(".tmp"))
+            {
                 let dst = stagingPath + "/" + name
                 if fm.fileExists(atPath: dst) { continue }
                 if link(finalPath + "/" + name, dst) != 0 {
                     do { try fm.copyItem(atPath: finalPath + "/" + name, toPath: dst) } catch {
                         abort()
                         throw QConvertError.write(
-                            path: finalPath, message: "cannot carry '\(name)' over into the new folder: \(error.localizedDescription)")
+                            path: finalPath,
+                            message: "cannot carry '\(name)' over into the new folder: \(error.localizedDescription)")
                     }
                 }
             }
@@ -242,7 +252,9 @@ public final class TempFileRegistry: @unchecked Sendable {
         lock.lock()
         defer { lock.unlock() }
         if closed { throw QConvertError.write(path: finalPath, message: "interrupted") }
-        guard mkdir(p, 0o755) == 0 else { throw QConvertError.write(path: finalPath, message: String(cString: strerror(errno))) }
+        guard mkdir(p, 0o755) == 0 else {
+            throw QConvertError.write(path: finalPath, message: String(cString: strerror(errno)))
+        }
         folders.insert(p)
     }
 

@@ -43,7 +43,8 @@ public enum Batch {
 
         public var json: String {
             JSONValue.object([
-                ("model", .string(model)), ("variant", .string(variant)), ("format", .string(format)), ("output", .string(output)),
+                ("model", .string(model)), ("variant", .string(variant)), ("format", .string(format)),
+                ("output", .string(output)),
                 ("status", .string(status.rawValue)), ("error", error.map(JSONValue.string) ?? .null),
                 ("bytes_before", .int(bytesBefore)), ("bytes_after", .int(bytesAfter)),
                 ("size_ratio", bytesBefore > 0 ? .number(Double(bytesAfter) / Double(bytesBefore)) : .null),
@@ -59,10 +60,12 @@ public enum Batch {
                 : rows.map(\.json).joined(separator: "\n") + (rows.isEmpty ? "" : "\n")
         }
 
-        public static let csvHeader = "model,variant,format,status,bytes_before,bytes_after,size_ratio,worst_sqnr_db,seconds,error"
+        public static let csvHeader =
+            "model,variant,format,status,bytes_before,bytes_after,size_ratio,worst_sqnr_db,seconds,error"
         public var csv: String {
             func q(_ s: String) -> String {
-                s.contains(where: { ",\"\n".contains($0) }) ? "\"" + s.replacingOccurrences(of: "\"", with: "\"\"") + "\"" : s
+                s.contains(where: { ",\"\n".contains($0) })
+                    ? "\"" + s.replacingOccurrences(of: "\"", with: "\"\"") + "\"" : s
             }
             let ratio = bytesBefore > 0 ? String(format: "%.4f", Double(bytesAfter) / Double(bytesBefore)) : ""
             return [
@@ -109,7 +112,9 @@ public enum Batch {
     public static func discover(_ src: String, excluding: String? = nil) throws -> [Item] {
         if let out = excluding, PathGuard.isDirectory(src), PathGuard.isInside(src, out) {
             throw QConvertError.usage(
-                message: "\(out): the output folder is the source folder or holds it; outputs would replace the models (choose another -o)")
+                message:
+                    "\(out): the output folder is the source folder or holds it; outputs would replace the models (choose another -o)"
+            )
         }
         let skip = excluding.flatMap(PathGuard.identity)
         var isDir: ObjCBool = false
@@ -118,19 +123,23 @@ public enum Batch {
         }
         if !isDir.boolValue {
             guard let text = try? String(contentsOfFile: src, encoding: .utf8) else {
-                throw QConvertError.badInput(path: src, message: "a batch source is a folder or a manifest (text, one path per line)")
+                throw QConvertError.badInput(
+                    path: src, message: "a batch source is a folder or a manifest (text, one path per line)")
             }
             let base = URL(fileURLWithPath: src).deletingLastPathComponent().path
             return text.split(separator: "\n").compactMap { raw in
                 let line = raw.trimmingCharacters(in: .whitespaces)
                 guard !line.isEmpty, !line.hasPrefix("#") else { return nil }
                 let path = line.hasPrefix("/") ? line : base + "/" + line
-                return Item(path: path, relative: line.hasPrefix("/") ? URL(fileURLWithPath: line).lastPathComponent : line)
+                return Item(
+                    path: path, relative: line.hasPrefix("/") ? URL(fileURLWithPath: line).lastPathComponent : line)
             }
         }
         var items: [Item] = []
         func walk(_ dir: String, _ rel: String) {
-            let names = ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).filter { !$0.hasPrefix(".") }.sorted()
+            let names = ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).filter {
+                !$0.hasPrefix(".")
+            }.sorted()
             if !rel.isEmpty, names.contains(where: { $0.hasSuffix(".index.json") }) {
                 items.append(Item(path: dir, relative: rel))
                 return
@@ -165,7 +174,8 @@ public enum Batch {
     public static func upToDate(output: String, inputHash: String, policy: Policy) -> Checkpoint? {
         guard FileManager.default.fileExists(atPath: output), let ck = try? Converter.open(output),
             let doc = try? MetadataDocument.find(in: ck.metadata, path: output),
-            doc.input.hash == inputHash, doc.policy.sha256 == sha256Hex(policy.text), doc.tool.version == QConvertVersion.string
+            doc.input.hash == inputHash, doc.policy.sha256 == sha256Hex(policy.text),
+            doc.tool.version == QConvertVersion.string
         else { return nil }
         return ck
     }
@@ -251,7 +261,8 @@ public enum Batch {
                 output += ext
             }
             var o = Outcome(
-                model: item.relative, variant: v.name, format: ck.format, output: output, status: .converted, error: nil,
+                model: item.relative, variant: v.name, format: ck.format, output: output, status: .converted,
+                error: nil,
                 bytesBefore: before, bytesAfter: 0, worstSQNR: nil, seconds: 0)
             if let existing = upToDate(output: output, inputHash: hash, policy: v.policy) {
                 // Nothing to convert again, but the manifest row keeps the quality figures of the run that
@@ -260,10 +271,13 @@ public enum Batch {
                 o.bytesAfter = existing.entries.reduce(0) { $0 + $1.bytes.count }
                 if let records = recordedTensors(output: output, existing: existing) {
                     o.worstSQNR = records.values.compactMap { $0.metrics?.sqnrDB }.min()
-                    let failures = template.gates.evaluate(QualityGates.rows(records, bytesBefore: before, bytesAfter: o.bytesAfter))
+                    let failures = template.gates.evaluate(
+                        QualityGates.rows(records, bytesBefore: before, bytesAfter: o.bytesAfter))
                     if !failures.isEmpty {
                         o.status = .gateFailed
-                        o.error = GateFailure(failures: failures, outputWritten: true).description + " (output of an earlier run)"
+                        o.error =
+                            GateFailure(failures: failures, outputWritten: true).description
+                            + " (output of an earlier run)"
                     }
                 }
                 o.seconds = Date().timeIntervalSince(t0)

@@ -105,7 +105,8 @@ public struct ConversionReport: Sendable {
             (
                 "sums",
                 .object([
-                    ("x2", .number(m.sums.x2)), ("e2", .number(m.sums.e2)), ("xq", .number(m.sums.xq)), ("q2", .number(m.sums.q2)),
+                    ("x2", .number(m.sums.x2)), ("e2", .number(m.sums.e2)), ("xq", .number(m.sums.xq)),
+                    ("q2", .number(m.sums.q2)),
                     ("count", .int(m.sums.count))
                 ])
             )
@@ -119,7 +120,10 @@ public struct ConversionReport: Sendable {
         let doc: JSONValue = .object([
             ("format", .string("qconvert.report/1")),
             ("tool", .object([("name", .string("qconvert")), ("version", .string(QConvertVersion.string))])),
-            ("input", .object([("path", .string(input)), ("format", .string(inputFormat)), ("hash", .string(inputHash))])),
+            (
+                "input",
+                .object([("path", .string(input)), ("format", .string(inputFormat)), ("hash", .string(inputHash))])
+            ),
             ("output", .object([("path", .string(output)), ("format", .string(outputFormat))])),
             ("policy", .string(policySource)),
             ("seconds", .number((seconds * 1000).rounded() / 1000)),
@@ -131,7 +135,8 @@ public struct ConversionReport: Sendable {
                     ("size_ratio", .number(bytesBefore > 0 ? Double(bytesAfter) / Double(bytesBefore) : 1)),
                     ("worst_tensor", w.map { .string($0.plan.name) } ?? .null),
                     ("worst_sqnr_db", w?.metrics?.sqnrDB.map(JSONValue.number) ?? .null),
-                    ("model_sqnr_db", model.sqnrDB.map(JSONValue.number) ?? .null), ("model_cosine", .number(model.cosine))
+                    ("model_sqnr_db", model.sqnrDB.map(JSONValue.number) ?? .null),
+                    ("model_cosine", .number(model.cosine))
                 ])
             ),
             (
@@ -143,7 +148,8 @@ public struct ConversionReport: Sendable {
                             (
                                 "action",
                                 .string(
-                                    t.plan.decision.scheme == nil ? "keep" : (t.plan.decision.scheme!.target.isCast ? "cast" : "quantize"))
+                                    t.plan.decision.scheme == nil
+                                        ? "keep" : (t.plan.decision.scheme!.target.isCast ? "cast" : "quantize"))
                             ),
                             ("dtype", .string(t.plan.decision.scheme?.target.rawValue ?? t.plan.dtype.rawValue)),
                             ("source_dtype", .string(t.plan.dtype.rawValue)),
@@ -196,7 +202,8 @@ public enum Converter {
         let start = Date()
         let input = ckpt.path
         guard !ckpt.consumed else {
-            throw QConvertError.internal(message: "\(ckpt.path): this reading was consumed by an earlier conversion; open it again")
+            throw QConvertError.internal(
+                message: "\(ckpt.path): this reading was consumed by an earlier conversion; open it again")
         }
         var planned = try Planner.plan(ckpt, policy: options.policy, strict: options.strict)
         let writer = try FormatRegistry.writer(for: output, format: options.format, inputFormat: ckpt.format)
@@ -207,7 +214,9 @@ public enum Converter {
         // Hash the input on another thread while converting; it is needed only at the end.
         let hashBox = Box("")
         let hashGroup = DispatchGroup()
-        DispatchQueue.global().async(group: hashGroup) { hashBox.value = knownHash ?? ckpt.contentHash(options.inputHash) }
+        DispatchQueue.global().async(group: hashGroup) {
+            hashBox.value = knownHash ?? ckpt.contentHash(options.inputHash)
+        }
         // Integrity checks of the input's bytes (zip CRCs) run on first use of the bytes; starting them
         // here, beside the conversion, keeps them off the quantizing threads.
         let checkError = Box<Error?>(nil)
@@ -275,7 +284,9 @@ public enum Converter {
                             lock.unlock()
                         }
                         let r = Result {
-                            try process(plans[i], entry: ckpt.entries[plans[i].entryIndex], reference: reference, progress: tick)
+                            try process(
+                                plans[i], entry: ckpt.entries[plans[i].entryIndex], reference: reference, progress: tick
+                            )
                         }
                         lock.lock()
                         results.value[w] = r
@@ -289,7 +300,8 @@ public enum Converter {
                     let partial = window.indices.reduce(0) { sum, w in
                         let p = plans[window[w]]
                         let n = Shape(p.shape).elementCount
-                        return sum + (n > 0 ? Int(Double(p.bytesBefore) * Double(min(calibrated.value[w], n)) / Double(n)) : 0)
+                        return sum
+                            + (n > 0 ? Int(Double(p.bytesBefore) * Double(min(calibrated.value[w], n)) / Double(n)) : 0)
                     }
                     lock.unlock()
                     progress(
@@ -302,7 +314,9 @@ public enum Converter {
                     let p = plans[i]
                     let e = ckpt.entries[p.entryIndex]
                     progress?(
-                        ConvertProgress(tensorsDone: i, tensorsTotal: plans.count, bytesDone: done, bytesTotal: total, current: p.name))
+                        ConvertProgress(
+                            tensorsDone: i, tensorsTotal: plans.count, bytesDone: done, bytesTotal: total,
+                            current: p.name))
                     if let q = produced {
                         let o = outIndex[i]
                         try q.values.withUnsafeBytes { try sink.put(o[0], $0) }
@@ -319,7 +333,9 @@ public enum Converter {
                 k += window.count
             }
             progress?(
-                ConvertProgress(tensorsDone: plans.count, tensorsTotal: plans.count, bytesDone: total, bytesTotal: total, current: ""))
+                ConvertProgress(
+                    tensorsDone: plans.count, tensorsTotal: plans.count, bytesDone: total, bytesTotal: total,
+                    current: ""))
             hashGroup.wait()
             if let e = checkError.value { throw e }
             // Quality gates hold before anything is committed: a rejected result never creates or
@@ -330,14 +346,16 @@ public enum Converter {
             }
             let meta = ckpt.metadata.filter { $0.key != MetadataDocument.key }
             let doc = MetadataDocument(
-                plans: plans, metrics: metrics, inputFormat: ckpt.format, inputHash: hashBox.value, policy: options.policy)
+                plans: plans, metrics: metrics, inputFormat: ckpt.format, inputHash: hashBox.value,
+                policy: options.policy)
             var perShard: [String: MetadataDocument] = [:]
             let shardNames = Set(outputs.compactMap(\.shard))
             if shardNames.count > 1 {
                 for s in shardNames {
                     let only = Set(plans.indices.filter { ckpt.entries[plans[$0].entryIndex].shard == s })
                     perShard[s] = MetadataDocument(
-                        plans: plans, metrics: metrics, inputFormat: ckpt.format, inputHash: hashBox.value, policy: options.policy,
+                        plans: plans, metrics: metrics, inputFormat: ckpt.format, inputHash: hashBox.value,
+                        policy: options.policy,
                         only: only)
                 }
             }
@@ -358,11 +376,15 @@ public enum Converter {
         guard let scheme = p.decision.scheme else { return nil }
         let n = e.elementCount
         return try e.bytes.withUnsafeBytes { raw -> QuantizedTensor in
-            if e.dtype == .f32, let base = raw.baseAddress, Int(bitPattern: base) % MemoryLayout<Float>.alignment == 0 {
-                let floats = UnsafeBufferPointer(start: base.assumingMemoryBound(to: Float.self), count: n)
-                return try Quantizer.quantize(
-                    name: e.name, values: floats, shape: e.shape, scheme: scheme,
-                    bytesBefore: p.bytesBefore, reference: reference, progress: progress)
+            if e.dtype == .f32, let base = raw.baseAddress, Int(bitPattern: base) % MemoryLayout<Float>.alignment == 0,
+                raw.count == n * MemoryLayout<Float>.size
+            {
+                // The bytes (a mapped file, a protobuf payload) are untyped: bound to Float only for the call.
+                return try raw.withMemoryRebound(to: Float.self) { floats in
+                    try Quantizer.quantize(
+                        name: e.name, values: floats, shape: e.shape, scheme: scheme,
+                        bytesBefore: p.bytesBefore, reference: reference, progress: progress)
+                }
             }
             let floats = FloatDecoding.toFloat32(raw, dtype: e.dtype, count: n)
             return try floats.withUnsafeBufferPointer {

@@ -11,7 +11,8 @@ public enum Dequantizer {
     public static func run(input: String, output: String, format: String? = nil) throws -> Result {
         let ckpt = try Converter.open(input)
         guard let doc = try MetadataDocument.find(in: ckpt.metadata, path: input) else {
-            throw QConvertError.badInput(path: input, message: "no '\(MetadataDocument.key)' metadata: not a qconvert-quantized file")
+            throw QConvertError.badInput(
+                path: input, message: "no '\(MetadataDocument.key)' metadata: not a qconvert-quantized file")
         }
         let records = doc.tensors.sorted { $0.key < $1.key }
         let byName = Dictionary(ckpt.entries.enumerated().map { ($1.name, $0) }, uniquingKeysWith: { a, _ in a })
@@ -25,7 +26,8 @@ public enum Dequantizer {
         for (name, rec) in records {
             let stored = rec.values ?? name
             guard let i = byName[stored] else {
-                throw QConvertError.badInput(path: input, message: "metadata describes tensor '\(name)' but the file does not hold it")
+                throw QConvertError.badInput(
+                    path: input, message: "metadata describes tensor '\(name)' but the file does not hold it")
             }
             jobs[stored] = Job(entry: i, record: rec, name: name)
             if let s = rec.scale { consumed.insert(s) }
@@ -37,7 +39,8 @@ public enum Dequantizer {
             if let j = jobs[e.name] {
                 let sd = j.record.sourceDType
                 let shape = j.record.sourceShape
-                guard let dtype = DType(safetensorsName: sd) ?? DType(rawValue: sd), shape.allSatisfy({ $0 >= 0 }) else {
+                guard let dtype = DType(safetensorsName: sd) ?? DType(rawValue: sd), shape.allSatisfy({ $0 >= 0 })
+                else {
                     throw QConvertError.badInput(
                         path: input, message: "tensor '\(e.name)': metadata has a bad source_dtype or source_shape")
                 }
@@ -48,7 +51,9 @@ public enum Dequantizer {
                         byteCount: Shape(shape).checkedByteCount(outType) ?? 0, shard: e.shard))
                 sources.append((i, j))
             } else {
-                outputs.append(OutputTensor(name: e.name, dtype: e.dtype, shape: e.shape, byteCount: e.bytes.count, shard: e.shard))
+                outputs.append(
+                    OutputTensor(name: e.name, dtype: e.dtype, shape: e.shape, byteCount: e.bytes.count, shard: e.shard)
+                )
                 sources.append((i, nil))
             }
         }
@@ -75,7 +80,9 @@ public enum Dequantizer {
         return Result(restored: jobs.count, copied: sources.count - jobs.count)
     }
 
-    public static func restore(_ e: TensorEntry, record r: TensorRecord, ckpt: Checkpoint, byName: [String: Int], path: String) throws
+    public static func restore(
+        _ e: TensorEntry, record r: TensorRecord, ckpt: Checkpoint, byName: [String: Int], path: String
+    ) throws
         -> [Float]
     {
         func bad(_ m: String) -> QConvertError { .badInput(path: path, message: "tensor '\(e.name)': \(m)") }
@@ -85,7 +92,8 @@ public enum Dequantizer {
             throw bad("metadata source_shape is not a valid shape")
         }
         if let form = r.onnx?.form, form == "matmulnbits" || form == "gatherblockquantized" {
-            return try restoreMatMulNBits(e, record: r, target: target, shape: shape, ckpt: ckpt, byName: byName, path: path)
+            return try restoreMatMulNBits(
+                e, record: r, target: target, shape: shape, ckpt: ckpt, byName: byName, path: path)
         }
         var values = try e.bytes.withUnsafeBytes { [UInt8]($0) }
         let is4 = target.isPacked4
@@ -169,12 +177,14 @@ public enum Dequantizer {
         let b = try e.bytes.withUnsafeBytes { [UInt8]($0) }
         let canonical: (values: [UInt8], scale: [Float], zeroPoint: [UInt8]?)
         do {
-            canonical = try layout.unpack(b: b, scales: scales, zp: zp, paramIndex: params.paramIndices(), paramCount: params.paramCount)
+            canonical = try layout.unpack(
+                b: b, scales: scales, zp: zp, paramIndex: params.paramIndices(), paramCount: params.paramCount)
         } catch {
             throw bad("\(error)")
         }
         return Quantizer.dequantize(
-            values: canonical.values, target: target, shape: shape, scale: canonical.scale, zeroPoint: canonical.zeroPoint,
+            values: canonical.values, target: target, shape: shape, scale: canonical.scale,
+            zeroPoint: canonical.zeroPoint,
             granularity: granularity, axis: axis, groupSize: groupSize)
     }
 

@@ -21,7 +21,9 @@ public enum Diff {
         public var onlyInB: [String]
 
         var gateRows: [QualityGates.Row] {
-            rows.map { QualityGates.Row(name: $0.name, sums: $0.sums, before: $0.bytesA, after: $0.bytesB, changed: $0.changed) }
+            rows.map {
+                QualityGates.Row(name: $0.name, sums: $0.sums, before: $0.bytesA, after: $0.bytesB, changed: $0.changed)
+            }
         }
 
         /// The model's sums: those of the tensors that differ, added up.
@@ -72,13 +74,18 @@ public enum Diff {
             guard let i = byName[r.values ?? name] else { continue }
             params.insert(ck.entries[i].name)
             var size = ck.entries[i].bytes.count
-            for n in [r.scale, r.zeroPoint].compactMap({ $0 }) { if let j = byName[n] { size += ck.entries[j].bytes.count } }
+            for n in [r.scale, r.zeroPoint].compactMap({ $0 }) {
+                if let j = byName[n] { size += ck.entries[j].bytes.count }
+            }
             let form = "quantized " + r.dtype.rawValue
-            out[name] = (try Dequantizer.restore(ck.entries[i], record: r, ckpt: ck, byName: byName, path: path), size, form)
+            out[name] = (
+                try Dequantizer.restore(ck.entries[i], record: r, ckpt: ck, byName: byName, path: path), size, form
+            )
         }
         for e in ck.entries where out[e.name] == nil && !params.contains(e.name) && e.dtype.isFloatingPoint {
             out[e.name] = (
-                try e.bytes.withUnsafeBytes { FloatDecoding.toFloat32($0, dtype: e.dtype, count: e.elementCount) }, e.bytes.count,
+                try e.bytes.withUnsafeBytes { FloatDecoding.toFloat32($0, dtype: e.dtype, count: e.elementCount) },
+                e.bytes.count,
                 e.dtype.rawValue
             )
         }
@@ -96,14 +103,20 @@ public enum Diff {
             guard sa.values.count == sb.values.count else {
                 // The checkpoints do not match: bad input (exit 3), not a mistake on the command line.
                 throw QConvertError.badInput(
-                    path: b, message: "tensor '\(name)' has \(sb.values.count) elements here but \(sa.values.count) in \(a)")
+                    path: b,
+                    message: "tensor '\(name)' has \(sb.values.count) elements here but \(sa.values.count) in \(a)")
             }
             let sums = sa.values.withUnsafeBufferPointer { x in
                 sb.values.withUnsafeBufferPointer { y in ErrorSums(reference: x, compared: y) }
             }
-            rows.append(Row(name: name, sums: sums, bytesA: sa.bytes, bytesB: sb.bytes, changed: sa.form != sb.form || sums.e2 > 0))
+            rows.append(
+                Row(
+                    name: name, sums: sums, bytesA: sa.bytes, bytesB: sb.bytes,
+                    changed: sa.form != sb.form || sums.e2 > 0))
         }
         rows.sort { ($0.sqnrDB ?? .infinity, $0.name) < ($1.sqnrDB ?? .infinity, $1.name) }  // worst first
-        return Result(rows: rows, onlyInA: fa.keys.filter { fb[$0] == nil }.sorted(), onlyInB: fb.keys.filter { fa[$0] == nil }.sorted())
+        return Result(
+            rows: rows, onlyInA: fa.keys.filter { fb[$0] == nil }.sorted(),
+            onlyInB: fb.keys.filter { fa[$0] == nil }.sorted())
     }
 }

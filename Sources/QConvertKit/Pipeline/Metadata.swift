@@ -85,20 +85,26 @@ public struct MetadataDocument: Codable, Sendable, Equatable {
         do {
             doc = try JSONDecoder().decode(MetadataDocument.self, from: Data(text.utf8))
         } catch let DecodingError.dataCorrupted(c) {
-            throw QConvertError.badInput(path: path, message: "the quantization metadata is not valid JSON (\(c.debugDescription))")
+            throw QConvertError.badInput(
+                path: path, message: "the quantization metadata is not valid JSON (\(c.debugDescription))")
         } catch let DecodingError.keyNotFound(k, c) {
-            throw QConvertError.badInput(path: path, message: "the quantization metadata lacks '\(Self.where(c.codingPath + [k]))'")
+            throw QConvertError.badInput(
+                path: path, message: "the quantization metadata lacks '\(Self.where(c.codingPath + [k]))'")
         } catch let DecodingError.typeMismatch(_, c) {
-            throw QConvertError.badInput(path: path, message: "the quantization metadata has a wrong type at '\(Self.where(c.codingPath))'")
+            throw QConvertError.badInput(
+                path: path, message: "the quantization metadata has a wrong type at '\(Self.where(c.codingPath))'")
         } catch let DecodingError.valueNotFound(_, c) {
-            throw QConvertError.badInput(path: path, message: "the quantization metadata has null at '\(Self.where(c.codingPath))'")
+            throw QConvertError.badInput(
+                path: path, message: "the quantization metadata has null at '\(Self.where(c.codingPath))'")
         } catch {
             throw QConvertError.badInput(path: path, message: "the quantization metadata cannot be read: \(error)")
         }
         guard readableTags.contains(doc.format) else {
             throw QConvertError.badInput(
                 path: path,
-                message: "the quantization metadata is '\(doc.format)', which this qconvert \(QConvertVersion.string) does not know")
+                message:
+                    "the quantization metadata is '\(doc.format)', which this qconvert \(QConvertVersion.string) does not know"
+            )
         }
         return doc
     }
@@ -111,7 +117,8 @@ public struct MetadataDocument: Codable, Sendable, Equatable {
     static func widest(plans: [TensorPlan], policy: Policy, inputFormat: String) -> MetadataDocument {
         let widest = Dictionary(uniqueKeysWithValues: plans.indices.map { ($0, TensorMetrics.widest) })
         return MetadataDocument(
-            plans: plans, metrics: widest, inputFormat: inputFormat, inputHash: "sha256:" + String(repeating: "0", count: 64),
+            plans: plans, metrics: widest, inputFormat: inputFormat,
+            inputHash: "sha256:" + String(repeating: "0", count: 64),
             policy: policy)
     }
 }
@@ -144,7 +151,8 @@ public struct TensorRecord: Codable, Sendable, Equatable {
     public var metrics: MetricsRecord?
 
     enum CodingKeys: String, CodingKey {
-        case dtype, mapping, granularity, axis, calibration, qmin, qmax, values, scale, packing, saturate, onnx, rule, metrics
+        case dtype, mapping, granularity, axis, calibration, qmin, qmax, values, scale, packing, saturate, onnx, rule,
+            metrics
         case sourceDType = "source_dtype"
         case sourceShape = "source_shape"
         case storageDType = "storage_dtype"
@@ -219,7 +227,8 @@ public struct PackingRecord: Codable, Sendable, Equatable {
 
     enum CodingKeys: String, CodingKey { case bits, signed, axis, flattened, unpacked, order, note }
 
-    public init(bits: Int, signed: Bool?, axis: Int?, flattened: Bool?, unpacked: Bool?, order: String?, note: String?) {
+    public init(bits: Int, signed: Bool?, axis: Int?, flattened: Bool?, unpacked: Bool?, order: String?, note: String?)
+    {
         self.bits = bits
         self.signed = signed
         self.axis = axis
@@ -244,7 +253,9 @@ public struct PackingRecord: Codable, Sendable, Equatable {
     static func rows(signed: Bool) -> PackingRecord {
         PackingRecord(
             bits: 4, signed: signed, axis: -1, flattened: nil, unpacked: nil, order: "low_nibble_first",
-            note: "two values per byte along the last axis, element 0 in the low nibble; an odd row length leaves the last high nibble 0")
+            note:
+                "two values per byte along the last axis, element 0 in the low nibble; an odd row length leaves the last high nibble 0"
+        )
     }
 }
 

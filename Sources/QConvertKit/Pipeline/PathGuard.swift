@@ -52,7 +52,8 @@ public enum PathGuard {
         for p in outputPaths(output) {
             guard let id = identity(p), inputs.contains(id) else { continue }
             let what = p == output ? "is the input" : "would overwrite \(p), which the input reads"
-            throw QConvertError.usage(message: "\(output): the output \(what); choose another output path (no file was changed)")
+            throw QConvertError.usage(
+                message: "\(output): the output \(what); choose another output path (no file was changed)")
         }
     }
 
@@ -64,14 +65,18 @@ public enum PathGuard {
             others += items.map { input + "/" + $0 }
         }
         if let t = identity(report), let other = others.first(where: { identity($0) == t }) {
-            throw QConvertError.usage(message: "\(report): the report would overwrite \(other); choose another report path")
+            throw QConvertError.usage(
+                message: "\(report): the report would overwrite \(other); choose another report path")
         }
-        if let o = output, URL(fileURLWithPath: report).standardizedFileURL == URL(fileURLWithPath: o).standardizedFileURL {
+        if let o = output,
+            URL(fileURLWithPath: report).standardizedFileURL == URL(fileURLWithPath: o).standardizedFileURL
+        {
             throw QConvertError.usage(message: "\(report): the report and the output are the same path")
         }
         let folder = URL(fileURLWithPath: report).deletingLastPathComponent().path
         guard isDirectory(folder) else {
-            throw QConvertError.write(path: report, message: "its folder \(folder) does not exist (nothing was converted)")
+            throw QConvertError.write(
+                path: report, message: "its folder \(folder) does not exist (nothing was converted)")
         }
         if isDirectory(report) {
             throw QConvertError.write(path: report, message: "is a folder (nothing was converted)")

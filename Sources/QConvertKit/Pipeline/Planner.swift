@@ -94,7 +94,8 @@ public enum Planner {
         return name
     }
 
-    static func decide(_ e: TensorEntry, settings s: PolicySettings, rule: String, entryIndex: Int) throws -> TensorPlan {
+    static func decide(_ e: TensorEntry, settings s: PolicySettings, rule: String, entryIndex: Int) throws -> TensorPlan
+    {
         let n = e.elementCount
         let before = Shape(e.shape).checkedByteCount(e.dtype) ?? 0
         var plan = TensorPlan(
@@ -146,7 +147,8 @@ public enum Planner {
         case .fixed(let a):
             let r = a < 0 ? a + rank : a
             guard rank == 0 || (r >= 0 && r < rank) else {
-                throw QConvertError.tensor(name: e.name, message: "axis \(a) is outside its rank-\(rank) shape \(Shape(e.shape)) (\(rule))")
+                throw QConvertError.tensor(
+                    name: e.name, message: "axis \(a) is outside its rank-\(rank) shape \(Shape(e.shape)) (\(rule))")
             }
             axis = rank == 0 ? 0 : r
         }
@@ -157,7 +159,9 @@ public enum Planner {
             groupSize: s.groupSize ?? 128, calibration: calibration, saturate: s.saturate ?? false)
         scheme.fullSymmetricRange = s.symmetricRange == .full && mapping == .scale && target.isIntegerQuantization
         plan.warnings += calibration.method.warnings(target: target)
-        if granularity == .element { plan.warnings.append("per-element parameters make this tensor larger than float32") }
+        if granularity == .element {
+            plan.warnings.append("per-element parameters make this tensor larger than float32")
+        }
         if plan.axisGuessed { plan.warnings.append("output-channel axis guessed as 0") }
         let layout = ParamLayout(shape: e.shape, granularity: granularity, axis: axis, groupSize: scheme.groupSize)
         plan.paramShape = layout.paramShape

@@ -9,7 +9,9 @@ public struct QualityGates: Sendable, Equatable {
     /// Kept for compatibility: a failing gate never writes the output (see `Converter.convert`).
     public var noOutputOnFail = false
 
-    public init(minSQNR: Double? = nil, minCosine: Double? = nil, maxSizeRatio: Double? = nil, noOutputOnFail: Bool = false) {
+    public init(
+        minSQNR: Double? = nil, minCosine: Double? = nil, maxSizeRatio: Double? = nil, noOutputOnFail: Bool = false
+    ) {
         self.minSQNR = minSQNR
         self.minCosine = minCosine
         self.maxSizeRatio = maxSizeRatio
@@ -57,15 +59,21 @@ public struct QualityGates: Sendable, Equatable {
         var model: [Failure] = []
         func check(_ name: String, _ s: ErrorSums, before: Int, after: Int, into out: inout [Failure]) {
             let sqnr = s.sqnrDB ?? .infinity
-            if let m = minSQNR, sqnr < m { out.append(Failure(tensor: name, gate: "sqnr_db", value: sqnr, threshold: m)) }
-            if let m = minCosine, s.cosine < m { out.append(Failure(tensor: name, gate: "cosine", value: s.cosine, threshold: m)) }
+            if let m = minSQNR, sqnr < m {
+                out.append(Failure(tensor: name, gate: "sqnr_db", value: sqnr, threshold: m))
+            }
+            if let m = minCosine, s.cosine < m {
+                out.append(Failure(tensor: name, gate: "cosine", value: s.cosine, threshold: m))
+            }
             if let m = maxSizeRatio, before > 0, Double(after) / Double(before) > m {
-                out.append(Failure(tensor: name, gate: "size_ratio", value: Double(after) / Double(before), threshold: m))
+                out.append(
+                    Failure(tensor: name, gate: "size_ratio", value: Double(after) / Double(before), threshold: m))
             }
         }
         for r in rows { check(r.name, r.sums, before: r.before, after: r.after, into: &perTensor) }
         check(
-            "model", Self.modelSums(rows), before: rows.reduce(0) { $0 + $1.before }, after: rows.reduce(0) { $0 + $1.after },
+            "model", Self.modelSums(rows), before: rows.reduce(0) { $0 + $1.before },
+            after: rows.reduce(0) { $0 + $1.after },
             into: &model)
         return model + perTensor
     }
@@ -80,10 +88,12 @@ extension ConversionReport {
     public var gateRows: [QualityGates.Row] {
         tensors.map { t in
             if let m = t.metrics {
-                return QualityGates.Row(name: t.plan.name, sums: m.sums, before: m.bytesBefore, after: m.bytesAfter, changed: true)
+                return QualityGates.Row(
+                    name: t.plan.name, sums: m.sums, before: m.bytesBefore, after: m.bytesAfter, changed: true)
             }
             return QualityGates.Row(
-                name: t.plan.name, sums: ErrorSums(), before: t.plan.bytesBefore, after: t.plan.bytesAfter, changed: false)
+                name: t.plan.name, sums: ErrorSums(), before: t.plan.bytesBefore, after: t.plan.bytesAfter,
+                changed: false)
         }
     }
 
@@ -108,7 +118,8 @@ extension QualityGates {
         if bytesBefore - before > 0 {
             rows.append(
                 Row(
-                    name: "kept tensors", sums: ErrorSums(), before: bytesBefore - before, after: max(bytesAfter - after, 0), changed: false
+                    name: "kept tensors", sums: ErrorSums(), before: bytesBefore - before,
+                    after: max(bytesAfter - after, 0), changed: false
                 ))
         }
         return rows

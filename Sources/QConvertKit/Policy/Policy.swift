@@ -26,7 +26,9 @@ public struct CalibrationName: RawRepresentable, CaseIterable, Sendable, Hashabl
         guard Calibration.registry.contains(where: { $0.name == rawValue }) else { return nil }
         self.rawValue = rawValue
     }
-    public static var allCases: [CalibrationName] { Calibration.registry.compactMap { CalibrationName(rawValue: $0.name) } }
+    public static var allCases: [CalibrationName] {
+        Calibration.registry.compactMap { CalibrationName(rawValue: $0.name) }
+    }
     public static let max = CalibrationName(rawValue: MaxCalibration.name)!
 }
 
@@ -196,7 +198,9 @@ public struct NamePattern: Sendable {
         }
         if inClass {  // an unclosed '[': the whole glob is literal text
             return "^"
-                + g.unicodeScalars.map { $0.properties.isAlphabetic || ("0"..."9").contains($0) ? String($0) : "\\" + String($0) }.joined()
+                + g.unicodeScalars.map {
+                    $0.properties.isAlphabetic || ("0"..."9").contains($0) ? String($0) : "\\" + String($0)
+                }.joined()
                 + "$"
         }
         return out + "$"

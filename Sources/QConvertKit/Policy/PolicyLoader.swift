@@ -7,7 +7,8 @@ public enum PolicyLoader {
 
     public static func preset(_ name: String) throws -> Policy {
         guard let p = Preset(rawValue: name) else {
-            throw QConvertError.usage(message: "unknown preset '\(name)'; choose one of \(presetNames.joined(separator: ", "))")
+            throw QConvertError.usage(
+                message: "unknown preset '\(name)'; choose one of \(presetNames.joined(separator: ", "))")
         }
         return try preset(p)
     }
@@ -67,7 +68,8 @@ public enum PolicyLoader {
                 }  // "- " markers nest like indentation
                 atLineStart = false
                 if indent / 2 > maxNesting {
-                    throw QConvertError.policy(path: path, line: line, column: column, message: "nested deeper than \(maxNesting) levels")
+                    throw QConvertError.policy(
+                        path: path, line: line, column: column, message: "nested deeper than \(maxNesting) levels")
                 }
             }
             if let q = quote {
@@ -80,7 +82,8 @@ public enum PolicyLoader {
             case "[", "{":
                 flow += 1
                 if flow > maxNesting {
-                    throw QConvertError.policy(path: path, line: line, column: column, message: "nested deeper than \(maxNesting) levels")
+                    throw QConvertError.policy(
+                        path: path, line: line, column: column, message: "nested deeper than \(maxNesting) levels")
                 }
             case "]", "}": flow = max(0, flow - 1)
             default: break
@@ -114,7 +117,9 @@ public enum PolicyLoader {
                 if case .scalar(let sc) = v, sc.string.isEmpty || sc.string == "null" || sc.string == "~" { continue }
                 guard let seq = v.sequence else { throw err(source, v, "'rules' must be a list of rules") }
                 for item in seq {
-                    guard let rm = item.mapping else { throw err(source, item, "each rule must be a mapping (- match: ...)") }
+                    guard let rm = item.mapping else {
+                        throw err(source, item, "each rule must be a mapping (- match: ...)")
+                    }
                     let parsed = try settings(rm, path: source, allowSelectors: true)
                     var rule = parsed.rule
                     rule.settings = parsed.settings
@@ -162,28 +167,37 @@ public enum PolicyLoader {
 
     // MARK: - pieces
 
-    static func settings(_ m: Node.Mapping, path: String, allowSelectors: Bool) throws -> (settings: PolicySettings, rule: PolicyRule) {
+    static func settings(_ m: Node.Mapping, path: String, allowSelectors: Bool) throws -> (
+        settings: PolicySettings, rule: PolicyRule
+    ) {
         var s = PolicySettings()
-        var rule = PolicyRule(match: nil, sourceDTypes: nil, rank: nil, elements: nil, ops: nil, settings: s, line: 0, column: 0)
+        var rule = PolicyRule(
+            match: nil, sourceDTypes: nil, rank: nil, elements: nil, ops: nil, settings: s, line: 0, column: 0)
         for (k, v) in m {
             guard let key = k.scalar?.string else { throw err(path, k, "keys must be plain words") }
             if selectorKeys.contains(key) {
-                guard allowSelectors else { throw err(path, k, "'\(key)' selects tensors and belongs in a rule, not in defaults") }
+                guard allowSelectors else {
+                    throw err(path, k, "'\(key)' selects tensors and belongs in a rule, not in defaults")
+                }
                 switch key {
                 case "match":
                     let text = try string(v, key, path)
                     do {
                         rule.match = try NamePattern(parsing: text)
                     } catch {
-                        let what = text.hasPrefix("re:") ? "bad regular expression '\(text.dropFirst(3))'" : "bad glob '\(text)'"
+                        let what =
+                            text.hasPrefix("re:")
+                            ? "bad regular expression '\(text.dropFirst(3))'" : "bad glob '\(text)'"
                         throw err(path, v, "\(what): \(error)")
                     }
                 case "source_dtype":
                     rule.sourceDTypes = try stringList(v, key, path).map { name in
-                        guard let d = DType(rawValue: name.lowercased()) ?? DType(safetensorsName: name.uppercased()) else {
+                        guard let d = DType(rawValue: name.lowercased()) ?? DType(safetensorsName: name.uppercased())
+                        else {
                             throw err(
                                 path, v,
-                                "unknown source_dtype '\(name)' (f64 f32 f16 bf16 f8e4m3 f8e5m2 i64 i32 i16 i8 u64 u32 u16 u8 bool)")
+                                "unknown source_dtype '\(name)' (f64 f32 f16 bf16 f8e4m3 f8e5m2 i64 i32 i16 i8 u64 u32 u16 u8 bool)"
+                            )
                         }
                         return d
                     }
@@ -195,7 +209,8 @@ public enum PolicyLoader {
                 continue
             }
             guard settingKeys.contains(key) else {
-                let known = (allowSelectors ? selectorKeys.union(settingKeys) : settingKeys).sorted().joined(separator: ", ")
+                let known = (allowSelectors ? selectorKeys.union(settingKeys) : settingKeys).sorted().joined(
+                    separator: ", ")
                 throw err(path, k, "unknown key '\(key)' (known: \(known))")
             }
             switch key {
@@ -231,7 +246,9 @@ public enum PolicyLoader {
             case "calibration": s.calibration = try choice(v, key, path)
             case "percentile":
                 let t = try string(v, key, path)
-                guard let p = Double(t), p > 0, p <= 100 else { throw err(path, v, "percentile must be a number in (0, 100]") }
+                guard let p = Double(t), p > 0, p <= 100 else {
+                    throw err(path, v, "percentile must be a number in (0, 100]")
+                }
                 s.percentile = p
             case "bins":
                 let i = try int(v, key, path)
@@ -261,7 +278,9 @@ public enum PolicyLoader {
             case "symmetric_range": s.symmetricRange = try choice(v, key, path)
             case "accuracy_level":
                 let i = try int(v, key, path)
-                guard (0...4).contains(i) else { throw err(path, v, "accuracy_level is 0 to 4 (4: int8 compute, the fast one)") }
+                guard (0...4).contains(i) else {
+                    throw err(path, v, "accuracy_level is 0 to 4 (4: int8 compute, the fast one)")
+                }
                 s.accuracyLevel = i
             default: break
             }

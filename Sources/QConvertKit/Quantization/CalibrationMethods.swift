@@ -120,7 +120,10 @@ public struct PercentileCalibration: RangeCalibration {
         }
         let s = values.sorted()
         return s.withUnsafeBufferPointer {
-            (Float(Calibrator.percentileSorted($0, (100 - p) / 2)), Float(Calibrator.percentileSorted($0, 100 - (100 - p) / 2)))
+            (
+                Float(Calibrator.percentileSorted($0, (100 - p) / 2)),
+                Float(Calibrator.percentileSorted($0, 100 - (100 - p) / 2))
+            )
         }
     }
 
@@ -140,7 +143,8 @@ public struct PercentileCalibration: RangeCalibration {
             }
             _ = buf.initialize(from: values)
             return (
-                Float(CalibrationScratch.percentile(a, n, (100 - p) / 2)), Float(CalibrationScratch.percentile(a, n, 100 - (100 - p) / 2))
+                Float(CalibrationScratch.percentile(a, n, (100 - p) / 2)),
+                Float(CalibrationScratch.percentile(a, n, 100 - (100 - p) / 2))
             )
         }
     }
@@ -183,7 +187,8 @@ public struct EntropyCalibration: RangeCalibration {
         scratch: CalibrationScratch
     ) -> (beta: Float, alpha: Float) {
         let amax = Swift.max(abs(lo), abs(hi))
-        let i = scratch.entropyCandidate(values, amax: amax, levels: self.levels ?? levels, exhaustive: exhaustiveSearch)
+        let i = scratch.entropyCandidate(
+            values, amax: amax, levels: self.levels ?? levels, exhaustive: exhaustiveSearch)
         return Calibrator.threshold(i, bins: bins, amax: amax, lo: lo, hi: hi, mapping: mapping)
     }
 
@@ -236,7 +241,8 @@ public struct MSECalibration: RangeCalibration {
         scratch: CalibrationScratch
     ) -> (beta: Float, alpha: Float) {
         let amax = Swift.max(abs(lo), abs(hi))
-        let i = scratch.mseCandidate(values, amax: amax, levels: levels, qmaxSymmetric: qmaxSymmetric, exhaustive: exhaustiveSearch)
+        let i = scratch.mseCandidate(
+            values, amax: amax, levels: levels, qmaxSymmetric: qmaxSymmetric, exhaustive: exhaustiveSearch)
         return Calibrator.threshold(i, bins: bins, amax: amax, lo: lo, hi: hi, mapping: mapping)
     }
 

@@ -140,11 +140,14 @@ public enum Calibrator {
         _ values: UnsafeBufferPointer<Float>, lo: Float, hi: Float, calibration: Calibration,
         mapping: Mapping, levels: Int, qmaxSymmetric: Int
     ) -> (beta: Float, alpha: Float) {
-        calibration.method.referenceRange(values, lo: lo, hi: hi, mapping: mapping, levels: levels, qmaxSymmetric: qmaxSymmetric)
+        calibration.method.referenceRange(
+            values, lo: lo, hi: hi, mapping: mapping, levels: levels, qmaxSymmetric: qmaxSymmetric)
     }
 
     /// The range for candidate `i` (the threshold in bin widths).
-    static func threshold(_ i: Int, bins: Int, amax: Float, lo: Float, hi: Float, mapping: Mapping) -> (beta: Float, alpha: Float) {
+    static func threshold(_ i: Int, bins: Int, amax: Float, lo: Float, hi: Float, mapping: Mapping) -> (
+        beta: Float, alpha: Float
+    ) {
         let a = amax > 0 ? Float(Double(amax) / Double(bins) * Double(i)) : 0
         return mapping == .scale ? (-a, a) : (Swift.max(lo, -a), Swift.min(hi, a))
     }
@@ -187,7 +190,8 @@ public final class CalibrationScratch {
         _ values: UnsafeBufferPointer<Float>, lo: Float, hi: Float, calibration: Calibration, mapping: Mapping,
         levels: Int, qmaxSymmetric: Int
     ) -> (beta: Float, alpha: Float) {
-        calibration.method.range(values, lo: lo, hi: hi, mapping: mapping, levels: levels, qmaxSymmetric: qmaxSymmetric, scratch: self)
+        calibration.method.range(
+            values, lo: lo, hi: hi, mapping: mapping, levels: levels, qmaxSymmetric: qmaxSymmetric, scratch: self)
     }
 
     /// The entropy method's candidate threshold (in bins) for one group, by the C kernel.
@@ -211,7 +215,9 @@ public final class CalibrationScratch {
     }
 
     /// The mse method's candidate threshold (in bins) for one group, by the C kernel.
-    func mseCandidate(_ values: UnsafeBufferPointer<Float>, amax: Float, levels: Int, qmaxSymmetric: Int, exhaustive: Bool) -> Int {
+    func mseCandidate(
+        _ values: UnsafeBufferPointer<Float>, amax: Float, levels: Int, qmaxSymmetric: Int, exhaustive: Bool
+    ) -> Int {
         let nz = histogram(values, amax: amax)
         let i = binIndex.withUnsafeBufferPointer { b in
             counts.withUnsafeBufferPointer { c in
@@ -274,7 +280,8 @@ public enum CalibrationCost {
         let groups = layout.paramCount
         guard groups > 0 else { return 0 }
         let n = Double(layout.shape.reduce(1, *)) / Double(groups)
-        let micros = scheme.calibration.method.costMicros(groupLength: n, levels: Double(scheme.target.calibrationLevels))
+        let micros = scheme.calibration.method.costMicros(
+            groupLength: n, levels: Double(scheme.target.calibrationLevels))
         return micros * Double(groups) / 1e6
     }
 }

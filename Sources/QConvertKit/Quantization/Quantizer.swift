@@ -82,7 +82,8 @@ public enum Quantizer {
         case .int8, .uint8, .int4, .uint4, .fp8_e4m3, .fp8_e5m2:
             break
         }
-        let layout = ParamLayout(shape: shape, granularity: scheme.granularity, axis: scheme.axis, groupSize: scheme.groupSize)
+        let layout = ParamLayout(
+            shape: shape, granularity: scheme.granularity, axis: scheme.axis, groupSize: scheme.groupSize)
         var warnings: [String] = []
         let (scales, zps) = computeParameters(
             x, layout: layout, scheme: scheme, warnings: &warnings, reference: reference,
@@ -186,7 +187,8 @@ public enum Quantizer {
                         DispatchQueue.concurrentPerform(iterations: chunks) { chunk in
                             let first = pc * chunk / chunks
                             let end = pc * (chunk + 1) / chunks
-                            let scratch = reference ? nil : CalibrationScratch(capacity: widest, calibration: calibration)
+                            let scratch =
+                                reference ? nil : CalibrationScratch(capacity: widest, calibration: calibration)
                             for k in first..<end {
                                 let part = UnsafeBufferPointer(rebasing: g.value[bounds[k]..<bounds[k + 1]])
                                 guard !part.isEmpty else {
@@ -256,7 +258,9 @@ public enum Quantizer {
         return (s, Int32(z))
     }
 
-    static func minMaxPerParam(_ x: UnsafeBufferPointer<Float>, layout: ParamLayout, lo: inout [Float], hi: inout [Float]) {
+    static func minMaxPerParam(
+        _ x: UnsafeBufferPointer<Float>, layout: ParamLayout, lo: inout [Float], hi: inout [Float]
+    ) {
         guard let base = x.baseAddress, !x.isEmpty else { return }
         let L = layout.shape.last ?? 1
         let mode = layout.lastAxisMode
@@ -309,13 +313,15 @@ public enum Quantizer {
                         case .shared:
                             qk_quantize_int_f32(xr, Int64(L), sc[pi], zp[pi], qmin, qmax, orow, &sums)
                         case .distinct:
-                            qk_quantize_int_f32_vec(xr, Int64(L), sc.baseAddress! + pi, zp.baseAddress! + pi, qmin, qmax, orow, &sums)
+                            qk_quantize_int_f32_vec(
+                                xr, Int64(L), sc.baseAddress! + pi, zp.baseAddress! + pi, qmin, qmax, orow, &sums)
                         case .blocked(let b):
                             var start = 0
                             var blk = 0
                             while start < L {
                                 let len = Swift.min(b, L - start)
-                                qk_quantize_int_f32(xr + start, Int64(len), sc[pi + blk], zp[pi + blk], qmin, qmax, orow + start, &sums)
+                                qk_quantize_int_f32(
+                                    xr + start, Int64(len), sc[pi + blk], zp[pi + blk], qmin, qmax, orow + start, &sums)
                                 start += b
                                 blk += 1
                             }
@@ -344,7 +350,8 @@ public enum Quantizer {
         m.store(into: &sums)
     }
 
-    static func cast(name: String, _ x: UnsafeBufferPointer<Float>, shape: [Int], scheme: QuantScheme, bytesBefore: Int) throws
+    static func cast(name: String, _ x: UnsafeBufferPointer<Float>, shape: [Int], scheme: QuantScheme, bytesBefore: Int)
+        throws
         -> QuantizedTensor
     {
         let n = x.count

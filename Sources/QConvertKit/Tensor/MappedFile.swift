@@ -20,7 +20,9 @@ public final class MappedFile: @unchecked Sendable {
         // O_NONBLOCK: opening a FIFO or a device must not wait for a writer; anything but a regular
         // file is refused below.
         let fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC)
-        guard fd >= 0 else { throw QConvertError.io(path: path, message: "cannot open: \(String(cString: strerror(errno)))") }
+        guard fd >= 0 else {
+            throw QConvertError.io(path: path, message: "cannot open: \(String(cString: strerror(errno)))")
+        }
         var st = stat()
         guard fstat(fd, &st) == 0 else {
             close(fd)

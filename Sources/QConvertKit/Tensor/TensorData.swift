@@ -32,11 +32,14 @@ public enum TensorBytes: @unchecked Sendable {
             return try body(f.bytes(at: off, count: c))
         case .owned(let a): return try a.withUnsafeBytes(body)
         case .borrowed(let p, let c, let owner):
-            return try withExtendedLifetime(owner) { try body(UnsafeRawBufferPointer(start: c > 0 ? p : nil, count: c)) }
+            return try withExtendedLifetime(owner) {
+                try body(UnsafeRawBufferPointer(start: c > 0 ? p : nil, count: c))
+            }
         case .deferred(let d):
             let a = try d.produce()
             guard a.count == d.count else {
-                throw QConvertError.badInput(path: d.path, message: "\(d.what) produced \(a.count) bytes, expected \(d.count)")
+                throw QConvertError.badInput(
+                    path: d.path, message: "\(d.what) produced \(a.count) bytes, expected \(d.count)")
             }
             return try a.withUnsafeBytes(body)
         }
@@ -62,7 +65,8 @@ public enum TensorBytes: @unchecked Sendable {
     public func window(offset: Int, count: Int) -> TensorBytes? {
         switch self {
         case .mapped(let f, let off, _): return .mapped(f, offset: off + offset, count: count)
-        case .verified(let f, let off, _, let check): return .verified(f, offset: off + offset, count: count, check: check)
+        case .verified(let f, let off, _, let check):
+            return .verified(f, offset: off + offset, count: count, check: check)
         case .owned, .borrowed, .deferred: return nil
         }
     }
@@ -109,7 +113,9 @@ public enum FloatDecoding {
         }
     }
 
-    public static func decode(_ bytes: UnsafeRawBufferPointer, dtype: DType, count: Int, into dst: UnsafeMutablePointer<Float>) {
+    public static func decode(
+        _ bytes: UnsafeRawBufferPointer, dtype: DType, count: Int, into dst: UnsafeMutablePointer<Float>
+    ) {
         guard count > 0, let src = bytes.baseAddress else { return }
         switch dtype {
         case .f32: qk_copy_f32(src, Int64(count), dst)

@@ -47,7 +47,8 @@ enum Npy {
 
     static func headerBytes(descr: String, shape: [Int]) -> [UInt8] {
         let shapeText =
-            shape.isEmpty ? "()" : shape.count == 1 ? "(\(shape[0]),)" : "(" + shape.map(String.init).joined(separator: ", ") + ")"
+            shape.isEmpty
+            ? "()" : shape.count == 1 ? "(\(shape[0]),)" : "(" + shape.map(String.init).joined(separator: ", ") + ")"
         var text = "{'descr': '\(descr)', 'fortran_order': False, 'shape': \(shapeText), }"
         let total = 10 + text.utf8.count + 1
         text += String(repeating: " ", count: (64 - total % 64) % 64) + "\n"
@@ -224,7 +225,8 @@ public enum NpyRule: FormatViolation, Equatable {
         case .headerTooLong(let m, let n, let limit): "member '\(m)': .npy header of \(n) bytes exceeds \(limit)"
         case .unreadableHeader(let m, let t): "member '\(m)': cannot read the .npy header \(t)"
         case .wrongKeys(let m): "member '\(m)': .npy header must have exactly descr, fortran_order and shape"
-        case .notSimpleDType(let m, let d): "member '\(m)': descr \(d) is not a simple dtype (structured and object arrays are refused)"
+        case .notSimpleDType(let m, let d):
+            "member '\(m)': descr \(d) is not a simple dtype (structured and object arrays are refused)"
         case .fortranOrderNotBool(let m): "member '\(m)': fortran_order is not a bool"
         case .badShape(let m): "member '\(m)': shape is not a tuple of non-negative integers"
         case .objectArray(let a): "array '\(a)': object arrays (|O) hold pickled Python objects and are refused"

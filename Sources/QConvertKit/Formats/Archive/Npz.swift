@@ -12,7 +12,9 @@ public struct NpzReader: FormatReader {
 
     /// A zip whose first member is a .npy array.
     public func sniff(_ prefix: [UInt8], fileSize: Int) -> Bool {
-        guard prefix.count >= 30, prefix[0] == 0x50, prefix[1] == 0x4B, prefix[2] == 3, prefix[3] == 4 else { return false }
+        guard prefix.count >= 30, prefix[0] == 0x50, prefix[1] == 0x4B, prefix[2] == 3, prefix[3] == 4 else {
+            return false
+        }
         let nl = Int(prefix[26]) | Int(prefix[27]) << 8
         guard 30 + nl <= prefix.count else { return false }
         return String(decoding: prefix[30..<(30 + nl)], as: UTF8.self).hasSuffix(".npy")
@@ -73,12 +75,16 @@ public struct NpzReader: FormatReader {
             if header.descr.hasSuffix("O") { throw bad(.objectArray(array: name)) }
             throw bad(.unsupportedDType(array: name, descr: header.descr))
         }
-        guard let n = Shape(header.shape).checkedElementCount, case (let nbytes, false) = n.multipliedReportingOverflow(by: size) else {
+        guard let n = Shape(header.shape).checkedElementCount,
+            case (let nbytes, false) = n.multipliedReportingOverflow(by: size)
+        else {
             throw bad(.shapeOverflows(array: name, shape: header.shape))
         }
         guard total - header.dataOffset == nbytes else {
             throw bad(
-                .sizeMismatch(array: name, shape: header.shape, descr: header.descr, needs: nbytes, holds: total - header.dataOffset))
+                .sizeMismatch(
+                    array: name, shape: header.shape, descr: header.descr, needs: nbytes,
+                    holds: total - header.dataOffset))
         }
         return Layout(header: header, dtype: dtype, size: size, bigEndian: bigEndian, count: n, nbytes: nbytes)
     }
@@ -100,7 +106,9 @@ public struct NpzReader: FormatReader {
                 }
             }
         }
-        if l.header.fortranOrder && l.header.shape.count > 1 { a = fortranToC(a, shape: l.header.shape, elementSize: size) }
+        if l.header.fortranOrder && l.header.shape.count > 1 {
+            a = fortranToC(a, shape: l.header.shape, elementSize: size)
+        }
         return a
     }
 
@@ -111,12 +119,16 @@ public struct NpzReader: FormatReader {
             try bytes.window(offset: l.header.dataOffset, count: l.nbytes)
             ?? .owned(bytes.withUnsafeBytes { Array($0[l.header.dataOffset...]) })
         if l.needsReorder { data = .owned(reorder(try data.withUnsafeBytes { Array($0) }, l)) }
-        return TensorEntry(name: name, dtype: l.dtype, shape: l.header.shape, bytes: data, outputAxis: l.header.shape.count >= 2 ? 0 : nil)
+        return TensorEntry(
+            name: name, dtype: l.dtype, shape: l.header.shape, bytes: data,
+            outputAxis: l.header.shape.count >= 2 ? 0 : nil)
     }
 
     /// A deflated member: its header is read now (from `head`, the first inflated bytes), its data
     /// is inflated on each use.
-    static func deflatedTensor(_ head: [UInt8], member m: ZipArchive.Member, zip: ZipArchive, path: String) throws -> TensorEntry {
+    static func deflatedTensor(_ head: [UInt8], member m: ZipArchive.Member, zip: ZipArchive, path: String) throws
+        -> TensorEntry
+    {
         let name = String(m.name.dropLast(4))
         let l = try head.withUnsafeBytes { try layout($0, total: m.size, name: name, path: path) }
         let data = DeferredBytes(count: l.nbytes, path: path, what: "member '\(m.name)'") {
@@ -124,7 +136,8 @@ public struct NpzReader: FormatReader {
             return l.needsReorder ? reorder(body, l) : body
         }
         return TensorEntry(
-            name: name, dtype: l.dtype, shape: l.header.shape, bytes: .deferred(data), outputAxis: l.header.shape.count >= 2 ? 0 : nil)
+            name: name, dtype: l.dtype, shape: l.header.shape, bytes: .deferred(data),
+            outputAxis: l.header.shape.count >= 2 ? 0 : nil)
     }
 
     static func fortranToC(_ a: [UInt8], shape: [Int], elementSize: Int) -> [UInt8] {
@@ -175,7 +188,9 @@ public struct NpzWriter: FormatWriter {
     public var name: String { "npz" }
     public var fileExtensions: [String] { [".npz"] }
 
-    public func open(path: String, tensors: [OutputTensor], source: Checkpoint, options: WriterOptions) throws -> CheckpointSink {
+    public func open(path: String, tensors: [OutputTensor], source: Checkpoint, options: WriterOptions) throws
+        -> CheckpointSink
+    {
         var seen = Set<String>()
         for t in tensors where !seen.insert(t.name).inserted {
             throw QConvertError.usage(message: "output would hold two arrays named '\(t.name)'")
@@ -188,7 +203,9 @@ public struct NpzWriter: FormatWriter {
                 let shown = t.name.count > 200 ? String(t.name.prefix(200)) + "…" : t.name
                 throw QConvertError.badInput(
                     path: source.path,
-                    message: "a tensor name cannot be an .npz member name (unsafe to extract, or longer than a zip allows): '\(shown)'")
+                    message:
+                        "a tensor name cannot be an .npz member name (unsafe to extract, or longer than a zip allows): '\(shown)'"
+                )
             }
         }
         let headers = tensors.map { Npy.headerBytes(descr: Npy.descr($0.dtype), shape: $0.shape) }
@@ -202,7 +219,8 @@ public struct NpzWriter: FormatWriter {
                 exotic.append((t.name, s.target.rawValue))
             }
         }
-        let zip = try ZipWriter(path: path, members: zip(tensors, headers).map { ($0.name + ".npy", $1.count + $0.byteCount, 1) })
+        let zip = try ZipWriter(
+            path: path, members: zip(tensors, headers).map { ($0.name + ".npy", $1.count + $0.byteCount, 1) })
         return NpzSink(zip: zip, tensors: tensors, headers: headers, exotic: exotic)
     }
 }
@@ -233,7 +251,9 @@ final class NpzSink: CheckpointSink {
         return out
     }
 
-    func commit(metadata: [(key: String, value: String)], document: MetadataDocument?, perShard: [String: MetadataDocument]) throws {
+    func commit(
+        metadata: [(key: String, value: String)], document: MetadataDocument?, perShard: [String: MetadataDocument]
+    ) throws {
         do {
             var extra: [(String, [UInt8])] = []
             if let doc = document {

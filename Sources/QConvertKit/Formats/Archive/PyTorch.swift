@@ -12,25 +12,33 @@ public struct PyTorchReader: FormatReader {
     public var name: String { "pytorch" }
     public var fileExtensions: [String] { [".pt", ".pth", ".bin", ".ckpt", ".bin.index.json"] }
 
-    static let legacyMagic: [UInt8] = [0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19]
+    static let legacyMagic: [UInt8] = [
+        0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19
+    ]
 
     /// A zip whose first member sits in a folder (`archive/data.pkl`), or a legacy torch.save file.
     public func sniff(_ prefix: [UInt8], fileSize: Int) -> Bool {
         if prefix.starts(with: PyTorchReader.legacyMagic) { return true }
-        guard prefix.count >= 30, prefix[0] == 0x50, prefix[1] == 0x4B, prefix[2] == 3, prefix[3] == 4 else { return false }
+        guard prefix.count >= 30, prefix[0] == 0x50, prefix[1] == 0x4B, prefix[2] == 3, prefix[3] == 4 else {
+            return false
+        }
         let nl = Int(prefix[26]) | Int(prefix[27]) << 8
         let name = String(decoding: prefix[30..<min(prefix.count, 30 + nl)], as: UTF8.self)
         return name.contains("/") && !name.hasSuffix(".npy")
     }
 
     public func recognizesFolder(_ path: String) -> Bool {
-        ((try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []).contains { $0.hasSuffix(".bin.index.json") }
+        ((try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []).contains {
+            $0.hasSuffix(".bin.index.json")
+        }
     }
 
     public func read(path: String) throws -> Checkpoint {
         func bad(_ m: String) -> QConvertError { .badInput(path: path, message: m) }
         var isDir: ObjCBool = false
-        if path.hasSuffix(".index.json") || (FileManager.default.fileExists(atPath: path, isDirectory: &isDir) && isDir.boolValue) {
+        if path.hasSuffix(".index.json")
+            || (FileManager.default.fileExists(atPath: path, isDirectory: &isDir) && isDir.boolValue)
+        {
             return try readIndexed(path)
         }
         if let head = try? FormatRegistry.readPrefix(path, count: 16), head.starts(with: PyTorchReader.legacyMagic) {
@@ -41,16 +49,22 @@ public struct PyTorchReader: FormatReader {
             throw bad("not a torch.save archive (no 'archive/' folder)")
         }
         let prefix = String(first.name[..<slash])
-        if zip.member(named: prefix + "/constants.pkl") != nil || zip.members.contains(where: { $0.name.hasPrefix(prefix + "/code/") }) {
+        if zip.member(named: prefix + "/constants.pkl") != nil
+            || zip.members.contains(where: { $0.name.hasPrefix(prefix + "/code/") })
+        {
             throw bad(
                 "this is a TorchScript archive (torch.jit.save: code/ and constants.pkl), not a checkpoint; save the state_dict with torch.save instead"
             )
         }
         if let bo = zip.member(named: prefix + "/byteorder") {
             let text = String(decoding: try zip.bytes(bo).withUnsafeBytes { Array($0) }, as: UTF8.self)
-            guard text.hasPrefix("little") else { throw bad("byteorder '\(text)' is not supported (only little-endian)") }
+            guard text.hasPrefix("little") else {
+                throw bad("byteorder '\(text)' is not supported (only little-endian)")
+            }
         }
-        guard let pkl = zip.member(named: prefix + "/data.pkl") else { throw bad("no \(prefix)/data.pkl in the archive") }
+        guard let pkl = zip.member(named: prefix + "/data.pkl") else {
+            throw bad("no \(prefix)/data.pkl in the archive")
+        }
         let pklBytes = try zip.bytes(pkl)
         var storageBytes: [String: TensorBytes] = [:]
         let root: PickleValue
@@ -62,7 +76,8 @@ public struct PyTorchReader: FormatReader {
                         throw PickleRule.storage("storage '\(st.key)' has no record \(prefix)/data/\(st.key)")
                     }
                     let elsize = max(st.dtype.bits / 8, 1)
-                    guard case (let need, false) = st.numel.multipliedReportingOverflow(by: elsize), need == rec.size else {
+                    guard case (let need, false) = st.numel.multipliedReportingOverflow(by: elsize), need == rec.size
+                    else {
                         throw PickleRule.storage(
                             "storage '\(st.key)' declares \(st.numel) elements of \(st.dtype.rawValue) but its record holds \(rec.size) bytes"
                         )
@@ -79,7 +94,8 @@ public struct PyTorchReader: FormatReader {
         }
         var metadata: [(key: String, value: String)] = []
         if let m = zip.member(named: "\(prefix)/\(MetadataDocument.key).json") {
-            metadata.append((MetadataDocument.key, String(decoding: try zip.bytes(m).withUnsafeBytes { Array($0) }, as: UTF8.self)))
+            metadata.append(
+                (MetadataDocument.key, String(decoding: try zip.bytes(m).withUnsafeBytes { Array($0) }, as: UTF8.self)))
         }
         let ck = try checkpoint(root: root, storageBytes: storageBytes, file: zip.file, metadata: metadata, path: path)
         return ck
@@ -110,11 +126,13 @@ public struct PyTorchReader: FormatReader {
         var want: [String: String] = [:]
         for (k, v) in wm {
             guard let s = v.stringValue, ZipArchive.isSafeName(s), !s.contains("/") else {
-                throw QConvertError.badInput(path: index, message: "weight_map entry '\(k)' does not name a file beside the index")
+                throw QConvertError.badInput(
+                    path: index, message: "weight_map entry '\(k)' does not name a file beside the index")
             }
             // A shard that is itself an index (this one, or another) would be read recursively.
             guard !s.lowercased().hasSuffix(".json") else {
-                throw QConvertError.badInput(path: index, message: "weight_map entry '\(k)' names '\(s)', an index, not a shard")
+                throw QConvertError.badInput(
+                    path: index, message: "weight_map entry '\(k)' names '\(s)', an index, not a shard")
             }
             want[k] = s
             if shardSet.insert(s).inserted { shards.append(s) }
@@ -135,7 +153,8 @@ public struct PyTorchReader: FormatReader {
             }
         }
         for (k, s) in want.sorted(by: { $0.key < $1.key }) where !seen.contains(k) {
-            throw QConvertError.badInput(path: index, message: "index lists tensor '\(k)' in \(s) but that file does not hold it")
+            throw QConvertError.badInput(
+                path: index, message: "index lists tensor '\(k)' in \(s) but that file does not hold it")
         }
         return Checkpoint(format: name, path: path, files: files, entries: entries, shardNames: shards.sorted())
     }
@@ -171,14 +190,21 @@ public struct PyTorchReader: FormatReader {
                 pos += u.pos
                 return v
             }
-            let noPid: (PickleValue) throws -> PickleValue = { _ in throw PickleRule.storage("unexpected persistent id") }
-            guard case .bigInt(let magic) = try next(noPid), magic == [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19] else {
+            let noPid: (PickleValue) throws -> PickleValue = { _ in throw PickleRule.storage("unexpected persistent id")
+            }
+            guard case .bigInt(let magic) = try next(noPid),
+                magic == [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19]
+            else {
                 throw bad("bad magic number")
             }
-            guard case .int(let proto) = try next(noPid), proto == 1001 else { throw bad("unsupported protocol version") }
+            guard case .int(let proto) = try next(noPid), proto == 1001 else {
+                throw bad("unsupported protocol version")
+            }
             guard case .dict(let info) = try next(noPid) else { throw bad("bad sys_info") }
             for (k, v) in info.items {
-                if case .string("little_endian") = k, case .bool(false) = v { throw bad("big-endian files are not supported") }
+                if case .string("little_endian") = k, case .bool(false) = v {
+                    throw bad("big-endian files are not supported")
+                }
             }
             root = try next { pid in
                 let st = try PyTorchReader.storage(pid)
@@ -245,7 +271,8 @@ public struct PyTorchReader: FormatReader {
                         k += 1
                     }
                     names.insert(name)
-                    let bytes = try PyTorchReader.tensorBytes(t, storage: storageBytes[t.storage.key]!, name: name, path: path)
+                    let bytes = try PyTorchReader.tensorBytes(
+                        t, storage: storageBytes[t.storage.key]!, name: name, path: path)
                     t.entry = entries.count
                     seen[id] = entries.count
                     entries.append(
@@ -264,16 +291,19 @@ public struct PyTorchReader: FormatReader {
                     try walk(item, keyPath.isEmpty ? ks : keyPath + "." + ks, depth + 1)
                 }
             case .list(let l):
-                for (i, item) in l.items.enumerated() { try walk(item, keyPath.isEmpty ? "\(i)" : "\(keyPath).\(i)", depth + 1) }
+                for (i, item) in l.items.enumerated() {
+                    try walk(item, keyPath.isEmpty ? "\(i)" : "\(keyPath).\(i)", depth + 1)
+                }
             case .tuple(let items):
-                for (i, item) in items.enumerated() { try walk(item, keyPath.isEmpty ? "\(i)" : "\(keyPath).\(i)", depth + 1) }
+                for (i, item) in items.enumerated() {
+                    try walk(item, keyPath.isEmpty ? "\(i)" : "\(keyPath).\(i)", depth + 1)
+                }
             default: break
             }
         }
         try walk(root, "", 0)
-        let ck = Checkpoint(format: name, path: path, files: [file], entries: entries, metadata: metadata)
-        ck.container = tree
-        return ck
+        return Checkpoint(
+            format: name, path: path, files: [file], entries: entries, metadata: metadata, container: tree)
     }
 
     /// A tensor's bytes, contiguous: in place when the view is, gathered when it is strided.
@@ -285,7 +315,9 @@ public struct PyTorchReader: FormatReader {
     static func tensorBytes(_ t: PTTensor, storage: TensorBytes, name: String, path: String) throws -> TensorBytes {
         func bad(_ m: String) -> QConvertError { .badInput(path: path, message: "tensor '\(name)': \(m)") }
         let elsize = max(t.dtype.bits / 8, 1)
-        guard t.shape.count == t.stride.count, t.shape.allSatisfy({ $0 >= 0 }), t.stride.allSatisfy({ $0 >= 0 }), t.offset >= 0 else {
+        guard t.shape.count == t.stride.count, t.shape.allSatisfy({ $0 >= 0 }), t.stride.allSatisfy({ $0 >= 0 }),
+            t.offset >= 0
+        else {
             throw bad("negative size, stride or offset")
         }
         guard let n = Shape(t.shape).checkedElementCount else { throw bad("shape overflows") }
@@ -303,11 +335,15 @@ public struct PyTorchReader: FormatReader {
         let (byteCount, overflow) = n.multipliedReportingOverflow(by: elsize)
         guard !overflow else { throw bad("byte count of shape \(t.shape) overflows") }
         var contiguous = [Int](repeating: 1, count: t.shape.count)
-        for k in stride(from: t.shape.count - 2, through: 0, by: -1) { contiguous[k] = contiguous[k + 1] * t.shape[k + 1] }
-        let isContiguous = n <= 1 || zip(zip(t.shape, t.stride), contiguous).allSatisfy { $0.0.0 == 1 || $0.0.1 == $0.1 }
+        for k in stride(from: t.shape.count - 2, through: 0, by: -1) {
+            contiguous[k] = contiguous[k + 1] * t.shape[k + 1]
+        }
+        let isContiguous =
+            n <= 1 || zip(zip(t.shape, t.stride), contiguous).allSatisfy { $0.0.0 == 1 || $0.0.1 == $0.1 }
         if isContiguous {
             if let w = storage.window(offset: t.offset * elsize, count: byteCount) { return w }
-            return .owned(try storage.withUnsafeBytes { Array($0[(t.offset * elsize)..<(t.offset * elsize + byteCount)]) })
+            return .owned(
+                try storage.withUnsafeBytes { Array($0[(t.offset * elsize)..<(t.offset * elsize + byteCount)]) })
         }
         // A strided view is gathered into memory; one that repeats elements (stride 0) can describe far
         // more bytes than its storage holds. Past 64 times the storage plus 256 MB it is refused.
@@ -342,12 +378,15 @@ public struct PyTorchWriter: FormatWriter {
     public var name: String { "pytorch" }
     public var fileExtensions: [String] { [".pt", ".pth", ".bin", ".ckpt"] }
 
-    public func open(path: String, tensors: [OutputTensor], source: Checkpoint, options: WriterOptions) throws -> CheckpointSink {
+    public func open(path: String, tensors: [OutputTensor], source: Checkpoint, options: WriterOptions) throws
+        -> CheckpointSink
+    {
         var archive = URL(fileURLWithPath: path).deletingPathExtension().lastPathComponent
         archive = String(archive.map { $0.isLetter || $0.isNumber || $0 == "_" || $0 == "-" || $0 == "." ? $0 : "_" })
         if archive.isEmpty { archive = "archive" }
         let zip = try ZipWriter(
-            path: path, members: tensors.enumerated().map { ("\(archive)/data/\($0.offset)", $0.element.byteCount, 64) })
+            path: path, members: tensors.enumerated().map { ("\(archive)/data/\($0.offset)", $0.element.byteCount, 64) }
+        )
         return PyTorchSink(zip: zip, archive: archive, tensors: tensors, source: source, options: options)
     }
 }
@@ -371,7 +410,9 @@ final class PyTorchSink: CheckpointSink {
 
     func abort() { zip.abort() }
 
-    func commit(metadata: [(key: String, value: String)], document: MetadataDocument?, perShard: [String: MetadataDocument]) throws {
+    func commit(
+        metadata: [(key: String, value: String)], document: MetadataDocument?, perShard: [String: MetadataDocument]
+    ) throws {
         do {
             var p = Pickler { k in (String(k), self.tensors[k].dtype, Shape(self.tensors[k].shape).elementCount) }
             if let tree = source.container as? PTTree, !options.plans.isEmpty {
@@ -384,7 +425,9 @@ final class PyTorchSink: CheckpointSink {
                     let o = t.entry < 0 ? -1 - t.entry : (outputs[t.entry]?.first ?? 0)
                     // integer tensors cannot require gradients (nor be trainable Parameters)
                     let isFloat = self.tensors[o].dtype.isFloatingPoint
-                    pk.tensor(o, shape: self.tensors[o].shape, parameter: t.isParameter && isFloat, requiresGrad: t.requiresGrad && isFloat)
+                    pk.tensor(
+                        o, shape: self.tensors[o].shape, parameter: t.isParameter && isFloat,
+                        requiresGrad: t.requiresGrad && isFloat)
                 }
             } else {
                 let d = PickleDict()
@@ -396,7 +439,9 @@ final class PyTorchSink: CheckpointSink {
                     pt.entry = k
                     d.items.append((.string(t.name), .tensor(pt)))
                 }
-                p.value(.dict(d)) { pk, t in pk.tensor(t.entry, shape: self.tensors[t.entry].shape, parameter: false, requiresGrad: false) }
+                p.value(.dict(d)) { pk, t in
+                    pk.tensor(t.entry, shape: self.tensors[t.entry].shape, parameter: false, requiresGrad: false)
+                }
             }
             var extra: [(String, [UInt8])] = [
                 ("\(archive)/data.pkl", p.finish()),
@@ -432,7 +477,8 @@ final class PyTorchSink: CheckpointSink {
                     for (fallback, o) in Swift.zip(["_scale", "_zero_point"], outs.dropFirst()) {
                         let full = tensors[o].name
                         let suffix = full.hasPrefix(valuesName) ? String(full.dropFirst(valuesName.count)) : fallback
-                        let pt = PTTensor(storage: t.storage, dtype: tensors[o].dtype, offset: 0, shape: tensors[o].shape, stride: [])
+                        let pt = PTTensor(
+                            storage: t.storage, dtype: tensors[o].dtype, offset: 0, shape: tensors[o].shape, stride: [])
                         pt.entry = -1 - o
                         n.items.append((.string(key + suffix), .tensor(pt)))
                     }

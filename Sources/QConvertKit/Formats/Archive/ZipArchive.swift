@@ -48,7 +48,9 @@ public final class ZipArchive: @unchecked Sendable {
             for (i, m) in members.enumerated() {
                 var st = zip_stat_t()
                 zip_stat_init(&st)
-                guard zip_stat_index(za, zip_uint64_t(i), 0, &st) == 0 else { throw bad(.unreadableMember(index: Int(i))) }
+                guard zip_stat_index(za, zip_uint64_t(i), 0, &st) == 0 else {
+                    throw bad(.unreadableMember(index: Int(i)))
+                }
                 guard st.encryption_method == ZIP_EM_NONE else { throw bad(.encrypted(member: m.name)) }
                 guard m.method == 0 || m.method == 8 else {
                     throw bad(.unsupportedMethod(member: m.name, method: Int(m.method)))
@@ -56,7 +58,8 @@ public final class ZipArchive: @unchecked Sendable {
                 guard ZipArchive.isSafeName(m.name) else { throw bad(.unsafeName(member: m.name)) }
                 guard seen.insert(m.name).inserted else { throw bad(.repeatedName(member: m.name)) }
                 if m.method == 8, m.size > 1 << 20, m.size / max(m.compressedSize, 1) > ZipArchive.maxRatio {
-                    throw bad(.zipBomb(member: m.name, ratio: m.size / max(m.compressedSize, 1), limit: ZipArchive.maxRatio))
+                    throw bad(
+                        .zipBomb(member: m.name, ratio: m.size / max(m.compressedSize, 1), limit: ZipArchive.maxRatio))
                 }
                 total += m.size
                 guard total <= ZipArchive.maxTotalSize else {
@@ -87,7 +90,9 @@ public final class ZipArchive: @unchecked Sendable {
     /// the first time its bytes are used (`TensorBytes.verified`).
     public func bytes(_ m: Member, deferCRC: Bool = false) throws -> TensorBytes {
         if m.method == 0 {
-            guard m.compressedSize == m.size else { throw QConvertError.violation(path: path, ZipRule.storedSizesDisagree(member: m.name)) }
+            guard m.compressedSize == m.size else {
+                throw QConvertError.violation(path: path, ZipRule.storedSizesDisagree(member: m.name))
+            }
             if !deferCRC {
                 try verifyCRC(m)
                 return .mapped(file, offset: m.dataOffset, count: m.size)
@@ -123,7 +128,9 @@ public final class ZipArchive: @unchecked Sendable {
         while done < want {
             let ask = Swift.min(chunk.count, want - done)
             let n = Int(chunk.withUnsafeMutableBytes { zip_fread(zf, $0.baseAddress!, zip_uint64_t(ask)) })
-            if n < 0 { throw bad(.cannotInflate(member: m.name, reason: String(cString: zip_file_strerror(zf)).lowercased())) }
+            if n < 0 {
+                throw bad(.cannotInflate(member: m.name, reason: String(cString: zip_file_strerror(zf)).lowercased()))
+            }
             if n == 0 { break }
             let drop = Swift.max(0, Swift.min(n, skip - done))
             if drop < n { out.append(contentsOf: chunk[drop..<n]) }
@@ -149,7 +156,8 @@ public final class ZipArchive: @unchecked Sendable {
             off += n
         }
         guard UInt32(crc) == m.crc else {
-            throw QConvertError.violation(path: path, ZipRule.crcMismatch(member: m.name, stored: m.crc, computed: UInt32(crc)))
+            throw QConvertError.violation(
+                path: path, ZipRule.crcMismatch(member: m.name, stored: m.crc, computed: UInt32(crc)))
         }
     }
 
@@ -223,14 +231,17 @@ public final class ZipArchive: @unchecked Sendable {
                 }
                 e += 4 + len
             }
-            guard local >= 0, local + 30 <= f.size, u32(local) == 0x0403_4b50 else { throw bad(.badLocalHeader(member: name)) }
+            guard local >= 0, local + 30 <= f.size, u32(local) == 0x0403_4b50 else {
+                throw bad(.badLocalHeader(member: name))
+            }
             let data = local + 30 + u16(local + 26) + u16(local + 28)
             guard csize >= 0, usize >= 0, data <= f.size, csize <= f.size - data else {
                 throw bad(.dataPastEnd(member: name))
             }
             members.append(
                 Member(
-                    name: name, index: members.count, method: UInt16(method), compressedSize: csize, size: usize, crc: crc, dataOffset: data
+                    name: name, index: members.count, method: UInt16(method), compressedSize: csize, size: usize,
+                    crc: crc, dataOffset: data
                 ))
             p += 46 + nl + el + cl
         }
@@ -271,10 +282,12 @@ public enum ZipRule: FormatViolation, Equatable {
         case .memberCount(let d, let l): "central directory lists \(d) members, libzip sees \(l)"
         case .unreadableMember(let i): "cannot read member \(i)"
         case .encrypted(let m): "member '\(m)' is encrypted"
-        case .unsupportedMethod(let m, let k): "member '\(m)' uses compression method \(k) (only stored and deflate are read)"
+        case .unsupportedMethod(let m, let k):
+            "member '\(m)' uses compression method \(k) (only stored and deflate are read)"
         case .unsafeName(let m): "member name '\(m)' is not a safe relative path"
         case .repeatedName(let m): "member name '\(m)' appears twice"
-        case .zipBomb(let m, let r, let limit): "member '\(m)' expands \(r)× (limit \(limit)×): refusing a likely zip bomb"
+        case .zipBomb(let m, let r, let limit):
+            "member '\(m)' expands \(r)× (limit \(limit)×): refusing a likely zip bomb"
         case .totalTooLarge(let g): "members expand to more than \(g) GiB"
         case .overlappingData: "member data ranges overlap"
         case .storedSizesDisagree(let m): "member '\(m)': stored sizes disagree"

@@ -48,11 +48,14 @@ final class ZipWriter {
     func write(_ k: Int, _ bytes: UnsafeRawBufferPointer, at offset: Int = 0) throws {
         try file.pwrite(bytes, at: entries[k].dataOffset + offset)
         if bytes.count > 0 {
-            entries[k].crc = UInt32(crc32_z(uLong(entries[k].crc), bytes.baseAddress!.assumingMemoryBound(to: UInt8.self), bytes.count))
+            entries[k].crc = UInt32(
+                crc32_z(uLong(entries[k].crc), bytes.baseAddress!.assumingMemoryBound(to: UInt8.self), bytes.count))
         }
     }
 
-    func write(_ k: Int, _ bytes: [UInt8], at offset: Int = 0) throws { try bytes.withUnsafeBytes { try write(k, $0, at: offset) } }
+    func write(_ k: Int, _ bytes: [UInt8], at offset: Int = 0) throws {
+        try bytes.withUnsafeBytes { try write(k, $0, at: offset) }
+    }
 
     /// Adds members whose content is known only at the end (metadata), then finishes.
     func finish(appending extra: [(String, [UInt8])]) throws {

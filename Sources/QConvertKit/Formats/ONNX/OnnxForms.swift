@@ -60,7 +60,9 @@ enum OnnxForms {
     static func outputs(_ node: Proto.NodeP) -> [String] { Proto.strings(node.pointee.output, node.pointee.n_output) }
 
     /// A kept, 1-D float32 initializer of the main graph with `n` elements (a bias that can be folded).
-    static func isBias(_ name: String, n: Int, model: OnnxModel, main: Proto.GraphP, plans: [String: TensorPlan]) -> Bool {
+    static func isBias(_ name: String, n: Int, model: OnnxModel, main: Proto.GraphP, plans: [String: TensorPlan])
+        -> Bool
+    {
         guard let loc = model.located(graphName: name),
             case .initializer(let g) = loc.home, g == main
         else { return false }
@@ -70,7 +72,9 @@ enum OnnxForms {
     }
 
     /// Whether the weight is used only as a MatMul/Gemm B input the integer forms can take over, and how.
-    static func fit(_ p: TensorPlan, loc: OnnxModel.Located, model: OnnxModel, plans: [String: TensorPlan]) -> Result<Fit, Why> {
+    static func fit(_ p: TensorPlan, loc: OnnxModel.Located, model: OnnxModel, plans: [String: TensorPlan]) -> Result<
+        Fit, Why
+    > {
         guard let main = model.model.pointee.graph, case .initializer(let g) = loc.home, g == main else {
             return .failure(Why("not an initializer of the main graph"))
         }
@@ -78,7 +82,9 @@ enum OnnxForms {
         let uses = model.consumers[loc.graphName] ?? []
         guard !uses.isEmpty else { return .failure(Why("no MatMul or Gemm uses it")) }
         // the replacement nodes go into the main graph: a use inside a subgraph or function keeps DequantizeLinear
-        guard uses.allSatisfy({ model.mainNodes.contains($0.node) }) else { return .failure(Why("used inside a subgraph")) }
+        guard uses.allSatisfy({ model.mainNodes.contains($0.node) }) else {
+            return .failure(Why("used inside a subgraph"))
+        }
         // an embedding: every use the data input of a Gather along axis 0
         if uses.allSatisfy({ $0.op == "Gather" && $0.index == 0 && Proto.string($0.node.pointee.domain).isEmpty }) {
             var result: [Use] = []
@@ -97,20 +103,24 @@ enum OnnxForms {
         }
         var nAxis: Int? = nil
         var result: [Use] = []
-        let graphOutputs = Set((0..<main.pointee.n_output).compactMap { main.pointee.output[$0].map { Proto.string($0.pointee.name) } })
+        let graphOutputs = Set(
+            (0..<main.pointee.n_output).compactMap { main.pointee.output[$0].map { Proto.string($0.pointee.name) } })
         for u in uses {
             guard u.index == 1, Proto.string(u.node.pointee.domain).isEmpty else {
                 return .failure(Why("used by \(u.op) (not as a MatMul/Gemm weight)"))
             }
             let ins = inputs(u.node)
             let out = outputs(u.node)
-            guard out.count == 1, !ins[0].isEmpty, ins[0] != loc.graphName else { return .failure(Why("an unusual \(u.op)")) }
+            guard out.count == 1, !ins[0].isEmpty, ins[0] != loc.graphName else {
+                return .failure(Why("an unusual \(u.op)"))
+            }
             var axis = 1
             var bias: String? = nil
             switch u.op {
             case "MatMul": break
             case "Gemm":
-                guard (Proto.intAttribute(u.node, "transA") ?? 0) == 0, (floatAttribute(u.node, "alpha") ?? 1) == 1 else {
+                guard (Proto.intAttribute(u.node, "transA") ?? 0) == 0, (floatAttribute(u.node, "alpha") ?? 1) == 1
+                else {
                     return .failure(Why("a Gemm with transA or alpha"))
                 }
                 if (Proto.intAttribute(u.node, "transB") ?? 0) != 0 { axis = 0 }
@@ -130,11 +140,14 @@ enum OnnxForms {
             var use = Use(node: u.node, a: ins[0], bias: bias, biasAdd: nil, output: out[0], product: out[0])
             // MatMul → Add(constant [N]): the bias folds into the kernel.
             if u.op == "MatMul", !graphOutputs.contains(out[0]), let next = model.consumers[out[0]], next.count == 1,
-                next[0].op == "Add", Proto.string(next[0].node.pointee.domain).isEmpty, model.mainNodes.contains(next[0].node)
+                next[0].op == "Add", Proto.string(next[0].node.pointee.domain).isEmpty,
+                model.mainNodes.contains(next[0].node)
             {
                 let addIns = inputs(next[0].node)
                 let other = addIns[1 - next[0].index]
-                if addIns.count == 2, outputs(next[0].node).count == 1, isBias(other, n: n, model: model, main: main, plans: plans) {
+                if addIns.count == 2, outputs(next[0].node).count == 1,
+                    isBias(other, n: n, model: model, main: main, plans: plans)
+                {
                     use.bias = other
                     use.biasAdd = next[0].node
                     use.output = outputs(next[0].node)[0]
@@ -160,7 +173,8 @@ enum OnnxForms {
         switch s.target {
         case .int8, .uint8: bits = 8
         case .int4, .uint4: bits = 4
-        case .fp8_e4m3, .fp8_e5m2, .fp16, .bf16, .keep: return .failure(Why("\(s.target.rawValue) has no MatMulNBits form"))
+        case .fp8_e4m3, .fp8_e5m2, .fp16, .bf16, .keep:
+            return .failure(Why("\(s.target.rawValue) has no MatMulNBits form"))
         }
         switch s.granularity {
         case .tensor, .channel:
@@ -184,7 +198,9 @@ enum OnnxForms {
         case .failure(let why): return .failure(why)
         case .success(let b):
             if s.granularity == .group {
-                guard k % b.blockSize == 0 else { return .failure(Why("rows of \(k) are not a whole number of groups of \(b.blockSize)")) }
+                guard k % b.blockSize == 0 else {
+                    return .failure(Why("rows of \(k) are not a whole number of groups of \(b.blockSize)"))
+                }
                 return .success(b)
             }
             for bs in [128, 64, 32, 16] where k % bs == 0 { return .success((b.bits, bs)) }
@@ -193,7 +209,8 @@ enum OnnxForms {
     }
 
     /// Decides the form of one quantized weight.
-    static func choose(_ p: TensorPlan, loc: OnnxModel.Located, model: OnnxModel, plans: [String: TensorPlan]) -> Choice {
+    static func choose(_ p: TensorPlan, loc: OnnxModel.Located, model: OnnxModel, plans: [String: TensorPlan]) -> Choice
+    {
         guard let s = p.decision.scheme, s.target.isQuantization else { return .qdq(note: nil) }
         let fitted = fit(p, loc: loc, model: model, plans: plans)
         if case .success(let f) = fitted, f.gather {
@@ -202,7 +219,8 @@ enum OnnxForms {
             switch gatherBlocking(s, k: f.k) {
             case .success(let b): return .gatherBlockQuantized(f, bits: b.bits, blockSize: b.blockSize)
             case .failure(let why):
-                return .qdq(note: p.onnxForm == .auto ? nil : "DequantizeLinear instead of GatherBlockQuantized: \(why)")
+                return .qdq(
+                    note: p.onnxForm == .auto ? nil : "DequantizeLinear instead of GatherBlockQuantized: \(why)")
             }
         }
         switch p.onnxForm {
@@ -229,13 +247,16 @@ enum OnnxForms {
                 return .qdq(note: p.onnxForm == .auto ? nil : "DequantizeLinear instead of MatMulNBits: \(why)")
             case .success(let f):
                 switch blocking(s, k: f.k) {
-                case .failure(let why): return .qdq(note: p.onnxForm == .auto ? nil : "DequantizeLinear instead of MatMulNBits: \(why)")
+                case .failure(let why):
+                    return .qdq(note: p.onnxForm == .auto ? nil : "DequantizeLinear instead of MatMulNBits: \(why)")
                 case .success(let b): return .matMulNBits(f, bits: b.bits, blockSize: b.blockSize, note: nil)
                 }
             }
         case .dynamic:
             guard case .success(let f) = fitted else {
-                if case .failure(let why) = fitted { return .qdq(note: "DequantizeLinear instead of the dynamic form: \(why)") }
+                if case .failure(let why) = fitted {
+                    return .qdq(note: "DequantizeLinear instead of the dynamic form: \(why)")
+                }
                 return .qdq(note: nil)
             }
             let integer8 = s.target == .int8 || s.target == .uint8
@@ -251,7 +272,8 @@ enum OnnxForms {
                     ? "MatMulInteger takes one scale per column"
                     : f.nAxis != 1 ? "the weight is transposed (Gemm transB)" : "opset \(model.opset) < 11"
             if case .success(let b) = blocking(s, k: f.k) {
-                return .matMulNBits(f, bits: b.bits, blockSize: b.blockSize, note: "MatMulNBits instead of the dynamic form: \(why)")
+                return .matMulNBits(
+                    f, bits: b.bits, blockSize: b.blockSize, note: "MatMulNBits instead of the dynamic form: \(why)")
             }
             return .qdq(note: "DequantizeLinear instead of the dynamic form: \(why)")
         }
@@ -284,7 +306,9 @@ struct MatMulNBitsLayout {
 
     /// B, scales and zero points (nil when the default applies) from qconvert's tensors.
     /// Returns nil when a block would span two scales (the scheme does not fit the blocking).
-    func pack(values: [UInt8], scale: [Float], zeroPoint: [UInt8]?, params: ParamLayout) -> (b: [UInt8], scales: [Float], zp: [UInt8]?)? {
+    func pack(values: [UInt8], scale: [Float], zeroPoint: [UInt8]?, params: ParamLayout) -> (
+        b: [UInt8], scales: [Float], zp: [UInt8]?
+    )? {
         let q = codes(values)
         let mask: UInt8 = bits == 4 ? 0x0F : 0xFF
         guard q.count == n * k else { return nil }
@@ -292,7 +316,9 @@ struct MatMulNBitsLayout {
         var nk = [UInt8](repeating: 0, count: n * k)
         if nAxis == 1 {
             q.withUnsafeBufferPointer { src in
-                nk.withUnsafeMutableBufferPointer { qk_transpose_xor_u8(src.baseAddress, Int64(k), Int64(n), offset, $0.baseAddress) }
+                nk.withUnsafeMutableBufferPointer {
+                    qk_transpose_xor_u8(src.baseAddress, Int64(k), Int64(n), offset, $0.baseAddress)
+                }
             }
         } else {
             nk = offset == 0 ? q : q.map { $0 ^ offset }
@@ -308,14 +334,16 @@ struct MatMulNBitsLayout {
                 // parameters are constant or blocked along K: a block is one parameter if its ends are
                 guard params.paramIndex(nAxis == 1 ? [k1, col] : [col, k1]) == first else { return nil }
                 scales[col * blocks + blk] = scale[first]
-                zps[col * blocks + blk] = zeroPoint.map { ($0[first] &+ offset) & mask } ?? offset  // also the padding's code
+                // also the padding's code
+                zps[col * blocks + blk] = zeroPoint.map { ($0[first] &+ offset) & mask } ?? offset
             }
         }
         var b = [UInt8](repeating: 0, count: n * blocks * blob)
         nk.withUnsafeBufferPointer { c in
             zps.withUnsafeBufferPointer { z in
                 b.withUnsafeMutableBufferPointer {
-                    qk_pack_blocks(c.baseAddress, Int64(n), Int64(k), Int64(blockSize), Int32(bits), z.baseAddress, $0.baseAddress)
+                    qk_pack_blocks(
+                        c.baseAddress, Int64(n), Int64(k), Int64(blockSize), Int32(bits), z.baseAddress, $0.baseAddress)
                 }
             }
         }
@@ -324,7 +352,9 @@ struct MatMulNBitsLayout {
         let per = (blocks + 1) / 2
         var packed = [UInt8](repeating: 0, count: n * per)
         for col in 0..<n {
-            for blk in 0..<blocks { packed[col * per + blk / 2] |= blk % 2 == 0 ? zps[col * blocks + blk] : zps[col * blocks + blk] << 4 }
+            for blk in 0..<blocks {
+                packed[col * per + blk / 2] |= blk % 2 == 0 ? zps[col * blocks + blk] : zps[col * blocks + blk] << 4
+            }
         }
         return (b, scales, packed)
     }
@@ -336,10 +366,13 @@ struct MatMulNBitsLayout {
     ) {
         guard b.count == n * blocks * blob, scales.count == n * blocks else {
             throw Why(
-                "MatMulNBits tensors have \(b.count) bytes and \(scales.count) scales, expected \(n * blocks * blob) and \(n * blocks)")
+                "MatMulNBits tensors have \(b.count) bytes and \(scales.count) scales, expected \(n * blocks * blob) and \(n * blocks)"
+            )
         }
         let per = bits == 4 ? (blocks + 1) / 2 : blocks
-        if let zp, zp.count != n * per { throw Why("MatMulNBits zero points hold \(zp.count) bytes, expected \(n * per)") }
+        if let zp, zp.count != n * per {
+            throw Why("MatMulNBits zero points hold \(zp.count) bytes, expected \(n * per)")
+        }
         let mask: UInt8 = bits == 4 ? 0x0F : 0xFF
         var q = [UInt8](repeating: 0, count: k * n)
         var scale = [Float](repeating: 0, count: paramCount)

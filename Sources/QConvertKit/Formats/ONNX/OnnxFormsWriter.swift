@@ -9,7 +9,11 @@ extension OnnxSink {
     /// Packs every MatMulNBits and GatherBlockQuantized weight on all cores before the graph is edited
     /// (the packing is a pure function of the quantized tensor; the edits that follow are serial).
     func prepack(_ choices: [Int: OnnxForms.Choice]) {
-        var jobs: [(name: String, layout: MatMulNBitsLayout, params: ParamLayout, values: [UInt8], scale: [Float], zp: [UInt8]?)] = []
+        var jobs:
+            [(
+                name: String, layout: MatMulNBitsLayout, params: ParamLayout, values: [UInt8], scale: [Float],
+                zp: [UInt8]?
+            )] = []
         for (pi, choice) in choices.sorted(by: { $0.key < $1.key }) {
             let p = options.plans[pi]
             guard let s = p.decision.scheme else { continue }
@@ -18,9 +22,11 @@ extension OnnxSink {
             let layout: MatMulNBitsLayout
             switch choice {
             case .matMulNBits(let f, let bits, let bs, _):
-                layout = MatMulNBitsLayout(k: f.k, n: f.n, nAxis: f.nAxis, bits: bits, blockSize: bs, signed: s.target.isSigned)
+                layout = MatMulNBitsLayout(
+                    k: f.k, n: f.n, nAxis: f.nAxis, bits: bits, blockSize: bs, signed: s.target.isSigned)
             case .gatherBlockQuantized(let f, let bits, let bs):
-                layout = MatMulNBitsLayout(k: f.k, n: f.n, nAxis: 0, bits: bits, blockSize: bs, signed: s.target.isSigned)
+                layout = MatMulNBitsLayout(
+                    k: f.k, n: f.n, nAxis: 0, bits: bits, blockSize: bs, signed: s.target.isSigned)
             default: continue
             }
             let params = ParamLayout(shape: p.shape, granularity: s.granularity, axis: s.axis, groupSize: s.groupSize)
@@ -41,7 +47,8 @@ extension OnnxSink {
     /// `codeDims`, scales `[N, blocks]`, zero points with `zeroDims(count)` when present), replacing the
     /// float weight; returns their names.
     func placePacked(
-        _ p: TensorPlan, loc: OnnxModel.Located, kernel: String, n: Int, blocks: Int, codeDims: [Int], zeroDims: (Int) -> [Int]
+        _ p: TensorPlan, loc: OnnxModel.Located, kernel: String, n: Int, blocks: Int, codeDims: [Int],
+        zeroDims: (Int) -> [Int]
     ) throws -> (codes: String, scale: String, zeroPoint: String?) {
         let w = loc.graphName
         guard let packed = prepacked.removeValue(forKey: p.name) else {
@@ -56,7 +63,8 @@ extension OnnxSink {
         var zName: String? = nil
         if let z = packed.zp {
             let name = model.uniqueName(w + "_zero_point")
-            tensors.append(z.withUnsafeBytes { Proto.newTensor(name: name, dataType: 2, dims: zeroDims(z.count), raw: $0) })
+            tensors.append(
+                z.withUnsafeBytes { Proto.newTensor(name: name, dataType: 2, dims: zeroDims(z.count), raw: $0) })
             zName = name
         }
         replaceTensor(loc, with: tensors, nodes: [])
@@ -82,7 +90,10 @@ extension OnnxSink {
         guard let g = mainGraph else { return }
         var list = g.pointee.node
         var n = g.pointee.n_node
-        let at = (0..<n).first(where: { i in list?[i].map { OnnxForms.outputs($0).contains(value) } ?? false }).map { $0 + 1 } ?? 0
+        let at =
+            (0..<n).first(where: { i in list?[i].map { OnnxForms.outputs($0).contains(value) } ?? false }).map {
+                $0 + 1
+            } ?? 0
         for (j, node) in nodes.enumerated() { Proto.insert(node, at: at + j, into: &list, count: &n) }
         g.pointee.node = list
         g.pointee.n_node = n
@@ -91,8 +102,10 @@ extension OnnxSink {
     /// Imports the com.microsoft domain at version 1 (once).
     func importMicrosoftDomain() {
         let m = model.model
-        for i in 0..<m.pointee.n_opset_import where Proto.string(m.pointee.opset_import[i]?.pointee.domain) == "com.microsoft" { return }
-        let o = calloc(1, MemoryLayout<Onnx__OperatorSetIdProto>.stride)!.bindMemory(to: Onnx__OperatorSetIdProto.self, capacity: 1)
+        for i in 0..<m.pointee.n_opset_import
+        where Proto.string(m.pointee.opset_import[i]?.pointee.domain) == "com.microsoft" { return }
+        let o = calloc(1, MemoryLayout<Onnx__OperatorSetIdProto>.stride)!.bindMemory(
+            to: Onnx__OperatorSetIdProto.self, capacity: 1)
         onnx__operator_set_id_proto__init(o)
         o.pointee.domain = Proto.cstring("com.microsoft")
         o.pointee.version = 1
@@ -104,11 +117,14 @@ extension OnnxSink {
         m.pointee.n_opset_import = n
     }
 
-    func applyMatMulNBits(_ p: TensorPlan, loc: OnnxModel.Located, fit f: OnnxForms.Fit, bits: Int, blockSize: Int) throws {
+    func applyMatMulNBits(_ p: TensorPlan, loc: OnnxModel.Located, fit f: OnnxForms.Fit, bits: Int, blockSize: Int)
+        throws
+    {
         let w = loc.graphName
         let layout = MatMulNBitsLayout(k: f.k, n: f.n, nAxis: f.nAxis, bits: bits, blockSize: blockSize, signed: false)
         let (bName, sName, zName) = try placePacked(
-            p, loc: loc, kernel: "MatMulNBits", n: f.n, blocks: layout.blocks, codeDims: [f.n, layout.blocks, layout.blob],
+            p, loc: loc, kernel: "MatMulNBits", n: f.n, blocks: layout.blocks,
+            codeDims: [f.n, layout.blocks, layout.blob],
             zeroDims: { [$0] })
         for use in f.uses {
             var inputs = [use.a, bName, sName, zName ?? "", "", use.bias ?? ""]
@@ -143,7 +159,9 @@ extension OnnxSink {
 
     /// An embedding as com.microsoft.GatherBlockQuantized: the rows a run gathers are dequantized,
     /// not the whole table. Data [rows, cols·bits/8] (the MatMulNBits bytes, rows being whole blocks).
-    func applyGatherBlockQuantized(_ p: TensorPlan, loc: OnnxModel.Located, fit f: OnnxForms.Fit, bits: Int, blockSize: Int) throws {
+    func applyGatherBlockQuantized(
+        _ p: TensorPlan, loc: OnnxModel.Located, fit f: OnnxForms.Fit, bits: Int, blockSize: Int
+    ) throws {
         let w = loc.graphName
         let layout = MatMulNBitsLayout(k: f.k, n: f.n, nAxis: 0, bits: bits, blockSize: blockSize, signed: false)
         let (dName, sName, zName) = try placePacked(
@@ -224,12 +242,16 @@ extension OnnxSink {
                     op: "MatMulInteger", name: model.uniqueName(w + "_MatMulInteger"),
                     inputs: [aq, qName, azp] + (zName.map { [$0] } ?? []), outputs: [yi]),
                 Proto.newNode(
-                    op: "Cast", name: model.uniqueName(w + "_Cast"), inputs: [yi], outputs: [yf], attributes: [Proto.intAttr("to", 1)]),
-                Proto.newNode(op: "Mul", name: model.uniqueName(w + "_ScaleMul"), inputs: [ascale, sName], outputs: [sc]),
+                    op: "Cast", name: model.uniqueName(w + "_Cast"), inputs: [yi], outputs: [yf],
+                    attributes: [Proto.intAttr("to", 1)]),
+                Proto.newNode(
+                    op: "Mul", name: model.uniqueName(w + "_ScaleMul"), inputs: [ascale, sName], outputs: [sc]),
                 Proto.newNode(op: "Mul", name: model.uniqueName(w + "_Mul"), inputs: [yf, sc], outputs: [product])
             ]
             if use.biasAdd == nil, let b = use.bias {
-                nodes.append(Proto.newNode(op: "Add", name: model.uniqueName(w + "_BiasAdd"), inputs: [product, b], outputs: [use.output]))
+                nodes.append(
+                    Proto.newNode(
+                        op: "Add", name: model.uniqueName(w + "_BiasAdd"), inputs: [product, b], outputs: [use.output]))
             }
             replaceNode(use.node, with: nodes)
         }

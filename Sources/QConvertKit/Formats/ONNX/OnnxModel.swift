@@ -37,7 +37,9 @@ public final class OnnxModel: CheckpointContainer, @unchecked Sendable {
 
     /// The tensor a graph knows by `name` (an initializer or a Constant's output).
     func located(graphName name: String) -> Located? {
-        if byGraphName == nil { byGraphName = Dictionary(located.values.map { ($0.graphName, $0) }, uniquingKeysWith: { a, _ in a }) }
+        if byGraphName == nil {
+            byGraphName = Dictionary(located.values.map { ($0.graphName, $0) }, uniquingKeysWith: { a, _ in a })
+        }
         return byGraphName?[name]
     }
     /// Value name → (op type, input index, node) of every consumer, across all graphs and functions.
@@ -87,7 +89,8 @@ public final class OnnxModel: CheckpointContainer, @unchecked Sendable {
         try copy.index { _, _, _, _ in }
         copy.lender = self
         for (name, loc) in copy.located where !replaced.contains(name) {
-            guard let mine = located[name], mine.tensor.pointee.has_raw_data != 0, mine.tensor.pointee.raw_data.len > 0 else { continue }
+            guard let mine = located[name], mine.tensor.pointee.has_raw_data != 0, mine.tensor.pointee.raw_data.len > 0
+            else { continue }
             loc.tensor.pointee.raw_data = mine.tensor.pointee.raw_data
             copy.borrowed.insert(loc.tensor)
         }
@@ -121,7 +124,9 @@ public final class OnnxModel: CheckpointContainer, @unchecked Sendable {
     func free(node n: Proto.NodeP) {
         for a in 0..<n.pointee.n_attribute {
             guard let attr = n.pointee.attribute[a] else { continue }
-            if let t = attr.pointee.t, borrowed.remove(t) != nil { t.pointee.raw_data = ProtobufCBinaryData(len: 0, data: nil) }
+            if let t = attr.pointee.t, borrowed.remove(t) != nil {
+                t.pointee.raw_data = ProtobufCBinaryData(len: 0, data: nil)
+            }
             for k in 0..<attr.pointee.n_tensors {
                 if let t = attr.pointee.tensors[k], borrowed.remove(t) != nil {
                     t.pointee.raw_data = ProtobufCBinaryData(len: 0, data: nil)
@@ -203,7 +208,9 @@ public final class OnnxModel: CheckpointContainer, @unchecked Sendable {
             try visit(t, dtype, name, graphName)
             located[name] = Located(tensor: t, home: home, graphName: graphName)
         }
-        func visitNode(_ n: Proto.NodeP, graph: Proto.GraphP?, function: UnsafeMutablePointer<Onnx__FunctionProto>?) throws {
+        func visitNode(_ n: Proto.NodeP, graph: Proto.GraphP?, function: UnsafeMutablePointer<Onnx__FunctionProto>?)
+            throws
+        {
             let op = Proto.string(n.pointee.op_type)
             usedNames.insert(Proto.string(n.pointee.name))
             let inputs = Proto.strings(n.pointee.input, n.pointee.n_input)
@@ -224,8 +231,12 @@ public final class OnnxModel: CheckpointContainer, @unchecked Sendable {
                 usedNames.insert(n)
                 try register(t, graphName: n, home: .initializer(graph: g))
             }
-            for i in 0..<g.pointee.n_input { if let v = g.pointee.input[i] { usedNames.insert(Proto.string(v.pointee.name)) } }
-            for i in 0..<g.pointee.n_output { if let v = g.pointee.output[i] { usedNames.insert(Proto.string(v.pointee.name)) } }
+            for i in 0..<g.pointee.n_input {
+                if let v = g.pointee.input[i] { usedNames.insert(Proto.string(v.pointee.name)) }
+            }
+            for i in 0..<g.pointee.n_output {
+                if let v = g.pointee.output[i] { usedNames.insert(Proto.string(v.pointee.name)) }
+            }
             for i in 0..<g.pointee.n_node {
                 guard let n = g.pointee.node[i] else { continue }
                 try visitNode(n, graph: g, function: nil)

@@ -37,8 +37,10 @@ enum Proto {
     }
 
     /// Appends to a repeated message field held as (count, pointer).
-    static func append<T>(_ item: UnsafeMutablePointer<T>, to list: inout UnsafeMutablePointer<UnsafeMutablePointer<T>?>?, count: inout Int)
-    {
+    static func append<T>(
+        _ item: UnsafeMutablePointer<T>, to list: inout UnsafeMutablePointer<UnsafeMutablePointer<T>?>?,
+        count: inout Int
+    ) {
         let p = realloc(list, MemoryLayout<UnsafeMutablePointer<T>?>.stride * (count + 1))!
             .bindMemory(to: UnsafeMutablePointer<T>?.self, capacity: count + 1)
         p[count] = item
@@ -48,7 +50,8 @@ enum Proto {
 
     /// Inserts into a repeated message field at `index`.
     static func insert<T>(
-        _ item: UnsafeMutablePointer<T>, at index: Int, into list: inout UnsafeMutablePointer<UnsafeMutablePointer<T>?>?, count: inout Int
+        _ item: UnsafeMutablePointer<T>, at index: Int,
+        into list: inout UnsafeMutablePointer<UnsafeMutablePointer<T>?>?, count: inout Int
     ) {
         append(item, to: &list, count: &count)
         let p = list!
@@ -81,7 +84,8 @@ enum Proto {
     }
 
     static func newAttr(_ name: String) -> AttrP {
-        let a = calloc(1, MemoryLayout<Onnx__AttributeProto>.stride)!.bindMemory(to: Onnx__AttributeProto.self, capacity: 1)
+        let a = calloc(1, MemoryLayout<Onnx__AttributeProto>.stride)!.bindMemory(
+            to: Onnx__AttributeProto.self, capacity: 1)
         onnx__attribute_proto__init(a)
         a.pointee.name = cstring(name)
         a.pointee.has_type = 1
@@ -103,7 +107,9 @@ enum Proto {
         return a
     }
 
-    static func newNode(op: String, name: String, inputs: [String], outputs: [String], attributes: [AttrP] = []) -> NodeP {
+    static func newNode(op: String, name: String, inputs: [String], outputs: [String], attributes: [AttrP] = [])
+        -> NodeP
+    {
         let n = calloc(1, MemoryLayout<Onnx__NodeProto>.stride)!.bindMemory(to: Onnx__NodeProto.self, capacity: 1)
         onnx__node_proto__init(n)
         n.pointee.op_type = cstring(op)
@@ -118,7 +124,8 @@ enum Proto {
     }
 
     static func newEntry(_ key: String, _ value: String) -> EntryP {
-        let e = calloc(1, MemoryLayout<Onnx__StringStringEntryProto>.stride)!.bindMemory(to: Onnx__StringStringEntryProto.self, capacity: 1)
+        let e = calloc(1, MemoryLayout<Onnx__StringStringEntryProto>.stride)!.bindMemory(
+            to: Onnx__StringStringEntryProto.self, capacity: 1)
         onnx__string_string_entry_proto__init(e)
         e.pointee.key = cstring(key)
         e.pointee.value = cstring(value)
@@ -127,16 +134,19 @@ enum Proto {
 
     /// A graph input/value description of a tensor: elem type and fixed dims.
     static func newValueInfo(name: String, dataType: Int32, dims: [Int]) -> UnsafeMutablePointer<Onnx__ValueInfoProto> {
-        let v = calloc(1, MemoryLayout<Onnx__ValueInfoProto>.stride)!.bindMemory(to: Onnx__ValueInfoProto.self, capacity: 1)
+        let v = calloc(1, MemoryLayout<Onnx__ValueInfoProto>.stride)!.bindMemory(
+            to: Onnx__ValueInfoProto.self, capacity: 1)
         onnx__value_info_proto__init(v)
         v.pointee.name = cstring(name)
         let type = calloc(1, MemoryLayout<Onnx__TypeProto>.stride)!.bindMemory(to: Onnx__TypeProto.self, capacity: 1)
         onnx__type_proto__init(type)
-        let tt = calloc(1, MemoryLayout<Onnx__TypeProto__Tensor>.stride)!.bindMemory(to: Onnx__TypeProto__Tensor.self, capacity: 1)
+        let tt = calloc(1, MemoryLayout<Onnx__TypeProto__Tensor>.stride)!.bindMemory(
+            to: Onnx__TypeProto__Tensor.self, capacity: 1)
         onnx__type_proto__tensor__init(tt)
         tt.pointee.has_elem_type = 1
         tt.pointee.elem_type = dataType
-        let shape = calloc(1, MemoryLayout<Onnx__TensorShapeProto>.stride)!.bindMemory(to: Onnx__TensorShapeProto.self, capacity: 1)
+        let shape = calloc(1, MemoryLayout<Onnx__TensorShapeProto>.stride)!.bindMemory(
+            to: Onnx__TensorShapeProto.self, capacity: 1)
         onnx__tensor_shape_proto__init(shape)
         var list: UnsafeMutablePointer<UnsafeMutablePointer<Onnx__TensorShapeProto__Dimension>?>? = nil
         var n = 0
@@ -165,7 +175,9 @@ enum Proto {
     }
 
     static func intAttribute(_ node: NodeP, _ name: String) -> Int? {
-        guard let a = attribute(node, name), a.pointee.has_i != 0 || a.pointee.type == ONNX__ATTRIBUTE_PROTO__ATTRIBUTE_TYPE__INT else {
+        guard let a = attribute(node, name),
+            a.pointee.has_i != 0 || a.pointee.type == ONNX__ATTRIBUTE_PROTO__ATTRIBUTE_TYPE__INT
+        else {
             return nil
         }
         return Int(a.pointee.i)

@@ -6,14 +6,18 @@ import Foundation
 /// from a batch of sequences (rank ≥ 3), whose products are large enough for the dynamic form.
 enum OnnxRanks {
     static let sameAsFirst: Set<String> = [
-        "Relu", "Gelu", "Erf", "Tanh", "Sigmoid", "Softmax", "LogSoftmax", "LayerNormalization", "Cast", "Identity", "Dropout",
-        "Clip", "Sqrt", "Exp", "Log", "Neg", "Abs", "Reciprocal", "Transpose", "Not", "HardSigmoid", "LeakyRelu", "Elu", "Selu",
+        "Relu", "Gelu", "Erf", "Tanh", "Sigmoid", "Softmax", "LogSoftmax", "LayerNormalization", "Cast", "Identity",
+        "Dropout",
+        "Clip", "Sqrt", "Exp", "Log", "Neg", "Abs", "Reciprocal", "Transpose", "Not", "HardSigmoid", "LeakyRelu", "Elu",
+        "Selu",
         "SimplifiedLayerNormalization", "SkipLayerNormalization", "BatchNormalization", "InstanceNormalization", "Conv",
-        "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Slice", "Pad", "Concat", "Softplus",
+        "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Slice", "Pad", "Concat",
+        "Softplus",
         "FastGelu", "BiasGelu", "QuickGelu", "Mish", "HardSwish", "Floor", "Ceil", "Round", "Sign"
     ]
     static let elementwise: Set<String> = [
-        "Add", "Sub", "Mul", "Div", "Pow", "Where", "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or",
+        "Add", "Sub", "Mul", "Div", "Pow", "Where", "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "And",
+        "Or",
         "Max", "Min", "Sum", "Mean", "PRelu", "Mod"
     ]
 
@@ -55,7 +59,9 @@ enum OnnxRanks {
                     constants[out] = t
                 }
             case _ where sameAsFirst.contains(op): r = ins.first.flatMap { rank[$0] }
-            case _ where elementwise.contains(op): r = known.compactMap { $0 }.max()  // broadcasting: at least the largest known
+            case _ where elementwise.contains(op):
+                // broadcasting: at least the largest known
+                r = known.compactMap { $0 }.max()
             case "MatMul", "MatMulNBits", "MatMulInteger":
                 if ins.count >= 2, let a = rank[ins[0]], let b = rank[ins[1]], a >= 2, b >= 2 { r = max(a, b) }
             case "Gemm", "Flatten": r = 2
@@ -63,7 +69,8 @@ enum OnnxRanks {
                 if ins.count == 2, let d = rank[ins[0]] { r = d + (rank[ins[1]] ?? 0) - 1 }
             case "Reshape": r = ins.count > 1 ? ints(ins[1]) : nil
             case "Unsqueeze", "Squeeze":
-                let axes = Proto.attribute(node, "axes").map { $0.pointee.n_ints } ?? (ins.count > 1 ? ints(ins[1]) : nil)
+                let axes =
+                    Proto.attribute(node, "axes").map { $0.pointee.n_ints } ?? (ins.count > 1 ? ints(ins[1]) : nil)
                 if let a = ins.first.flatMap({ rank[$0] }), let n = axes { r = op == "Unsqueeze" ? a + n : a - n }
             case "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2":
                 if (Proto.intAttribute(node, "keepdims") ?? 1) == 1 { r = ins.first.flatMap { rank[$0] } }

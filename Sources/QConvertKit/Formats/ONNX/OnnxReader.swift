@@ -37,7 +37,9 @@ public struct OnnxReader: FormatReader {
                 free: { _, p in free(p) },
                 allocator_data: Unmanaged.passUnretained(releaser).toOpaque())
             let unpacked = withExtendedLifetime(releaser) {
-                raw.baseAddress.flatMap { onnx__model_proto__unpack(&allocator, f.size, $0.assumingMemoryBound(to: UInt8.self)) }
+                raw.baseAddress.flatMap {
+                    onnx__model_proto__unpack(&allocator, f.size, $0.assumingMemoryBound(to: UInt8.self))
+                }
             }
             guard let m = unpacked else {
                 throw QConvertError.violation(path: path, OnnxWireRule.undecodable)
@@ -70,10 +72,9 @@ public struct OnnxReader: FormatReader {
         }
         // The model file and its external data files, for the input hash.
         let files = [f] + model.externalFiles.sorted { $0.key < $1.key }.map(\.value)
-        let ck = Checkpoint(format: name, path: path, files: files, entries: entries)
-        ck.container = model
-        for (k, v) in OnnxReader.metadataProps(model.model) { ck.metadata.append((k, v)) }
-        return ck
+        return Checkpoint(
+            format: name, path: path, files: files, entries: entries,
+            metadata: OnnxReader.metadataProps(model.model).map { (key: $0.0, value: $0.1) }, container: model)
     }
 
     static func metadataProps(_ m: UnsafeMutablePointer<Onnx__ModelProto>) -> [(String, String)] {
@@ -100,7 +101,8 @@ public struct OnnxReader: FormatReader {
 
     /// The tensor's bytes in raw (little-endian, packed) layout: borrowed from raw_data, mapped from
     /// external data, or rebuilt from the typed fields.
-    func payload(_ t: Proto.TensorP, name: String, dtype: DType, expected: Int, model: OnnxModel) throws -> TensorBytes {
+    func payload(_ t: Proto.TensorP, name: String, dtype: DType, expected: Int, model: OnnxModel) throws -> TensorBytes
+    {
         func bad(_ m: String) -> QConvertError { .badInput(path: model.path, message: "tensor '\(name)': \(m)") }
         if t.pointee.has_data_location != 0 && t.pointee.data_location == ONNX__TENSOR_PROTO__DATA_LOCATION__EXTERNAL {
             return try external(t, name: name, expected: expected, model: model)
@@ -108,7 +110,8 @@ public struct OnnxReader: FormatReader {
         if t.pointee.has_raw_data != 0 {
             guard t.pointee.raw_data.len == expected else {
                 throw bad(
-                    "dims \(Shape(Proto.dimsOf(t))) of \(dtype.rawValue) need \(expected) bytes but raw_data has \(t.pointee.raw_data.len)")
+                    "dims \(Shape(Proto.dimsOf(t))) of \(dtype.rawValue) need \(expected) bytes but raw_data has \(t.pointee.raw_data.len)"
+                )
             }
             return .borrowed(UnsafeRawPointer(t.pointee.raw_data.data), count: expected, owner: model)
         }
@@ -116,7 +119,9 @@ public struct OnnxReader: FormatReader {
         var out = [UInt8]()
         out.reserveCapacity(expected)
         func need(_ have: Int, _ want: Int, _ field: String) throws {
-            guard have == want else { throw bad("dims \(Shape(Proto.dimsOf(t))) need \(want) values but \(field) has \(have)") }
+            guard have == want else {
+                throw bad("dims \(Shape(Proto.dimsOf(t))) need \(want) values but \(field) has \(have)")
+            }
         }
         func append<T>(_ v: T) { withUnsafeBytes(of: v) { out += $0 } }
         switch dtype {
@@ -157,7 +162,9 @@ public struct OnnxReader: FormatReader {
     /// External data: `location` relative to the model's folder; absolute paths, `..`, links
     /// leaving the folder, missing files and short files are refused.
     func external(_ t: Proto.TensorP, name: String, expected: Int, model: OnnxModel) throws -> TensorBytes {
-        func bad(_ m: String) -> QConvertError { .badInput(path: model.path, message: "tensor '\(name)': external data \(m)") }
+        func bad(_ m: String) -> QConvertError {
+            .badInput(path: model.path, message: "tensor '\(name)': external data \(m)")
+        }
         var location: String?
         var offset = 0
         var length: Int?

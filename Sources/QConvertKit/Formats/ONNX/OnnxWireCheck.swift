@@ -104,7 +104,8 @@ public enum OnnxWireRule: FormatViolation, Equatable {
         case .truncatedVarint(let p): prefix + "truncated protobuf (varint runs past the end at byte \(p))"
         case .overlongVarint(let p): prefix + "corrupt protobuf (overlong varint at byte \(p))"
         case .fieldZero(let p): prefix + "corrupt protobuf (field number 0 at byte \(p))"
-        case .fieldPastEnd(let n?, let p): prefix + "truncated protobuf (a field of \(n) bytes runs past the end at byte \(p))"
+        case .fieldPastEnd(let n?, let p):
+            prefix + "truncated protobuf (a field of \(n) bytes runs past the end at byte \(p))"
         case .fieldPastEnd(nil, _): prefix + "truncated protobuf (field runs past the end)"
         case .badWireType(let t, let p): prefix + "corrupt protobuf (wire type \(t) at byte \(p))"
         case .undecodable: "not a valid ONNX model (protobuf could not be decoded)"

@@ -9,16 +9,22 @@ public struct OnnxWriter: FormatWriter {
     public var name: String { "onnx" }
     public var fileExtensions: [String] { [".onnx"] }
 
-    public func open(path: String, tensors: [OutputTensor], source: Checkpoint, options: WriterOptions) throws -> CheckpointSink {
+    public func open(path: String, tensors: [OutputTensor], source: Checkpoint, options: WriterOptions) throws
+        -> CheckpointSink
+    {
         guard let model = source.container as? OnnxModel else {
             throw QConvertError.usage(
-                message: "\(path): ONNX output needs an ONNX input (a \(source.format) checkpoint holds tensors only, no graph)")
+                message:
+                    "\(path): ONNX output needs an ONNX input (a \(source.format) checkpoint holds tensors only, no graph)"
+            )
         }
         guard !options.plans.isEmpty || tensors.isEmpty else {
             throw QConvertError.usage(message: "\(path): this operation cannot write ONNX")
         }
         let replaced = Set(options.plans.filter { $0.decision.scheme != nil }.map(\.name))
-        return OnnxSink(path: path, model: try model.editableCopy(replacing: replaced), source: source, tensors: tensors, options: options)
+        return OnnxSink(
+            path: path, model: try model.editableCopy(replacing: replaced), source: source, tensors: tensors,
+            options: options)
     }
 
     public func check(_ plans: inout [TensorPlan], source: Checkpoint, output: String) throws {
@@ -42,7 +48,9 @@ public struct OnnxWriter: FormatWriter {
         for i in plans.indices {
             guard let s = plans[i].decision.scheme, let loc = model.located[plans[i].name] else { continue }
             if s.target.isCast {
-                try check(i) { try OnnxSink.checkCast(s, opset: model.opset, path: output ?? source.path, name: loc.graphName) }
+                try check(i) {
+                    try OnnxSink.checkCast(s, opset: model.opset, path: output ?? source.path, name: loc.graphName)
+                }
                 continue
             }
             guard s.target.isQuantization else { continue }
@@ -74,7 +82,8 @@ public struct OnnxWriter: FormatWriter {
             case .qdq: plans[i].onnxFormChosen = "qdq"
             case .matMulNBits(_, let bits, let bs, _): plans[i].onnxFormChosen = "matmulnbits \(bits)-bit, block \(bs)"
             case .dynamic: plans[i].onnxFormChosen = "dynamic"
-            case .gatherBlockQuantized(_, let bits, let bs): plans[i].onnxFormChosen = "gatherblockquantized \(bits)-bit, block \(bs)"
+            case .gatherBlockQuantized(_, let bits, let bs):
+                plans[i].onnxFormChosen = "gatherblockquantized \(bits)-bit, block \(bs)"
             }
             if let note = choice.note { plans[i].warnings.append(note) }
         }
@@ -126,7 +135,9 @@ final class OnnxSink: CheckpointSink {
 
     func fail(_ m: String) -> QConvertError { .usage(message: "\(path): \(m)") }
 
-    func commit(metadata: [(key: String, value: String)], document: MetadataDocument?, perShard: [String: MetadataDocument]) throws {
+    func commit(
+        metadata: [(key: String, value: String)], document: MetadataDocument?, perShard: [String: MetadataDocument]
+    ) throws {
         let opset = model.opset
         var needIR = 0
         let planByName = Dictionary(options.plans.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
@@ -145,7 +156,9 @@ final class OnnxSink: CheckpointSink {
             guard let scheme = p.decision.scheme else { continue }
             guard let loc = model.located[p.name] else { continue }
             let outs = outputsOfPlan[pi]
-            guard let values = data[outs[0]] else { throw QConvertError.internal(message: "\(path): no data for \(p.name)") }
+            guard let values = data[outs[0]] else {
+                throw QConvertError.internal(message: "\(path): no data for \(p.name)")
+            }
             if scheme.target.isCast {
                 try applyCast(p, scheme: scheme, loc: loc, values: values, opset: opset)
             } else {
@@ -155,7 +168,9 @@ final class OnnxSink: CheckpointSink {
                 switch choice {
                 case .qdq:
                     needIR = max(
-                        needIR, try applyQuantize(p, scheme: scheme, loc: loc, values: values, scale: scale, zeroPoint: zp, opset: opset))
+                        needIR,
+                        try applyQuantize(
+                            p, scheme: scheme, loc: loc, values: values, scale: scale, zeroPoint: zp, opset: opset))
                     let facts = stored[p.name]
                     stored[p.name] = { r in
                         facts?(&r)
@@ -207,7 +222,8 @@ final class OnnxSink: CheckpointSink {
                 var ni = g.pointee.n_input
                 for t in newTensors {
                     Proto.append(
-                        Proto.newValueInfo(name: Proto.string(t.pointee.name), dataType: t.pointee.data_type, dims: Proto.dimsOf(t)),
+                        Proto.newValueInfo(
+                            name: Proto.string(t.pointee.name), dataType: t.pointee.data_type, dims: Proto.dimsOf(t)),
                         to: &inputs, count: &ni)
                 }
                 g.pointee.input = inputs
@@ -255,7 +271,9 @@ final class OnnxSink: CheckpointSink {
     /// Old IR versions also list initializers as graph inputs; a weight computed by a node cannot be one.
     func removeGraphInput(_ g: Proto.GraphP, _ name: String) {
         var n = g.pointee.n_input
-        guard let list = g.pointee.input, let idx = (0..<n).first(where: { Proto.string(list[$0]?.pointee.name) == name }) else { return }
+        guard let list = g.pointee.input,
+            let idx = (0..<n).first(where: { Proto.string(list[$0]?.pointee.name) == name })
+        else { return }
         onnx__value_info_proto__free_unpacked(list[idx], nil)
         for k in idx..<(n - 1) { list[k] = list[k + 1] }
         n -= 1
@@ -273,24 +291,32 @@ final class OnnxSink: CheckpointSink {
     /// Whether the model's opset can express the scheme with DequantizeLinear: false when it can, true
     /// when the weight must be dequantized with Cast and Mul instead (`onnx_fallback: decompose`);
     /// throws when neither is possible. Checked before any tensor is quantized, and again when writing.
-    static func dequantizeLinearForm(_ p: TensorPlan, scheme s: QuantScheme, opset: Int, path: String, name w: String) throws -> Bool {
-        let needed = OnnxFeature.dequantize(s).reduce(.perTensorDequantize) { $1.minimumOpset >= $0.minimumOpset ? $1 : $0 }
+    static func dequantizeLinearForm(_ p: TensorPlan, scheme s: QuantScheme, opset: Int, path: String, name w: String)
+        throws -> Bool
+    {
+        let needed = OnnxFeature.dequantize(s).reduce(.perTensorDequantize) {
+            $1.minimumOpset >= $0.minimumOpset ? $1 : $0
+        }
         let required = needed.minimumOpset
         let why = needed.what
         let floatOut = p.dtype
-        let scaleInSourceType = (floatOut == .f16 || floatOut == .bf16) && OnnxFeature.float16ScaleDequantize.available(at: opset)
+        let scaleInSourceType =
+            (floatOut == .f16 || floatOut == .bf16) && OnnxFeature.float16ScaleDequantize.available(at: opset)
         if floatOut != .f32 && !scaleInSourceType && floatOut != .f16 && floatOut != .bf16 && floatOut != .f64 {
-            throw QConvertError.usage(message: "\(path): tensor '\(w)' of \(floatOut.rawValue) cannot be dequantized in ONNX")
+            throw QConvertError.usage(
+                message: "\(path): tensor '\(w)' of \(floatOut.rawValue) cannot be dequantized in ONNX")
         }
         let decompose = opset < required
         if decompose {
             let cannot = s.granularity == .group || s.granularity == .element || s.target.isFP8
             if p.onnxFallback == .refuse || cannot {
                 throw QConvertError.usage(
-                    message: "\(path): tensor '\(w)' needs \(why), which needs opset ≥ \(required), but the model imports opset \(opset); "
+                    message:
+                        "\(path): tensor '\(w)' needs \(why), which needs opset ≥ \(required), but the model imports opset \(opset); "
                         + (cannot
                             ? "choose granularity: channel or tensor and an integer dtype for this model (the opset is never raised)"
-                            : "set 'onnx_fallback: decompose' to dequantize with Cast and Mul instead (the opset is never raised)"))
+                            : "set 'onnx_fallback: decompose' to dequantize with Cast and Mul instead (the opset is never raised)")
+                )
             }
         }
         return decompose
@@ -317,7 +343,8 @@ final class OnnxSink: CheckpointSink {
         let is4 = s.target.isPacked4
         let decompose = try OnnxSink.dequantizeLinearForm(p, scheme: s, opset: opset, path: path, name: w)
         let floatOut = p.dtype
-        let scaleInSourceType = (floatOut == .f16 || floatOut == .bf16) && OnnxFeature.float16ScaleDequantize.available(at: opset)
+        let scaleInSourceType =
+            (floatOut == .f16 || floatOut == .bf16) && OnnxFeature.float16ScaleDequantize.available(at: opset)
         // Stored integers.
         var qType = onnxType(s.target)
         var qBytes = values
@@ -365,7 +392,9 @@ final class OnnxSink: CheckpointSink {
             scaleBytes = Dequantizer.encode(f, as: floatOut)
             scaleType = Proto.dataType(floatOut)
         }
-        let scaleTensor = scaleBytes.withUnsafeBytes { Proto.newTensor(name: scaleName, dataType: scaleType, dims: pDims, raw: $0) }
+        let scaleTensor = scaleBytes.withUnsafeBytes {
+            Proto.newTensor(name: scaleName, dataType: scaleType, dims: pDims, raw: $0)
+        }
         var newTensors = [qTensor, scaleTensor]
         var dqInputs = [qName, scaleName]
         var zpName: String? = nil
@@ -400,9 +429,13 @@ final class OnnxSink: CheckpointSink {
                         op: "Cast", name: model.uniqueName(zn + "_Cast"), inputs: [zn], outputs: [castZ],
                         attributes: [Proto.intAttr("to", 1)]))
                 centred = model.uniqueName(w + "_centred")
-                nodes.append(Proto.newNode(op: "Sub", name: model.uniqueName(w + "_Sub"), inputs: [castQ, castZ], outputs: [centred]))
+                nodes.append(
+                    Proto.newNode(
+                        op: "Sub", name: model.uniqueName(w + "_Sub"), inputs: [castQ, castZ], outputs: [centred]))
             }
-            nodes.append(Proto.newNode(op: "Mul", name: model.uniqueName(w + "_Mul"), inputs: [centred, scaleName], outputs: [dqOut]))
+            nodes.append(
+                Proto.newNode(
+                    op: "Mul", name: model.uniqueName(w + "_Mul"), inputs: [centred, scaleName], outputs: [dqOut]))
         } else {
             nodes.append(
                 Proto.newNode(
@@ -424,7 +457,8 @@ final class OnnxSink: CheckpointSink {
                     bits: 4, signed: nil, axis: nil, flattened: nil, unpacked: true, order: nil,
                     note: "one value per byte (the model's opset has no 4-bit types)")
                 : PackingRecord(
-                    bits: 4, signed: s.target.isSigned, axis: nil, flattened: true, unpacked: nil, order: "low_nibble_first",
+                    bits: 4, signed: s.target.isSigned, axis: nil, flattened: true, unpacked: nil,
+                    order: "low_nibble_first",
                     note: "ONNX layout: two values per byte over the flattened tensor, element 0 in the low nibble")
         stored[p.name] = { r in
             r.values = qName
@@ -442,7 +476,9 @@ final class OnnxSink: CheckpointSink {
         let w = loc.graphName
         try OnnxSink.checkCast(s, opset: opset, path: path, name: w)
         let name = model.uniqueName(w + (s.target == .fp16 ? "_fp16" : "_bf16"))
-        let t = values.withUnsafeBytes { Proto.newTensor(name: name, dataType: onnxType(s.target), dims: p.shape, raw: $0) }
+        let t = values.withUnsafeBytes {
+            Proto.newTensor(name: name, dataType: onnxType(s.target), dims: p.shape, raw: $0)
+        }
         let cast = Proto.newNode(
             op: "Cast", name: model.uniqueName(w + "_Cast"), inputs: [name], outputs: [w],
             attributes: [Proto.intAttr("to", Int(Proto.dataType(p.dtype)))])
@@ -509,7 +545,8 @@ final class OnnxSink: CheckpointSink {
         let dataName = URL(fileURLWithPath: path).lastPathComponent + ".data"
         do {
             if useExternal {
-                let df = try AtomicFile(path: URL(fileURLWithPath: path).deletingLastPathComponent().appendingPathComponent(dataName).path)
+                let df = try AtomicFile(
+                    path: URL(fileURLWithPath: path).deletingLastPathComponent().appendingPathComponent(dataName).path)
                 dataFile = df
                 var offset = 0
                 for t in tensorsNow {
@@ -544,7 +581,9 @@ final class OnnxSink: CheckpointSink {
                 }
             }
             let size = onnx__model_proto__get_packed_size(m)
-            guard size < Int(Int32.max) else { throw QConvertError.write(path: path, message: "the model's graph alone exceeds 2 GB") }
+            guard size < Int(Int32.max) else {
+                throw QConvertError.write(path: path, message: "the model's graph alone exceeds 2 GB")
+            }
             // Pack straight into the file (no second copy of the model in memory).
             let out = try AtomicFile(path: path)
             do {
@@ -556,7 +595,9 @@ final class OnnxSink: CheckpointSink {
                 var pb = PackBuffer(base: buffer, sink: Unmanaged.passUnretained(sink).toOpaque())
                 let written = withExtendedLifetime(sink) {
                     withUnsafeMutablePointer(to: &pb) { p in
-                        p.withMemoryRebound(to: ProtobufCBuffer.self, capacity: 1) { onnx__model_proto__pack_to_buffer(m, $0) }
+                        p.withMemoryRebound(to: ProtobufCBuffer.self, capacity: 1) {
+                            onnx__model_proto__pack_to_buffer(m, $0)
+                        }
                     }
                 }
                 _ = buffer
@@ -578,7 +619,9 @@ final class OnnxSink: CheckpointSink {
     }
 
     func clearExternal(_ t: Proto.TensorP) {
-        for i in 0..<t.pointee.n_external_data { onnx__string_string_entry_proto__free_unpacked(t.pointee.external_data[i], nil) }
+        for i in 0..<t.pointee.n_external_data {
+            onnx__string_string_entry_proto__free_unpacked(t.pointee.external_data[i], nil)
+        }
         free(t.pointee.external_data)
         t.pointee.external_data = nil
         t.pointee.n_external_data = 0
@@ -624,7 +667,9 @@ final class PackSink {
         // Small appends are gathered; large payloads go straight to the file.
         if pending.count + len > 1 << 20 { flush() }
         if len >= 1 << 20 {
-            do { try file.pwrite(UnsafeRawBufferPointer(start: data, count: len), at: offset) } catch { self.error = error }
+            do { try file.pwrite(UnsafeRawBufferPointer(start: data, count: len), at: offset) } catch {
+                self.error = error
+            }
             offset += len
         } else {
             pending.append(contentsOf: UnsafeBufferPointer(start: data, count: len))

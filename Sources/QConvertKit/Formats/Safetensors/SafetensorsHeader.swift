@@ -82,18 +82,24 @@ public struct SafetensorsHeader: Sendable {
                         : .overlap(tensor: t.name, begin: t.begin, previousEnd: prevEnd))
             }
             guard t.end >= t.begin else { throw bad(.endBeforeBegin(tensor: t.name, begin: t.begin, end: t.end)) }
-            guard let nel = Shape(t.shape).checkedElementCount else { throw bad(.shapeOverflows(tensor: t.name, shape: t.shape)) }
+            guard let nel = Shape(t.shape).checkedElementCount else {
+                throw bad(.shapeOverflows(tensor: t.name, shape: t.shape))
+            }
             let (nbits, o) = nel.multipliedReportingOverflow(by: t.dtype.bits)
             guard !o else { throw bad(.bitsOverflow(tensor: t.name)) }
             guard nbits % 8 == 0 else { throw bad(.partialBytes(tensor: t.name, elements: nel, dtype: dn(t.dtype))) }
             guard t.end - t.begin == nbits / 8 else {
-                throw bad(.sizeMismatch(tensor: t.name, shape: t.shape, dtype: dn(t.dtype), needs: nbits / 8, spans: t.end - t.begin))
+                throw bad(
+                    .sizeMismatch(
+                        tensor: t.name, shape: t.shape, dtype: dn(t.dtype), needs: nbits / 8, spans: t.end - t.begin))
             }
             prevEnd = t.end
         }
         guard prevEnd + 8 + n == len else {
             throw bad(
-                prevEnd + 8 + n < len ? .trailingData(bytes: len - prevEnd - 8 - n) : .truncated(fileSize: len, declared: prevEnd + 8 + n))
+                prevEnd + 8 + n < len
+                    ? .trailingData(bytes: len - prevEnd - 8 - n) : .truncated(fileSize: len, declared: prevEnd + 8 + n)
+            )
         }
         return SafetensorsHeader(headerLength: n, metadata: metadata, tensors: infos)
     }
@@ -130,7 +136,8 @@ public enum SafetensorsRule: FormatViolation, Equatable {
     public var description: String {
         switch self {
         case .tooSmall(let n): "file is \(n) bytes, too small for a safetensors header (needs 8-byte length)"
-        case .notSafetensors: "not a safetensors file (its first 8 bytes are no header length and no JSON header follows)"
+        case .notSafetensors:
+            "not a safetensors file (its first 8 bytes are no header length and no JSON header follows)"
         case .headerTooLong(let n, _): "header length \(n) exceeds the 100 MB limit"
         case .headerPastEnd(let n, let len): "header length \(n) runs past the end of the \(len)-byte file (truncated?)"
         case .headerNotUTF8: "header is not valid UTF-8"
@@ -144,8 +151,10 @@ public enum SafetensorsRule: FormatViolation, Equatable {
         case .missingShape(let t): "tensor '\(t)': missing shape"
         case .badDimension(let t, let v): "tensor '\(t)': shape entry \(v) is not a non-negative integer"
         case .badOffsets(let t): "tensor '\(t)': data_offsets must be two non-negative integers"
-        case .hole(let t, let b, let e): "tensor '\(t)': data starts at \(b) but the previous tensor ends at \(e) (hole in the data)"
-        case .overlap(let t, let b, let e): "tensor '\(t)': data starts at \(b), inside the previous tensor ending at \(e) (overlap)"
+        case .hole(let t, let b, let e):
+            "tensor '\(t)': data starts at \(b) but the previous tensor ends at \(e) (hole in the data)"
+        case .overlap(let t, let b, let e):
+            "tensor '\(t)': data starts at \(b), inside the previous tensor ending at \(e) (overlap)"
         case .endBeforeBegin(let t, let b, let e): "tensor '\(t)': data_offsets end \(e) is before begin \(b)"
         case .shapeOverflows(let t, let s): "tensor '\(t)': shape \(Shape(s)) overflows"
         case .bitsOverflow(let t): "tensor '\(t)': size in bits overflows"

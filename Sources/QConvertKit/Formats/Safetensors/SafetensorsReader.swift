@@ -31,7 +31,9 @@ public struct SafetensorsReader: FormatReader {
                 return try readIndexed(indexPath: path + "/" + idx, userPath: path)
             }
             let shards = items.filter { $0.hasSuffix(".safetensors") && !$0.hasPrefix(".") }
-            guard !shards.isEmpty else { throw QConvertError.badInput(path: path, message: "no .safetensors files in the folder") }
+            guard !shards.isEmpty else {
+                throw QConvertError.badInput(path: path, message: "no .safetensors files in the folder")
+            }
             return try readShards(folder: path, shardNames: shards, weightMap: nil, userPath: path)
         }
         if path.hasSuffix(".index.json") { return try readIndexed(indexPath: path, userPath: path) }
@@ -75,7 +77,8 @@ public struct SafetensorsReader: FormatReader {
             }
             guard !s.contains("/"), !s.contains("\\"), s != "..", !s.isEmpty else {
                 throw QConvertError.badInput(
-                    path: indexPath, message: "weight_map entry '\(k)' names '\(s)', which is not a file beside the index")
+                    path: indexPath,
+                    message: "weight_map entry '\(k)' names '\(s)', which is not a file beside the index")
             }
             map[k] = s
             if shardSet.insert(s).inserted { shardOrder.append(s) }
@@ -84,7 +87,9 @@ public struct SafetensorsReader: FormatReader {
         return try readShards(folder: folder, shardNames: shardOrder.sorted(), weightMap: map, userPath: userPath)
     }
 
-    func readShards(folder: String, shardNames: [String], weightMap: [String: String]?, userPath: String) throws -> Checkpoint {
+    func readShards(folder: String, shardNames: [String], weightMap: [String: String]?, userPath: String) throws
+        -> Checkpoint
+    {
         var files: [MappedFile] = []
         var entries: [TensorEntry] = []
         var metadata: [(key: String, value: String)] = []
@@ -95,12 +100,14 @@ public struct SafetensorsReader: FormatReader {
             let (e, m) = try readFile(f, shard: s)
             for t in e {
                 if let other = seen[t.name] {
-                    throw QConvertError.badInput(path: userPath, message: "tensor '\(t.name)' appears in both \(other) and \(s)")
+                    throw QConvertError.badInput(
+                        path: userPath, message: "tensor '\(t.name)' appears in both \(other) and \(s)")
                 }
                 seen[t.name] = s
                 if let wm = weightMap, wm[t.name] != s {
                     throw QConvertError.badInput(
-                        path: userPath, message: "tensor '\(t.name)' is in \(s) but the index maps it to \(wm[t.name] ?? "nothing")")
+                        path: userPath,
+                        message: "tensor '\(t.name)' is in \(s) but the index maps it to \(wm[t.name] ?? "nothing")")
                 }
             }
             entries += e
@@ -108,7 +115,8 @@ public struct SafetensorsReader: FormatReader {
         }
         if let wm = weightMap {
             for (k, s) in wm.sorted(by: { $0.key < $1.key }) where seen[k] == nil {
-                throw QConvertError.badInput(path: userPath, message: "index lists tensor '\(k)' in \(s) but that file does not hold it")
+                throw QConvertError.badInput(
+                    path: userPath, message: "index lists tensor '\(k)' in \(s) but that file does not hold it")
             }
         }
         return Checkpoint(

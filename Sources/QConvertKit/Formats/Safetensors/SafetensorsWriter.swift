@@ -7,7 +7,9 @@ public struct SafetensorsWriter: FormatWriter {
     public var name: String { "safetensors" }
     public var fileExtensions: [String] { [".safetensors"] }
 
-    public func open(path: String, tensors: [OutputTensor], source: Checkpoint, options: WriterOptions) throws -> CheckpointSink {
+    public func open(path: String, tensors: [OutputTensor], source: Checkpoint, options: WriterOptions) throws
+        -> CheckpointSink
+    {
         var seen = Set<String>()
         for t in tensors where !seen.insert(t.name).inserted {
             throw QConvertError.usage(message: "output would hold two tensors named '\(t.name)'")
@@ -19,7 +21,8 @@ public struct SafetensorsWriter: FormatWriter {
         var plan: [(file: String, members: [Int])] = []
         if isFile {
             if options.maxShardSize != nil {
-                throw QConvertError.usage(message: "\(path): --max-shard-size writes a folder of shards; give a folder as the output")
+                throw QConvertError.usage(
+                    message: "\(path): --max-shard-size writes a folder of shards; give a folder as the output")
             }
             plan = [(path, Array(tensors.indices))]
         } else {
@@ -55,7 +58,8 @@ public struct SafetensorsWriter: FormatWriter {
         let folder = isFile ? nil : try FolderOutput(path: path)
         if let folder { plan = plan.map { (folder.stagingPath + "/" + $0.file, $0.members) } }
         do {
-            let sink = try SafetensorsSink(folder: folder, plan: plan, tensors: tensors, metadataHint: options.metadataSizeHint)
+            let sink = try SafetensorsSink(
+                folder: folder, plan: plan, tensors: tensors, metadataHint: options.metadataSizeHint)
             return sink
         } catch {
             folder?.abort()
@@ -81,7 +85,9 @@ final class SafetensorsSink: CheckpointSink {
     /// Output tensor index → (shard, absolute file offset).
     var location: [(shard: Int, offset: Int)]
 
-    init(folder: FolderOutput?, plan: [(file: String, members: [Int])], tensors: [OutputTensor], metadataHint: Int) throws {
+    init(folder: FolderOutput?, plan: [(file: String, members: [Int])], tensors: [OutputTensor], metadataHint: Int)
+        throws
+    {
         self.folder = folder
         self.tensors = tensors
         location = Array(repeating: (0, 0), count: tensors.count)
@@ -102,7 +108,8 @@ final class SafetensorsSink: CheckpointSink {
                     begins[i] = off
                     off += tensors[i].byteCount
                 }
-                let share = plan.count > 0 ? metadataHint * max(p.members.count, 1) / max(tensors.count, 1) : metadataHint
+                let share =
+                    plan.count > 0 ? metadataHint * max(p.members.count, 1) / max(tensors.count, 1) : metadataHint
                 let provisional = SafetensorsSink.headerJSON(
                     order: order, begins: begins, tensors: tensors,
                     metadata: [("qconvert", String(repeating: " ", count: share + 256))])
@@ -110,7 +117,9 @@ final class SafetensorsSink: CheckpointSink {
                 let file = try AtomicFile(path: p.file)
                 try file.truncate(8 + reserved + off)
                 for i in order { location[i] = (si, 8 + reserved + begins[i]!) }
-                shards.append(ShardFile(path: p.file, file: file, order: order, begins: begins, dataLength: off, reserved: reserved))
+                shards.append(
+                    ShardFile(
+                        path: p.file, file: file, order: order, begins: begins, dataLength: off, reserved: reserved))
             }
         } catch {
             for s in shards { s.file.abort() }
@@ -118,7 +127,9 @@ final class SafetensorsSink: CheckpointSink {
         }
     }
 
-    static func headerJSON(order: [Int], begins: [Int: Int], tensors: [OutputTensor], metadata: [(key: String, value: String)]) -> String {
+    static func headerJSON(
+        order: [Int], begins: [Int: Int], tensors: [OutputTensor], metadata: [(key: String, value: String)]
+    ) -> String {
         var out = "{"
         var first = true  // (String.count walks the whole string: asking it per tensor was quadratic)
         if !metadata.isEmpty {
@@ -147,19 +158,23 @@ final class SafetensorsSink: CheckpointSink {
     func put(_ index: Int, _ bytes: UnsafeRawBufferPointer) throws {
         guard bytes.count == tensors[index].byteCount else {
             throw QConvertError.internal(
-                message: "tensor \(tensors[index].name): \(bytes.count) bytes for a declared \(tensors[index].byteCount)")
+                message:
+                    "tensor \(tensors[index].name): \(bytes.count) bytes for a declared \(tensors[index].byteCount)")
         }
         let loc = location[index]
         try shards[loc.shard].file.pwrite(bytes, at: loc.offset)
     }
 
-    func commit(metadata: [(key: String, value: String)], document: MetadataDocument?, perShard: [String: MetadataDocument]) throws {
+    func commit(
+        metadata: [(key: String, value: String)], document: MetadataDocument?, perShard: [String: MetadataDocument]
+    ) throws {
         do {
             for k in shards.indices {
                 let name = URL(fileURLWithPath: shards[k].path).lastPathComponent
                 let meta = MetadataDocument.entries(metadata, perShard[name] ?? document)
                 let s = shards[k]
-                var json = SafetensorsSink.headerJSON(order: s.order, begins: s.begins, tensors: tensors, metadata: meta)
+                var json = SafetensorsSink.headerJSON(
+                    order: s.order, begins: s.begins, tensors: tensors, metadata: meta)
                 let need = json.utf8.count
                 if need <= s.reserved {
                     json += String(repeating: " ", count: s.reserved - need)

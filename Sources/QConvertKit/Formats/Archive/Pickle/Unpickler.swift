@@ -83,7 +83,9 @@ struct Unpickler {
 
     /// The items since the last MARK and the deepest of their depths.
     mutating func popMarkWithDepth() throws -> (items: [PickleValue], deepest: Int) {
-        guard let m = marks.popLast(), m <= stack.count else { throw fail(.stackShape(op: "MARK", problem: "no MARK to pop to")) }
+        guard let m = marks.popLast(), m <= stack.count else {
+            throw fail(.stackShape(op: "MARK", problem: "no MARK to pop to"))
+        }
         let items = Array(stack[m...])
         var deepest = 0
         for (k, v) in items.enumerated() { deepest = max(deepest, depthOf(v, recorded: depths[m + k])) }
@@ -190,7 +192,9 @@ struct Unpickler {
                 guard let v = Int(s) else { throw fail(.badLiteral(op: "LONG", text: s)) }
                 try push(.int(v))
             case UInt8(ascii: "G"):
-                try push(.float(Double(bitPattern: try (0..<8).reduce(UInt64(0)) { acc, _ in acc << 8 | UInt64(try byte()) })))
+                try push(
+                    .float(
+                        Double(bitPattern: try (0..<8).reduce(UInt64(0)) { acc, _ in acc << 8 | UInt64(try byte()) })))
             case UInt8(ascii: "F"):
                 guard let v = Double(try line()) else { throw fail(.badLiteral(op: "FLOAT", text: nil)) }
                 try push(.float(v))
@@ -201,10 +205,13 @@ struct Unpickler {
                 }
                 try push(.string(s))
             case UInt8(ascii: "T"), UInt8(ascii: "U"):
-                let n = op == UInt8(ascii: "U") ? Int(try byte()) : try length(4)  // a negative BINSTRING length is huge here
+                // a negative BINSTRING length is huge here
+                let n = op == UInt8(ascii: "U") ? Int(try byte()) : try length(4)
                 try push(.string(String(decoding: try take(n), as: UTF8.self)))
             case UInt8(ascii: "B"), UInt8(ascii: "C"), 0x8e, 0x96:
-                let n = op == UInt8(ascii: "C") ? Int(try byte()) : (op == UInt8(ascii: "B") ? try length(4) : try length(8))
+                let n =
+                    op == UInt8(ascii: "C")
+                    ? Int(try byte()) : (op == UInt8(ascii: "B") ? try length(4) : try length(8))
                 try push(.bytes(Array(try take(n))))
             case UInt8(ascii: ")"): try push(.tuple([]), depth: 1)
             case UInt8(ascii: "t"):
@@ -227,13 +234,17 @@ struct Unpickler {
                 try pushContainer(.list(l), items: items, deepest: deepest)
             case UInt8(ascii: "a"):
                 let (v, d) = try popWithDepth()
-                guard case .list(let l)? = stack.last else { throw fail(.wrongTarget(op: "APPEND", expected: "a list")) }
+                guard case .list(let l)? = stack.last else {
+                    throw fail(.wrongTarget(op: "APPEND", expected: "a list"))
+                }
                 try growTop(by: d, "APPEND")
                 embed([v])
                 l.items.append(v)
             case UInt8(ascii: "e"):
                 let (items, deepest) = try popMarkWithDepth()
-                guard case .list(let l)? = stack.last else { throw fail(.wrongTarget(op: "APPENDS", expected: "a list")) }
+                guard case .list(let l)? = stack.last else {
+                    throw fail(.wrongTarget(op: "APPENDS", expected: "a list"))
+                }
                 try growTop(by: deepest, "APPENDS")
                 embed(items)
                 l.items += items
@@ -247,14 +258,18 @@ struct Unpickler {
             case UInt8(ascii: "s"):
                 let (v, dv) = try popWithDepth()
                 let (k, dk) = try popWithDepth()
-                guard case .dict(let d)? = stack.last else { throw fail(.wrongTarget(op: "SETITEM", expected: "a dict")) }
+                guard case .dict(let d)? = stack.last else {
+                    throw fail(.wrongTarget(op: "SETITEM", expected: "a dict"))
+                }
                 try growTop(by: max(dv, dk), "SETITEM")
                 embed([k, v])
                 set(d, k, v)
             case UInt8(ascii: "u"):
                 let (items, deepest) = try popMarkWithDepth()
                 guard items.count % 2 == 0 else { throw fail(.oddItems(op: "SETITEMS")) }
-                guard case .dict(let d)? = stack.last else { throw fail(.wrongTarget(op: "SETITEMS", expected: "a dict")) }
+                guard case .dict(let d)? = stack.last else {
+                    throw fail(.wrongTarget(op: "SETITEMS", expected: "a dict"))
+                }
                 try growTop(by: deepest, "SETITEMS")
                 embed(items)
                 for k in stride(from: 0, to: items.count, by: 2) { set(d, items[k], items[k + 1]) }
@@ -288,7 +303,8 @@ struct Unpickler {
                 let (args, da) = try popWithDepth()
                 let callable = try pop()
                 guard case .tuple(let a) = args else {
-                    throw fail(.badArguments(callable: op == 0x81 ? "NEWOBJ" : "REDUCE", detail: "arguments are not a tuple"))
+                    throw fail(
+                        .badArguments(callable: op == 0x81 ? "NEWOBJ" : "REDUCE", detail: "arguments are not a tuple"))
                 }
                 let result = try reduce(callable, a)
                 try pushContainer(result, items: [args], deepest: da)
@@ -359,7 +375,9 @@ struct Unpickler {
 
     /// What REDUCE (and NEWOBJ) may call: a fixed set of constructors, nothing else.
     func reduce(_ callable: PickleValue, _ a: [PickleValue]) throws -> PickleValue {
-        guard case .global(let m, let n) = callable else { throw fail(.wrongTarget(op: "REDUCE", expected: "an allowed callable")) }
+        guard case .global(let m, let n) = callable else {
+            throw fail(.wrongTarget(op: "REDUCE", expected: "an allowed callable"))
+        }
         switch (m, n) {
         case ("collections", "OrderedDict"), ("collections", "Counter"):
             let d = PickleDict()
@@ -369,10 +387,14 @@ struct Unpickler {
             }
             return .dict(d)
         case ("torch", "Size"):
-            guard a.count == 1, case .tuple = a[0] else { throw fail(.badArguments(callable: "torch.Size", detail: "needs one tuple")) }
+            guard a.count == 1, case .tuple = a[0] else {
+                throw fail(.badArguments(callable: "torch.Size", detail: "needs one tuple"))
+            }
             return a[0]
         case ("torch", "device"):
-            guard let s = a.first, case .string = s else { throw fail(.badArguments(callable: "torch.device", detail: "needs a string")) }
+            guard let s = a.first, case .string = s else {
+                throw fail(.badArguments(callable: "torch.device", detail: "needs a string"))
+            }
             return s
         case ("_codecs", "encode"):
             guard a.count >= 1, case .string(let s) = a[0] else {
@@ -385,8 +407,11 @@ struct Unpickler {
         case ("builtins", "bytearray"):
             if let first = a.first, case .bytes = first { return first }
             return .bytes([])
-        case ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor_v3"):
-            guard a.count >= 4, case .storage(let st) = a[0] else { throw fail(.badArguments(callable: n, detail: "bad arguments")) }
+        case ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"),
+            ("torch._utils", "_rebuild_tensor_v3"):
+            guard a.count >= 4, case .storage(let st) = a[0] else {
+                throw fail(.badArguments(callable: n, detail: "bad arguments"))
+            }
             var dtype = st.dtype
             if n == "_rebuild_tensor_v3" {
                 guard a.count >= 7, case .global("torch", let dn) = a[6], let d = TorchTypes.dtypes[dn] else {
@@ -400,7 +425,9 @@ struct Unpickler {
             if a.count > 4, case .bool(let rg) = a[4] { t.requiresGrad = rg }
             return .tensor(t)
         case ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state"):
-            guard a.count >= 2, case .tensor(let t) = a[0] else { throw fail(.badArguments(callable: n, detail: "bad arguments")) }
+            guard a.count >= 2, case .tensor(let t) = a[0] else {
+                throw fail(.badArguments(callable: n, detail: "bad arguments"))
+            }
             t.isParameter = true
             if case .bool(let rg) = a[1] { t.requiresGrad = rg }
             return .tensor(t)
@@ -457,7 +484,8 @@ public indirect enum PickleRule: FormatViolation, Equatable {
         case .oddItems(let op): "\(op) with an odd number of items"
         case .unknownMemo(let k): "memo key \(k) was never stored"
         case .opcodeNotAllowed(let op, let at): String(format: "opcode 0x%02x at byte %d is not allowed", op, at)
-        case .globalNotAllowed(let m, let n): "global '\(m).\(n)' is not allowed (only what torch's weights-only loader accepts)"
+        case .globalNotAllowed(let m, let n):
+            "global '\(m).\(n)' is not allowed (only what torch's weights-only loader accepts)"
         case .badArguments(let c, let d): "\(c): \(d)"
         case .unsupportedTorch(let c):
             "'\(c)' is allowed by torch but not supported by qconvert (quantized, sparse, nested or meta tensors)"
