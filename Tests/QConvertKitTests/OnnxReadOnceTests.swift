@@ -7,18 +7,9 @@ import Testing
 /// outputs (it used to free the reader's payloads, so a second conversion was refused, and batch read
 /// every ONNX input again for each variant).
 @Suite struct OnnxReadOnceTests {
-    func varint(_ v: Int) -> [UInt8] {
-        var v = UInt64(v)
-        var out: [UInt8] = []
-        repeat {
-            let b = UInt8(v & 0x7F)
-            v >>= 7
-            out.append(v != 0 ? b | 0x80 : b)
-        } while v != 0
-        return out
-    }
-    func ld(_ field: Int, _ payload: [UInt8]) -> [UInt8] { varint(field << 3 | 2) + varint(payload.count) + payload }
-    func text(_ field: Int, _ s: String) -> [UInt8] { ld(field, Array(s.utf8)) }
+    func varint(_ v: Int) -> [UInt8] { ProtobufBytes.varint(v) }
+    func ld(_ field: Int, _ payload: [UInt8]) -> [UInt8] { ProtobufBytes.ld(field, payload) }
+    func text(_ field: Int, _ s: String) -> [UInt8] { ProtobufBytes.text(field, s) }
 
     /// y = x · w with w a 64×64 float initializer, opset 13.
     func model() -> [UInt8] {

@@ -4,17 +4,8 @@ import Testing
 @testable import QConvertKit
 
 @Suite struct OnnxWireTests {
-    func varint(_ v: Int) -> [UInt8] {
-        var v = UInt64(v)
-        var out: [UInt8] = []
-        repeat {
-            let b = UInt8(v & 0x7F)
-            v >>= 7
-            out.append(v != 0 ? b | 0x80 : b)
-        } while v != 0
-        return out
-    }
-    func ld(_ field: Int, _ payload: [UInt8]) -> [UInt8] { varint(field << 3 | 2) + varint(payload.count) + payload }
+    func varint(_ v: Int) -> [UInt8] { ProtobufBytes.varint(v) }
+    func ld(_ field: Int, _ payload: [UInt8]) -> [UInt8] { ProtobufBytes.ld(field, payload) }
 
     func check(_ bytes: [UInt8]) throws -> OnnxWireCheck { try bytes.withUnsafeBytes { try OnnxWireCheck.check($0) } }
 

@@ -52,6 +52,40 @@ extension RangeCalibration {
     }
 }
 
+/// A method that picks a threshold among the bins of a histogram of |x| over [0, amax] (entropy, mse):
+/// the range follows from the chosen bin, in the reference and the fast path alike.
+public protocol HistogramThresholdCalibration: RangeCalibration {
+    var bins: Int { get }
+    /// The chosen bin, from the dense histogram (the reference).
+    func candidate(_ hist: [Double], levels: Int, qmaxSymmetric: Int) -> Int
+    /// The chosen bin, by the C kernels with `scratch`'s buffers.
+    func candidate(
+        _ values: UnsafeBufferPointer<Float>, amax: Float, levels: Int, qmaxSymmetric: Int, scratch: CalibrationScratch
+    ) -> Int
+}
+
+extension HistogramThresholdCalibration {
+    public var scratchBins: Int { bins }
+
+    public func referenceRange(
+        _ values: UnsafeBufferPointer<Float>, lo: Float, hi: Float, mapping: Mapping, levels: Int, qmaxSymmetric: Int
+    ) -> (beta: Float, alpha: Float) {
+        let amax = Swift.max(abs(lo), abs(hi))
+        let i = candidate(
+            Calibrator.absHistogram(values, amax: amax, bins: bins), levels: levels, qmaxSymmetric: qmaxSymmetric)
+        return Calibrator.threshold(i, bins: bins, amax: amax, lo: lo, hi: hi, mapping: mapping)
+    }
+
+    public func range(
+        _ values: UnsafeBufferPointer<Float>, lo: Float, hi: Float, mapping: Mapping, levels: Int, qmaxSymmetric: Int,
+        scratch: CalibrationScratch
+    ) -> (beta: Float, alpha: Float) {
+        let amax = Swift.max(abs(lo), abs(hi))
+        let i = candidate(values, amax: amax, levels: levels, qmaxSymmetric: qmaxSymmetric, scratch: scratch)
+        return Calibrator.threshold(i, bins: bins, amax: amax, lo: lo, hi: hi, mapping: mapping)
+    }
+}
+
 /// How a scheme's range is calibrated: one registered method with its parameters.
 public struct Calibration: Sendable, Hashable, CustomStringConvertible {
     /// Every method, by name: the one list to extend.
@@ -156,7 +190,7 @@ public struct PercentileCalibration: RangeCalibration {
 
 /// TensorRT's entropy calibration: the threshold whose clipped histogram of |x| loses the least
 /// information (KL divergence) merged into `levels` levels.
-public struct EntropyCalibration: RangeCalibration {
+public struct EntropyCalibration: HistogramThresholdCalibration {
     public static let name = "entropy"
     public var bins: Int
     /// nil: the target's (half its integer range, 128 for fp8).
@@ -173,26 +207,15 @@ public struct EntropyCalibration: RangeCalibration {
         self.init(bins: s.bins ?? 2048, levels: s.levels, exhaustive: s.search == .exhaustive)
     }
 
-    public func referenceRange(
-        _ values: UnsafeBufferPointer<Float>, lo: Float, hi: Float, mapping: Mapping, levels: Int, qmaxSymmetric: Int
-    ) -> (beta: Float, alpha: Float) {
-        let amax = Swift.max(abs(lo), abs(hi))
-        let hist = Calibrator.absHistogram(values, amax: amax, bins: bins)
-        let i = Calibrator.entropyCandidate(hist: hist, levels: self.levels ?? levels)
-        return Calibrator.threshold(i, bins: bins, amax: amax, lo: lo, hi: hi, mapping: mapping)
+    public func candidate(_ hist: [Double], levels: Int, qmaxSymmetric: Int) -> Int {
+        Calibrator.entropyCandidate(hist: hist, levels: self.levels ?? levels)
     }
 
-    public func range(
-        _ values: UnsafeBufferPointer<Float>, lo: Float, hi: Float, mapping: Mapping, levels: Int, qmaxSymmetric: Int,
-        scratch: CalibrationScratch
-    ) -> (beta: Float, alpha: Float) {
-        let amax = Swift.max(abs(lo), abs(hi))
-        let i = scratch.entropyCandidate(
-            values, amax: amax, levels: self.levels ?? levels, exhaustive: exhaustiveSearch)
-        return Calibrator.threshold(i, bins: bins, amax: amax, lo: lo, hi: hi, mapping: mapping)
+    public func candidate(
+        _ values: UnsafeBufferPointer<Float>, amax: Float, levels: Int, qmaxSymmetric: Int, scratch: CalibrationScratch
+    ) -> Int {
+        scratch.entropyCandidate(values, amax: amax, levels: self.levels ?? levels, exhaustive: exhaustiveSearch)
     }
-
-    public var scratchBins: Int { bins }
     public var exhaustive: EntropyCalibration { EntropyCalibration(bins: bins, levels: levels, exhaustive: true) }
 
     public func costMicros(groupLength n: Double, levels: Double) -> Double {
@@ -216,7 +239,7 @@ public struct EntropyCalibration: RangeCalibration {
 }
 
 /// The threshold minimising the expected squared error of quantizing the histogram of |x|.
-public struct MSECalibration: RangeCalibration {
+public struct MSECalibration: HistogramThresholdCalibration {
     public static let name = "mse"
     public var bins: Int
     public var exhaustiveSearch: Bool
@@ -227,26 +250,16 @@ public struct MSECalibration: RangeCalibration {
     }
     public init(settings s: PolicySettings) { self.init(bins: s.bins ?? 2048, exhaustive: s.search == .exhaustive) }
 
-    public func referenceRange(
-        _ values: UnsafeBufferPointer<Float>, lo: Float, hi: Float, mapping: Mapping, levels: Int, qmaxSymmetric: Int
-    ) -> (beta: Float, alpha: Float) {
-        let amax = Swift.max(abs(lo), abs(hi))
-        let hist = Calibrator.absHistogram(values, amax: amax, bins: bins)
-        let i = Calibrator.mseCandidate(hist: hist, levels: levels, qmax: qmaxSymmetric)
-        return Calibrator.threshold(i, bins: bins, amax: amax, lo: lo, hi: hi, mapping: mapping)
+    public func candidate(_ hist: [Double], levels: Int, qmaxSymmetric: Int) -> Int {
+        Calibrator.mseCandidate(hist: hist, levels: levels, qmax: qmaxSymmetric)
     }
 
-    public func range(
-        _ values: UnsafeBufferPointer<Float>, lo: Float, hi: Float, mapping: Mapping, levels: Int, qmaxSymmetric: Int,
-        scratch: CalibrationScratch
-    ) -> (beta: Float, alpha: Float) {
-        let amax = Swift.max(abs(lo), abs(hi))
-        let i = scratch.mseCandidate(
+    public func candidate(
+        _ values: UnsafeBufferPointer<Float>, amax: Float, levels: Int, qmaxSymmetric: Int, scratch: CalibrationScratch
+    ) -> Int {
+        scratch.mseCandidate(
             values, amax: amax, levels: levels, qmaxSymmetric: qmaxSymmetric, exhaustive: exhaustiveSearch)
-        return Calibrator.threshold(i, bins: bins, amax: amax, lo: lo, hi: hi, mapping: mapping)
     }
-
-    public var scratchBins: Int { bins }
     public var exhaustive: MSECalibration { MSECalibration(bins: bins, exhaustive: true) }
 
     public func costMicros(groupLength n: Double, levels: Double) -> Double {

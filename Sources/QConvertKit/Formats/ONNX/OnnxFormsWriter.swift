@@ -140,19 +140,32 @@ extension OnnxSink {
             if let add = use.biasAdd { replaceNode(add, with: []) }
         }
         importMicrosoftDomain()
-        var form = OnnxFormRecord(form: "matmulnbits")
-        form.K = f.k
-        form.N = f.n
-        form.nAxis = f.nAxis
-        form.bits = bits
-        form.blockSize = blockSize
+        var form = blockedForm("matmulnbits", fit: f, nAxis: f.nAxis, bits: bits, blockSize: blockSize)
         form.accuracyLevel = p.accuracyLevel
         form.biasFolded = f.uses.contains { $0.bias != nil }
-        stored[p.name] = { [form, blocks = layout.blocks] r in
-            r.values = bName
-            r.scale = sName
-            r.zeroPoint = zName
-            r.scaleShape = [f.n, blocks]
+        record(p, values: bName, scale: sName, zeroPoint: zName, scaleShape: [f.n, layout.blocks], form: form)
+    }
+
+    /// The metadata of a weight held in one of onnxruntime's blocked forms.
+    func blockedForm(_ name: String, fit f: OnnxForms.Fit, nAxis: Int, bits: Int, blockSize: Int) -> OnnxFormRecord {
+        var form = OnnxFormRecord(form: name)
+        form.K = f.k
+        form.N = f.n
+        form.nAxis = nAxis
+        form.bits = bits
+        form.blockSize = blockSize
+        return form
+    }
+
+    /// Records the tensors and form the graph holds a weight in, for its metadata record.
+    func record(
+        _ p: TensorPlan, values: String, scale: String, zeroPoint: String?, scaleShape: [Int], form: OnnxFormRecord
+    ) {
+        stored[p.name] = { r in
+            r.values = values
+            r.scale = scale
+            r.zeroPoint = zeroPoint
+            r.scaleShape = scaleShape
             r.onnx = form
         }
     }
@@ -179,19 +192,8 @@ extension OnnxSink {
             replaceNode(use.node, with: [node])
         }
         importMicrosoftDomain()
-        var form = OnnxFormRecord(form: "gatherblockquantized")
-        form.K = f.k
-        form.N = f.n
-        form.nAxis = 0
-        form.bits = bits
-        form.blockSize = blockSize
-        stored[p.name] = { [form, blocks = layout.blocks] r in
-            r.values = dName
-            r.scale = sName
-            r.zeroPoint = zName
-            r.scaleShape = [f.n, blocks]
-            r.onnx = form
-        }
+        let form = blockedForm("gatherblockquantized", fit: f, nAxis: 0, bits: bits, blockSize: blockSize)
+        record(p, values: dName, scale: sName, zeroPoint: zName, scaleShape: [f.n, layout.blocks], form: form)
     }
 
     func applyDynamic(
@@ -255,14 +257,9 @@ extension OnnxSink {
             }
             replaceNode(use.node, with: nodes)
         }
-        stored[p.name] = { r in
-            r.values = qName
-            r.scale = sName
-            r.zeroPoint = zName
-            r.scaleShape = pDims
-            r.onnx = OnnxFormRecord(form: "dynamic")
-            r.onnx?.activations = "uint8, DynamicQuantizeLinear per run"
-        }
+        var form = OnnxFormRecord(form: "dynamic")
+        form.activations = "uint8, DynamicQuantizeLinear per run"
+        record(p, values: qName, scale: sName, zeroPoint: zName, scaleShape: pDims, form: form)
     }
 }
 
