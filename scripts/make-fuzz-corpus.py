@@ -34,7 +34,7 @@ def main(out):
     out = pathlib.Path(out)
     if out.exists():
         shutil.rmtree(out)
-    dirs = {t: out / t for t in ["safetensors", "safetensors-header", "pickle", "zip", "npy", "npz", "pytorch", "onnx", "policy"]}
+    dirs = {t: out / t for t in ["safetensors", "safetensors-header", "pickle", "zip", "npy", "npz", "pytorch", "onnx", "gguf", "policy"]}
     for d in dirs.values():
         d.mkdir(parents=True)
 
@@ -86,6 +86,30 @@ def main(out):
         if len(data) < 200_000:
             (dirs["onnx"] / path.name).write_bytes(data)
     shutil.rmtree(tmp)
+
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    rng = np.random.default_rng(7)
+    for name, types in [("float", [Q.F32, Q.F16]), ("blocks", [Q.Q8_0, Q.Q4_0, Q.Q4_1]), ("five", [Q.Q5_0, Q.Q5_1])]:
+        path = dirs["gguf"] / f"{name}.gguf"
+        wr = gguf.GGUFWriter(str(path), "llama")
+        wr.add_uint32("llama.block_count", 1)
+        wr.add_array("tokenizer.ggml.tokens", ["<s>", "a", "b"])
+        wr.add_array("test.nested", [[1, 2], [3]])
+        for k, t in enumerate(types):
+            x = rng.standard_normal((2, 64)).astype(np.float32)
+            if t == Q.F32:
+                wr.add_tensor(f"t{k}", x)
+            elif t == Q.F16:
+                wr.add_tensor(f"t{k}", x.astype(np.float16))
+            else:
+                q = gguf.quants.quantize(x, t)
+                wr.add_tensor(f"t{k}", q, raw_shape=q.shape, raw_dtype=t)
+        wr.write_header_to_file()
+        wr.write_kv_data_to_file()
+        wr.write_tensors_to_file()
+        wr.close()
 
     for p in [REPO / "Samples" / "policy.cfg", *sorted((REPO / "Samples" / "policies").glob("*.yaml"))]:
         shutil.copy(p, dirs["policy"] / p.name)

@@ -176,7 +176,7 @@ def hostile_files(folder):
     spec.loader.exec_module(corpus)
     seeds = folder / "seeds"
     corpus.main(seeds)
-    ext = {"safetensors": ".safetensors", "npz": ".npz", "pytorch": ".pt", "onnx": ".onnx"}
+    ext = {"safetensors": ".safetensors", "npz": ".npz", "pytorch": ".pt", "onnx": ".onnx", "gguf": ".gguf"}
     rng = np.random.default_rng(2026)
     files = []
     for target, suffix in ext.items():

@@ -2,7 +2,9 @@ import Foundation
 
 /// The format plugins, and how a path is matched to one: content first, then extension.
 public enum FormatRegistry {
-    public static let readers: [FormatReader] = [SafetensorsReader(), OnnxReader(), NpzReader(), PyTorchReader()]
+    public static let readers: [FormatReader] = [
+        SafetensorsReader(), OnnxReader(), NpzReader(), PyTorchReader(), GGUFReader()
+    ]
     public static let writers: [FormatWriter] = [SafetensorsWriter(), OnnxWriter(), NpzWriter(), PyTorchWriter()]
 
     /// The reader for an input path: by magic bytes, then by extension.

@@ -20,6 +20,7 @@ public enum FuzzEntries {
         "npy": { b in _ = try? NpzReader.layout(b, total: b.count, name: "fuzz", path: "fuzz") },
         "npz": { readFile($0, ext: ".npz", format: "npz") },
         "pytorch": { readFile($0, ext: ".pt", format: "pytorch") },
+        "gguf": { readFile($0, ext: ".gguf", format: "gguf") },
         "onnx": { b in
             _ = try? OnnxWireCheck.check(b)
             readFile(b, ext: ".onnx", format: "onnx")

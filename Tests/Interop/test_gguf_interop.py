@@ -1,0 +1,126 @@
+"""GGUF input: files written by the `gguf` package (the reference for llama.cpp's format) are read by
+qconvert, and every block type qconvert reads dequantizes exactly as `gguf.quants.dequantize` does."""
+import json
+import subprocess
+
+import gguf
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from conftest import QCONVERT, run
+
+Q = gguf.GGMLQuantizationType
+READ = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]
+
+
+def weights(rng):
+    w = (rng.standard_normal((48, 96)) * np.linspace(0.05, 2, 96)).astype(np.float32)
+    w[3, :32] = 0  # an all-zero block
+    w[5, 32:64] = 0.75  # a constant block
+    w[7, 10] = 40.0  # an outlier
+    return w
+
+
+def write_gguf(path, tensors, extra=None):
+    """tensors: name -> (float32 array, GGML type)."""
+    wr = gguf.GGUFWriter(str(path), "llama")
+    wr.add_name("tiny")
+    wr.add_uint32("test.u32", 7)
+    wr.add_int64("test.i64", -5)
+    wr.add_float32("test.f32", 0.5)
+    wr.add_bool("test.bool", True)
+    wr.add_array("test.nested", [[1, 2], [3]])
+    wr.add_array("test.strings", ["a", "b"])
+    for k, v in (extra or {}).items():
+        wr.add_string(k, v)
+    for name, (x, t) in tensors.items():
+        if t in (Q.F32,):
+            wr.add_tensor(name, x)
+        elif t == Q.F16:
+            wr.add_tensor(name, x.astype(np.float16))
+        else:
+            q = gguf.quants.quantize(x, t)
+            wr.add_tensor(name, q, raw_shape=q.shape, raw_dtype=t)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+
+
+@pytest.mark.parametrize("qtype", READ, ids=lambda t: t.name)
+def test_every_readable_type_dequantizes_as_the_reference(tmp_path, qtype):
+    rng = np.random.default_rng(int(qtype))
+    w = weights(rng)
+    write_gguf(tmp_path / "m.gguf", {"blk.0.w": (w, qtype), "norm": (rng.standard_normal(96).astype(np.float32), Q.F32)})
+    if qtype != Q.BF16:
+        run(tmp_path / "m.gguf", "-o", tmp_path / "out.safetensors", "--preset", "keep", "-q")
+        got = load_file(str(tmp_path / "out.safetensors"))
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    t = next(t for t in reader.tensors if t.name == "blk.0.w")
+    want = gguf.quants.dequantize(t.data, t.tensor_type).reshape(48, 96)
+    if qtype == Q.F16:
+        assert got["blk.0.w"].dtype == np.float16
+    elif qtype == Q.BF16:
+        # numpy has no bfloat16: the .npz output keeps its bits as uint16
+        run(tmp_path / "m.gguf", "-o", tmp_path / "out.npz", "--preset", "keep", "-q")
+        with np.load(tmp_path / "out.npz", allow_pickle=False) as z:
+            g = (z["blk.0.w"].view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        assert np.array_equal(g, np.asarray(want, np.float32))
+        return
+    assert got["blk.0.w"].shape == (48, 96)
+    assert np.array_equal(got["blk.0.w"].astype(np.float32), want.astype(np.float32))
+
+
+def test_metadata_of_every_value_type_is_read(tmp_path):
+    write_gguf(tmp_path / "m.gguf", {"w": (np.ones((2, 32), np.float32), Q.F32)})
+    doc = json.loads(run("inspect", "--json", tmp_path / "m.gguf").stdout)
+    meta = doc["metadata"]
+    assert doc["format"] == "gguf"
+    assert meta["general.architecture"] == "llama" and meta["general.name"] == "tiny"
+    assert meta["test.u32"] == "7" and meta["test.i64"] == "-5" and meta["test.f32"] == "0.5" and meta["test.bool"] == "true"
+    assert meta["test.nested"] == "[[1, 2], [3]]" and meta["test.strings"] == "[a, b]"
+    assert doc["tensors"][0]["shape"] == [2, 32]
+
+
+def patched(path, out, offset, value):
+    b = bytearray(path.read_bytes())
+    b[offset:offset + len(value)] = value
+    out.write_bytes(bytes(b))
+
+
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("magic", "no GGUF magic"),
+        ("version", "version 9"),
+        ("tensor count", "tensors declared"),
+        ("kv count", "metadata keys declared"),
+        ("truncated", "runs past the end"),
+        ("type", "unknown type"),
+    ],
+)
+def test_malformed_files_are_refused_in_one_line(tmp_path, case, words):
+    src = tmp_path / "m.gguf"
+    write_gguf(src, {"w": (np.ones((2, 32), np.float32), Q.F32)})
+    bad = tmp_path / "bad.gguf"
+    data = src.read_bytes()
+    if case == "magic":
+        patched(src, bad, 0, b"GGUX")
+    elif case == "version":
+        patched(src, bad, 4, (9).to_bytes(4, "little"))
+    elif case == "tensor count":
+        patched(src, bad, 8, (1 << 40).to_bytes(8, "little"))
+    elif case == "kv count":
+        patched(src, bad, 16, (1 << 40).to_bytes(8, "little"))
+    elif case == "truncated":
+        bad.write_bytes(data[:-64])
+    elif case == "type":
+        # the tensor info's type field sits right before its 8-byte offset at the end of the infos
+        i = data.index(b"w" + (2).to_bytes(4, "little"))
+        off = i + 1 + 4 + 16
+        patched(src, bad, off, (99).to_bytes(4, "little"))
+    r = subprocess.run([QCONVERT, "inspect", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 3, r.stderr
+    line = r.stderr.strip()
+    assert "\n" not in line and "bad.gguf" in line and words in line, line
