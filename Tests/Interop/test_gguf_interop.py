@@ -124,3 +124,51 @@ def test_malformed_files_are_refused_in_one_line(tmp_path, case, words):
     assert r.returncode == 3, r.stderr
     line = r.stderr.strip()
     assert "\n" not in line and "bad.gguf" in line and words in line, line
+
+
+def fields(path):
+    r = gguf.GGUFReader(str(path))
+    out = {}
+    for name, f in r.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        out[name] = f.contents()
+    return r, out
+
+
+@pytest.mark.parametrize("preset, want_type, file_type", [("keep", Q.F32, 0), ("fp16", Q.F16, 1)])
+def test_gguf_to_gguf_carries_every_key_and_writes_the_tensors(tmp_path, preset, want_type, file_type):
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((8, 64)).astype(np.float32)
+    n = rng.standard_normal(64).astype(np.float32)
+    write_gguf(tmp_path / "m.gguf", {"blk.0.w": (w, Q.F32), "norm": (n, Q.F32)}, extra={"tokenizer.chat_template": "{{ x }}"})
+    run(tmp_path / "m.gguf", "-o", tmp_path / "out.gguf", "--preset", preset, "-q")
+    src_reader, src = fields(tmp_path / "m.gguf")
+    out_reader, out = fields(tmp_path / "out.gguf")
+    for k, v in src.items():
+        if k in ("general.file_type", "general.alignment"):
+            continue
+        assert out[k] == v, k
+    assert out["general.file_type"] == file_type
+    doc = json.loads(out["qconvert.quantization"])
+    assert doc["format"] == "qconvert.quantization/2" and doc["input"]["format"] == "gguf"
+    got = {t.name: t for t in out_reader.tensors}
+    assert got["blk.0.w"].tensor_type == want_type and list(got["blk.0.w"].shape) == [64, 8]
+    assert np.array_equal(np.asarray(got["blk.0.w"].data, np.float32).reshape(8, 64), w.astype(np.float16 if preset == "fp16" else np.float32).astype(np.float32))
+    # and qconvert reads its own output back
+    run(tmp_path / "out.gguf", "-o", tmp_path / "back.safetensors", "--preset", "keep", "-q")
+    back = load_file(str(tmp_path / "back.safetensors"))
+    assert np.array_equal(back["norm"].astype(np.float32), n.astype(np.float16 if preset == "fp16" else np.float32).astype(np.float32))
+
+
+def test_safetensors_to_gguf_and_quantized_plans_are_refused_up_front(tmp_path):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(4)
+    save_file({"a": rng.standard_normal((64, 64)).astype(np.float32)}, str(tmp_path / "m.safetensors"))
+    run(tmp_path / "m.safetensors", "-o", tmp_path / "o.gguf", "--preset", "bf16", "-q")
+    r = gguf.GGUFReader(str(tmp_path / "o.gguf"))
+    assert r.tensors[0].tensor_type == Q.BF16 and r.fields["general.file_type"].contents() == 32
+    res = subprocess.run([QCONVERT, str(tmp_path / "m.safetensors"), "-o", str(tmp_path / "q.gguf")], capture_output=True, text=True)
+    assert res.returncode == 64 and "GGUF output holds F32, F16 and BF16" in res.stderr
+    assert not (tmp_path / "q.gguf").exists()

@@ -240,8 +240,6 @@ public struct WriterOptions: Sendable {
     public var metadataSizeHint: Int
     /// The plans behind the output tensors, for writers that rebuild a graph (ONNX).
     public var plans: [TensorPlan] = []
-    /// ONNX: what to do when the model's opset cannot express a scheme ("decompose" or "refuse").
-    public var onnxFallback: String = "decompose"
     /// ONNX: write tensor data to a side file (also automatic past 2 GB).
     public var externalData: Bool = false
     public init(maxShardSize: Int? = nil, metadataSizeHint: Int = 0) {

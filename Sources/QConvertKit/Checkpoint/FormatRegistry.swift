@@ -5,7 +5,9 @@ public enum FormatRegistry {
     public static let readers: [FormatReader] = [
         SafetensorsReader(), OnnxReader(), NpzReader(), PyTorchReader(), GGUFReader()
     ]
-    public static let writers: [FormatWriter] = [SafetensorsWriter(), OnnxWriter(), NpzWriter(), PyTorchWriter()]
+    public static let writers: [FormatWriter] = [
+        SafetensorsWriter(), OnnxWriter(), NpzWriter(), PyTorchWriter(), GGUFWriter()
+    ]
 
     /// The reader for an input path: by magic bytes, then by extension.
     public static func reader(for path: String) throws -> FormatReader {

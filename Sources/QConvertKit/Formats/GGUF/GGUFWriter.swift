@@ -1,0 +1,198 @@
+import Foundation
+
+/// Writes GGUF files (llama.cpp) with plain tensor types (F32, F16, BF16 and the integer types GGUF has).
+/// A GGUF input's metadata is carried over key by key, `general.file_type` is set from the tensors, and
+/// qconvert's metadata document is stored as the string key `qconvert.quantization`.
+/// Block-quantized types (Q8_0, Q4_0, Q4_1) are not written yet: such plans are refused before any work.
+public struct GGUFWriter: FormatWriter {
+    public init() {}
+    public var name: String { "gguf" }
+    public var fileExtensions: [String] { [".gguf"] }
+
+    static func ggmlType(_ d: DType) -> GGMLType? {
+        switch d {
+        case .f32: .f32
+        case .f16: .f16
+        case .bf16: .bf16
+        case .f64: .f64
+        case .i8: .i8
+        case .i16: .i16
+        case .i32: .i32
+        case .i64: .i64
+        case .u8, .u16, .u32, .u64, .bool, .c64, .c128, .f8e4m3, .f8e5m2, .int4, .uint4: nil
+        }
+    }
+
+    public func check(_ plans: inout [TensorPlan], source: Checkpoint, output: String) throws {
+        for p in plans {
+            if let s = p.decision.scheme, s.target.isQuantization {
+                throw QConvertError.usage(
+                    message:
+                        "\(output): GGUF output holds F32, F16 and BF16 tensors for now, not '\(p.name)' as \(s.target.rawValue) (llama.cpp's block types come next); use --preset keep, fp16 or bf16"
+                )
+            }
+            let dtype = p.decision.scheme?.target.storageDType ?? p.dtype
+            guard Self.ggmlType(dtype) != nil else {
+                throw QConvertError.usage(
+                    message: "\(output): tensor '\(p.name)' of \(dtype.rawValue) has no GGUF type")
+            }
+        }
+    }
+
+    public func open(path: String, tensors: [OutputTensor], source: Checkpoint, options: WriterOptions) throws
+        -> CheckpointSink
+    {
+        try GGUFSink(path: path, tensors: tensors, source: source, options: options)
+    }
+}
+
+final class GGUFSink: CheckpointSink {
+    static let alignment = 32
+    let path: String
+    let tensors: [OutputTensor]
+    let file: AtomicFile
+    let carried: [(key: String, value: GGUFValue)]
+    let infos: [UInt8]
+    let offsets: [Int]
+    /// Bytes reserved for qconvert's metadata document (padded with spaces, which JSON allows).
+    let reserve: Int
+    let fileType: UInt32
+
+    init(path: String, tensors: [OutputTensor], source: Checkpoint, options: WriterOptions) throws {
+        self.path = path
+        self.tensors = tensors
+        reserve = max(options.metadataSizeHint, 256)
+        let input = (source.container as? GGUFContainer)?.file.metadata ?? []
+        carried = input.filter {
+            $0.key != "general.file_type" && $0.key != MetadataDocument.key && $0.key != "general.alignment"
+        }
+        // llama.cpp's file types: all F32 (0), mostly F16 (1), mostly BF16 (32)
+        let types = Set(tensors.map(\.dtype))
+        fileType = types.contains(.bf16) ? 32 : types.contains(.f16) ? 1 : 0
+        var info = GGUFBytes()
+        var offsets: [Int] = []
+        var offset = 0
+        for t in tensors {
+            guard let type = GGUFWriter.ggmlType(t.dtype) else {
+                throw QConvertError.usage(
+                    message: "\(path): tensor '\(t.name)' of \(t.dtype.rawValue) has no GGUF type")
+            }
+            info.string(t.name)
+            let dims = t.shape.isEmpty ? [1] : Array(t.shape.reversed())
+            info.u32(UInt32(dims.count))
+            for d in dims { info.u64(UInt64(d)) }
+            info.u32(type.rawValue)
+            info.u64(UInt64(offset))
+            offsets.append(offset)
+            offset = (offset + t.byteCount + GGUFSink.alignment - 1) / GGUFSink.alignment * GGUFSink.alignment
+        }
+        infos = info.bytes
+        self.offsets = offsets
+        file = try AtomicFile(path: path)
+    }
+
+    /// Everything before the data: the fixed header, the metadata, the tensor infos, padding.
+    func header(document: String) -> [UInt8] {
+        var h = GGUFBytes()
+        h.raw(Array("GGUF".utf8))
+        h.u32(3)
+        h.u64(UInt64(tensors.count))
+        h.u64(UInt64(carried.count + 3))
+        for (k, v) in carried { h.keyValue(k, v) }
+        h.keyValue("general.alignment", .uint(UInt64(GGUFSink.alignment), type: 4))
+        h.keyValue("general.file_type", .uint(UInt64(fileType), type: 4))
+        h.keyValue(MetadataDocument.key, .string(document))
+        h.raw(infos)
+        while h.bytes.count % GGUFSink.alignment != 0 { h.raw([0]) }
+        return h.bytes
+    }
+
+    var dataStart: Int { header(document: String(repeating: " ", count: reserve)).count }
+
+    lazy var start = dataStart
+
+    func put(_ index: Int, _ bytes: UnsafeRawBufferPointer) throws {
+        try file.pwrite(bytes, at: start + offsets[index])
+    }
+
+    func commit(
+        metadata: [(key: String, value: String)], document: MetadataDocument?, perShard: [String: MetadataDocument]
+    ) throws {
+        do {
+            var doc = document?.encoded ?? "{}"
+            guard doc.utf8.count <= reserve else {
+                throw QConvertError.internal(message: "\(path): the metadata document outgrew its reservation")
+            }
+            doc += String(repeating: " ", count: reserve - doc.utf8.count)
+            let h = header(document: doc)
+            guard h.count == start else {
+                throw QConvertError.internal(message: "\(path): the GGUF header changed size")
+            }
+            try file.pwrite(h, at: 0)
+            // pad the last tensor to the alignment, as llama.cpp's writer does
+            let end = start + (offsets.last.map { $0 + tensors[tensors.count - 1].byteCount } ?? 0)
+            let padded = (end + GGUFSink.alignment - 1) / GGUFSink.alignment * GGUFSink.alignment
+            if padded > end { try file.pwrite([UInt8](repeating: 0, count: padded - end), at: end) }
+            try file.commit()
+        } catch {
+            file.abort()
+            throw error
+        }
+    }
+
+    func abort() { file.abort() }
+}
+
+/// Little-endian GGUF fields.
+struct GGUFBytes {
+    var bytes: [UInt8] = []
+    mutating func raw(_ b: [UInt8]) { bytes += b }
+    mutating func u32(_ v: UInt32) { withUnsafeBytes(of: v.littleEndian) { bytes += $0 } }
+    mutating func u64(_ v: UInt64) { withUnsafeBytes(of: v.littleEndian) { bytes += $0 } }
+    mutating func string(_ s: String) {
+        u64(UInt64(s.utf8.count))
+        bytes += Array(s.utf8)
+    }
+
+    mutating func keyValue(_ key: String, _ v: GGUFValue) {
+        string(key)
+        u32(v.typeCode)
+        value(v)
+    }
+
+    mutating func value(_ v: GGUFValue) {
+        switch v {
+        case .uint(let x, let t): fixed(x, type: t)
+        case .int(let x, let t): fixed(UInt64(bitPattern: x), type: t)
+        case .float(let x, let t): t == 12 ? u64(x.bitPattern) : u32(Float(x).bitPattern)
+        case .bool(let b): bytes.append(b ? 1 : 0)
+        case .string(let s): string(s)
+        case .array(let t, let items):
+            u32(t)
+            u64(UInt64(items.count))
+            for i in items { value(i) }
+        }
+    }
+
+    /// An integer of the width its type code says.
+    mutating func fixed(_ x: UInt64, type: UInt32) {
+        switch type {
+        case 0, 1: bytes.append(UInt8(truncatingIfNeeded: x))
+        case 2, 3: withUnsafeBytes(of: UInt16(truncatingIfNeeded: x).littleEndian) { bytes += $0 }
+        case 4, 5: u32(UInt32(truncatingIfNeeded: x))
+        default: u64(x)
+        }
+    }
+}
+
+extension GGUFValue {
+    /// The value's type code in the file.
+    var typeCode: UInt32 {
+        switch self {
+        case .uint(_, let t), .int(_, let t), .float(_, let t): t
+        case .bool: 7
+        case .string: 8
+        case .array: 9
+        }
+    }
+}
