@@ -1,6 +1,7 @@
 """GGUF input: files written by the `gguf` package (the reference for llama.cpp's format) are read by
 qconvert, and every block type qconvert reads dequantizes exactly as `gguf.quants.dequantize` does."""
 import json
+import pathlib
 import subprocess
 
 import gguf
@@ -170,5 +171,77 @@ def test_safetensors_to_gguf_and_quantized_plans_are_refused_up_front(tmp_path):
     r = gguf.GGUFReader(str(tmp_path / "o.gguf"))
     assert r.tensors[0].tensor_type == Q.BF16 and r.fields["general.file_type"].contents() == 32
     res = subprocess.run([QCONVERT, str(tmp_path / "m.safetensors"), "-o", str(tmp_path / "q.gguf")], capture_output=True, text=True)
-    assert res.returncode == 64 and "GGUF output holds F32, F16 and BF16" in res.stderr
+    assert res.returncode == 64 and "GGUF holds llama.cpp's block types" in res.stderr
     assert not (tmp_path / "q.gguf").exists()
+
+
+def special_rows():
+    rng = np.random.default_rng(9)
+    x = (rng.standard_normal((16, 128)) * np.linspace(0.01, 3, 128)).astype(np.float32)
+    x[0] = 0  # all-zero blocks
+    x[1] = 0.3  # constant blocks
+    x[2, :32] = np.arange(32, dtype=np.float32) * 0.5 - 8  # exact .5 multiples (ties for Q8_0's rounding)
+    x[3, :32] = -x[2, :32]
+    x[4, 5] = 1e4  # an outlier
+    x[5, :32] = np.float32(127) * np.arange(-16, 16, dtype=np.float32) / 16  # ties at amax/127 steps
+    return x
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda t: t.name)
+def test_blocks_are_byte_identical_to_the_gguf_reference(tmp_path, qtype):
+    from safetensors.numpy import save_file
+
+    tensors = {"special": special_rows()}
+    minilm = pathlib.Path(__file__).resolve().parents[2] / ".cache" / "minilm" / "model.safetensors"
+    if minilm.exists():
+        real = load_file(str(minilm))
+        for k, v in real.items():
+            if v.ndim == 2 and v.shape[1] % 32 == 0 and v.dtype == np.float32:
+                tensors[k] = v
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    preset = qtype.name.lower()
+    # every 2-D tensor at this type (the q4 presets put output projections at Q8_0; MiniLM has none)
+    run(tmp_path / "m.safetensors", "-o", tmp_path / "o.gguf", "--preset", preset, "-q")
+    reader = gguf.GGUFReader(str(tmp_path / "o.gguf"))
+    got = {t.name: t for t in reader.tensors}
+    checked = 0
+    for name, x in tensors.items():
+        t = got[name]
+        assert t.tensor_type == qtype, name
+        want = gguf.quants.quantize(x, qtype)
+        assert np.array_equal(np.asarray(t.data).reshape(-1).view(np.uint8), want.reshape(-1).view(np.uint8)), name
+        checked += 1
+    assert checked >= 2
+    assert reader.fields["general.file_type"].contents() == {Q.Q8_0: 7, Q.Q4_0: 2, Q.Q4_1: 3}[qtype]
+    # qconvert reads its output back to the reference's dequantized values
+    run(tmp_path / "o.gguf", "-o", tmp_path / "back.safetensors", "--preset", "keep", "-q")
+    back = load_file(str(tmp_path / "back.safetensors"))
+    x = tensors["special"]
+    assert np.array_equal(back["special"], gguf.quants.dequantize(gguf.quants.quantize(x, qtype), qtype).reshape(x.shape))
+
+
+def test_block_types_need_a_gguf_output_and_whole_blocks(tmp_path):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(1)
+    save_file({"w": rng.standard_normal((64, 96)).astype(np.float32), "odd": rng.standard_normal((64, 40)).astype(np.float32)},
+              str(tmp_path / "m.safetensors"))
+    r = subprocess.run([QCONVERT, str(tmp_path / "m.safetensors"), "-o", str(tmp_path / "o.safetensors"), "--preset", "q8_0"],
+                       capture_output=True, text=True)
+    assert r.returncode == 64 and "only a .gguf output holds" in r.stderr
+    plan = run("plan", tmp_path / "m.safetensors", "--preset", "q4_0").stdout
+    assert "not whole q4_0 blocks of 32" in plan
+
+
+def test_diff_and_dequantize_read_block_outputs(tmp_path):
+    from safetensors.numpy import save_file
+
+    x = special_rows()
+    save_file({"w": x}, str(tmp_path / "m.safetensors"))
+    run(tmp_path / "m.safetensors", "-o", tmp_path / "o.gguf", "--preset", "q8_0", "-q")
+    d = json.loads(run("diff", tmp_path / "m.safetensors", tmp_path / "o.gguf", "--json").stdout)
+    want = gguf.quants.dequantize(gguf.quants.quantize(x, Q.Q8_0), Q.Q8_0).reshape(x.shape).astype(np.float64)
+    e2 = ((x.astype(np.float64) - want) ** 2).sum()
+    assert d["model"]["sqnr_db"] == pytest.approx(10 * np.log10((x.astype(np.float64) ** 2).sum() / e2), rel=1e-9)
+    run("dequantize", tmp_path / "o.gguf", "-o", tmp_path / "back.safetensors")
+    assert np.array_equal(load_file(str(tmp_path / "back.safetensors"))["w"], want.astype(np.float32))

@@ -386,6 +386,35 @@ func quantize(_ x: [Float], shape: [Int], _ scheme: QuantScheme, reference: Bool
     @Test(arguments: TargetType.allCases.filter(\.isQuantization))
     func quantizesDequantizesAndAgreesWithTheReference(_ target: TargetType) throws {
         var rng = SeededRandom(11)
+        if let block = target.traits.block {
+            // llama.cpp's blocks: whole blocks per row, scales inside (byte identity with the gguf
+            // package's quantizer is an interop test)
+            let shape = [6, 2 * block.elements]
+            let x = (0..<(6 * 2 * block.elements)).map { _ in rng.normal() }
+            let q = try quantize(
+                x, shape: shape, QuantScheme(target: target, granularity: .group, axis: 0, groupSize: block.elements))
+            #expect(q.values.count == 12 * block.bytes && q.scale == nil)
+            #expect(Shape(Quantizer.storedShape(shape, target: target)).elementCount == q.values.count)
+            let back = Quantizer.dequantize(
+                values: q.values, target: target, shape: shape, scale: nil, zeroPoint: nil, granularity: .group,
+                axis: 0,
+                groupSize: block.elements)
+            for b in 0..<12 {
+                let part = x[(b * block.elements)..<((b + 1) * block.elements)]
+                let amax = part.map(abs).max()!
+                let range = part.max()! - part.min()!
+                // Q8_0 and Q4_1 round to the nearest level; Q4_0's grid −8d … 7d clips the side opposite
+                // the extreme by up to one step
+                let bound: Float =
+                    switch target {
+                    case .q8_0: amax / 127 * 0.51
+                    case .q4_0: amax / 8 * 1.01
+                    default: range / 15 * 0.51
+                    }
+                for i in part.indices { #expect(abs(back[i] - x[i]) <= bound + 1e-3 * amax, "\(target) \(i)") }
+            }
+            return
+        }
         let shape = [6, 37]  // odd rows: 4-bit packing leaves a high nibble
         let x = (0..<(6 * 37)).map { _ in rng.normal() }
         for mapping in Mapping.allCases where !(target.isFP8 && mapping == .affine) {

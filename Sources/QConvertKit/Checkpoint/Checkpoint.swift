@@ -288,6 +288,8 @@ public protocol FormatWriter: Sendable {
     /// Refusals the format makes from the plans alone (an opset too old for a scheme), and the notes
     /// it adds to them; the converter calls it before any tensor is quantized.
     func check(_ plans: inout [TensorPlan], source: Checkpoint, output: String) throws
+    /// Whether the format holds llama.cpp's block types (`TargetType.isBlock`).
+    var holdsBlockTypes: Bool { get }
     func open(path: String, tensors: [OutputTensor], source: Checkpoint, options: WriterOptions) throws
         -> CheckpointSink
 }
@@ -295,4 +297,5 @@ public protocol FormatWriter: Sendable {
 extension FormatWriter {
     /// Formats that can hold every plan have nothing to check.
     public func check(_ plans: inout [TensorPlan], source: Checkpoint, output: String) throws {}
+    public var holdsBlockTypes: Bool { false }
 }

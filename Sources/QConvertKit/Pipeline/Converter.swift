@@ -207,6 +207,12 @@ public enum Converter {
         }
         var planned = try Planner.plan(ckpt, policy: options.policy, strict: options.strict)
         let writer = try FormatRegistry.writer(for: output, format: options.format, inputFormat: ckpt.format)
+        if !writer.holdsBlockTypes, let p = planned.first(where: { $0.decision.scheme?.target.isBlock == true }) {
+            throw QConvertError.usage(
+                message:
+                    "\(output): '\(p.name)' is planned as \(p.decision.scheme!.target.rawValue), one of llama.cpp's block types, which only a .gguf output holds"
+            )
+        }
         try writer.check(&planned, source: ckpt, output: output)
         let plans = planned
         try PathGuard.checkOutput(output, input: ckpt)

@@ -14,7 +14,8 @@ public enum Dequantizer {
             throw QConvertError.badInput(
                 path: input, message: "no '\(MetadataDocument.key)' metadata: not a qconvert-quantized file")
         }
-        let records = doc.tensors.sorted { $0.key < $1.key }
+        // block types are restored by the reader of the format that holds them (GGUF): its entries are floats
+        let records = doc.tensors.filter { !$0.value.dtype.isBlock }.sorted { $0.key < $1.key }
         let byName = Dictionary(ckpt.entries.enumerated().map { ($1.name, $0) }, uniquingKeysWith: { a, _ in a })
         var consumed = Set<String>()
         struct Job {

@@ -65,7 +65,7 @@ public enum Planner {
                 ruleHits[ri] += 1
             }
             var p = try decide(e, settings: settings, rule: ruleLabel, entryIndex: i)
-            if p.decision.scheme?.target.isQuantization == true {
+            if let t = p.decision.scheme?.target, t.isQuantization, !t.isBlock {
                 p.scaleName = unique(e.name + "_scale", &used)
                 if p.decision.scheme!.hasZeroPoint { p.zeroPointName = unique(e.name + "_zero_point", &used) }
             }
@@ -125,6 +125,18 @@ public enum Planner {
             scheme.saturate = s.saturate ?? false
             plan.decision = .cast(scheme)
             plan.bytesAfter = n * 2
+            return plan
+        }
+        if let block = target.traits.block {
+            // llama.cpp's blocks run along the last axis (a weight's input features)
+            guard let last = e.shape.last, e.shape.count >= 1, last % block.elements == 0 else {
+                return keep("a row of \(e.shape.last ?? 0) is not whole \(target.rawValue) blocks of \(block.elements)")
+            }
+            let scheme = QuantScheme(
+                target: target, mapping: target == .q4_1 ? .affine : .scale, granularity: .group, axis: 0,
+                groupSize: block.elements)
+            plan.decision = .quantize(scheme)
+            plan.bytesAfter = n / block.elements * block.bytes
             return plan
         }
         var mapping = s.mapping ?? .scale

@@ -217,7 +217,8 @@ public enum PolicyLoader {
             case "dtype":
                 let t = try string(v, key, path)
                 guard let d = TargetType(rawValue: t) else {
-                    throw err(path, v, "bad dtype '\(t)' (int8 uint8 int4 uint4 fp8_e4m3 fp8_e5m2 fp16 bf16 keep)")
+                    throw err(
+                        path, v, "bad dtype '\(t)' (\(TargetType.allCases.map(\.rawValue).joined(separator: " ")))")
                 }
                 s.dtype = d
             case "mapping":
@@ -344,6 +345,8 @@ public enum PolicyLoader {
 /// The built-in policies (`--preset`).
 public enum Preset: String, Sendable, CaseIterable {
     case int8, uint8, w4g128, fp16, bf16, keep
+    /// llama.cpp's block types (GGUF outputs)
+    case q8_0, q4_0, q4_1
 
     /// The policy text the preset stands for.
     public var text: String {
@@ -395,6 +398,33 @@ public enum Preset: String, Sendable, CaseIterable {
               dtype: bf16
               min_elements: 0
               min_rank: 0
+            """
+        case .q8_0:
+            """
+            # llama.cpp's Q8_0: every 2-D float tensor whose rows are whole blocks of 32; 1-D tensors (norms, biases) stay as they are
+            defaults:
+              dtype: q8_0
+              min_elements: 0
+            """
+        case .q4_0:
+            """
+            # llama.cpp's Q4_0, with the output projection at Q8_0 (llama.cpp gives it Q6_K, which qconvert does not write yet)
+            defaults:
+              dtype: q4_0
+              min_elements: 0
+            rules:
+              - match: 're:(output|lm_head)\\.weight'
+                dtype: q8_0
+            """
+        case .q4_1:
+            """
+            # llama.cpp's Q4_1, with the output projection at Q8_0 (llama.cpp gives it Q6_K, which qconvert does not write yet)
+            defaults:
+              dtype: q4_1
+              min_elements: 0
+            rules:
+              - match: 're:(output|lm_head)\\.weight'
+                dtype: q8_0
             """
         case .keep:
             """

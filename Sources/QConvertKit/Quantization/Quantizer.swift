@@ -48,6 +48,9 @@ public struct QuantizedTensor: Sendable {
 public enum Quantizer {
     /// The shape of the stored values: 4-bit types halve the last axis (rounded up).
     public static func storedShape(_ shape: [Int], target: TargetType) -> [Int] {
+        if let b = target.traits.block, let last = shape.last {
+            return shape.dropLast() + [last / b.elements * b.bytes]
+        }
         let per = target.traits.valuesPerByte
         guard per > 1 else { return shape }
         guard let last = shape.last else { return [1] }
@@ -79,6 +82,8 @@ public enum Quantizer {
             preconditionFailure("keep is not a quantization")
         case .fp16, .bf16:
             return try cast(name: name, x, shape: shape, scheme: scheme, bytesBefore: bytesBefore)
+        case .q8_0, .q4_0, .q4_1:
+            return try GGMLBlocks.quantize(name: name, x, shape: shape, target: scheme.target, bytesBefore: bytesBefore)
         case .int8, .uint8, .int4, .uint4, .fp8_e4m3, .fp8_e5m2:
             break
         }
@@ -402,6 +407,9 @@ public enum Quantizer {
             var out = [Float](repeating: 0, count: n)
             values.withUnsafeBytes { qk_bf16_to_f32($0.baseAddress, Int64(n), &out) }
             return out
+        case .q8_0, .q4_0, .q4_1:
+            let type: GGMLType = target == .q8_0 ? .q8_0 : target == .q4_0 ? .q4_0 : .q4_1
+            return values.withUnsafeBytes { GGUFBlocks.dequantize(type, $0, count: n) }
         case .int8, .uint8, .int4, .uint4, .fp8_e4m3, .fp8_e5m2:
             break
         }

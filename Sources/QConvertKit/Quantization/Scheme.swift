@@ -3,6 +3,8 @@ public enum TargetType: String, Sendable, CaseIterable, Codable {
     case int8, uint8, int4, uint4
     case fp8_e4m3, fp8_e5m2
     case fp16, bf16
+    /// llama.cpp's block types (GGUF outputs only)
+    case q8_0, q4_0, q4_1
     case keep
 
     /// Every fact about the type, from one exhaustive table (adding a type is adding a row here).
@@ -24,6 +26,15 @@ public enum TargetType: String, Sendable, CaseIterable, Codable {
             return TypeTraits(kind: .cast, bits: 16, signed: true, fullRange: (0, 0), storage: .f16, onnxType: 10)
         case .bf16:
             return TypeTraits(kind: .cast, bits: 16, signed: true, fullRange: (0, 0), storage: .bf16, onnxType: 16)
+        case .q8_0:
+            return TypeTraits(
+                kind: .block, bits: 8, signed: true, fullRange: (-127, 127), storage: .u8, onnxType: 0, block: (32, 34))
+        case .q4_0:
+            return TypeTraits(
+                kind: .block, bits: 4, signed: true, fullRange: (-8, 7), storage: .u8, onnxType: 0, block: (32, 18))
+        case .q4_1:
+            return TypeTraits(
+                kind: .block, bits: 4, signed: false, fullRange: (0, 15), storage: .u8, onnxType: 0, block: (32, 20))
         case .keep:
             return TypeTraits(kind: .keep, bits: 0, signed: false, fullRange: (0, 0), storage: .u8, onnxType: 0)
         }
@@ -31,7 +42,9 @@ public enum TargetType: String, Sendable, CaseIterable, Codable {
 
     public var isIntegerQuantization: Bool { traits.kind == .integer }
     public var isFP8: Bool { traits.kind == .fp8 }
-    public var isQuantization: Bool { isIntegerQuantization || isFP8 }
+    public var isQuantization: Bool { isIntegerQuantization || isFP8 || isBlock }
+    /// llama.cpp's block types: scales inside the blocks, no parameter tensors.
+    public var isBlock: Bool { traits.kind == .block }
     public var isCast: Bool { traits.kind == .cast }
     public var bits: Int { traits.bits }
     /// Signed integer types (two's complement codes).
@@ -51,14 +64,14 @@ public enum TargetType: String, Sendable, CaseIterable, Codable {
         switch self {
         case .fp8_e4m3: return .e4m3
         case .fp8_e5m2: return .e5m2
-        case .int8, .uint8, .int4, .uint4, .fp16, .bf16, .keep: return nil
+        case .int8, .uint8, .int4, .uint4, .fp16, .bf16, .q8_0, .q4_0, .q4_1, .keep: return nil
         }
     }
 }
 
 /// The facts of one target type (see `TargetType.traits`).
 public struct TypeTraits: Sendable {
-    public enum Kind: Sendable { case integer, fp8, cast, keep }
+    public enum Kind: Sendable { case integer, fp8, block, cast, keep }
     public var kind: Kind
     public var bits: Int
     public var signed: Bool
@@ -66,6 +79,8 @@ public struct TypeTraits: Sendable {
     public var storage: DType
     /// ONNX TensorProto data type of the stored values (0: none).
     public var onnxType: Int32
+    /// Block types: values per block and bytes per block.
+    public var block: (elements: Int, bytes: Int)? = nil
     /// Values stored per byte: integer types narrower than a byte are packed (`Packing.pack`).
     public var valuesPerByte: Int { kind == .integer && bits < 8 ? 8 / bits : 1 }
 }

@@ -23,16 +23,28 @@ public struct GGUFWriter: FormatWriter {
         }
     }
 
+    public var holdsBlockTypes: Bool { true }
+
+    /// The GGML type of a block target.
+    static func ggmlType(_ t: TargetType) -> GGMLType? {
+        switch t {
+        case .q8_0: .q8_0
+        case .q4_0: .q4_0
+        case .q4_1: .q4_1
+        case .int8, .uint8, .int4, .uint4, .fp8_e4m3, .fp8_e5m2, .fp16, .bf16, .keep: nil
+        }
+    }
+
     public func check(_ plans: inout [TensorPlan], source: Checkpoint, output: String) throws {
         for p in plans {
-            if let s = p.decision.scheme, s.target.isQuantization {
+            if let s = p.decision.scheme, s.target.isQuantization, !s.target.isBlock {
                 throw QConvertError.usage(
                     message:
-                        "\(output): GGUF output holds F32, F16 and BF16 tensors for now, not '\(p.name)' as \(s.target.rawValue) (llama.cpp's block types come next); use --preset keep, fp16 or bf16"
+                        "\(output): GGUF holds llama.cpp's block types (q8_0, q4_0, q4_1) and plain types, not '\(p.name)' as \(s.target.rawValue); use --preset q8_0, q4_0 or q4_1"
                 )
             }
             let dtype = p.decision.scheme?.target.storageDType ?? p.dtype
-            guard Self.ggmlType(dtype) != nil else {
+            guard p.decision.scheme?.target.isBlock == true || Self.ggmlType(dtype) != nil else {
                 throw QConvertError.usage(
                     message: "\(output): tensor '\(p.name)' of \(dtype.rawValue) has no GGUF type")
             }
@@ -66,19 +78,28 @@ final class GGUFSink: CheckpointSink {
         carried = input.filter {
             $0.key != "general.file_type" && $0.key != MetadataDocument.key && $0.key != "general.alignment"
         }
-        // llama.cpp's file types: all F32 (0), mostly F16 (1), mostly BF16 (32)
-        let types = Set(tensors.map(\.dtype))
-        fileType = types.contains(.bf16) ? 32 : types.contains(.f16) ? 1 : 0
         var info = GGUFBytes()
         var offsets: [Int] = []
         var offset = 0
+        var blockTypes: [GGMLType] = []
         for t in tensors {
-            guard let type = GGUFWriter.ggmlType(t.dtype) else {
+            // a block-quantized tensor: its GGML type and the shape of its values, from its plan
+            var type = GGUFWriter.ggmlType(t.dtype)
+            var shape = t.shape
+            if case .values(let pi) = t.role, pi < options.plans.count,
+                let target = options.plans[pi].decision.scheme?.target,
+                let block = GGUFWriter.ggmlType(target)
+            {
+                type = block
+                shape = options.plans[pi].shape
+                blockTypes.append(block)
+            }
+            guard let type else {
                 throw QConvertError.usage(
                     message: "\(path): tensor '\(t.name)' of \(t.dtype.rawValue) has no GGUF type")
             }
             info.string(t.name)
-            let dims = t.shape.isEmpty ? [1] : Array(t.shape.reversed())
+            let dims = shape.isEmpty ? [1] : Array(shape.reversed())
             info.u32(UInt32(dims.count))
             for d in dims { info.u64(UInt64(d)) }
             info.u32(type.rawValue)
@@ -87,6 +108,15 @@ final class GGUFSink: CheckpointSink {
             offset = (offset + t.byteCount + GGUFSink.alignment - 1) / GGUFSink.alignment * GGUFSink.alignment
         }
         infos = info.bytes
+        // llama.cpp's file types: all F32 (0), mostly F16 (1), Q4_0 (2), Q4_1 (3), Q8_0 (7), BF16 (32):
+        // the most common block type, else the float type
+        let types = Set(tensors.map(\.dtype))
+        let counts = Dictionary(grouping: blockTypes, by: { $0 }).mapValues(\.count)
+        if let common = counts.max(by: { ($0.value, $0.key.rawValue) < ($1.value, $1.key.rawValue) })?.key {
+            fileType = common == .q8_0 ? 7 : common == .q4_0 ? 2 : 3
+        } else {
+            fileType = types.contains(.bf16) ? 32 : types.contains(.f16) ? 1 : 0
+        }
         self.offsets = offsets
         file = try AtomicFile(path: path)
     }

@@ -173,7 +173,7 @@ enum OnnxForms {
         switch s.target {
         case .int8, .uint8: bits = 8
         case .int4, .uint4: bits = 4
-        case .fp8_e4m3, .fp8_e5m2, .fp16, .bf16, .keep:
+        case .fp8_e4m3, .fp8_e5m2, .fp16, .bf16, .q8_0, .q4_0, .q4_1, .keep:
             return .failure(Why("\(s.target.rawValue) has no MatMulNBits form"))
         }
         switch s.granularity {
