@@ -29,6 +29,12 @@ void qk_quantize_int_f32(const void *x, int64_t n, float scale, int32_t zp,
 void qk_quantize_int_f32_vec(const void *x, int64_t n, const float *scales, const int32_t *zps,
                              int32_t qmin, int32_t qmax, uint8_t *out, qk_metrics *m);
 
+/// llama.cpp's block types for qk_quantize_ggml_blocks.
+enum { QK_GGML_Q8_0 = 8, QK_GGML_Q4_0 = 2, QK_GGML_Q4_1 = 3 };
+/// `blocks` blocks of 32 floats to Q8_0 (34 bytes each), Q4_0 (18) or Q4_1 (20), byte-identical to
+/// llama.cpp's reference quantizer; accumulates the metrics of the reconstruction into `m`.
+void qk_quantize_ggml_blocks(const float *x, int64_t blocks, int type, uint8_t *out, qk_metrics *m);
+
 /// IEEE binary16 <-> binary32 (round to nearest even).
 void qk_f16_to_f32(const void *src, int64_t n, float *dst);
 /// Returns the number of finite inputs that overflowed to infinity.
