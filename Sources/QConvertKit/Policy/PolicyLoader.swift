@@ -408,22 +408,22 @@ public enum Preset: String, Sendable, CaseIterable {
             """
         case .q4_0:
             """
-            # llama.cpp's Q4_0, with the output projection at Q8_0 (llama.cpp gives it Q6_K, which qconvert does not write yet)
+            # llama.cpp's Q4_0, with the token embedding and output projection at Q8_0, as llama.cpp's own Q4_0 has them
             defaults:
               dtype: q4_0
               min_elements: 0
             rules:
-              - match: 're:(output|lm_head)\\.weight'
+              - match: 're:(.*\\.)?(output|lm_head|token_embd|embed_tokens)\\.weight'
                 dtype: q8_0
             """
         case .q4_1:
             """
-            # llama.cpp's Q4_1, with the output projection at Q8_0 (llama.cpp gives it Q6_K, which qconvert does not write yet)
+            # llama.cpp's Q4_1, with the token embedding and output projection at Q8_0, as llama.cpp's own Q4_1 has them
             defaults:
               dtype: q4_1
               min_elements: 0
             rules:
-              - match: 're:(output|lm_head)\\.weight'
+              - match: 're:(.*\\.)?(output|lm_head|token_embd|embed_tokens)\\.weight'
                 dtype: q8_0
             """
         case .keep:
