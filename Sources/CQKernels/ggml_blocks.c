@@ -20,17 +20,32 @@ static float load_half(const uint8_t *src) {
     return f;
 }
 
-static void add(qk_metrics *m, float x, float y) {
-    double d = (double)x - (double)y;
-    m->sum_x2 += (double)x * x;
-    m->sum_e2 += d * d;
-    m->sum_xq += (double)x * y;
-    m->sum_q2 += (double)y * y;
-    float e = fabsf(x - y);
-    if (e > m->max_err) m->max_err = e;
+// roundf (half away from zero) without a libm call, exact for |v| < 2^31 (block values are within ±128):
+// the truncation is exact, and so is the remainder v - trunc(v).
+static inline int round_away(float v) {
+    int i = (int)v;
+    float r = v - (float)i;
+    return i + (r >= 0.5f) - (r <= -0.5f);
 }
 
-void qk_quantize_ggml_blocks(const float *x, int64_t blocks, int type, uint8_t *out, qk_metrics *m) {
+// Error sums kept in registers over a run of blocks, added to the caller's at the end.
+typedef struct {
+    double x2, e2, xq, q2;
+    float max_err;
+} sums;
+
+static inline void add(sums *m, float x, float y) {
+    double d = (double)x - (double)y;
+    m->x2 += (double)x * x;
+    m->e2 += d * d;
+    m->xq += (double)x * y;
+    m->q2 += (double)y * y;
+    m->max_err = fmaxf(m->max_err, fabsf(x - y));
+}
+
+void qk_quantize_ggml_blocks(const float *x, int64_t blocks, int type, uint8_t *out, qk_metrics *total) {
+    sums acc = {0, 0, 0, 0, 0};
+    sums *m = &acc;
     for (int64_t b = 0; b < blocks; b++) {
         const float *v = x + b * 32;
         if (type == QK_GGML_Q8_0) {
@@ -42,22 +57,26 @@ void qk_quantize_ggml_blocks(const float *x, int64_t blocks, int type, uint8_t *
             store_half(o, d);
             const float dh = load_half(o);
             for (int j = 0; j < 32; j++) {
-                const int8_t q = (int8_t)roundf(v[j] * id);
+                const int8_t q = (int8_t)round_away(v[j] * id);
                 o[2 + j] = (uint8_t)q;
                 add(m, v[j], dh * (float)q);
             }
         } else if (type == QK_GGML_Q4_0) {
             uint8_t *o = out + b * 18;
+            // the first value of largest magnitude (numpy's argmax): the maximum first, then its place
+            float amax = 0.0f;
+            for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(v[j]));
             int imax = 0;
-            for (int j = 1; j < 32; j++) if (fabsf(v[j]) > fabsf(v[imax])) imax = j;
+            while (fabsf(v[imax]) != amax) imax++;
             const float d = v[imax] / -8.0f;
             const float id = d != 0.0f ? 1.0f / d : 0.0f;
             store_half(o, d);
             const float dh = load_half(o);
             uint8_t q[32];
             for (int j = 0; j < 32; j++) {
-                float t = truncf(v[j] * id + 8.5f);
-                q[j] = (uint8_t)(t < 0.0f ? 0.0f : t > 15.0f ? 15.0f : t);
+                // truncation of a value in [0, 17): the int conversion truncates exactly
+                int t = (int)(v[j] * id + 8.5f);
+                q[j] = (uint8_t)(t < 0 ? 0 : t > 15 ? 15 : t);
                 add(m, v[j], dh * (float)((int)q[j] - 8));
             }
             for (int j = 0; j < 16; j++) o[2 + j] = (uint8_t)(q[j] | (q[j + 16] << 4));
@@ -75,11 +94,16 @@ void qk_quantize_ggml_blocks(const float *x, int64_t blocks, int type, uint8_t *
             const float dh = load_half(o), mh = load_half(o + 2);
             uint8_t q[32];
             for (int j = 0; j < 32; j++) {
-                float t = truncf((v[j] - lo) * id + 0.5f);
-                q[j] = (uint8_t)(t < 0.0f ? 0.0f : t > 15.0f ? 15.0f : t);
+                int t = (int)((v[j] - lo) * id + 0.5f);
+                q[j] = (uint8_t)(t < 0 ? 0 : t > 15 ? 15 : t);
                 add(m, v[j], dh * (float)q[j] + mh);
             }
             for (int j = 0; j < 16; j++) o[4 + j] = (uint8_t)(q[j] | (q[j + 16] << 4));
         }
     }
+    total->sum_x2 += acc.x2;
+    total->sum_e2 += acc.e2;
+    total->sum_xq += acc.xq;
+    total->sum_q2 += acc.q2;
+    if (acc.max_err > total->max_err) total->max_err = acc.max_err;
 }
