@@ -44,7 +44,7 @@ struct Inspect: ParsableCommand {
             var rows: [[String]] = [["tensor", "dtype", "shape", "bytes"]]
             for e in ckpt.entries {
                 rows.append([
-                    e.name, e.dtype.rawValue, "[" + e.shape.map(String.init).joined(separator: "×") + "]",
+                    oneLine(e.name), e.dtype.rawValue, "[" + e.shape.map(String.init).joined(separator: "×") + "]",
                     formatBytes(e.bytes.count)
                 ])
             }
@@ -58,13 +58,16 @@ struct Inspect: ParsableCommand {
             }
             let total = ckpt.entries.reduce(0) { $0 + $1.bytes.count }
             out += "\(ckpt.entries.count) tensors, \(formatBytes(total))\n"
-            for (k, v) in ckpt.metadata where k != MetadataDocument.key { out += "metadata \(k): \(v)\n" }
+            // one line per key: values (chat templates, a hostile file's terminal escapes) are shown escaped
+            for (k, v) in ckpt.metadata where k != MetadataDocument.key {
+                out += "metadata \(oneLine(k)): \(oneLine(v))\n"
+            }
             if let doc = try MetadataDocument.find(in: ckpt.metadata, path: file) {
                 out += "\nquantization metadata (\(MetadataDocument.key)): "
                 out += "qconvert \(doc.tool.version), policy \(doc.policy.source)\n"
                 out += "  input \(doc.input.hash)\n"
                 for (name, r) in doc.tensors.sorted(by: { $0.key < $1.key }) {
-                    var line = "  \(name): \(r.sourceDType) → \(r.dtype.rawValue)"
+                    var line = "  \(oneLine(name)): \(r.sourceDType) → \(r.dtype.rawValue)"
                     if let g = r.granularity { line += " \(g.rawValue)" }
                     if let m = r.mapping { line += " \(m.rawValue)" }
                     if let m = r.metrics { line += m.sqnrDB.map { String(format: "  SQNR %.1f dB", $0) } ?? "  exact" }

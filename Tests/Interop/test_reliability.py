@@ -266,6 +266,16 @@ def test_names_with_control_characters_are_printed_escaped(tmp_path):
     assert "\x1b" not in r.stderr and "\\u{1b}" in r.stderr and "\\u{a}" in r.stderr
 
 
+def test_inspect_prints_metadata_and_names_escaped(tmp_path):
+    """Metadata values (a chat template, or a hostile file's terminal escapes) and tensor names were
+    printed raw by `inspect`: one line per key now, control characters shown as \\u{..}."""
+    src = tmp_path / "in.safetensors"
+    save_file({"w\x1b[2J": np.ones((2, 2), np.float32)}, str(src), metadata={"template": "a\n\x1b[31mred", "k\x07": "v"})
+    out = run("inspect", src).stdout
+    assert "\x1b" not in out and "\x07" not in out
+    assert "metadata template: a\\u{a}\\u{1b}[31mred" in out and "\\u{7}" in out and "w\\u{1b}[2J" in out
+
+
 def test_fifos_are_refused_not_waited_on(tmp_path):
     import time
     os.mkfifo(tmp_path / "pipe.safetensors")
