@@ -245,3 +245,19 @@ def test_diff_and_dequantize_read_block_outputs(tmp_path):
     assert d["model"]["sqnr_db"] == pytest.approx(10 * np.log10((x.astype(np.float64) ** 2).sum() / e2), rel=1e-9)
     run("dequantize", tmp_path / "o.gguf", "-o", tmp_path / "back.safetensors")
     assert np.array_equal(load_file(str(tmp_path / "back.safetensors"))["w"], want.astype(np.float32))
+
+
+def test_dequantize_to_gguf_writes_no_metadata_document(tmp_path):
+    """A GGUF written without a conversion (dequantize) carried a placeholder metadata document that
+    qconvert itself then refused to read."""
+    from safetensors.numpy import save_file
+
+    x = special_rows()
+    save_file({"w": x}, str(tmp_path / "m.safetensors"))
+    run(tmp_path / "m.safetensors", "-o", tmp_path / "q.gguf", "--preset", "q8_0", "-q")
+    run("dequantize", tmp_path / "q.gguf", "-o", tmp_path / "back.gguf")
+    r = gguf.GGUFReader(str(tmp_path / "back.gguf"))
+    assert "qconvert.quantization" not in r.fields
+    assert r.tensors[0].tensor_type == Q.F32
+    run("inspect", tmp_path / "back.gguf")
+    run("diff", tmp_path / "q.gguf", tmp_path / "back.gguf")

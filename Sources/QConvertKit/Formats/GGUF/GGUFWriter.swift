@@ -57,14 +57,15 @@ final class GGUFSink: CheckpointSink {
     let carried: [(key: String, value: GGUFValue)]
     let infos: [UInt8]
     let offsets: [Int]
-    /// Bytes reserved for qconvert's metadata document (padded with spaces, which JSON allows).
-    let reserve: Int
+    /// Bytes reserved for qconvert's metadata document (padded with spaces, which JSON allows); nil when
+    /// the writer is given no document (dequantize), so no key is written.
+    let reserve: Int?
     let fileType: UInt32
 
     init(path: String, tensors: [OutputTensor], source: Checkpoint, options: WriterOptions) throws {
         self.path = path
         self.tensors = tensors
-        reserve = max(options.metadataSizeHint, 256)
+        reserve = options.metadataSizeHint > 0 ? max(options.metadataSizeHint, 256) : nil
         let input = (source.container as? GGUFContainer)?.file.metadata ?? []
         carried = input.filter {
             $0.key != "general.file_type" && $0.key != MetadataDocument.key && $0.key != "general.alignment"
@@ -113,24 +114,23 @@ final class GGUFSink: CheckpointSink {
     }
 
     /// Everything before the data: the fixed header, the metadata, the tensor infos, padding.
-    func header(document: String) -> [UInt8] {
+    func header(document: String?) -> [UInt8] {
         var h = GGUFBytes()
         h.raw(Array("GGUF".utf8))
         h.u32(3)
         h.u64(UInt64(tensors.count))
-        h.u64(UInt64(carried.count + 3))
+        h.u64(UInt64(carried.count + (document == nil ? 2 : 3)))
         for (k, v) in carried { h.keyValue(k, v) }
         h.keyValue("general.alignment", .uint(UInt64(GGUFSink.alignment), type: 4))
         h.keyValue("general.file_type", .uint(UInt64(fileType), type: 4))
-        h.keyValue(MetadataDocument.key, .string(document))
+        if let document { h.keyValue(MetadataDocument.key, .string(document)) }
         h.raw(infos)
         while h.bytes.count % GGUFSink.alignment != 0 { h.raw([0]) }
         return h.bytes
     }
 
-    var dataStart: Int { header(document: String(repeating: " ", count: reserve)).count }
-
-    lazy var start = dataStart
+    /// Where the data starts: after the header with the document's reservation.
+    lazy var start = header(document: reserve.map { String(repeating: " ", count: $0) }).count
 
     func put(_ index: Int, _ bytes: UnsafeRawBufferPointer) throws {
         try file.pwrite(bytes, at: start + offsets[index])
@@ -140,11 +140,13 @@ final class GGUFSink: CheckpointSink {
         metadata: [(key: String, value: String)], document: MetadataDocument?, perShard: [String: MetadataDocument]
     ) throws {
         do {
-            var doc = document?.encoded ?? "{}"
-            guard doc.utf8.count <= reserve else {
-                throw QConvertError.internal(message: "\(path): the metadata document outgrew its reservation")
+            var doc: String? = nil
+            if let text = document?.encoded {
+                guard let reserve, text.utf8.count <= reserve else {
+                    throw QConvertError.internal(message: "\(path): the metadata document outgrew its reservation")
+                }
+                doc = text + String(repeating: " ", count: reserve - text.utf8.count)
             }
-            doc += String(repeating: " ", count: reserve - doc.utf8.count)
             let h = header(document: doc)
             guard h.count == start else {
                 throw QConvertError.internal(message: "\(path): the GGUF header changed size")
