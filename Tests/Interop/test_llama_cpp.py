@@ -60,6 +60,9 @@ def models(smollm2, tmp_path_factory):
     f32 = d / "f32.gguf"
     run(smollm2, "-o", f32, "--preset", "keep", "-q")
     out = {"f32": f32}
+    for preset in ("fp16", "q4_1"):
+        out[preset] = d / f"qconvert.{preset}.gguf"
+        run(f32, "-o", out[preset], "--preset", preset, "-q")
     for preset, ftype in (("q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0)):
         out[preset] = d / f"qconvert.{preset}.gguf"
         run(f32, "-o", out[preset], "--preset", preset, "-q")
@@ -80,3 +83,10 @@ def test_q4_0_runs_within_15_percent_of_f32(models):
     base = perplexity(models["f32"])
     ours = perplexity(models["q4_0"])
     assert ours <= base * 1.15, (ours, base, perplexity(models["llama.q4_0"]))
+
+
+def test_f16_and_q4_1_run_too(models):
+    """Every GGUF type qconvert writes is run by llama.cpp: F16 within 0.5 % of F32, Q4_1 within 15 %."""
+    base = perplexity(models["f32"])
+    assert perplexity(models["fp16"]) <= base * 1.005
+    assert perplexity(models["q4_1"]) <= base * 1.15

@@ -27,6 +27,12 @@ public struct GGUFWriter: FormatWriter {
     }
 
     public func check(_ plans: inout [TensorPlan], source: Checkpoint, output: String) throws {
+        // llama.cpp aborts on norms and biases cast to 16 bits (measured with SmolLM2 and --preset fp16):
+        // 1-D tensors keep their float type, as llama.cpp's own F16 and BF16 files have them
+        for i in plans.indices where plans[i].shape.count < 2 && plans[i].decision.scheme?.target.isCast == true {
+            plans[i].decision = .keep(reason: "GGUF: llama.cpp needs 1-D tensors (norms, biases) unconverted")
+            plans[i].bytesAfter = plans[i].bytesBefore
+        }
         for p in plans {
             if let s = p.decision.scheme, s.target.isQuantization, !s.target.isBlock {
                 throw QConvertError.usage(
