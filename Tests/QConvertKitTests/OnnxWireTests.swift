@@ -29,16 +29,16 @@ import Testing
     }
 
     @Test func refusesDeepNesting() {
-        #expect(throws: OnnxWireCheck.Failure.self) { try check(nested(40)) }
+        #expect(throws: OnnxWireRule.self) { try check(nested(40)) }
     }
 
     @Test func refusesTruncationAndBadWireTypes() {
         let good = nested(3)
         for cut in [1, good.count / 2, good.count - 1] {
-            #expect(throws: OnnxWireCheck.Failure.self) { try check(Array(good[0..<cut])) }
+            #expect(throws: OnnxWireRule.self) { try check(Array(good[0..<cut])) }
         }
-        #expect(throws: OnnxWireCheck.Failure.self) { try check([0x0B]) }  // wire type 3 (group)
-        #expect(throws: OnnxWireCheck.Failure.self) { try check([0x0A, 0xFF, 0xFF, 0xFF, 0xFF, 0x0F]) }
-        #expect(throws: OnnxWireCheck.Failure.self) { try check([UInt8](repeating: 0xFF, count: 12)) }
+        #expect(throws: OnnxWireRule.self) { try check([0x0B]) }  // wire type 3 (group)
+        #expect(throws: OnnxWireRule.self) { try check([0x0A, 0xFF, 0xFF, 0xFF, 0xFF, 0x0F]) }
+        #expect(throws: OnnxWireRule.self) { try check([UInt8](repeating: 0xFF, count: 12)) }
     }
 }

@@ -4,7 +4,6 @@
 /// enclosing message, and refuses nesting deeper than `maxDepth`.
 struct OnnxWireCheck {
     enum Kind { case model, graph, node, attribute, function, training, valueInfo, type, typeInner, tensor }
-    typealias Failure = OnnxWireRule
 
     static let maxDepth = 64
     /// Byte ranges of large payload fields inside tensors, in file order.

@@ -4,7 +4,6 @@ import Foundation
 /// protocols 2 to 5 build plain values; GLOBAL may name only what torch's weights-only loader
 /// allows; REDUCE, BUILD and NEWOBJ produce typed values for the few callables checkpoints use.
 struct Unpickler {
-    typealias Failure = PickleRule
 
     let data: UnsafeRawBufferPointer
     var pos = 0
