@@ -1,7 +1,6 @@
 """GGUF input: files written by the `gguf` package (the reference for llama.cpp's format) are read by
 qconvert, and every block type qconvert reads dequantizes exactly as `gguf.quants.dequantize` does."""
 import json
-import pathlib
 import subprocess
 
 import gguf
@@ -190,16 +189,14 @@ def special_rows():
 
 
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda t: t.name)
-def test_blocks_are_byte_identical_to_the_gguf_reference(tmp_path, qtype):
+def test_blocks_are_byte_identical_to_the_gguf_reference(tmp_path, qtype, minilm):
     from safetensors.numpy import save_file
 
     tensors = {"special": special_rows()}
-    minilm = pathlib.Path(__file__).resolve().parents[2] / ".cache" / "minilm" / "model.safetensors"
-    if minilm.exists():
-        real = load_file(str(minilm))
-        for k, v in real.items():
-            if v.ndim == 2 and v.shape[1] % 32 == 0 and v.dtype == np.float32:
-                tensors[k] = v
+    # MiniLM's real weights come from the session fixture (downloaded into the cache on a fresh machine)
+    for k, v in load_file(str(minilm)).items():
+        if v.ndim == 2 and v.shape[1] % 32 == 0 and v.dtype == np.float32:
+            tensors[k] = v
     save_file(tensors, str(tmp_path / "m.safetensors"))
     preset = qtype.name.lower()
     # every 2-D tensor at this type (the q4 presets put output projections at Q8_0; MiniLM has none)
