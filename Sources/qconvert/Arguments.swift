@@ -8,6 +8,7 @@ import QConvertKit
 extension ContentHash: ExpressibleByArgument {}
 extension Preset: ExpressibleByArgument {}
 extension OnnxForm: ExpressibleByArgument {}
+extension OutputLayout: ExpressibleByArgument {}
 
 /// An output format, by the name of a registered writer.
 struct FormatName: ExpressibleByArgument {

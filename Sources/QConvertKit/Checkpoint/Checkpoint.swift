@@ -58,6 +58,8 @@ public final class Checkpoint: @unchecked Sendable {
     public let shardNames: [String]?
     /// The format's own structure that its writer needs, if any.
     public let container: (any CheckpointContainer)?
+    /// The Hugging Face model folder the input belongs to (config.json beside the weights), if any.
+    public let hfModel: HFModelFolder?
     private let consumeLock = NSLock()
     private var consumedFlag = false
 
@@ -87,7 +89,7 @@ public final class Checkpoint: @unchecked Sendable {
     public init(
         format: String, path: String, files: [MappedFile], entries: [TensorEntry],
         metadata: [(key: String, value: String)] = [], shardNames: [String]? = nil,
-        container: (any CheckpointContainer)? = nil
+        container: (any CheckpointContainer)? = nil, hfModel: HFModelFolder? = nil
     ) {
         self.format = format
         self.path = path
@@ -96,6 +98,7 @@ public final class Checkpoint: @unchecked Sendable {
         self.metadata = metadata
         self.shardNames = shardNames
         self.container = container
+        self.hfModel = hfModel
     }
 
     /// A hash of the input's bytes, as "ALGORITHM:hex" (for several files: the hash of their
@@ -242,6 +245,8 @@ public struct WriterOptions: Sendable {
     public var plans: [TensorPlan] = []
     /// ONNX: write tensor data to a side file (also automatic past 2 GB).
     public var externalData: Bool = false
+    /// safetensors: how quantized tensors are laid out.
+    public var layout: OutputLayout = .qconvert
     public init(maxShardSize: Int? = nil, metadataSizeHint: Int = 0) {
         self.maxShardSize = maxShardSize
         self.metadataSizeHint = metadataSizeHint

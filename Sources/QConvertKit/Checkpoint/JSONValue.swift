@@ -59,6 +59,25 @@ public indirect enum JSONValue: Equatable, Sendable {
         return out
     }
 
+    /// Indented serialization (two spaces a level, as Hugging Face's config files are written).
+    public func pretty(_ level: Int = 0) -> String {
+        let pad = String(repeating: "  ", count: level + 1)
+        let close = String(repeating: "  ", count: level)
+        switch self {
+        case .array(let a) where !a.isEmpty:
+            return "[\n" + a.map { pad + $0.pretty(level + 1) }.joined(separator: ",\n") + "\n" + close + "]"
+        case .object(let kv) where !kv.isEmpty:
+            return "{\n"
+                + kv.map { k, v in
+                    var key = ""
+                    JSONValue.writeString(k, &key)
+                    return pad + key + ": " + v.pretty(level + 1)
+                }.joined(separator: ",\n") + "\n" + close + "}"
+        default:
+            return compact
+        }
+    }
+
     func write(_ out: inout String) {
         switch self {
         case .null: out += "null"

@@ -62,11 +62,14 @@ public struct ConversionReport: Sendable {
     public var inputHash: String
     public var tensors: [TensorOutcome]
     public var seconds: Double
+    /// Remarks on the output as a whole (its layout), shown in the summary and the report.
+    public var notes: [String]
 
     public init(
         input: String, output: String, inputFormat: String, outputFormat: String, policySource: String,
-        inputHash: String, tensors: [TensorOutcome], seconds: Double
+        inputHash: String, tensors: [TensorOutcome], seconds: Double, notes: [String] = []
     ) {
+        self.notes = notes
         self.input = input
         self.output = output
         self.inputFormat = inputFormat
@@ -169,7 +172,9 @@ public struct ConversionReport: Sendable {
                     })
             )
         ])
-        return doc.compact + "\n"
+        guard !notes.isEmpty, case .object(var fields) = doc else { return doc.compact + "\n" }
+        fields.insert(("notes", .array(notes.map(JSONValue.string))), at: 6)
+        return JSONValue.object(fields).compact + "\n"
     }
 }
 
@@ -183,7 +188,23 @@ public enum Converter {
         let ckpt = try open(input)
         var plans = try Planner.plan(ckpt, policy: options.policy, strict: options.strict)
         try OnnxWriter.annotate(&plans, source: ckpt)
+        let layout = try CompressedTensors.layout(
+            policy: options.policy, source: ckpt, output: nil, writerName: options.format ?? ckpt.format)
+        if layout == .compressedTensors { try CompressedTensors.prepare(&plans, source: ckpt, strict: options.strict) }
         return (ckpt, plans)
+    }
+
+    /// What the summary says of the output's layout: the hazard of qconvert's own layout in a model
+    /// that transformers would load.
+    static func layoutNotes(_ plans: [TensorPlan], source: Checkpoint, layout: OutputLayout, writerName: String)
+        -> [String]
+    {
+        guard source.hfModel != nil, layout == .qconvert, writerName == "safetensors",
+            plans.contains(where: { $0.decision.scheme?.target.isQuantization == true })
+        else { return [] }
+        return [
+            "this is qconvert's own layout: transformers would load it beside config.json without an error and compute garbage (the integers taken for weights, the scales ignored); for transformers and vLLM write a folder with --layout compressed-tensors"
+        ]
     }
 
     public static func convert(
@@ -214,6 +235,12 @@ public enum Converter {
             )
         }
         try writer.check(&planned, source: ckpt, output: output)
+        let layout = try CompressedTensors.layout(
+            policy: options.policy, source: ckpt, output: output, writerName: writer.name)
+        if layout == .compressedTensors {
+            try CompressedTensors.prepare(&planned, source: ckpt, strict: options.strict)
+        }
+        let notes = layoutNotes(planned, source: ckpt, layout: layout, writerName: writer.name)
         let plans = planned
         try PathGuard.checkOutput(output, input: ckpt)
 
@@ -261,6 +288,7 @@ public enum Converter {
         var wopts = WriterOptions(maxShardSize: options.maxShardSize, metadataSizeHint: escaped.utf8.count)
         wopts.plans = plans
         wopts.externalData = options.externalData
+        wopts.layout = layout
         let sink = try writer.open(path: output, tensors: outputs, source: ckpt, options: wopts)
         var metrics: [Int: TensorMetrics] = [:]
         func report() -> ConversionReport {
@@ -268,7 +296,7 @@ public enum Converter {
                 input: input, output: output, inputFormat: ckpt.format, outputFormat: writer.name,
                 policySource: options.policy.source, inputHash: hashBox.value,
                 tensors: plans.enumerated().map { TensorOutcome(plan: $1, metrics: metrics[$0]) },
-                seconds: Date().timeIntervalSince(start))
+                seconds: Date().timeIntervalSince(start), notes: notes)
         }
         do {
             let total = plans.reduce(0) { $0 + $1.bytesBefore }

@@ -42,6 +42,15 @@ public enum OnnxFallback: String, Sendable, CaseIterable {
     case refuse
 }
 
+/// How quantized tensors are laid out in a safetensors output.
+public enum OutputLayout: String, Sendable, CaseIterable {
+    /// qconvert's own: `NAME` holds the values, `NAME_scale` and `NAME_zero_point` the parameters, the
+    /// metadata document says how to read them. Only qconvert reads it as quantized.
+    case qconvert
+    /// The layout transformers and vLLM load as quantized (`quantization_config` in config.json).
+    case compressedTensors = "compressed-tensors"
+}
+
 /// Symmetric (scale) integer mappings: ±(2^(b−1)−1), or the full range −2^(b−1) … 2^(b−1)−1.
 public enum SymmetricRange: String, Sendable, CaseIterable { case restricted, full }
 
@@ -248,6 +257,9 @@ public struct Policy: Sendable {
     public var text: String
     public var defaults: PolicySettings
     public var rules: [PolicyRule]
+    /// The safetensors output layout; nil: compressed-tensors for a Hugging Face model folder written
+    /// to a folder, qconvert's own otherwise.
+    public var layout: OutputLayout?
 
     /// The first rule that selects the tensor, if any.
     public func firstMatch(_ t: TensorFacts) -> (index: Int, rule: PolicyRule)? {

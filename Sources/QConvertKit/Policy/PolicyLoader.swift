@@ -127,8 +127,14 @@ public enum PolicyLoader {
                     rule.column = item.mark?.column ?? 0
                     policy.rules.append(rule)
                 }
+            case "layout":
+                guard let name = v.scalar?.string, let layout = OutputLayout(rawValue: name) else {
+                    let names = OutputLayout.allCases.map(\.rawValue).joined(separator: ", ")
+                    throw err(source, v, "'layout' is one of \(names)")
+                }
+                policy.layout = layout
             default:
-                throw err(source, k, "unknown key '\(key)' (a policy has 'defaults' and 'rules')")
+                throw err(source, k, "unknown key '\(key)' (a policy has 'defaults', 'rules' and 'layout')")
             }
         }
         return policy

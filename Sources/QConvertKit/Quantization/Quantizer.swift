@@ -90,9 +90,10 @@ public enum Quantizer {
         let layout = ParamLayout(
             shape: shape, granularity: scheme.granularity, axis: scheme.axis, groupSize: scheme.groupSize)
         var warnings: [String] = []
-        let (scales, zps) = computeParameters(
+        var (scales, zps) = computeParameters(
             x, layout: layout, scheme: scheme, warnings: &warnings, reference: reference,
             progress: progress)
+        if scheme.scaleDType != .f32 { roundScales(&scales, to: scheme.scaleDType) }
 
         var sums = qk_metrics()
         var q = [UInt8](repeating: 0, count: n)
@@ -115,7 +116,7 @@ public enum Quantizer {
             stored = q
         }
         let zpBytes: [UInt8]? = scheme.hasZeroPoint ? zps.map { UInt8(truncatingIfNeeded: $0) } : nil
-        let after = stored.count + scales.count * 4 + (zpBytes?.count ?? 0)
+        let after = stored.count + scales.count * scheme.scaleDType.bits / 8 + (zpBytes?.count ?? 0)
         if scheme.granularity == .element {
             warnings.append("per-element parameters make the tensor larger than float32")
         }
@@ -232,6 +233,26 @@ public enum Quantizer {
             (scales[k], zps[k]) = parameters(beta: b, alpha: a, scheme: scheme)
         }
         return (scales, zps)
+    }
+
+    /// Rounds scales to float16 or bfloat16 (to nearest, ties to even); a scale that would round to zero
+    /// or overflow takes the type's smallest or largest positive normal value, with its sign.
+    static func roundScales(_ scales: inout [Float], to dtype: DType) {
+        let n = scales.count
+        var halves = [UInt16](repeating: 0, count: n)
+        var back = [Float](repeating: 0, count: n)
+        if dtype == .f16 {
+            _ = halves.withUnsafeMutableBufferPointer { qk_f32_to_f16(scales, Int64(n), $0.baseAddress, 1) }
+            halves.withUnsafeBytes { qk_f16_to_f32($0.baseAddress, Int64(n), &back) }
+        } else {
+            halves.withUnsafeMutableBufferPointer { qk_f32_to_bf16(scales, Int64(n), $0.baseAddress) }
+            halves.withUnsafeBytes { qk_bf16_to_f32($0.baseAddress, Int64(n), &back) }
+        }
+        let smallest: Float = dtype == .f16 ? Float(Float16.leastNormalMagnitude) : Float.leastNormalMagnitude
+        for i in 0..<n {
+            let r = back[i]
+            scales[i] = abs(r) >= smallest ? r : (scales[i] < 0 ? -smallest : smallest)
+        }
     }
 
     /// (Δ, z) for one range (QUANTIZATION.md section 2), in float32 arithmetic.

@@ -104,6 +104,9 @@ public struct QuantScheme: Sendable, Equatable, Hashable {
     /// Symmetric integer mappings: use the full range (−2^(b−1) … 2^(b−1)−1, the largest magnitude at
     /// −2^(b−1), as llama.cpp's Q4_0 and onnxruntime's block quantizer do) instead of the restricted one.
     public var fullSymmetricRange = false
+    /// The type scales are stored in (f32, f16 or bf16): the quantizer rounds each scale to it before
+    /// quantizing with it, so the stored scale is the one the values were made with.
+    public var scaleDType: DType = .f32
 
     public init(
         target: TargetType, mapping: Mapping = .scale, granularity: Granularity = .channel, axis: Int = 0,

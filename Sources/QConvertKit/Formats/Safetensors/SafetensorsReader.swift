@@ -39,7 +39,9 @@ public struct SafetensorsReader: FormatReader {
         if path.hasSuffix(".index.json") { return try readIndexed(indexPath: path, userPath: path) }
         let f = try MappedFile(path: path)
         let (entries, meta) = try readFile(f, shard: nil)
-        return Checkpoint(format: name, path: path, files: [f], entries: entries, metadata: meta)
+        return Checkpoint(
+            format: name, path: path, files: [f], entries: entries, metadata: meta,
+            hfModel: try HFModelFolder.detect(input: path))
     }
 
     func readFile(_ f: MappedFile, shard: String?) throws -> ([TensorEntry], [(key: String, value: String)]) {
@@ -121,6 +123,6 @@ public struct SafetensorsReader: FormatReader {
         }
         return Checkpoint(
             format: name, path: userPath, files: files, entries: entries, metadata: metadata,
-            shardNames: shardNames)
+            shardNames: shardNames, hfModel: try HFModelFolder.detect(input: userPath))
     }
 }

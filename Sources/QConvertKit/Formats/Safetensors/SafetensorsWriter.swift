@@ -7,9 +7,17 @@ public struct SafetensorsWriter: FormatWriter {
     public var name: String { "safetensors" }
     public var fileExtensions: [String] { [".safetensors"] }
 
-    public func open(path: String, tensors: [OutputTensor], source: Checkpoint, options: WriterOptions) throws
-        -> CheckpointSink
+    public func open(path: String, tensors declared: [OutputTensor], source: Checkpoint, options: WriterOptions)
+        throws -> CheckpointSink
     {
+        var tensors = declared
+        var layout: CompressedTensors.Layout? = nil
+        if options.layout == .compressedTensors {
+            let l = try CompressedTensors.layout(
+                declared: declared, plans: options.plans, modelDType: CompressedTensors.scaleDType(source))
+            tensors = l.tensors
+            layout = l
+        }
         var seen = Set<String>()
         for t in tensors where !seen.insert(t.name).inserted {
             throw QConvertError.usage(message: "output would hold two tensors named '\(t.name)'")
@@ -60,6 +68,17 @@ public struct SafetensorsWriter: FormatWriter {
         do {
             let sink = try SafetensorsSink(
                 folder: folder, plan: plan, tensors: tensors, metadataHint: options.metadataSizeHint)
+            if let hf = source.hfModel, folder != nil {
+                // a model folder in, a model folder out: its other files travel with the weights
+                sink.folderFiles = hf.companions.map { .copy(from: hf.folder + "/" + $0, to: $0) }
+                if options.layout == .compressedTensors,
+                    let config = CompressedTensors.config(plans: options.plans, source: source)
+                {
+                    sink.folderFiles.removeAll { $0.name == "config.json" }
+                    sink.folderFiles.append(.contents(name: "config.json", Array((config.pretty() + "\n").utf8)))
+                }
+            }
+            if let layout { return try CompressedTensorsSink(inner: sink, layout: layout) }
             return sink
         } catch {
             folder?.abort()
@@ -82,6 +101,8 @@ final class SafetensorsSink: CheckpointSink {
     let folder: FolderOutput?
     let tensors: [OutputTensor]
     var shards: [ShardFile] = []
+    /// Files written into the output folder beside the weights (a model folder's other files).
+    var folderFiles: [FolderFile] = []
     /// Output tensor index → (shard, absolute file offset).
     var location: [(shard: Int, offset: Int)]
 
@@ -197,6 +218,7 @@ final class SafetensorsSink: CheckpointSink {
                 }
             }
             for s in shards { try s.file.commit() }
+            if let folder { try FolderFile.write(folderFiles, into: folder) }
             try folder?.commit()
         } catch {
             abort()
@@ -258,5 +280,43 @@ final class SafetensorsSink: CheckpointSink {
     func abort() {
         for s in shards { s.file.abort() }
         folder?.abort()
+    }
+}
+
+/// A file of an output folder other than the weights.
+enum FolderFile {
+    case copy(from: String, to: String)
+    case contents(name: String, [UInt8])
+
+    var name: String {
+        switch self {
+        case .copy(_, let to): return to
+        case .contents(let name, _): return name
+        }
+    }
+
+    /// Writes the files into the folder's staging copy (copies, never links: the input stays untouched
+    /// whatever is done to the output later).
+    static func write(_ files: [FolderFile], into folder: FolderOutput) throws {
+        let fm = FileManager.default
+        for f in files {
+            let dst = folder.stagingPath + "/" + f.name
+            let parent = URL(fileURLWithPath: dst).deletingLastPathComponent().path
+            do {
+                try fm.createDirectory(atPath: parent, withIntermediateDirectories: true)
+                switch f {
+                case .copy(let from, _): try fm.copyItem(atPath: from, toPath: dst)
+                case .contents(_, let bytes):
+                    guard fm.createFile(atPath: dst, contents: Data(bytes)) else {
+                        throw QConvertError.write(path: folder.finalPath, message: "cannot write \(f.name)")
+                    }
+                }
+            } catch let e as QConvertError {
+                throw e
+            } catch {
+                throw QConvertError.write(
+                    path: folder.finalPath, message: "cannot copy \(f.name) into the output: \(error.localizedDescription)")
+            }
+        }
     }
 }
