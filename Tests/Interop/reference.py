@@ -166,8 +166,9 @@ def params(beta, alpha, dtype, mapping):
     return s, z
 
 
-def quantize(x, dtype, mapping="scale", granularity="channel", axis=0, group_size=128, calibration="max", **cal):
-    """Returns (q as int64 array of x's shape, scale array, zero-point array) with parameters in row-major order."""
+def quantize(x, dtype, mapping="scale", granularity="channel", axis=0, group_size=128, calibration="max", scale_dtype="f32", **cal):
+    """Returns (q as int64 array of x's shape, scale array, zero-point array) with parameters in row-major order.
+    scale_dtype "bf16" or "f16": scales are rounded to that type (to nearest even) before quantizing with them."""
     x = np.asarray(x, dtype=np.float32)
     pid, pshape, expand = groups_view(x, granularity, axis, group_size)
     n = int(np.prod(pshape))
@@ -195,6 +196,10 @@ def quantize(x, dtype, mapping="scale", granularity="channel", axis=0, group_siz
                 continue
             b, a = calibrate(v, mapping, calibration, dtype, **cal)
             scales[k], zps[k] = params(b, a, dtype, mapping)
+    if scale_dtype == "bf16":
+        scales = (bf16_bits(scales).astype(np.uint32) << 16).view(np.float32)
+    elif scale_dtype == "f16":
+        scales = scales.astype(np.float16).astype(np.float32)
     s_full, z_full = expand(scales), expand(zps)
     if dtype.startswith("fp8"):
         return fp8_encode(x / s_full, dtype), scales.reshape(pshape), zps.reshape(pshape)

@@ -199,6 +199,16 @@ public enum Converter {
     static func layoutNotes(_ plans: [TensorPlan], source: Checkpoint, layout: OutputLayout, writerName: String)
         -> [String]
     {
+        if layout == .compressedTensors {
+            let asymmetric = plans.contains {
+                guard let s = $0.decision.scheme, let c = CompressedTensors.Scheme(s) else { return false }
+                return !c.symmetric && c.strategy != "tensor"
+            }
+            return asymmetric
+                ? [
+                    "asymmetric per-channel or per-group layers: transformers loads them with quantization_config=CompressedTensorsConfig(dequantize=True) (its default path refuses such checkpoints, compressed-tensors' own included); vLLM reads them as written"
+                ] : []
+        }
         guard source.hfModel != nil, layout == .qconvert, writerName == "safetensors",
             plans.contains(where: { $0.decision.scheme?.target.isQuantization == true })
         else { return [] }
