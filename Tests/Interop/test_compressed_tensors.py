@@ -255,3 +255,44 @@ def test_asymmetric_checkpoints_need_dequantize_in_transformers(tmp_path, tiny_b
     forward(tmp_path / "lib", torch.tensor([[1, 2]]), dequantize=True)
     p = run(tiny_bert, "-o", tmp_path / "q", "--set", "dtype=int4", "--set", "mapping=affine", "--set", "granularity=group", "--set", "group_size=32", "--set", "min_elements=0")
     assert "note: asymmetric per-channel or per-group layers" in p.stdout
+
+
+PARAGRAPH = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
+    "movable metal type, oil-based ink and a wooden press adapted from those used to make wine. Books became "
+    "cheaper and more common, literacy spread across Europe, and ideas travelled faster than ever before. "
+    "Within fifty years, printing shops had opened in more than two hundred cities, and millions of volumes "
+    "had been produced, from bibles and grammars to calendars, pamphlets and scientific treatises."
+)
+
+
+def perplexity(folder):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    ids = tok(PARAGRAPH, return_tensors="pt").input_ids
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss
+    return float(torch.exp(loss))
+
+
+def test_smollm2_perplexity_in_transformers(tmp_path, smollm2_hf):
+    base = perplexity(smollm2_hf)
+    run(smollm2_hf, "-o", tmp_path / "int8", "-q", "--preset", "int8")
+    p8 = perplexity(tmp_path / "int8")
+    # hidden size 576 is not a multiple of 128: groups of 64
+    run(smollm2_hf, "-o", tmp_path / "int4", "-q", "--preset", "w4g128", "--set", "group_size=64")
+    p4 = perplexity(tmp_path / "int4")
+    print(f"SmolLM2-135M perplexity: float {base:.3f}, int8 per channel {p8:.3f}, int4 group 64 {p4:.3f}")
+    assert abs(p8 - base) <= 0.01 * base, (base, p8)
+    assert p4 <= 1.5 * base, (base, p4)
+    cfg = json.loads((tmp_path / "int4" / "config.json").read_text())
+    (group,) = cfg["quantization_config"]["config_groups"].values()
+    # the tied embedding (lm_head) stays float; every projection of every layer is quantized
+    tensors = torch_tensors(tmp_path / "int4" / "model.safetensors")
+    assert tensors["model.embed_tokens.weight"].dtype == torch.float32
+    assert sum(k.endswith(".weight_packed") for k in tensors) == 30 * 7
+    assert group["weights"]["group_size"] == 64
+    for name in ["tokenizer.json", "chat_template.jinja", "generation_config.json"]:
+        assert (tmp_path / "int4" / name).read_bytes() == (smollm2_hf / name).read_bytes()
