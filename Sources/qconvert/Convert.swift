@@ -14,7 +14,7 @@ struct Convert: ParsableCommand {
 
     @Argument(
         help: ArgumentHelp(
-            "Input checkpoint: a .safetensors file, a folder of shards, a *.index.json, or an .onnx model.",
+            "Input checkpoint: a .safetensors file, a folder of shards or a Hugging Face model folder, a *.index.json, an .onnx, .gguf, .pt or .npz file.",
             valueName: "input"))
     var input: String
 
