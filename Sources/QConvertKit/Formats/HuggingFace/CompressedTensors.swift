@@ -83,7 +83,7 @@ public enum CompressedTensors {
                 ("num_bits", .number(String(bits))),
                 ("strategy", .string(strategy)),
                 ("symmetric", .bool(symmetric)),
-                ("type", .string(float ? "float" : "int")),
+                ("type", .string(float ? "float" : "int"))
             ])
         }
     }
@@ -189,7 +189,11 @@ public enum CompressedTensors {
         for p in plans {
             guard let m = module(of: p.name), p.shape.count == 2 else { continue }
             if let s = p.decision.scheme, s.target.isQuantization, let cs = Scheme(s) {
-                let g = groups.firstIndex(of: cs) ?? { groups.append(cs); members.append([]); return groups.count - 1 }()
+                if !groups.contains(cs) {
+                    groups.append(cs)
+                    members.append([])
+                }
+                let g = groups.firstIndex(of: cs)!
                 members[g].append(m)
                 modules[m] = "group_\(g)"
             } else if !isEmbedding(m, ties: ties) {
@@ -211,7 +215,7 @@ public enum CompressedTensors {
                         ("input_activations", .null),
                         ("output_activations", .null),
                         ("targets", .array(targets(for: members[g], among: modules).map(JSONValue.string))),
-                        ("weights", s.weights),
+                        ("weights", s.weights)
                     ])
                 ))
         }
@@ -222,7 +226,7 @@ public enum CompressedTensors {
             ("ignore", .array(targets(for: floatLinear, among: modules).map(JSONValue.string))),
             ("kv_cache_scheme", .null),
             ("quant_method", .string("compressed-tensors")),
-            ("quantization_status", .string("compressed")),
+            ("quantization_status", .string("compressed"))
         ])
         fields.append(("quantization_config", q))
         return .object(fields)

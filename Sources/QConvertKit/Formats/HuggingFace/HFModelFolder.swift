@@ -17,7 +17,8 @@ public struct HFModelFolder: Sendable {
     static func isWeightFile(_ relative: String) -> Bool {
         guard !relative.contains("/") else { return false }
         return relative.hasSuffix(".safetensors") || relative.hasSuffix(".safetensors.index.json")
-            || (relative.hasPrefix("pytorch_model") && (relative.hasSuffix(".bin") || relative.hasSuffix(".bin.index.json")))
+            || (relative.hasPrefix("pytorch_model")
+                && (relative.hasSuffix(".bin") || relative.hasSuffix(".bin.index.json")))
     }
 
     /// Bounds on what a folder may hold before it is refused as not a model folder.

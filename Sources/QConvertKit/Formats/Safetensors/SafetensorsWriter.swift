@@ -315,7 +315,8 @@ enum FolderFile {
                 throw e
             } catch {
                 throw QConvertError.write(
-                    path: folder.finalPath, message: "cannot copy \(f.name) into the output: \(error.localizedDescription)")
+                    path: folder.finalPath,
+                    message: "cannot copy \(f.name) into the output: \(error.localizedDescription)")
             }
         }
     }
