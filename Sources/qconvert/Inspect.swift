@@ -58,6 +58,10 @@ struct Inspect: ParsableCommand {
             }
             let total = ckpt.entries.reduce(0) { $0 + $1.bytes.count }
             out += "\(ckpt.entries.count) tensors, \(formatBytes(total))\n"
+            if !ckpt.dequantizedOnRead.isEmpty {
+                out +=
+                    "\(ckpt.dequantizedOnRead.count) tensors are stored quantized (\(ckpt.hfModel != nil ? "compressed-tensors" : ckpt.format)) and shown as the float values they stand for\n"
+            }
             // one line per key: values (chat templates, a hostile file's terminal escapes) are shown escaped
             for (k, v) in ckpt.metadata where k != MetadataDocument.key {
                 out += "metadata \(oneLine(k)): \(oneLine(v))\n"

@@ -4,6 +4,7 @@ decompression gives exactly the values of the numpy reference, and every other f
 travels unchanged."""
 import hashlib
 import json
+import shutil
 import subprocess
 
 import numpy as np
@@ -129,6 +130,12 @@ def test_every_scheme_decompresses_exactly_and_runs_in_transformers(tmp_path, ti
             want = reference.dequantize(qv, scale, zp, x.shape, ref["granularity"], 0, ref.get("group_size", 128))
         got = decompress(tensors, m, group, fmt)
         np.testing.assert_array_equal(got, want, err_msg=m)
+    # qconvert reads the folder back as the float model it stands for: the same values
+    run(out, "-o", tmp_path / "deq", "--preset", "keep", "-q")
+    back = load_file(str(tmp_path / "deq" / "model.safetensors"))
+    assert "quantization_config" not in json.loads((tmp_path / "deq" / "config.json").read_text())
+    for m in modules:
+        np.testing.assert_array_equal(back[m + ".weight"], decompress(tensors, m, group, fmt), err_msg=m)
     # embeddings and norms stay float
     assert tensors["embeddings.word_embeddings.weight"].dtype == torch.float32
     # transformers loads the folder as a quantized model and runs it
@@ -296,3 +303,95 @@ def test_smollm2_perplexity_in_transformers(tmp_path, smollm2_hf):
     assert group["weights"]["group_size"] == 64
     for name in ["tokenizer.json", "chat_template.jinja", "generation_config.json"]:
         assert (tmp_path / "int4" / name).read_bytes() == (smollm2_hf / name).read_bytes()
+
+
+def library_checkpoint(folder, out, args, fmt=None):
+    """tiny_bert quantized and saved by compressed-tensors' own compressor (min/max ranges)."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, apply_quantization_config
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(folder)).eval()
+    apply_quantization_config(model, QuantizationConfig(config_groups={"g": QuantizationScheme(targets=["Linear"], weights=args)}, ignore=["pooler.dense"]))
+    for _, mod in model.named_modules():
+        if hasattr(mod, "weight_scale"):
+            w = mod.weight.data
+            if args.strategy == "group":
+                lo, hi = w.reshape(w.shape[0], -1, args.group_size).amin(-1), w.reshape(w.shape[0], -1, args.group_size).amax(-1)
+            elif args.strategy == "channel":
+                lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+            else:
+                lo, hi = w.min().reshape(1), w.max().reshape(1)
+            s, z = calculate_qparams(lo, hi, args)
+            mod.weight_scale.data = s.to(mod.weight_scale.dtype).reshape(mod.weight_scale.shape)
+            if hasattr(mod, "weight_zero_point"):
+                mod.weight_zero_point.data = z.to(mod.weight_zero_point.dtype).reshape(mod.weight_zero_point.shape)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
+    compressor.compress_model(model)
+    model.save_pretrained(out)
+    compressor.update_config(str(out))
+    return json.loads((out / "config.json").read_text())["quantization_config"]
+
+
+LIBRARY = [
+    ("int4-asym-group32", dict(num_bits=4, type="int", symmetric=False, strategy="group", group_size=32)),
+    ("int8-sym-channel", dict(num_bits=8, type="int", symmetric=True, strategy="channel")),
+    ("int8-asym-tensor", dict(num_bits=8, type="int", symmetric=False, strategy="tensor")),
+    ("fp8-channel", dict(num_bits=8, type="float", symmetric=True, strategy="channel")),
+]
+
+
+@pytest.mark.parametrize("args", [a for _, a in LIBRARY], ids=[i for i, _ in LIBRARY])
+def test_checkpoints_written_by_compressed_tensors_are_read(tmp_path, tiny_bert, args):
+    from compressed_tensors.quantization import QuantizationArgs
+
+    qa = QuantizationArgs(**args)
+    lib = tmp_path / "lib"
+    qc = library_checkpoint(tiny_bert, lib, qa, fmt="float-quantized" if qa.type == "float" else None)
+    (group,) = qc["config_groups"].values()
+    fmt = group["format"]
+    tensors = torch_tensors(lib / "model.safetensors")
+    modules = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_scale")})
+    assert len(modules) == 12
+    # dequantize gives exactly compressed-tensors' own decompression
+    p = run("dequantize", lib, "-o", tmp_path / "deq.safetensors")
+    assert "12 tensors restored to float" in p.stdout
+    deq = load_file(str(tmp_path / "deq.safetensors"))
+    for m in modules:
+        np.testing.assert_array_equal(deq[m + ".weight"], decompress(tensors, m, group, fmt), err_msg=m)
+        assert m + ".weight_scale" not in deq and m + ".weight_packed" not in deq
+    # inspect, diff and conversion to the other formats read it
+    assert "12 tensors are stored quantized (compressed-tensors)" in run("inspect", lib).stdout
+    d = json.loads(run("diff", tiny_bert, lib, "--json").stdout)
+    assert 0.9 < d["model"]["cosine"] < 1
+    run(lib, "-o", tmp_path / "o.npz", "--preset", "keep", "-q")
+    got = np.load(tmp_path / "o.npz", allow_pickle=False)
+    np.testing.assert_array_equal(got[modules[0] + ".weight"], deq[modules[0] + ".weight"])
+    run(lib, "-o", tmp_path / "o.pt", "-q")
+    assert modules[0] + ".weight_scale" in torch.load(tmp_path / "o.pt", weights_only=True)
+    # and back to compressed-tensors at another scheme: transformers runs it
+    run(lib, "-o", tmp_path / "again", "--preset", "w4g128", "--set", "group_size=32", "--set", "min_elements=0", "-q")
+    cfg = json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]
+    assert next(iter(cfg["config_groups"].values()))["weights"]["num_bits"] == 4
+    forward(tmp_path / "again", torch.tensor([[1, 2, 3]]))
+
+
+def test_a_lying_compressed_tensors_checkpoint_is_refused_in_one_line(tmp_path, tiny_bert):
+    from safetensors.torch import save_file
+
+    out = tmp_path / "q"
+    run(tiny_bert, "-o", out, "--preset", "w4g128", "--set", "group_size=32", "--set", "min_elements=0", "-q")
+    tensors = torch_tensors(out / "model.safetensors")
+    cases = {
+        "shape": ("encoder.layer.0.attention.self.query.weight_shape", torch.tensor([64, 4096])),
+        "scale": ("encoder.layer.0.attention.self.query.weight_scale", torch.ones(64, 3)),
+        "packed": ("encoder.layer.0.attention.self.query.weight_packed", torch.zeros(64, 3, dtype=torch.int32)),
+    }
+    for what, (name, value) in cases.items():
+        bad = tmp_path / what
+        shutil.copytree(out, bad)
+        save_file({**tensors, name: value}, str(bad / "model.safetensors"))
+        r = subprocess.run([QCONVERT, "dequantize", str(bad), "-o", str(tmp_path / (what + ".safetensors"))], capture_output=True, text=True)
+        assert r.returncode == 3 and len(r.stderr.strip().splitlines()) == 1 and name.rsplit(".", 1)[0] in r.stderr, (what, r.stderr)
+        assert not (tmp_path / (what + ".safetensors")).exists()

@@ -60,6 +60,9 @@ public final class Checkpoint: @unchecked Sendable {
     public let container: (any CheckpointContainer)?
     /// The Hugging Face model folder the input belongs to (config.json beside the weights), if any.
     public let hfModel: HFModelFolder?
+    /// Entries the reader dequantizes while they are used (GGUF blocks, compressed-tensors weights): the
+    /// input was quantized, and these are its float values.
+    public let dequantizedOnRead: [String]
     private let consumeLock = NSLock()
     private var consumedFlag = false
 
@@ -89,8 +92,9 @@ public final class Checkpoint: @unchecked Sendable {
     public init(
         format: String, path: String, files: [MappedFile], entries: [TensorEntry],
         metadata: [(key: String, value: String)] = [], shardNames: [String]? = nil,
-        container: (any CheckpointContainer)? = nil, hfModel: HFModelFolder? = nil
+        container: (any CheckpointContainer)? = nil, hfModel: HFModelFolder? = nil, dequantizedOnRead: [String] = []
     ) {
+        self.dequantizedOnRead = dequantizedOnRead
         self.format = format
         self.path = path
         self.files = files

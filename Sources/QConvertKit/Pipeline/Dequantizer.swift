@@ -10,12 +10,13 @@ public enum Dequantizer {
 
     public static func run(input: String, output: String, format: String? = nil) throws -> Result {
         let ckpt = try Converter.open(input)
-        guard let doc = try MetadataDocument.find(in: ckpt.metadata, path: input) else {
+        let doc = try MetadataDocument.find(in: ckpt.metadata, path: input)
+        guard doc != nil || !ckpt.dequantizedOnRead.isEmpty else {
             throw QConvertError.badInput(
                 path: input, message: "no '\(MetadataDocument.key)' metadata: not a qconvert-quantized file")
         }
-        // block types are restored by the reader of the format that holds them (GGUF): its entries are floats
-        let records = doc.tensors.filter { !$0.value.dtype.isBlock }.sorted { $0.key < $1.key }
+        // block types and compressed-tensors weights are restored by the reader: those entries are floats
+        let records = ckpt.storedRecords(doc).sorted { $0.key < $1.key }
         let byName = Dictionary(ckpt.entries.enumerated().map { ($1.name, $0) }, uniquingKeysWith: { a, _ in a })
         var consumed = Set<String>()
         struct Job {
@@ -78,7 +79,8 @@ public enum Dequantizer {
             sink.abort()
             throw error
         }
-        return Result(restored: jobs.count, copied: sources.count - jobs.count)
+        let decoded = ckpt.dequantizedOnRead.count
+        return Result(restored: jobs.count + decoded, copied: sources.count - jobs.count - decoded)
     }
 
     public static func restore(

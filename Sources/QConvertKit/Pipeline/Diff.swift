@@ -63,9 +63,7 @@ public enum Diff {
     /// with the bytes each takes (parameters included).
     static func floats(_ ck: Checkpoint, path: String) throws -> [String: (values: [Float], bytes: Int, form: String)] {
         // block types are restored by the reader of the format that holds them (GGUF): its entries are floats
-        let records = (try MetadataDocument.find(in: ck.metadata, path: path)?.tensors ?? [:]).filter {
-            !$0.value.dtype.isBlock
-        }
+        let records = ck.storedRecords(try MetadataDocument.find(in: ck.metadata, path: path))
         let byName = Dictionary(ck.entries.enumerated().map { ($1.name, $0) }, uniquingKeysWith: { a, _ in a })
         var params = Set<String>()
         for (_, r) in records {

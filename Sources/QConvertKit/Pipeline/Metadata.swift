@@ -435,3 +435,12 @@ extension KeyedEncodingContainer {
 extension KeyedDecodingContainer {
     func decodeFinite(_ key: Key) throws -> Double { try decodeIfPresent(Double.self, forKey: key) ?? .nan }
 }
+
+extension Checkpoint {
+    /// The document's records of tensors the checkpoint holds quantized. Tensors its reader dequantizes
+    /// (GGUF blocks, compressed-tensors weights) are floats already: their records only describe them.
+    public func storedRecords(_ doc: MetadataDocument?) -> [String: TensorRecord] {
+        let decoded = Set(dequantizedOnRead)
+        return (doc?.tensors ?? [:]).filter { !$0.value.dtype.isBlock && !decoded.contains($0.key) }
+    }
+}

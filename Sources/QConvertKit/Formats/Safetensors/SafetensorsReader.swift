@@ -39,9 +39,7 @@ public struct SafetensorsReader: FormatReader {
         if path.hasSuffix(".index.json") { return try readIndexed(indexPath: path, userPath: path) }
         let f = try MappedFile(path: path)
         let (entries, meta) = try readFile(f, shard: nil)
-        return Checkpoint(
-            format: name, path: path, files: [f], entries: entries, metadata: meta,
-            hfModel: try HFModelFolder.detect(input: path))
+        return try checkpoint(path: path, files: [f], entries: entries, metadata: meta, shardNames: nil)
     }
 
     func readFile(_ f: MappedFile, shard: String?) throws -> ([TensorEntry], [(key: String, value: String)]) {
@@ -121,8 +119,24 @@ public struct SafetensorsReader: FormatReader {
                     path: userPath, message: "index lists tensor '\(k)' in \(s) but that file does not hold it")
             }
         }
+        return try checkpoint(
+            path: userPath, files: files, entries: entries, metadata: metadata, shardNames: shardNames)
+    }
+
+    /// The checkpoint, read as the float model it stands for when it is in the compressed-tensors layout.
+    func checkpoint(
+        path: String, files: [MappedFile], entries: [TensorEntry], metadata: [(key: String, value: String)],
+        shardNames: [String]?
+    ) throws -> Checkpoint {
+        let hf = try HFModelFolder.detect(input: path)
+        var entries = entries
+        var dequantized: [String] = []
+        if let hf, let groups = try CompressedTensorsReader.groups(hf.config, path: hf.folder + "/config.json") {
+            (entries, dequantized) = try CompressedTensorsReader.decode(
+                entries, groups: groups, config: hf.config, path: path)
+        }
         return Checkpoint(
-            format: name, path: userPath, files: files, entries: entries, metadata: metadata,
-            shardNames: shardNames, hfModel: try HFModelFolder.detect(input: userPath))
+            format: name, path: path, files: files, entries: entries, metadata: metadata, shardNames: shardNames,
+            hfModel: hf, dequantizedOnRead: dequantized)
     }
 }

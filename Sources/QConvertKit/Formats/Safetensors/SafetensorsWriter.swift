@@ -71,8 +71,11 @@ public struct SafetensorsWriter: FormatWriter {
             if let hf = source.hfModel, folder != nil {
                 // a model folder in, a model folder out: its other files travel with the weights
                 sink.folderFiles = hf.companions.map { .copy(from: hf.folder + "/" + $0, to: $0) }
-                if options.layout == .compressedTensors,
-                    let config = CompressedTensors.config(plans: options.plans, source: source)
+                // config.json describes the layout written: a compressed-tensors input read as floats and
+                // written in another layout loses its quantization_config
+                let describe = options.layout == .compressedTensors
+                if describe || !source.dequantizedOnRead.isEmpty,
+                    let config = CompressedTensors.config(plans: describe ? options.plans : [], source: source)
                 {
                     sink.folderFiles.removeAll { $0.name == "config.json" }
                     sink.folderFiles.append(.contents(name: "config.json", Array((config.pretty() + "\n").utf8)))
