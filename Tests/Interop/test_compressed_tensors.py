@@ -395,3 +395,20 @@ def test_a_lying_compressed_tensors_checkpoint_is_refused_in_one_line(tmp_path, 
         r = subprocess.run([QCONVERT, "dequantize", str(bad), "-o", str(tmp_path / (what + ".safetensors"))], capture_output=True, text=True)
         assert r.returncode == 3 and len(r.stderr.strip().splitlines()) == 1 and name.rsplit(".", 1)[0] in r.stderr, (what, r.stderr)
         assert not (tmp_path / (what + ".safetensors")).exists()
+
+
+def test_a_pytorch_model_bin_folder_becomes_a_safetensors_model_folder(tmp_path, tiny_bert):
+    folder = tmp_path / "bin"
+    shutil.copytree(tiny_bert, folder)
+    state = torch_tensors(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    run(folder, "-o", tmp_path / "q", "-q", "--set", "min_elements=0")
+    run(tiny_bert, "-o", tmp_path / "ref", "-q", "--set", "min_elements=0")
+    assert not (tmp_path / "q" / "pytorch_model.bin").exists()
+    got, want = torch_tensors(tmp_path / "q" / "model.safetensors"), torch_tensors(tmp_path / "ref" / "model.safetensors")
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert json.loads((tmp_path / "q" / "config.json").read_text()) == json.loads((tmp_path / "ref" / "config.json").read_text())
+    forward(tmp_path / "q", torch.tensor([[1, 2, 3]]))

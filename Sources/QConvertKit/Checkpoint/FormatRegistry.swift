@@ -35,6 +35,16 @@ public enum FormatRegistry {
     /// The writer for an output path: by `format` when given (it must agree with a known extension),
     /// else by the extension; a path without one (or ending in "/", or an existing folder) is a folder
     /// in the input's format. An extension no writer knows is refused rather than taken for a folder.
+    public static func writer(for path: String, format: String?, source: Checkpoint) throws -> FormatWriter {
+        try writer(for: path, format: format, inputFormat: folderFormat(of: source))
+    }
+
+    /// The format of a folder output written from `source`: a Hugging Face model folder becomes one in
+    /// safetensors (what transformers and vLLM load, whatever its weights were), others keep theirs.
+    public static func folderFormat(of source: Checkpoint) -> String {
+        source.hfModel?.namedAsFolder == true ? "safetensors" : source.format
+    }
+
     public static func writer(for path: String, format: String?, inputFormat: String) throws -> FormatWriter {
         if path == "-" || path.isEmpty {
             throw QConvertError.usage(

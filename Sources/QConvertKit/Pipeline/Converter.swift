@@ -189,7 +189,8 @@ public enum Converter {
         var plans = try Planner.plan(ckpt, policy: options.policy, strict: options.strict)
         try OnnxWriter.annotate(&plans, source: ckpt)
         let layout = try CompressedTensors.layout(
-            policy: options.policy, source: ckpt, output: nil, writerName: options.format ?? ckpt.format)
+            policy: options.policy, source: ckpt, output: nil,
+            writerName: options.format ?? FormatRegistry.folderFormat(of: ckpt))
         if layout == .compressedTensors { try CompressedTensors.prepare(&plans, source: ckpt, strict: options.strict) }
         return (ckpt, plans)
     }
@@ -237,7 +238,7 @@ public enum Converter {
                 message: "\(ckpt.path): this reading was consumed by an earlier conversion; open it again")
         }
         var planned = try Planner.plan(ckpt, policy: options.policy, strict: options.strict)
-        let writer = try FormatRegistry.writer(for: output, format: options.format, inputFormat: ckpt.format)
+        let writer = try FormatRegistry.writer(for: output, format: options.format, source: ckpt)
         if !writer.holdsBlockTypes, let p = planned.first(where: { $0.decision.scheme?.target.isBlock == true }) {
             throw QConvertError.usage(
                 message:

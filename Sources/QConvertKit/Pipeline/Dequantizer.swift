@@ -59,7 +59,7 @@ public enum Dequantizer {
                 sources.append((i, nil))
             }
         }
-        let writer = try FormatRegistry.writer(for: output, format: format, inputFormat: ckpt.format)
+        let writer = try FormatRegistry.writer(for: output, format: format, source: ckpt)
         try PathGuard.checkOutput(output, input: ckpt)
         let sink = try writer.open(path: output, tensors: outputs, source: ckpt, options: WriterOptions())
         do {

@@ -29,16 +29,32 @@ public struct PyTorchReader: FormatReader {
 
     public func recognizesFolder(_ path: String) -> Bool {
         ((try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []).contains {
-            $0.hasSuffix(".bin.index.json")
+            $0.hasSuffix(".bin.index.json") || $0 == "pytorch_model.bin"
         }
     }
 
+    /// Reads the file, the index or the folder; a Hugging Face model folder (config.json beside the
+    /// weights) is marked as one, so that a folder output becomes a model folder.
     public func read(path: String) throws -> Checkpoint {
+        let ck = try readWeights(path: path)
+        guard let hf = try HFModelFolder.detect(input: path) else { return ck }
+        return Checkpoint(
+            format: ck.format, path: ck.path, files: ck.files, entries: ck.entries, metadata: ck.metadata,
+            shardNames: ck.shardNames, container: ck.container, hfModel: hf)
+    }
+
+    func readWeights(path: String) throws -> Checkpoint {
         func bad(_ m: String) -> QConvertError { .badInput(path: path, message: m) }
         var isDir: ObjCBool = false
-        if path.hasSuffix(".index.json")
-            || (FileManager.default.fileExists(atPath: path, isDirectory: &isDir) && isDir.boolValue)
+        if FileManager.default.fileExists(atPath: path, isDirectory: &isDir), isDir.boolValue,
+            !recognizesFolderIndex(path), FileManager.default.fileExists(atPath: path + "/pytorch_model.bin")
         {
+            let ck = try readWeights(path: path + "/pytorch_model.bin")
+            return Checkpoint(
+                format: ck.format, path: path, files: ck.files, entries: ck.entries, metadata: ck.metadata,
+                container: ck.container)
+        }
+        if path.hasSuffix(".index.json") || isDir.boolValue {
             return try readIndexed(path)
         }
         if let head = try? FormatRegistry.readPrefix(path, count: 16), head.starts(with: PyTorchReader.legacyMagic) {
@@ -101,6 +117,12 @@ public struct PyTorchReader: FormatReader {
         return ck
     }
 
+    func recognizesFolderIndex(_ path: String) -> Bool {
+        ((try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []).contains {
+            $0.hasSuffix(".bin.index.json")
+        }
+    }
+
     /// Sharded checkpoints: `pytorch_model.bin.index.json` (or its folder) naming the shard of each tensor.
     func readIndexed(_ path: String) throws -> Checkpoint {
         var index = path
@@ -142,7 +164,7 @@ public struct PyTorchReader: FormatReader {
         var entries: [TensorEntry] = []
         var seen = Set<String>()
         for s in shards.sorted() {
-            let part = try read(path: folder + "/" + s)
+            let part = try readWeights(path: folder + "/" + s)
             files += part.files
             for var e in part.entries {
                 guard seen.insert(e.name).inserted else {

@@ -93,8 +93,12 @@ enum CompressedTensorsReader {
                 else { throw bad("'\(e.name)' has no weight_shape of two integers") }
                 let dims: [Int] = try s.bytes.withUnsafeBytes { raw in
                     s.dtype == .i64
-                        ? (0..<2).map { Int(Int64(littleEndian: raw.loadUnaligned(fromByteOffset: $0 * 8, as: Int64.self))) }
-                        : (0..<2).map { Int(Int32(littleEndian: raw.loadUnaligned(fromByteOffset: $0 * 4, as: Int32.self))) }
+                        ? (0..<2).map {
+                            Int(Int64(littleEndian: raw.loadUnaligned(fromByteOffset: $0 * 8, as: Int64.self)))
+                        }
+                        : (0..<2).map {
+                            Int(Int32(littleEndian: raw.loadUnaligned(fromByteOffset: $0 * 4, as: Int32.self)))
+                        }
                 }
                 guard e.dtype == .i32, e.shape.count == 2, dims[0] == e.shape[0], dims[1] >= 0,
                     e.shape[1] == (dims[1] * g.bits + 31) / 32
@@ -154,7 +158,8 @@ enum CompressedTensorsReader {
                                 ? unpackColumns(raw, rows: rows, columns: groupsPerRow, bits: bits)
                                 : (0..<s.count).map { i in
                                     switch zp.dtype {
-                                    case .i32: Int32(littleEndian: raw.loadUnaligned(fromByteOffset: i * 4, as: Int32.self))
+                                    case .i32:
+                                        Int32(littleEndian: raw.loadUnaligned(fromByteOffset: i * 4, as: Int32.self))
                                     case .u8: Int32(raw[i])
                                     default: Int32(Int8(bitPattern: raw[i]))
                                     }
@@ -168,14 +173,21 @@ enum CompressedTensorsReader {
                         let mask = UInt64((1 << bits) - 1)
                         for r in 0..<rows {
                             for c in 0..<cols {
-                                let p = strategy == "tensor" ? 0 : r * groupsPerRow + (strategy == "group" ? c / groupSize : 0)
+                                let p =
+                                    strategy == "tensor"
+                                    ? 0 : r * groupsPerRow + (strategy == "group" ? c / groupSize : 0)
                                 let v: Float
                                 if packed {
                                     let bit = c * bits
                                     let base = (r * wordsPerRow + bit / 32) * 4
-                                    var word = UInt64(UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: base, as: UInt32.self)))
+                                    var word = UInt64(
+                                        UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: base, as: UInt32.self)))
                                     if bit % 32 + bits > 32 {
-                                        word |= UInt64(UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: base + 4, as: UInt32.self))) << 32
+                                        word |=
+                                            UInt64(
+                                                UInt32(
+                                                    littleEndian: raw.loadUnaligned(
+                                                        fromByteOffset: base + 4, as: UInt32.self))) << 32
                                     }
                                     let q = Int32((word >> UInt64(bit % 32)) & mask) - half
                                     v = Float(q - z[p])
@@ -210,7 +222,8 @@ enum CompressedTensorsReader {
             for r in 0..<rows {
                 let bit = r * bits
                 func word(_ w: Int) -> UInt64 {
-                    UInt64(UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: (w * columns + j) * 4, as: UInt32.self)))
+                    UInt64(
+                        UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: (w * columns + j) * 4, as: UInt32.self)))
                 }
                 var v = word(bit / 32)
                 if bit % 32 + bits > 32 { v |= word(bit / 32 + 1) << 32 }
