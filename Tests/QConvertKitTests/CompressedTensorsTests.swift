@@ -48,7 +48,7 @@ import Testing
     @Test func targetsGeneraliseLayerNumbers() {
         let modules = [
             "model.layers.0.mlp.up_proj": "g0", "model.layers.1.mlp.up_proj": "g0",
-            "model.layers.0.self_attn.q_proj": "g0", "model.layers.1.self_attn.q_proj": "g1",
+            "model.layers.0.self_attn.q_proj": "g0", "model.layers.1.self_attn.q_proj": "g1"
         ]
         let t = CompressedTensors.targets(
             for: ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj", "model.layers.0.self_attn.q_proj"],
@@ -56,7 +56,7 @@ import Testing
         #expect(
             t == [
                 "re:(.*\\.)?model\\.layers\\.\\d+\\.mlp\\.up_proj$",
-                "re:(.*\\.)?model\\.layers\\.0\\.self_attn\\.q_proj$",
+                "re:(.*\\.)?model\\.layers\\.0\\.self_attn\\.q_proj$"
             ])
         for pattern in t {
             let re = try! NSRegularExpression(pattern: String(pattern.dropFirst(3)))
