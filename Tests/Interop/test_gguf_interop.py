@@ -260,3 +260,36 @@ def test_dequantize_to_gguf_writes_no_metadata_document(tmp_path):
     assert r.tensors[0].tensor_type == Q.F32
     run("inspect", tmp_path / "back.gguf")
     run("diff", tmp_path / "q.gguf", tmp_path / "back.gguf")
+
+
+KQUANTS = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+# where a K-quant block keeps its float16 factors: (offset of d, offset of dmin or None)
+FACTORS = {Q.Q2_K: (80, 82), Q.Q3_K: (108, None), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208, None)}
+
+
+@pytest.mark.parametrize("qtype", KQUANTS, ids=lambda t: t.name)
+def test_k_quants_dequantize_as_the_reference(tmp_path, qtype):
+    """Every bit pattern of the quants and scales (random blocks, finite float16 factors) reads as
+    gguf.quants.dequantize gives it."""
+    rng = np.random.default_rng(int(qtype) + 100)
+    per, size = gguf.GGML_QUANT_SIZES[qtype]
+    rows, cols = 6, 512
+    blocks = rng.integers(0, 256, size=(rows * cols // per, size), dtype=np.uint8)
+    d_off, m_off = FACTORS[qtype]
+    for off in (d_off, m_off):
+        if off is not None:
+            f = (rng.standard_normal(blocks.shape[0]) * 0.01).astype(np.float16)
+            blocks[:, off:off + 2] = f.view(np.uint8).reshape(-1, 2)
+    raw = blocks.reshape(rows, cols // per * size)
+    wr = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
+    wr.add_tensor("blk.0.w", raw, raw_shape=raw.shape, raw_dtype=qtype)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    run(tmp_path / "k.gguf", "-o", tmp_path / "k.safetensors", "--preset", "keep", "-q")
+    got = load_file(str(tmp_path / "k.safetensors"))["blk.0.w"]
+    t = gguf.GGUFReader(str(tmp_path / "k.gguf")).tensors[0]
+    want = gguf.quants.dequantize(t.data, qtype).reshape(rows, cols).astype(np.float32)
+    assert got.shape == (rows, cols)
+    np.testing.assert_array_equal(got, want)

@@ -162,3 +162,24 @@ def test_smollm2_blocks_are_byte_identical_to_the_gguf_reference(models, tmp_pat
         assert np.array_equal(np.asarray(t.data).view(np.uint8).reshape(-1), want.view(np.uint8).reshape(-1)), t.name
         checked += 1
     assert checked == 30 * 7 + 1
+
+
+def test_llama_cpps_k_quant_files_are_read(models, tmp_path):
+    """A Q4_K_M file made by llama.cpp's own quantizer (Q4_K, Q6_K and its fallbacks): qconvert reads
+    every tensor as gguf.quants.dequantize does, and its Q8_0 requantization runs in llama.cpp."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    km = tmp_path / "q4_k_m.gguf"
+    llama_quantize(models["f32"], km, llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M)
+    reader = gguf.GGUFReader(str(km))
+    kinds = {t.tensor_type.name for t in reader.tensors}
+    assert {"Q4_K", "Q6_K"} <= kinds, kinds
+    run(km, "-o", tmp_path / "km.safetensors", "--preset", "keep", "-q")
+    got = load_file(str(tmp_path / "km.safetensors"))
+    for t in reader.tensors:
+        want = gguf.quants.dequantize(t.data, t.tensor_type).reshape(got[t.name].shape)
+        np.testing.assert_array_equal(got[t.name], want.astype(got[t.name].dtype), err_msg=t.name)
+    run(km, "-o", tmp_path / "requant.q8_0.gguf", "--preset", "q8_0", "-q")
+    k = perplexity(km)
+    assert perplexity(tmp_path / "requant.q8_0.gguf") <= k * 1.015

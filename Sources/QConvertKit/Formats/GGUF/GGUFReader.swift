@@ -63,8 +63,8 @@ final class GGUFContainer: CheckpointContainer {
 enum GGUFBlocks {
     static func canDequantize(_ t: GGMLType) -> Bool {
         switch t {
-        case .q4_0, .q4_1, .q5_0, .q5_1, .q8_0: true
-        case .f32, .f16, .bf16, .f64, .i8, .i16, .i32, .i64, .q8_1, .q2_K, .q3_K, .q4_K, .q5_K, .q6_K, .q8_K: false
+        case .q4_0, .q4_1, .q5_0, .q5_1, .q8_0, .q2_K, .q3_K, .q4_K, .q5_K, .q6_K: true
+        case .f32, .f16, .bf16, .f64, .i8, .i16, .i32, .i64, .q8_1, .q8_K: false
         }
     }
 
@@ -115,11 +115,128 @@ enum GGUFBlocks {
                         y[o + j] = d * Float(lo - shift) + m
                         y[o + j + 16] = d * Float(hi - shift) + m
                     }
-                case .f32, .f16, .bf16, .f64, .i8, .i16, .i32, .i64, .q8_1, .q2_K, .q3_K, .q4_K, .q5_K, .q6_K, .q8_K:
+                case .q2_K: q2K(blk, y.baseAddress! + o)
+                case .q3_K: q3K(blk, y.baseAddress! + o)
+                case .q4_K, .q5_K: q45K(blk, y.baseAddress! + o, five: type == .q5_K)
+                case .q6_K: q6K(blk, y.baseAddress! + o)
+                case .f32, .f16, .bf16, .f64, .i8, .i16, .i32, .i64, .q8_1, .q8_K:
                     break
                 }
             }
         }
         return out
+    }
+
+    // K-quants: super-blocks of 256 values in sub-blocks with 6- or 8-bit scales, in float32 arithmetic in
+    // the order llama.cpp's dequantize_row_* and the gguf package use: (d · scale) · q − (dmin · min).
+
+    /// Q2_K: scales[16] (low nibble scale, high nibble min), qs[64] (2 bits), d, dmin.
+    static func q2K(_ b: UnsafeRawBufferPointer, _ y: UnsafeMutablePointer<Float>) {
+        let d = half(b, 80)
+        let dmin = half(b, 82)
+        var out = 0
+        for n in 0..<2 {
+            let q = 16 + n * 32
+            for j in 0..<4 {
+                let shift = UInt8(2 * j)
+                for part in 0..<2 {
+                    let sc = b[n * 8 + j * 2 + part]
+                    let dl = d * Float(sc & 0x0F)
+                    let ml = dmin * Float(sc >> 4)
+                    for l in 0..<16 {
+                        y[out] = dl * Float((b[q + part * 16 + l] >> shift) & 3) - ml
+                        out += 1
+                    }
+                }
+            }
+        }
+    }
+
+    /// Q3_K: hmask[32], qs[64] (low 2 bits), scales[12] (sixteen 6-bit scales, offset 32), d.
+    static func q3K(_ b: UnsafeRawBufferPointer, _ y: UnsafeMutablePointer<Float>) {
+        let d = half(b, 108)
+        var scales = [Int](repeating: 0, count: 16)
+        for i in 0..<16 {
+            let low = i < 8 ? (b[96 + i] & 0x0F) : (b[96 + i - 8] >> 4)
+            let high = (b[96 + 8 + i % 4] >> UInt8(2 * (i / 4))) & 3
+            scales[i] = Int(low | high << 4) - 32
+        }
+        var out = 0
+        var m: UInt8 = 1
+        var s = 0
+        for n in 0..<2 {
+            let q = 32 + n * 32
+            for j in 0..<4 {
+                let shift = UInt8(2 * j)
+                for part in 0..<2 {
+                    let dl = d * Float(scales[s])
+                    s += 1
+                    for l in 0..<16 {
+                        let k = part * 16 + l
+                        let v = Int((b[q + k] >> shift) & 3) - ((b[k] & m) != 0 ? 0 : 4)
+                        y[out] = dl * Float(v)
+                        out += 1
+                    }
+                }
+                m <<= 1
+            }
+        }
+    }
+
+    /// The 6-bit scale and min of sub-block j of Q4_K and Q5_K (12 bytes for eight pairs).
+    static func scaleMin(_ j: Int, _ sc: UnsafeRawBufferPointer, _ at: Int) -> (Float, Float) {
+        if j < 4 { return (Float(sc[at + j] & 63), Float(sc[at + j + 4] & 63)) }
+        let s = (sc[at + j + 4] & 0x0F) | ((sc[at + j - 4] >> 6) << 4)
+        let m = (sc[at + j + 4] >> 4) | ((sc[at + j] >> 6) << 4)
+        return (Float(s), Float(m))
+    }
+
+    /// Q4_K: d, dmin, scales[12], qs[128]; Q5_K: the same with qh[32] (fifth bits) before qs.
+    static func q45K(_ b: UnsafeRawBufferPointer, _ y: UnsafeMutablePointer<Float>, five: Bool) {
+        let d = half(b, 0)
+        let dmin = half(b, 2)
+        let qs = five ? 48 : 16
+        var out = 0
+        for j in 0..<4 {
+            let (s1, m1) = scaleMin(2 * j, b, 4)
+            let (s2, m2) = scaleMin(2 * j + 1, b, 4)
+            let d1 = d * s1
+            let n1 = dmin * m1
+            let d2 = d * s2
+            let n2 = dmin * m2
+            for l in 0..<32 {
+                let h: UInt8 = five ? ((b[16 + l] >> UInt8(2 * j)) & 1) << 4 : 0
+                y[out + l] = d1 * Float((b[qs + j * 32 + l] & 0x0F) | h) - n1
+            }
+            for l in 0..<32 {
+                let h: UInt8 = five ? ((b[16 + l] >> UInt8(2 * j + 1)) & 1) << 4 : 0
+                y[out + 32 + l] = d2 * Float((b[qs + j * 32 + l] >> 4) | h) - n2
+            }
+            out += 64
+        }
+    }
+
+    /// Q6_K: ql[128] (low 4 bits), qh[64] (high 2 bits), scales[16] (int8), d.
+    static func q6K(_ b: UnsafeRawBufferPointer, _ y: UnsafeMutablePointer<Float>) {
+        let d = half(b, 208)
+        for n in 0..<2 {
+            let ql = n * 64
+            let qh = 128 + n * 32
+            let sc = 192 + n * 8
+            let o = n * 128
+            for l in 0..<32 {
+                let s = l / 16
+                let h = b[qh + l]
+                let q1 = Int((b[ql + l] & 0x0F) | ((h & 3) << 4)) - 32
+                let q2 = Int((b[ql + l + 32] & 0x0F) | (((h >> 2) & 3) << 4)) - 32
+                let q3 = Int((b[ql + l] >> 4) | (((h >> 4) & 3) << 4)) - 32
+                let q4 = Int((b[ql + l + 32] >> 4) | (((h >> 6) & 3) << 4)) - 32
+                func scale(_ k: Int) -> Float { Float(Int8(bitPattern: b[sc + s + 2 * k])) }
+                y[o + l] = d * scale(0) * Float(q1)
+                y[o + l + 32] = d * scale(1) * Float(q2)
+                y[o + l + 64] = d * scale(2) * Float(q3)
+                y[o + l + 96] = d * scale(3) * Float(q4)
+            }
+        }
     }
 }
