@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER_TARGET=${FUZZ_SECONDS:-30}
-TARGETS=${FUZZ_TARGETS:-"safetensors safetensors-header pickle zip npy npz pytorch onnx gguf policy"}
+TARGETS=${FUZZ_TARGETS:-"safetensors safetensors-header pickle zip npy npz pytorch onnx gguf policy compressed-tensors"}
 CORPUS=.cache/fuzz-corpus
 ARTIFACTS=.cache/fuzz-artifacts
 
@@ -17,7 +17,7 @@ swift build -c debug --scratch-path .build-fuzz --product qconvert-fuzz \
   | grep -v "Cannot export local symbol" | tail -1
 BIN=.build-fuzz/debug/qconvert-fuzz
 
-if [ ! -d "$CORPUS/policy" ] || [ ! -d "$CORPUS/gguf" ]; then
+if [ ! -d "$CORPUS/policy" ] || [ ! -d "$CORPUS/gguf" ] || [ ! -d "$CORPUS/compressed-tensors" ]; then
   .venv/bin/python scripts/make-fuzz-corpus.py "$CORPUS"
 fi
 mkdir -p "$ARTIFACTS"

@@ -34,7 +34,7 @@ def main(out):
     out = pathlib.Path(out)
     if out.exists():
         shutil.rmtree(out)
-    dirs = {t: out / t for t in ["safetensors", "safetensors-header", "pickle", "zip", "npy", "npz", "pytorch", "onnx", "gguf", "policy"]}
+    dirs = {t: out / t for t in ["safetensors", "safetensors-header", "pickle", "zip", "npy", "npz", "pytorch", "onnx", "gguf", "policy", "compressed-tensors"]}
     for d in dirs.values():
         d.mkdir(parents=True)
 
@@ -110,6 +110,36 @@ def main(out):
         wr.write_kv_data_to_file()
         wr.write_tensors_to_file()
         wr.close()
+
+    # K-quants: random blocks with finite float16 factors
+    factors = {Q.Q2_K: (80, 82), Q.Q3_K: (108, None), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208, None)}
+    path = dirs["gguf"] / "kquants.gguf"
+    wr = gguf.GGUFWriter(str(path), "llama")
+    for k, (t, offs) in enumerate(factors.items()):
+        per, size = gguf.GGML_QUANT_SIZES[t]
+        blocks = rng.integers(0, 256, size=(1, size), dtype=np.uint8)
+        for off in offs:
+            if off is not None:
+                blocks[:, off:off + 2] = np.float16(0.01).reshape(1).view(np.uint8)
+        wr.add_tensor(f"k{k}", blocks, raw_shape=blocks.shape, raw_dtype=t)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+
+    # compressed-tensors weights (the fuzz target's config.json: "re:.*a$" int4 affine groups of 32,
+    # everything else int8 per channel, naive)
+    from safetensors.numpy import save_file
+
+    save_file({
+        "a.weight_packed": rng.integers(-2**31, 2**31, size=(4, 8), dtype=np.int64).astype(np.int32),
+        "a.weight_scale": np.full((4, 2), 0.01, np.float32),
+        "a.weight_zero_point": rng.integers(-2**31, 2**31, size=(1, 2), dtype=np.int64).astype(np.int32),
+        "a.weight_shape": np.array([4, 64], np.int64),
+        "b.weight": rng.integers(-128, 128, size=(3, 5), dtype=np.int8),
+        "b.weight_scale": np.full((3, 1), 0.5, np.float32),
+        "c.bias": np.zeros(3, np.float32),
+    }, str(dirs["compressed-tensors"] / "model.safetensors"))
 
     for p in [REPO / "Samples" / "policy.cfg", *sorted((REPO / "Samples" / "policies").glob("*.yaml"))]:
         shutil.copy(p, dirs["policy"] / p.name)

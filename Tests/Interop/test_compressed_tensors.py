@@ -387,6 +387,8 @@ def test_a_lying_compressed_tensors_checkpoint_is_refused_in_one_line(tmp_path, 
         "shape": ("encoder.layer.0.attention.self.query.weight_shape", torch.tensor([64, 4096])),
         "scale": ("encoder.layer.0.attention.self.query.weight_scale", torch.ones(64, 3)),
         "packed": ("encoder.layer.0.attention.self.query.weight_packed", torch.zeros(64, 3, dtype=torch.int32)),
+        # found by the fuzzer: in_features × bits overflowed
+        "huge": ("encoder.layer.0.attention.self.query.weight_shape", torch.tensor([64, 2**62])),
     }
     for what, (name, value) in cases.items():
         bad = tmp_path / what

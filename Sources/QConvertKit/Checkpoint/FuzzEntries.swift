@@ -21,6 +21,27 @@ public enum FuzzEntries {
         "npz": { readFile($0, ext: ".npz", format: "npz") },
         "pytorch": { readFile($0, ext: ".pt", format: "pytorch") },
         "gguf": { readFile($0, ext: ".gguf", format: "gguf") },
+        // a model folder whose config.json says compressed-tensors (int4, groups of 32, affine): the
+        // weights file is the hostile part
+        "compressed-tensors": { b in
+            let dir =
+                (FileManager.default.fileExists(atPath: "/dev/shm") ? "/dev/shm" : NSTemporaryDirectory())
+                + "/qconvert-fuzz-ct-\(getpid())"
+            try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+            defer { try? FileManager.default.removeItem(atPath: dir) }
+            let config = """
+                {"architectures": ["LlamaForCausalLM"], "torch_dtype": "float32", "quantization_config": {
+                "quant_method": "compressed-tensors", "quantization_status": "compressed", "format": "pack-quantized",
+                "config_groups": {"g": {"targets": ["re:.*a$"], "format": "pack-quantized", "weights": {"num_bits": 4,
+                "type": "int", "symmetric": false, "strategy": "group", "group_size": 32}}, "h": {"targets": ["Linear"],
+                "format": "naive-quantized", "weights": {"num_bits": 8, "type": "int", "symmetric": true,
+                "strategy": "channel"}}}}}
+                """
+            guard FileManager.default.createFile(atPath: dir + "/config.json", contents: Data(config.utf8)),
+                FileManager.default.createFile(atPath: dir + "/model.safetensors", contents: Data(b))
+            else { return }
+            touch(path: dir, format: "safetensors")
+        },
         "onnx": { b in
             _ = try? OnnxWireCheck.check(b)
             readFile(b, ext: ".onnx", format: "onnx")
@@ -46,20 +67,23 @@ public enum FuzzEntries {
 
     /// Reads the file as `format` and touches every tensor's bytes, as a conversion would.
     static func readFile(_ b: UnsafeRawBufferPointer, ext: String, format: String) {
-        withTempFile(b, ext: ext) { path in
-            guard let reader = FormatRegistry.readers.first(where: { $0.name == format }),
-                let ck = try? reader.read(path: path)
-            else { return }
-            for e in ck.entries {
-                _ = try? e.bytes.withUnsafeBytes { raw -> Int in
-                    // decode floats like the quantizer does, bounded to keep each run short
-                    if e.dtype.isFloatingPoint, e.dtype.bits <= 32, raw.count >= e.elementCount * e.dtype.bits / 8 {
-                        return FloatDecoding.toFloat32(raw, dtype: e.dtype, count: min(e.elementCount, 1 << 16)).count
-                    }
-                    return raw.count
+        withTempFile(b, ext: ext) { path in touch(path: path, format: format) }
+    }
+
+    /// Reads the file or folder as `format` and touches every tensor's bytes, as a conversion would.
+    static func touch(path: String, format: String) {
+        guard let reader = FormatRegistry.readers.first(where: { $0.name == format }),
+            let ck = try? reader.read(path: path)
+        else { return }
+        for e in ck.entries {
+            _ = try? e.bytes.withUnsafeBytes { raw -> Int in
+                // decode floats like the quantizer does, bounded to keep each run short
+                if e.dtype.isFloatingPoint, e.dtype.bits <= 32, raw.count >= e.elementCount * e.dtype.bits / 8 {
+                    return FloatDecoding.toFloat32(raw, dtype: e.dtype, count: min(e.elementCount, 1 << 16)).count
                 }
+                return raw.count
             }
-            try? ck.verifyIntegrity()
         }
+        try? ck.verifyIntegrity()
     }
 }

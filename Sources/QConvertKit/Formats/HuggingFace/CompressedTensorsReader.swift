@@ -100,8 +100,9 @@ enum CompressedTensorsReader {
                             Int(Int32(littleEndian: raw.loadUnaligned(fromByteOffset: $0 * 4, as: Int32.self)))
                         }
                 }
+                // in_features is bounded by what the packed words can hold before it is multiplied
                 guard e.dtype == .i32, e.shape.count == 2, dims[0] == e.shape[0], dims[1] >= 0,
-                    e.shape[1] == (dims[1] * g.bits + 31) / 32
+                    dims[1] <= e.shape[1] * 32, e.shape[1] == (dims[1] * g.bits + 31) / 32
                 else {
                     throw bad(
                         "'\(e.name)' is \(e.dtype.rawValue) \(e.shape), not the int32 [\(dims[0]), ceil(\(dims[1])·\(g.bits)/32)] weight_shape \(dims) implies"
