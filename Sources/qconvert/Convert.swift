@@ -74,7 +74,7 @@ struct Convert: ParsableCommand {
     func validate() throws {
         if !FileManager.default.fileExists(atPath: input), !input.contains("/"), !input.contains(".") {
             // Not a path: most likely a mistyped subcommand (the default subcommand took it as the input).
-            let names = ["plan", "inspect", "dequantize", "diff", "batch", "help"]
+            let names = ["plan", "inspect", "dequantize", "diff", "batch", "calibrate", "help"]
             let near = names.min { editDistance(input, $0) < editDistance(input, $1) }!
             let hint = editDistance(input, near) <= 2 ? " (did you mean '\(near)'?)" : ""
             throw ValidationError("'\(input)' is neither a file nor a subcommand\(hint)")

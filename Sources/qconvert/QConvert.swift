@@ -23,7 +23,8 @@ struct QConvert: ParsableCommand {
             """,
         version: QConvertVersion.string,
         subcommands: [
-            Convert.self, PlanCommand.self, Inspect.self, DequantizeCommand.self, DiffCommand.self, BatchCommand.self
+            Convert.self, PlanCommand.self, Inspect.self, DequantizeCommand.self, DiffCommand.self, BatchCommand.self,
+            CalibrateCommand.self
         ],
         defaultSubcommand: Convert.self
     )
