@@ -65,6 +65,13 @@ struct Convert: ParsableCommand {
             valueName: "path"))
     var rejectedOutput: String?
 
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "ONNX: activation statistics from 'qconvert calibrate': quantize the activations statically (QuantizeLinear/DequantizeLinear pairs, the policy's 'activations' section) and the weights as DequantizeLinear.",
+            valueName: "stats.json"))
+    var calibration: String?
+
     @Flag(name: .long, help: "Print the plan and stop, as 'qconvert plan' does.")
     var dryRun = false
 
@@ -87,6 +94,7 @@ struct Convert: ParsableCommand {
         try runReportingErrors {
             let policy = try policyOptions.load()
             var options = ConvertOptions(policy: policy, jobs: jobs, strict: policyOptions.strict, format: format?.name)
+            if let calibration { options.calibration = try ActivationStats.read(path: calibration) }
             options.maxShardSize = maxShardSize
             options.inputHash = inputHash
             options.consumeInput = true

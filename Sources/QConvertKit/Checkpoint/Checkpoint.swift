@@ -251,6 +251,9 @@ public struct WriterOptions: Sendable {
     public var externalData: Bool = false
     /// safetensors: how quantized tensors are laid out.
     public var layout: OutputLayout = .qconvert
+    /// ONNX: activations quantized statically (QuantizeLinear/DequantizeLinear into `activationOps`).
+    public var activations: [ActivationParameters] = []
+    public var activationOps: Set<String> = []
     public init(maxShardSize: Int? = nil, metadataSizeHint: Int = 0) {
         self.maxShardSize = maxShardSize
         self.metadataSizeHint = metadataSizeHint

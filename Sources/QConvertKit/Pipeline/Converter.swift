@@ -19,6 +19,8 @@ public struct ConvertOptions: Sendable {
     /// The input is converted once: the memory holding each converted tensor is released as soon as
     /// the writer has its replacement (`Checkpoint.consume`), keeping peak memory near the input's size.
     public var consumeInput = false
+    /// Activation statistics (`qconvert calibrate`): ONNX outputs quantize the activations statically.
+    public var calibration: ActivationStats?
 
     public init(
         policy: Policy, jobs: Int = 1, strict: Bool = false, format: String? = nil, maxShardSize: Int? = nil,
@@ -245,6 +247,19 @@ public enum Converter {
                     "\(output): '\(p.name)' is planned as \(p.decision.scheme!.target.rawValue), one of llama.cpp's block types, which only a .gguf output holds"
             )
         }
+        var activations: [ActivationParameters] = []
+        if let stats = options.calibration {
+            guard writer.name == "onnx" else {
+                throw QConvertError.usage(
+                    message:
+                        "\(output): --calibration quantizes an ONNX model's activations; the output is \(writer.name)")
+            }
+            activations = try ActivationQuantization.parameters(stats, policy: options.policy.activations)
+            // the weights as DequantizeLinear: with the activations' pairs, the pattern onnxruntime fuses
+            for i in planned.indices where planned[i].decision.scheme?.target.isQuantization == true {
+                planned[i].onnxForm = .qdq
+            }
+        }
         try writer.check(&planned, source: ckpt, output: output)
         let layout = try CompressedTensors.layout(
             policy: options.policy, source: ckpt, output: output, writerName: writer.name)
@@ -300,6 +315,8 @@ public enum Converter {
         wopts.plans = plans
         wopts.externalData = options.externalData
         wopts.layout = layout
+        wopts.activations = activations
+        wopts.activationOps = options.policy.activations.ops
         let sink = try writer.open(path: output, tensors: outputs, source: ckpt, options: wopts)
         var metrics: [Int: TensorMetrics] = [:]
         func report() -> ConversionReport {

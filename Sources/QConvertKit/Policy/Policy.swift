@@ -260,6 +260,8 @@ public struct Policy: Sendable {
     /// The safetensors output layout; nil: compressed-tensors for a Hugging Face model folder written
     /// to a folder, qconvert's own otherwise.
     public var layout: OutputLayout?
+    /// How activations are quantized when statistics are given (`--calibration`).
+    public var activations = ActivationPolicy()
 
     /// The first rule that selects the tensor, if any.
     public func firstMatch(_ t: TensorFacts) -> (index: Int, rule: PolicyRule)? {

@@ -127,6 +127,9 @@ public enum PolicyLoader {
                     rule.column = item.mark?.column ?? 0
                     policy.rules.append(rule)
                 }
+            case "activations":
+                guard let am = v.mapping else { throw err(source, v, "'activations' is a mapping of settings") }
+                policy.activations = try activations(am, path: source)
             case "layout":
                 guard let name = v.scalar?.string, let layout = OutputLayout(rawValue: name) else {
                     let names = OutputLayout.allCases.map(\.rawValue).joined(separator: ", ")
@@ -134,7 +137,8 @@ public enum PolicyLoader {
                 }
                 policy.layout = layout
             default:
-                throw err(source, k, "unknown key '\(key)' (a policy has 'defaults', 'rules' and 'layout')")
+                throw err(
+                    source, k, "unknown key '\(key)' (a policy has 'defaults', 'rules', 'activations' and 'layout')")
             }
         }
         return policy
@@ -172,6 +176,43 @@ public enum PolicyLoader {
     }
 
     // MARK: - pieces
+
+    /// The `activations` section: dtype (int8, uint8), mapping, calibration, percentile, ops.
+    static func activations(_ m: Node.Mapping, path: String) throws -> ActivationPolicy {
+        var a = ActivationPolicy()
+        for (k, v) in m {
+            guard let key = k.scalar?.string else { throw err(path, k, "keys must be plain words") }
+            switch key {
+            case "dtype":
+                let t = try string(v, key, path)
+                guard let d = TargetType(rawValue: t), d == .int8 || d == .uint8 else {
+                    throw err(path, v, "activations are int8 or uint8, not '\(t)'")
+                }
+                a.dtype = d
+            case "mapping":
+                let t = try string(v, key, path)
+                guard let x = Mapping(rawValue: t) else { throw err(path, v, "bad mapping '\(t)' (scale | affine)") }
+                a.mapping = x
+            case "calibration":
+                let t = try string(v, key, path)
+                guard let c = CalibrationName(rawValue: t) else {
+                    let names = CalibrationName.allCases.map(\.rawValue).joined(separator: " | ")
+                    throw err(path, v, "bad calibration '\(t)' (\(names))")
+                }
+                a.calibration = c
+            case "percentile":
+                guard let p = v.scalar.flatMap({ Double($0.string) }), p > 0, p <= 100 else {
+                    throw err(path, v, "percentile is a number in (0, 100]")
+                }
+                a.percentile = p
+            case "ops":
+                a.ops = Set(try stringList(v, key, path))
+            default:
+                throw err(path, k, "unknown key '\(key)' (activations: dtype, mapping, calibration, percentile, ops)")
+            }
+        }
+        return a
+    }
 
     static func settings(_ m: Node.Mapping, path: String, allowSelectors: Bool) throws -> (
         settings: PolicySettings, rule: PolicyRule

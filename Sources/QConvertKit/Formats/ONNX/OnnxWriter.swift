@@ -187,6 +187,7 @@ final class OnnxSink: CheckpointSink {
             }
             data[outs[0]] = nil
         }
+        applyActivations(options.activations, ops: options.activationOps)
         let m = model.model
         if needIR > 0 && m.pointee.ir_version < Int64(needIR) {
             m.pointee.ir_version = Int64(needIR)

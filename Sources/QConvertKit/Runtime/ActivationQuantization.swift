@@ -1,0 +1,73 @@
+import Foundation
+
+/// The policy's `activations` section: how activations are quantized when statistics are given.
+public struct ActivationPolicy: Sendable, Equatable {
+    public var dtype: TargetType = .uint8
+    public var mapping: Mapping = .affine
+    public var calibration: CalibrationName = .max
+    public var percentile: Double = 99.99
+    public var ops: Set<String> = ActivationCalibrator.defaultOps
+    public init() {}
+}
+
+/// One activation's quantization: per tensor, QuantizeLinear + DequantizeLinear on its edge into the ops.
+public struct ActivationParameters: Sendable, Equatable {
+    public var name: String
+    public var target: TargetType
+    public var beta: Float
+    public var alpha: Float
+    public var scale: Float
+    public var zeroPoint: Int32
+    public var method: String
+}
+
+public enum ActivationQuantization {
+    /// Parameters of every non-constant tensor of `stats`, by the policy's method, with the same range
+    /// code as weights: entropy and mse choose their threshold on the histogram (the weights' histogram
+    /// search), percentile takes the bin where the cumulative count reaches p, max the observed range.
+    public static func parameters(_ stats: ActivationStats, policy: ActivationPolicy) throws -> [ActivationParameters] {
+        var scheme = QuantScheme(target: policy.dtype, mapping: policy.mapping, granularity: .tensor)
+        var settings = PolicySettings()
+        settings.bins = stats.bins
+        settings.percentile = policy.percentile
+        guard let calibration = Calibration(name: policy.calibration.rawValue, settings: settings) else {
+            throw QConvertError.internal(message: "calibration \(policy.calibration.rawValue) is not registered")
+        }
+        scheme.calibration = calibration
+        let (qmin, qmax) = scheme.integerRange
+        let levels = (Int(qmax) - Int(qmin) + 1) / 2
+        var out: [ActivationParameters] = []
+        for (name, t) in stats.tensors.sorted(by: { $0.key < $1.key }) where !t.constant {
+            var (beta, alpha) = (t.min, t.max)
+            if policy.mapping == .scale { (beta, alpha) = (-t.amax, t.amax) }
+            let amax = t.histogramMax
+            switch scheme.calibration.method {
+            case let h as any HistogramThresholdCalibration:
+                let i = h.candidate(t.histogram, levels: levels, qmaxSymmetric: Int(qmax))
+                (beta, alpha) = Calibrator.threshold(
+                    i, bins: stats.bins, amax: amax, lo: t.min, hi: t.max, mapping: policy.mapping)
+            case is PercentileCalibration:
+                let total = t.histogram.reduce(0, +)
+                var cum = 0.0
+                var edge = t.histogram.count
+                for (i, c) in t.histogram.enumerated() {
+                    cum += c
+                    if cum >= total * policy.percentile / 100 {
+                        edge = i + 1
+                        break
+                    }
+                }
+                (beta, alpha) = Calibrator.threshold(
+                    edge, bins: stats.bins, amax: amax, lo: t.min, hi: t.max, mapping: policy.mapping)
+            default:
+                break  // max: the observed range
+            }
+            let (s, z) = Quantizer.parameters(beta: beta, alpha: alpha, scheme: scheme)
+            out.append(
+                ActivationParameters(
+                    name: name, target: policy.dtype, beta: beta, alpha: alpha, scale: s, zeroPoint: z,
+                    method: policy.calibration.rawValue))
+        }
+        return out
+    }
+}
