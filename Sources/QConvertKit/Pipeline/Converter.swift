@@ -407,9 +407,13 @@ public enum Converter {
                 if !failures.isEmpty { throw GateFailure(failures: failures, outputWritten: false, report: report()) }
             }
             let meta = ckpt.metadata.filter { $0.key != MetadataDocument.key }
-            let doc = MetadataDocument(
+            var doc = MetadataDocument(
                 plans: plans, metrics: metrics, inputFormat: ckpt.format, inputHash: hashBox.value,
                 policy: options.policy)
+            if let stats = options.calibration {
+                doc.activations = Dictionary(uniqueKeysWithValues: activations.map { ($0.name, ActivationRecord($0)) })
+                doc.calibrationStatistics = stats.fileHash
+            }
             var perShard: [String: MetadataDocument] = [:]
             let shardNames = Set(outputs.compactMap(\.shard))
             if shardNames.count > 1 {

@@ -39,10 +39,14 @@ public struct MetadataDocument: Codable, Sendable, Equatable {
     public var keptTensors: Int?
     /// Every converted tensor's record, by its name in the source; tensors not listed were copied.
     public var tensors: [String: TensorRecord]
+    /// Statically quantized activations (ONNX, `--calibration`), by name, and the statistics file's hash.
+    public var activations: [String: ActivationRecord]?
+    public var calibrationStatistics: String?
 
     enum CodingKeys: String, CodingKey {
-        case format, tool, input, policy, dequantize, tensors
+        case format, tool, input, policy, dequantize, tensors, activations
         case keptTensors = "kept_tensors"
+        case calibrationStatistics = "calibration_statistics"
     }
 
     public init(
@@ -120,6 +124,27 @@ public struct MetadataDocument: Codable, Sendable, Equatable {
             plans: plans, metrics: widest, inputFormat: inputFormat,
             inputHash: "sha256:" + String(repeating: "0", count: 64),
             policy: policy)
+    }
+}
+
+/// One statically quantized activation: QuantizeLinear/DequantizeLinear with these parameters.
+public struct ActivationRecord: Codable, Sendable, Equatable {
+    public var dtype: TargetType
+    public var calibration: String
+    /// The range chosen from the statistics, [beta, alpha].
+    public var range: [Float]
+    public var scale: Float
+    public var zeroPoint: Int
+    enum CodingKeys: String, CodingKey {
+        case dtype, calibration, range, scale
+        case zeroPoint = "zero_point"
+    }
+    init(_ a: ActivationParameters) {
+        dtype = a.target
+        calibration = a.method
+        range = [a.beta, a.alpha]
+        scale = a.scale
+        zeroPoint = Int(a.zeroPoint)
     }
 }
 

@@ -47,8 +47,8 @@ public enum ActivationQuantization {
                 (beta, alpha) = Calibrator.threshold(
                     i, bins: stats.bins, amax: amax, lo: t.min, hi: t.max, mapping: policy.mapping)
             case is PercentileCalibration:
-                let total = t.histogram.reduce(0, +)
-                var cum = 0.0
+                let total = t.histogram.reduce(0, +) + t.zeros
+                var cum = t.zeros
                 var edge = t.histogram.count
                 for (i, c) in t.histogram.enumerated() {
                     cum += c

@@ -16,6 +16,10 @@ public struct ActivationStats: Sendable, Equatable {
         /// Histogram of |x| over [0, histogramMax], `bins` bins (the last bin includes its upper edge).
         public var histogram: [Double] = []
         public var histogramMax: Float = 0
+        /// Exact zeros (masked positions, ReLU's negatives): represented exactly in any range, they are
+        /// counted here and left out of the histogram, so that they do not pull entropy's and mse's
+        /// threshold down (a softmax over padded tokens is mostly zeros).
+        public var zeros: Double = 0
 
         /// Nothing to quantize: no data, or one value throughout (a constant or a mask).
         public var constant: Bool { count == 0 || min == max }
@@ -27,6 +31,8 @@ public struct ActivationStats: Sendable, Equatable {
     public var samples: Int
     public var bins: Int
     public var tensors: [String: Tensor]
+    /// "sha256:hex" of the file the statistics were read from (recorded in the output's metadata).
+    public var fileHash: String = ""
 
     /// Pass 1 over one batch of values.
     static func observeRange(_ t: inout Tensor, _ v: UnsafeBufferPointer<Float>) {
@@ -56,19 +62,21 @@ public struct ActivationStats: Sendable, Equatable {
             t.histogramMax = t.amax
         }
         let amax = t.histogramMax
-        guard amax > 0 else {
-            t.histogram[0] += Double(v.count(where: { abs($0) < notData }))
-            return
-        }
-        let scale = Float(bins) / amax
+        let scale = amax > 0 ? Float(bins) / amax : 0
+        var zeros = 0
         t.histogram.withUnsafeMutableBufferPointer { h in
             for x in v {
                 let a = abs(x)
                 guard a < notData else { continue }
+                if a == 0 {
+                    zeros += 1
+                    continue
+                }
                 let i = Swift.min(Int(a * scale), bins - 1)
                 h[i] += 1
             }
         }
+        t.zeros += Double(zeros)
     }
 
     // MARK: - the statistics file
@@ -82,6 +90,7 @@ public struct ActivationStats: Sendable, Equatable {
             if t.count > 0 {
                 kv += [("min", .number(Double(t.min))), ("max", .number(Double(t.max)))]
                 kv += [
+                    ("zeros", .int(Int(t.zeros))),
                     ("histogram_max", .number(Double(t.histogramMax))),
                     ("histogram", .array(t.histogram.map { .int(Int($0)) }))
                 ]
@@ -130,6 +139,7 @@ public struct ActivationStats: Sendable, Equatable {
                 t.min = Float(lo)
                 t.max = Float(hi)
                 t.histogramMax = Float(hm)
+                t.zeros = v["zeros"]?.doubleValue ?? 0
                 t.histogram = try h.map {
                     guard let c = $0.doubleValue, c >= 0, c.isFinite else { throw bad("tensor '\(name)': a bad count") }
                     return c
@@ -137,9 +147,11 @@ public struct ActivationStats: Sendable, Equatable {
             }
             tensors[name] = t
         }
-        return ActivationStats(
+        var stats = ActivationStats(
             modelPath: root["model"]?["path"]?.stringValue ?? "",
             modelSHA256: root["model"]?["sha256"]?.stringValue ?? "",
             samples: root["samples"]?.nonNegativeInt ?? 0, bins: bins, tensors: tensors)
+        stats.fileHash = "sha256:" + ContentHash.sha256.digest(of: [UInt8](data))
+        return stats
     }
 }
