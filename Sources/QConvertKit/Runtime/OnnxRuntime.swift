@@ -16,11 +16,13 @@ public final class OnnxRuntime: @unchecked Sendable {
         case getErrorCode = 1
         case getErrorMessage = 2
         case createEnv = 3
+        case createSession = 7
         case createSessionFromArray = 8
         case run = 9
         case createSessionOptions = 10
         case setSessionGraphOptimizationLevel = 23
         case setIntraOpNumThreads = 24
+        case disableCpuMemArena = 19
         case sessionGetInputCount = 30
         case sessionGetOutputCount = 31
         case sessionGetInputTypeInfo = 33
@@ -64,13 +66,21 @@ public final class OnnxRuntime: @unchecked Sendable {
     }
 
     /// Where onnxruntime is looked for, in order: `explicit` (`--onnxruntime`), `$QCONVERT_ONNXRUNTIME`,
-    /// then the `onnxruntime` Python package of `$VIRTUAL_ENV`, `./.venv` and the usual site-packages.
+    /// then the `onnxruntime` Python package of `$VIRTUAL_ENV`, of `.venv` in this folder or a parent, and
+    /// the usual site-packages.
     public static func candidates(explicit: String?) -> [String] {
         if let explicit { return [explicit] }
         if let env = ProcessInfo.processInfo.environment["QCONVERT_ONNXRUNTIME"], !env.isEmpty { return [env] }
         var roots: [String] = []
         if let v = ProcessInfo.processInfo.environment["VIRTUAL_ENV"] { roots.append(v + "/lib") }
-        roots.append(FileManager.default.currentDirectoryPath + "/.venv/lib")
+        // ./.venv, or one of a parent folder (a command run from inside a project)
+        var dir = URL(fileURLWithPath: FileManager.default.currentDirectoryPath)
+        while true {
+            roots.append(dir.path + "/.venv/lib")
+            let up = dir.deletingLastPathComponent()
+            if up.path == dir.path { break }
+            dir = up
+        }
         roots += ["/usr/local/lib", "/usr/lib"]
         if let home = ProcessInfo.processInfo.environment["HOME"] { roots.append(home + "/.local/lib") }
         var found: [String] = []
@@ -205,20 +215,37 @@ public final class OnnxRuntime: @unchecked Sendable {
     /// A session over a serialized model, on one thread, at onnxruntime's basic graph optimizations
     /// (requested outputs stay as the graph computes them).
     public func session(model bytes: [UInt8], name: String, threads: Int = 1) throws -> OrtSessionHandle {
+        try session(name: name, threads: threads) { o, s in
+            typealias Create = @convention(c) (P, UnsafeRawPointer, Int, P, UnsafeMutablePointer<P?>) -> Status
+            try bytes.withUnsafeBytes { b in
+                try check(fn(.createSessionFromArray, as: Create.self)(env, b.baseAddress!, b.count, o, &s), name)
+            }
+        }
+    }
+
+    /// A session over a model file (onnxruntime reads it itself).
+    public func session(path: String, name: String, threads: Int = 1) throws -> OrtSessionHandle {
+        try session(name: name, threads: threads) { o, s in
+            typealias Create = @convention(c) (P, UnsafePointer<CChar>, P, UnsafeMutablePointer<P?>) -> Status
+            try check(fn(.createSession, as: Create.self)(env, path, o, &s), name)
+        }
+    }
+
+    func session(name: String, threads: Int, create: (P, inout P?) throws -> Void) throws -> OrtSessionHandle {
         typealias CreateOptions = @convention(c) (UnsafeMutablePointer<P?>) -> Status
         typealias SetLevel = @convention(c) (P, Int32) -> Status
         typealias SetThreads = @convention(c) (P, Int32) -> Status
         typealias ReleaseOptions = @convention(c) (P) -> Void
-        typealias Create = @convention(c) (P, UnsafeRawPointer, Int, P, UnsafeMutablePointer<P?>) -> Status
         var o: P? = nil
         try check(fn(.createSessionOptions, as: CreateOptions.self)(&o), name)
         defer { fn(.releaseSessionOptions, as: ReleaseOptions.self)(o!) }
         try check(fn(.setSessionGraphOptimizationLevel, as: SetLevel.self)(o!, 1), name)
         try check(fn(.setIntraOpNumThreads, as: SetThreads.self)(o!, Int32(threads)), name)
+        // no arena: memory goes back as each run's intermediates are freed (calibration runs stay small)
+        typealias Disable = @convention(c) (P) -> Status
+        try check(fn(.disableCpuMemArena, as: Disable.self)(o!), name)
         var s: P? = nil
-        try bytes.withUnsafeBytes { b in
-            try check(fn(.createSessionFromArray, as: Create.self)(env, b.baseAddress!, b.count, o!, &s), name)
-        }
+        try create(o!, &s)
         return try OrtSessionHandle(runtime: self, session: s!, name: name)
     }
 }
