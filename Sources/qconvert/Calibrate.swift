@@ -9,12 +9,14 @@ struct CalibrateCommand: ParsableCommand {
         discussion: """
             For every activation a MatMul, Gemm or Conv consumes: count, min, max and a histogram of |x|, \
             gathered in two passes over the samples (ranges, then histograms) so that memory does not grow \
-            with their number. Values of magnitude ≥ 1e30 (attention masks' −3.4e38) are counted and left out. \
+            with their number. Values of magnitude ≥ 1e30 (attention masks' −3.4e38) are counted and left out; exact \
+            zeros are counted apart from the histogram. \
             The statistics feed static quantization: qconvert MODEL.onnx -o OUT.onnx --calibration STATS. \
             Layout: Schemas/calibration.schema.json.
 
             The model runs in onnxruntime's C library, loaded at run time: --onnxruntime, then \
-            $QCONVERT_ONNXRUNTIME, then the onnxruntime Python package of $VIRTUAL_ENV or ./.venv.
+            $QCONVERT_ONNXRUNTIME, then the onnxruntime Python package of $VIRTUAL_ENV or of a .venv in this \
+            folder or a parent.
 
             Example:
               qconvert calibrate model.onnx --data samples/ -o stats.json

@@ -18,6 +18,13 @@ struct PlanCommand: ParsableCommand {
     @Flag(name: .long, help: "Print the plan as JSON.")
     var json = false
 
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "ONNX: activation statistics from 'qconvert calibrate': also list each activation's quantization.",
+            valueName: "stats.json"))
+    var calibration: String?
+
     func run() throws {
         try runReportingErrors {
             let policy = try policyOptions.load()
@@ -31,6 +38,19 @@ struct PlanCommand: ParsableCommand {
                 print(report.json, terminator: "")
             } else {
                 PlanCommand.printTable(ckpt: ckpt, plans: plans, policy: policy)
+            }
+            if let calibration {
+                let stats = try ActivationStats.read(path: calibration)
+                let a = policy.activations
+                let params = try ActivationQuantization.parameters(stats, policy: a)
+                print(
+                    "\nactivations (\(a.dtype.rawValue) \(a.mapping.rawValue) per tensor, \(a.calibration.rawValue), into \(a.ops.sorted().joined(separator: ", "))): \(params.count) of \(stats.tensors.count) with data"
+                )
+                for p in params {
+                    print(
+                        "  \(oneLine(p.name)): range [\(p.beta), \(p.alpha)] scale \(p.scale) zero point \(p.zeroPoint)"
+                    )
+                }
             }
         }
     }

@@ -9,7 +9,7 @@ import pytest
 from conftest import QCONVERT
 
 SNAPSHOTS = pathlib.Path(__file__).parent / "help"
-COMMANDS = [[], ["convert"], ["plan"], ["inspect"], ["dequantize"], ["diff"], ["batch"], ["batch", "run"], ["batch", "merge"]]
+COMMANDS = [[], ["convert"], ["plan"], ["inspect"], ["dequantize"], ["diff"], ["batch"], ["batch", "run"], ["batch", "merge"], ["calibrate"]]
 
 
 @pytest.mark.parametrize("args", COMMANDS, ids=lambda a: "-".join(a) or "root")
