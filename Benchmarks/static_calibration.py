@@ -3,8 +3,9 @@
 from 64 samples of 128 tokens (MiniLM-L6's tokenizer), for entropy and percentile calibration: qconvert
 (`calibrate`, then `--calibration`) against onnxruntime's `quantize_static` (QDQ, MatMul/Gemm/Conv, the
 same data and method), one run each. Prints wall time and peak RSS of each and the issue's goal:
-calibration at least 2x faster at no more than 10 % of quantize_static's peak RSS. Then quantize_static
-with its default op types, which fails on MiniLM's attention mask.
+calibration at least 2x faster at no more than 10 % of quantize_static's peak RSS; then how fast the
+float model, qconvert's weight-only and static outputs and quantize_static's run in onnxruntime; then
+quantize_static with its default op types, which fails on MiniLM's attention mask.
 
     .venv/bin/python Benchmarks/static_calibration.py
 """
@@ -71,6 +72,28 @@ def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         ort_child(*sys.argv[2:])
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "--latency":
+        import time
+
+        import onnxruntime as ort
+
+        o = ort.SessionOptions()
+        o.intra_op_num_threads = 1
+        s = ort.InferenceSession(sys.argv[2], o)
+        rng = np.random.default_rng(0)
+        parts = []
+        for batch in (1, 16):
+            ids = rng.integers(1000, 30000, size=(batch, 128)).astype(np.int64)
+            feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+            s.run(None, feeds)
+            times = []
+            for _ in range(15):
+                t = time.perf_counter()
+                s.run(None, feeds)
+                times.append(time.perf_counter() - t)
+            parts.append(f"batch {batch}: {1000 * float(np.median(times)):6.1f} ms")
+        print("   ".join(parts))
+        return
     qconvert = str(REPO / ".build/release/qconvert")
     import importlib.util
     import os
@@ -96,6 +119,17 @@ def main():
         print(f"  qconvert convert     {t2:7.2f} s  peak RSS {r2 / 1e6:7.1f} MB")
         print(f"  quantize_static      {t3:7.2f} s  peak RSS {r3 / 1e6:7.1f} MB")
         print(f"  speed: {t3 / q:.1f}x (goal >= 2x); peak RSS {100 * rq / r3:.0f} % of quantize_static's (goal <= 10 %)")
+    # how fast the outputs run (onnxruntime, one thread, medians of 15 runs), each in its own process
+    wonly = WORK / "minilm-l3-weight-only.onnx"
+    subprocess.run([qconvert, str(src), "-o", str(wonly), "-q"], check=True)
+    qdq = WORK / "minilm-l3-static-qdq.onnx"
+    subprocess.run([qconvert, str(src), "-o", str(qdq), "--calibration", str(stats), "--onnx-form", "qdq", "-q"], check=True)
+    models = {"float": src, "qconvert weight-only": wonly, "qconvert static": WORK / "minilm-l3-static-percentile.onnx",
+              "qconvert static, QDQ weights": qdq, "quantize_static": WORK / "minilm-l3-ort-percentile.onnx"}
+    print("\ninference (onnxruntime, 1 thread, 128 tokens):")
+    for name, path in models.items():
+        out = subprocess.run([sys.executable, __file__, "--latency", str(path)], capture_output=True, text=True, check=True).stdout
+        print(f"  {name:30s} {out.strip()}")
     r = subprocess.run([sys.executable, __file__, "--child", "entropy", str(src), str(WORK / "minilm-l3-ort-default.onnx"), str(npz), "1"], capture_output=True, text=True)
     last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
     print(f"\nquantize_static with its default op types: {'exit ' + str(r.returncode) + ': ' + last if r.returncode else 'ran'}")

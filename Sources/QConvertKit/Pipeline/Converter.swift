@@ -255,9 +255,14 @@ public enum Converter {
                         "\(output): --calibration quantizes an ONNX model's activations; the output is \(writer.name)")
             }
             activations = try ActivationQuantization.parameters(stats, policy: options.policy.activations)
-            // the weights as DequantizeLinear: with the activations' pairs, the pattern onnxruntime fuses
+            // MatMul and Gemm weights keep their form (MatMulNBits under auto: faster at batch 1 than a QDQ
+            // weight, and as fast in batches), and so do embedding tables (GatherBlockQuantized); weights of
+            // the other activation ops (Conv) become DequantizeLinear, which with the activation's pair is
+            // the pattern onnxruntime fuses (QLinearConv)
+            let fused = options.policy.activations.ops.subtracting(["MatMul", "Gemm"])
             for i in planned.indices where planned[i].decision.scheme?.target.isQuantization == true {
-                planned[i].onnxForm = .qdq
+                let ops = ckpt.entries[planned[i].entryIndex].consumerOps
+                if ops.contains(where: { fused.contains($0) }) { planned[i].onnxForm = .qdq }
             }
         }
         try writer.check(&planned, source: ckpt, output: output)

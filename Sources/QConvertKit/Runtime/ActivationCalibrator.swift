@@ -105,22 +105,10 @@ public enum ActivationCalibrator {
     /// outputs, which protobuf merges into the first (repeated fields append). Their type is left to
     /// onnxruntime's inference.
     static func outputsTail(_ names: [String]) -> [UInt8] {
-        func varint(_ v: Int) -> [UInt8] {
-            var v = UInt64(v)
-            var out: [UInt8] = []
-            repeat {
-                let b = UInt8(v & 0x7F)
-                v >>= 7
-                out.append(v != 0 ? b | 0x80 : b)
-            } while v != 0
-            return out
-        }
-        func ld(_ field: Int, _ payload: [UInt8]) -> [UInt8] {
-            varint(field << 3 | 2) + varint(payload.count) + payload
-        }
+        typealias PB = ProtobufBytes
         var graph: [UInt8] = []
-        for n in names { graph += ld(12, ld(1, Array(n.utf8))) }  // GraphProto.output: ValueInfoProto { name }
-        return ld(7, graph)  // ModelProto.graph
+        for n in names { graph += PB.ld(12, PB.text(1, n)) }  // GraphProto.output: ValueInfoProto { name }
+        return PB.ld(7, graph)  // ModelProto.graph
     }
 
     /// The samples of `data`: a folder of .npz files (one run each), or one .npz whose arrays have a

@@ -36,8 +36,27 @@ public enum ActivationQuantization {
         scheme.calibration = calibration
         let (qmin, qmax) = scheme.integerRange
         let levels = (Int(qmax) - Int(qmin) + 1) / 2
-        var out: [ActivationParameters] = []
-        for (name, t) in stats.tensors.sorted(by: { $0.key < $1.key }) where !t.constant {
+        // one tensor per core: entropy and mse search every threshold of a 2048-bin histogram
+        let items = stats.tensors.sorted(by: { $0.key < $1.key }).filter { !$0.value.constant }
+        let results = Box([ActivationParameters?](repeating: nil, count: items.count))
+        let lock = NSLock()
+        let frozen = scheme
+        DispatchQueue.concurrentPerform(iterations: items.count) { k in
+            let p = one(
+                items[k].key, items[k].value, scheme: frozen, levels: levels, qmax: qmax, bins: stats.bins,
+                policy: policy)
+            lock.lock()
+            results.value[k] = p
+            lock.unlock()
+        }
+        return results.value.compactMap { $0 }
+    }
+
+    static func one(
+        _ name: String, _ t: ActivationStats.Tensor, scheme: QuantScheme, levels: Int, qmax: Int32, bins: Int,
+        policy: ActivationPolicy
+    ) -> ActivationParameters {
+        do {
             var (beta, alpha) = (t.min, t.max)
             if policy.mapping == .scale { (beta, alpha) = (-t.amax, t.amax) }
             let amax = t.histogramMax
@@ -45,7 +64,7 @@ public enum ActivationQuantization {
             case let h as any HistogramThresholdCalibration:
                 let i = h.candidate(t.histogram, levels: levels, qmaxSymmetric: Int(qmax))
                 (beta, alpha) = Calibrator.threshold(
-                    i, bins: stats.bins, amax: amax, lo: t.min, hi: t.max, mapping: policy.mapping)
+                    i, bins: bins, amax: amax, lo: t.min, hi: t.max, mapping: policy.mapping)
             case is PercentileCalibration:
                 let total = t.histogram.reduce(0, +) + t.zeros
                 var cum = t.zeros
@@ -58,16 +77,14 @@ public enum ActivationQuantization {
                     }
                 }
                 (beta, alpha) = Calibrator.threshold(
-                    edge, bins: stats.bins, amax: amax, lo: t.min, hi: t.max, mapping: policy.mapping)
+                    edge, bins: bins, amax: amax, lo: t.min, hi: t.max, mapping: policy.mapping)
             default:
                 break  // max: the observed range
             }
             let (s, z) = Quantizer.parameters(beta: beta, alpha: alpha, scheme: scheme)
-            out.append(
-                ActivationParameters(
-                    name: name, target: policy.dtype, beta: beta, alpha: alpha, scale: s, zeroPoint: z,
-                    method: policy.calibration.rawValue))
+            return ActivationParameters(
+                name: name, target: policy.dtype, beta: beta, alpha: alpha, scale: s, zeroPoint: z,
+                method: policy.calibration.rawValue)
         }
-        return out
     }
 }

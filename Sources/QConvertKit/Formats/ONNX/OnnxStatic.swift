@@ -5,8 +5,11 @@ import Foundation
 /// DequantizeLinear this is the QDQ pattern onnxruntime fuses into integer kernels (QLinearMatMul,
 /// QLinearConv).
 extension OnnxSink {
-    func applyActivations(_ params: [ActivationParameters], ops: Set<String>) {
-        guard let g = mainGraph, !params.isEmpty else { return }
+    /// Returns the activations given a pair (those still feeding one of `ops` as the graph now is).
+    @discardableResult
+    func applyActivations(_ params: [ActivationParameters], ops: Set<String>) -> Set<String> {
+        var applied = Set<String>()
+        guard let g = mainGraph, !params.isEmpty else { return applied }
         for a in params {
             // the consumers among the quantizable ops, as the graph is now (weights' forms applied)
             var uses: [(Proto.NodeP, Int)] = []
@@ -17,6 +20,7 @@ extension OnnxSink {
                 for k in 0..<n.pointee.n_input where Proto.string(n.pointee.input[k]) == a.name { uses.append((n, k)) }
             }
             guard !uses.isEmpty else { continue }
+            applied.insert(a.name)
             let qType: Int32 = a.target == .int8 ? 3 : 2
             let sName = model.uniqueName(a.name + "_scale")
             let zName = model.uniqueName(a.name + "_zero_point")
@@ -47,5 +51,6 @@ extension OnnxSink {
                 n.pointee.input[k] = Proto.cstring(dqName)
             }
         }
+        return applied
     }
 }

@@ -187,7 +187,7 @@ final class OnnxSink: CheckpointSink {
             }
             data[outs[0]] = nil
         }
-        applyActivations(options.activations, ops: options.activationOps)
+        let activationPairs = applyActivations(options.activations, ops: options.activationOps)
         let m = model.model
         if needIR > 0 && m.pointee.ir_version < Int64(needIR) {
             m.pointee.ir_version = Int64(needIR)
@@ -196,6 +196,8 @@ final class OnnxSink: CheckpointSink {
         var doc = document
         if doc != nil {
             for (name, edit) in stored { if doc!.tensors[name] != nil { edit(&doc!.tensors[name]!) } }
+            // activations whose consumers became fused weight forms (MatMulNBits) got no pair
+            doc!.activations = doc!.activations?.filter { activationPairs.contains($0.key) }
         }
         setMetadata(MetadataDocument.entries(metadata, doc))
         try write()

@@ -1,4 +1,4 @@
-/// Protobuf wire bytes written by hand, for tests that build ONNX models without a library.
+/// Protobuf wire bytes written by hand: fields appended to a model (calibration), and test models.
 enum ProtobufBytes {
     static func varint(_ v: Int) -> [UInt8] {
         var v = UInt64(v)
