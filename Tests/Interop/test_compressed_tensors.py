@@ -414,3 +414,18 @@ def test_a_pytorch_model_bin_folder_becomes_a_safetensors_model_folder(tmp_path,
         assert torch.equal(got[k], want[k]), k
     assert json.loads((tmp_path / "q" / "config.json").read_text()) == json.loads((tmp_path / "ref" / "config.json").read_text())
     forward(tmp_path / "q", torch.tensor([[1, 2, 3]]))
+
+
+def test_a_broken_config_json_only_stops_a_folder_input(tmp_path):
+    """A single .safetensors file beside an unrelated, unreadable config.json is read on its own; a
+    model folder whose config.json is broken is refused in one line."""
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    save_file({"w.weight": np.ones((64, 64), np.float32)}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text("{not json")
+    run(folder / "model.safetensors", "-o", tmp_path / "one.safetensors", "-q")
+    r = subprocess.run([QCONVERT, str(folder), "-o", str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 3 and "config.json is not valid JSON" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -8,8 +8,6 @@ public struct HFModelFolder: Sendable {
     public let folder: String
     /// config.json, parsed (an object).
     public let config: JSONValue
-    /// Paths relative to the folder of every file that is not a weight file, sorted.
-    public let companions: [String]
     /// True when the input named the folder itself (not one weight file inside it).
     public let namedAsFolder: Bool
 
@@ -26,27 +24,38 @@ public struct HFModelFolder: Sendable {
     static let maxConfigBytes = 16 << 20
 
     /// The model folder an input path belongs to: the path itself when it is a folder with config.json,
-    /// or the folder of a weight file with config.json beside it; nil otherwise.
+    /// or the folder of a weight file with config.json beside it; nil otherwise. A folder's config.json
+    /// that cannot be read is an error; one beside a single file only means the file is read on its own.
     public static func detect(input path: String) throws -> HFModelFolder? {
         var isDir: ObjCBool = false
         guard FileManager.default.fileExists(atPath: path, isDirectory: &isDir) else { return nil }
         let folder = isDir.boolValue ? path : URL(fileURLWithPath: path).deletingLastPathComponent().path
         let configPath = folder + "/config.json"
         guard FileManager.default.fileExists(atPath: configPath) else { return nil }
-        let attributes = try? FileManager.default.attributesOfItem(atPath: configPath)
-        if let size = attributes?[.size] as? Int, size > maxConfigBytes {
-            throw QConvertError.badInput(path: configPath, message: "config.json is larger than 16 MB")
+        do {
+            let attributes = try? FileManager.default.attributesOfItem(atPath: configPath)
+            if let size = attributes?[.size] as? Int, size > maxConfigBytes {
+                throw QConvertError.badInput(path: configPath, message: "config.json is larger than 16 MB")
+            }
+            guard let data = FileManager.default.contents(atPath: configPath) else {
+                throw QConvertError.io(path: configPath, message: "cannot read config.json")
+            }
+            let config: JSONValue
+            do { config = try data.withUnsafeBytes { try JSONParser.parse($0) } } catch {
+                throw QConvertError.badInput(path: configPath, message: "config.json is not valid JSON: \(error)")
+            }
+            guard config.objectValue != nil else {
+                throw QConvertError.badInput(path: configPath, message: "config.json is not a JSON object")
+            }
+            return HFModelFolder(folder: folder, config: config, namedAsFolder: isDir.boolValue)
+        } catch where !isDir.boolValue {
+            return nil
         }
-        guard let data = FileManager.default.contents(atPath: configPath) else {
-            throw QConvertError.io(path: configPath, message: "cannot read config.json")
-        }
-        let config: JSONValue
-        do { config = try data.withUnsafeBytes { try JSONParser.parse($0) } } catch {
-            throw QConvertError.badInput(path: configPath, message: "config.json is not valid JSON: \(error)")
-        }
-        guard config.objectValue != nil else {
-            throw QConvertError.badInput(path: configPath, message: "config.json is not a JSON object")
-        }
+    }
+
+    /// Paths relative to the folder of every file that is not a weight file, sorted: what a folder output
+    /// copies. Walked only then (a single file beside a config.json may sit in a large folder).
+    public func companions() throws -> [String] {
         var companions: [String] = []
         if let walker = FileManager.default.enumerator(atPath: folder) {
             while let rel = walker.nextObject() as? String {
@@ -57,16 +66,15 @@ public struct HFModelFolder: Sendable {
                     walker.skipDescendants()  // hidden folders (.git, .cache) and temporaries; .gitattributes travels
                     continue
                 }
-                guard !d.boolValue, !isWeightFile(rel) else { continue }
+                guard !d.boolValue, !Self.isWeightFile(rel) else { continue }
                 companions.append(rel)
-                if companions.count > maxCompanions {
+                if companions.count > Self.maxCompanions {
                     throw QConvertError.badInput(
-                        path: folder, message: "holds more than \(maxCompanions) files; not a model folder")
+                        path: folder, message: "holds more than \(Self.maxCompanions) files; not a model folder")
                 }
             }
         }
-        return HFModelFolder(
-            folder: folder, config: config, companions: companions.sorted(), namedAsFolder: isDir.boolValue)
+        return companions.sorted()
     }
 
     /// The model's float type from config.json (`torch_dtype`, or `dtype` as transformers 5 writes it).

@@ -70,7 +70,7 @@ public struct SafetensorsWriter: FormatWriter {
                 folder: folder, plan: plan, tensors: tensors, metadataHint: options.metadataSizeHint)
             if let hf = source.hfModel, folder != nil {
                 // a model folder in, a model folder out: its other files travel with the weights
-                sink.folderFiles = hf.companions.map { .copy(from: hf.folder + "/" + $0, to: $0) }
+                sink.folderFiles = try hf.companions().map { .copy(from: hf.folder + "/" + $0, to: $0) }
                 // config.json describes the layout written: a compressed-tensors input read as floats and
                 // written in another layout loses its quantization_config
                 let describe = options.layout == .compressedTensors
