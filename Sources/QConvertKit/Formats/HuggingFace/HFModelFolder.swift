@@ -48,7 +48,7 @@ public struct HFModelFolder: Sendable {
                 throw QConvertError.badInput(path: configPath, message: "config.json is not a JSON object")
             }
             return HFModelFolder(folder: folder, config: config, namedAsFolder: isDir.boolValue)
-        } catch where !isDir.boolValue {
+        } catch  where !isDir.boolValue {
             return nil
         }
     }
