@@ -51,6 +51,7 @@ struct CalibrateCommand: ParsableCommand {
 
     func run() throws {
         try runReportingErrors {
+            try PathGuard.checkOutput(output, inputPaths: [model, data])
             let rt = try OnnxRuntime.load(explicit: onnxruntime)
             let start = Date()
             let tty = isatty(STDERR_FILENO) != 0 && !quiet

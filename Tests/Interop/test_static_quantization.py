@@ -204,3 +204,16 @@ def test_statistics_from_another_tool_are_taken(tmp_path):
     z = int(np.clip(0 - np.round(np.float32(0.0) / s), 0, 255))
     assert np.float32(r1["scale"]) == s and r1["zero_point"] == z and r1["range"] == [0.0, 3.0]
     assert inits["r1_scale"] == s and int(inits["r1_zero_point"]) == z
+
+
+def test_calibrate_never_writes_over_its_model_or_samples(tmp_path):
+    cnn(tmp_path / "cnn.onnx")
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 3, 32, 32), np.float32))
+    (tmp_path / "samples").mkdir()
+    np.savez(tmp_path / "samples" / "0.npz", x=np.zeros((1, 3, 32, 32), np.float32))
+    before = {p: p.read_bytes() for p in [tmp_path / "cnn.onnx", tmp_path / "d.npz", tmp_path / "samples" / "0.npz"]}
+    for data, out in [("d.npz", "cnn.onnx"), ("d.npz", "d.npz"), ("samples", "samples/0.npz")]:
+        r = subprocess.run([QCONVERT, "calibrate", str(tmp_path / "cnn.onnx"), "--data", str(tmp_path / data), "-o", str(tmp_path / out)],
+                           capture_output=True, text=True)
+        assert r.returncode == 64 and len(r.stderr.strip().splitlines()) == 1 and "no file was changed" in r.stderr, r.stderr
+    assert all(p.read_bytes() == b for p, b in before.items())

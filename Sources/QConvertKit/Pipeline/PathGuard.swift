@@ -57,6 +57,23 @@ public enum PathGuard {
         }
     }
 
+    /// Refuses (before anything is run) an output that is one of `inputs` (files, or folders and the files
+    /// in them), by identity.
+    public static func checkOutput(_ output: String, inputPaths: [String]) throws {
+        var paths = inputPaths
+        for p in inputPaths where isDirectory(p) {
+            paths += ((try? FileManager.default.contentsOfDirectory(atPath: p)) ?? []).map { p + "/" + $0 }
+        }
+        let inputs = Set(paths.compactMap(identity))
+        for p in outputPaths(output) {
+            guard let id = identity(p), inputs.contains(id) else { continue }
+            throw QConvertError.usage(
+                message:
+                    "\(output): the output would overwrite \(p), which the run reads; choose another output path (no file was changed)"
+            )
+        }
+    }
+
     /// Refuses a report path that names the input (or, for a folder input, a file in it) or the output,
     /// or whose folder does not exist.
     public static func checkReport(_ report: String, input: String, output: String?) throws {
