@@ -165,15 +165,17 @@ public enum ActivationCalibrator {
                             "array '\(e.name)' is \(e.dtype.rawValue), the model input takes ONNX type \(info.elementType)"
                     )
                 }
-                var bytes = try e.bytes.withUnsafeBytes { [UInt8]($0) }
                 var shape = e.shape.map(Int64.init)
+                var range = 0..<e.bytes.count
                 if stacked != nil {
-                    let per = bytes.count / Swift.max(e.shape[0], 1)
+                    // only this run's rows of the stacked arrays
+                    let per = e.bytes.count / Swift.max(e.shape[0], 1)
                     let first = i * Self.batch
                     let n = Swift.min(Self.batch, e.shape[0] - first)
-                    bytes = Array(bytes[(first * per)..<((first + n) * per)])
+                    range = (first * per)..<((first + n) * per)
                     shape[0] = Int64(n)
                 }
+                let bytes = try e.bytes.withUnsafeBytes { [UInt8](UnsafeRawBufferPointer(rebasing: $0[range])) }
                 return .init(name: info.name, elementType: type, shape: shape, bytes: bytes)
             }
         }

@@ -354,18 +354,23 @@ public final class OrtSessionHandle {
         typealias TypeAndShape = @convention(c) (P, UnsafeMutablePointer<P?>) -> OnnxRuntime.Status
         typealias Data = @convention(c) (P, UnsafeMutablePointer<UnsafeMutableRawPointer?>) -> OnnxRuntime.Status
         typealias ElementCount = @convention(c) (P, UnsafeMutablePointer<Int>) -> OnnxRuntime.Status
-        var storage = feeds.map(\.bytes)
+        // onnxruntime reads the inputs in place for the whole run: they live in buffers of our own,
+        // freed after it (an array's storage is only borrowed inside its closure)
+        let buffers = feeds.map { f -> UnsafeMutableRawBufferPointer in
+            let b = UnsafeMutableRawBufferPointer.allocate(byteCount: Swift.max(f.bytes.count, 1), alignment: 64)
+            f.bytes.withUnsafeBytes { b.copyMemory(from: $0) }
+            return b
+        }
+        defer { for b in buffers { b.deallocate() } }
         var values: [P?] = []
         defer { for v in values { if let v { rt.fn(.releaseValue, as: Release.self)(v) } } }
         for (i, f) in feeds.enumerated() {
             var v: P? = nil
-            try storage[i].withUnsafeMutableBytes { b in
-                try f.shape.withUnsafeBufferPointer { s in
-                    try rt.check(
-                        rt.fn(.createTensorWithDataAsOrtValue, as: Create.self)(
-                            rt.memoryInfo, b.baseAddress ?? UnsafeMutableRawPointer(bitPattern: 16)!, b.count,
-                            s.baseAddress ?? UnsafePointer(bitPattern: 8)!, s.count, f.elementType, &v), name)
-                }
+            try f.shape.withUnsafeBufferPointer { s in
+                try rt.check(
+                    rt.fn(.createTensorWithDataAsOrtValue, as: Create.self)(
+                        rt.memoryInfo, buffers[i].baseAddress!, f.bytes.count,
+                        s.baseAddress ?? UnsafePointer(bitPattern: 8)!, s.count, f.elementType, &v), name)
             }
             values.append(v)
         }
@@ -376,10 +381,8 @@ public final class OrtSessionHandle {
         defer { for r in results { if let r { rt.fn(.releaseValue, as: Release.self)(r) } } }
         let ins = inNames.map { UnsafePointer($0) }
         let outs = outNames.map { UnsafePointer($0) }
-        try storage.withUnsafeMutableBufferPointer { _ in
-            try rt.check(
-                rt.fn(.run, as: Run.self)(session, nil, ins, values, values.count, outs, outs.count, &results), name)
-        }
+        try rt.check(
+            rt.fn(.run, as: Run.self)(session, nil, ins, values, values.count, outs, outs.count, &results), name)
         for (k, r) in results.enumerated() {
             guard let r else { continue }
             var info: P? = nil
