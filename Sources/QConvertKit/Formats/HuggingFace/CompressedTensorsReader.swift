@@ -145,7 +145,9 @@ enum CompressedTensorsReader {
             let bits = g.bits
             let isFloat = g.float
             let groupSize = g.groupSize ?? cols
-            let strategy = g.strategy
+            // parameter of element (r, c): r · rowStride + c / groupSize (per tensor: 0; per channel: r)
+            let rowStride = g.strategy == "tensor" ? 0 : groupsPerRow
+            let columnsPerParameter = g.strategy == "group" ? groupSize : Int.max
             let count = rows * cols * outType.bits / 8
             let bytes = TensorBytes.deferred(
                 DeferredBytes(count: count, path: path, what: "tensor '\(module).weight' (compressed-tensors)") {
@@ -174,9 +176,7 @@ enum CompressedTensorsReader {
                         let mask = UInt64((1 << bits) - 1)
                         for r in 0..<rows {
                             for c in 0..<cols {
-                                let p =
-                                    strategy == "tensor"
-                                    ? 0 : r * groupsPerRow + (strategy == "group" ? c / groupSize : 0)
+                                let p = r * rowStride + c / columnsPerParameter
                                 let v: Float
                                 if packed {
                                     let bit = c * bits
