@@ -27,13 +27,14 @@ public struct GGUFWriter: FormatWriter {
     }
 
     /// The GGUF form of a Hugging Face model input (nil for a GGUF or plain input: names kept as they are).
+    /// Built once, when the output opens: before any tensor is quantized, so a refused architecture or
+    /// tokenizer costs no work and leaves no file.
     static func hfModel(_ source: Checkpoint, names: [String]) throws -> GGUFModel? {
         guard let hf = source.hfModel, !(source.container is GGUFContainer) else { return nil }
         return try GGUFArchitecture.model(hf, tensorNames: names)
     }
 
     public func check(_ plans: inout [TensorPlan], source: Checkpoint, output: String) throws {
-        _ = try Self.hfModel(source, names: plans.map(\.name))
         // llama.cpp aborts on norms and biases cast to 16 bits (measured with SmolLM2 and --preset fp16):
         // 1-D tensors keep their float type, as llama.cpp's own F16 and BF16 files have them
         for i in plans.indices where plans[i].shape.count < 2 && plans[i].decision.scheme?.target.isCast == true {
