@@ -429,3 +429,28 @@ def test_a_broken_config_json_only_stops_a_folder_input(tmp_path):
     r = subprocess.run([QCONVERT, str(folder), "-o", str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode == 3 and "config.json is not valid JSON" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_config_target_cannot_make_reading_take_exponential_time(tmp_path):
+    """Targets are regular expressions from the file: they are matched in linear time, as policy
+    patterns are. A backtracking matcher spent 0.6 s on each of these modules (its time limit)."""
+    import time
+
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    tensors = {}
+    for k in range(40):
+        name = "a" * 28 + f"!{k}"
+        tensors |= {f"{name}.weight_packed": np.zeros((4, 1), np.int32), f"{name}.weight_scale": np.ones((4, 1), np.float32),
+                    f"{name}.weight_shape": np.array([4, 8], np.int64)}
+    save_file(tensors, str(folder / "model.safetensors"))
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel"}
+    cfg = {"architectures": ["X"], "quantization_config": {"quant_method": "compressed-tensors", "quantization_status": "compressed",
+           "config_groups": {"g": {"targets": ["re:(a+)+b"], "weights": weights}, "h": {"targets": ["re:(a|aa)+!"], "weights": weights}}}}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    start = time.perf_counter()
+    r = subprocess.run([QCONVERT, "inspect", str(folder)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "40 tensors are stored quantized" in r.stdout, r.stderr
+    assert time.perf_counter() - start < 5

@@ -65,4 +65,21 @@ import Testing
             #expect((hit != nil) == pattern.contains("up_proj"))
         }
     }
+
+    /// The reader selects modules with the targets the writer makes (prefix match, as Python's re.match).
+    @Test func readerSelectsWhatTheWriterTargets() throws {
+        let target = CompressedTensors.pattern("model.layers.0.mlp.up_proj", general: true)
+        let config = try JSONParser.parse(
+            """
+            {"quantization_config": {"quant_method": "compressed-tensors", "config_groups": {
+              "a": {"targets": ["\(target.replacingOccurrences(of: "\\", with: "\\\\"))"], "weights": {"num_bits": 4}},
+              "b": {"targets": ["Linear"], "weights": {"num_bits": 8}}}}}
+            """)
+        let groups = try #require(try CompressedTensorsReader.groups(config, path: "config.json"))
+        #expect(CompressedTensorsReader.selects(groups[0], "model.layers.17.mlp.up_proj"))
+        #expect(CompressedTensorsReader.selects(groups[0], "base.model.layers.3.mlp.up_proj"))
+        #expect(!CompressedTensorsReader.selects(groups[0], "model.layers.3.mlp.up_proj_2"))
+        #expect(!CompressedTensorsReader.selects(groups[0], "model.layers.3.mlp.down_proj"))
+        #expect(CompressedTensorsReader.selects(groups[1], "anything.at_all"))
+    }
 }

@@ -9,6 +9,8 @@ import Foundation
 enum CompressedTensorsReader {
     struct Group {
         var targets: [String]
+        /// The `re:` targets compiled once, as policy patterns are (linear time: the file is input).
+        var patterns: [NamePattern]
         var bits: Int
         var float: Bool
         var strategy: String
@@ -40,19 +42,26 @@ enum CompressedTensorsReader {
             }
             let gs = w["group_size"]?.nonNegativeInt
             if strategy == "group" && (gs ?? 0) < 1 { throw bad("group '\(name)': no group_size") }
-            out.append(Group(targets: targets, bits: bits, float: type == "float", strategy: strategy, groupSize: gs))
+            // re.match semantics: anchored at the start only; a pattern the linear matcher cannot take
+            // (look-around, back-references) selects nothing
+            let patterns = targets.filter { $0.hasPrefix("re:") }.compactMap {
+                NamePattern("re:(?:" + $0.dropFirst(3) + ").*")
+            }
+            out.append(
+                Group(
+                    targets: targets, patterns: patterns, bits: bits, float: type == "float", strategy: strategy,
+                    groupSize: gs))
         }
         return out
     }
 
-    static func matches(_ module: String, _ target: String) -> Bool {
-        if target.hasPrefix("re:") {
-            guard let re = try? NSRegularExpression(pattern: String(target.dropFirst(3))) else { return false }
-            return re.firstMatch(
-                in: module, options: [.anchored], range: NSRange(module.startIndex..., in: module)) != nil
-        }
-        // a class name (Linear) selects every module holding quantized weights; anything else is a name
-        return target == module || !target.contains(".") && target.first?.isUppercase == true
+    /// Whether a group selects a module: a `re:` target matching its name, the name itself, or a class
+    /// name (Linear), which selects every module holding quantized weights.
+    static func selects(_ g: Group, _ module: String) -> Bool {
+        g.patterns.contains { $0.matches(module) }
+            || g.targets.contains { t in
+                !t.hasPrefix("re:") && (t == module || !t.contains(".") && t.first?.isUppercase == true)
+            }
     }
 
     /// The entries of the float model, and the names of the weights dequantized on read.
@@ -79,7 +88,7 @@ enum CompressedTensorsReader {
                 continue
             }
             guard
-                let g = groups.first(where: { g in g.targets.contains { matches(module, $0) } })
+                let g = groups.first(where: { selects($0, module) })
                     ?? (groups.count == 1 ? groups[0] : nil)
             else { throw bad("'\(e.name)': no config group of quantization_config selects module '\(module)'") }
             guard let scale = byName[module + ".weight_scale"] else { throw bad("'\(e.name)' has no weight_scale") }
