@@ -4,7 +4,8 @@ from 64 samples of 128 tokens (MiniLM-L6's tokenizer), for entropy and percentil
 (`calibrate`, then `--calibration`) against onnxruntime's `quantize_static` (QDQ, MatMul/Gemm/Conv, the
 same data and method), one run each. Prints wall time and peak RSS of each and the issue's goal:
 calibration at least 2x faster at no more than 10 % of quantize_static's peak RSS; then how fast the
-float model, qconvert's weight-only and static outputs and quantize_static's run in onnxruntime; then
+float model, qconvert's weight-only and static outputs and quantize_static's run in onnxruntime (one
+process, interleaved runs); then
 quantize_static with its default op types, which fails on MiniLM's attention mask.
 
     .venv/bin/python Benchmarks/static_calibration.py
@@ -73,26 +74,28 @@ def main():
         ort_child(*sys.argv[2:])
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--latency":
+        # every model in one process, runs interleaved (round robin), medians: drift on a shared machine
+        # moves them all alike
         import time
 
         import onnxruntime as ort
 
-        o = ort.SessionOptions()
-        o.intra_op_num_threads = 1
-        s = ort.InferenceSession(sys.argv[2], o)
-        rng = np.random.default_rng(0)
-        parts = []
-        for batch in (1, 16):
-            ids = rng.integers(1000, 30000, size=(batch, 128)).astype(np.int64)
-            feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-            s.run(None, feeds)
-            times = []
-            for _ in range(15):
+        batch = int(sys.argv[2])
+        sessions = []
+        for path in sys.argv[3:]:
+            o = ort.SessionOptions()
+            o.intra_op_num_threads = 1
+            sessions.append(ort.InferenceSession(path, o))
+        ids = np.random.default_rng(0).integers(1000, 30000, size=(batch, 128)).astype(np.int64)
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        times = [[] for _ in sessions]
+        for r in range(2 + max(8, 240 // batch)):
+            for i, s in enumerate(sessions):
                 t = time.perf_counter()
                 s.run(None, feeds)
-                times.append(time.perf_counter() - t)
-            parts.append(f"batch {batch}: {1000 * float(np.median(times)):6.1f} ms")
-        print("   ".join(parts))
+                if r >= 2:
+                    times[i].append(time.perf_counter() - t)
+        print(" ".join(f"{1000 * float(np.median(t)):.2f}" for t in times))
         return
     qconvert = str(REPO / ".build/release/qconvert")
     import importlib.util
@@ -119,17 +122,25 @@ def main():
         print(f"  qconvert convert     {t2:7.2f} s  peak RSS {r2 / 1e6:7.1f} MB")
         print(f"  quantize_static      {t3:7.2f} s  peak RSS {r3 / 1e6:7.1f} MB")
         print(f"  speed: {t3 / q:.1f}x (goal >= 2x); peak RSS {100 * rq / r3:.0f} % of quantize_static's (goal <= 10 %)")
-    # how fast the outputs run (onnxruntime, one thread, medians of 15 runs), each in its own process
+    # how fast the outputs run (onnxruntime, one thread)
     wonly = WORK / "minilm-l3-weight-only.onnx"
     subprocess.run([qconvert, str(src), "-o", str(wonly), "-q"], check=True)
     qdq = WORK / "minilm-l3-static-qdq.onnx"
     subprocess.run([qconvert, str(src), "-o", str(qdq), "--calibration", str(stats), "--onnx-form", "qdq", "-q"], check=True)
     models = {"float": src, "qconvert weight-only": wonly, "qconvert static": WORK / "minilm-l3-static-percentile.onnx",
-              "qconvert static, QDQ weights": qdq, "quantize_static": WORK / "minilm-l3-ort-percentile.onnx"}
-    print("\ninference (onnxruntime, 1 thread, 128 tokens):")
-    for name, path in models.items():
-        out = subprocess.run([sys.executable, __file__, "--latency", str(path)], capture_output=True, text=True, check=True).stdout
-        print(f"  {name:30s} {out.strip()}")
+              "qconvert static, --onnx-form qdq": qdq, "quantize_static": WORK / "minilm-l3-ort-percentile.onnx"}
+    print("\ninference (onnxruntime, 1 thread, 128 tokens, ms, medians of interleaved runs):")
+    columns = {}
+    for batch in (1, 16):
+        out = subprocess.run([sys.executable, __file__, "--latency", str(batch)] + [str(p) for p in models.values()],
+                             capture_output=True, text=True, check=True).stdout
+        columns[batch] = [float(x) for x in out.split()]
+    for k, name in enumerate(models):
+        print(f"  {name:34s} batch 1: {columns[1][k]:7.2f}   batch 16: {columns[16][k]:8.2f}")
+    s1, w1 = columns[1][2], columns[1][1]
+    s16, w16 = columns[16][2], columns[16][1]
+    print(f"  static against weight-only: batch 1 {100 * (w1 - s1) / w1:+.1f} %, batch 16 {100 * (w16 - s16) / w16:+.1f} % faster;"
+          f" against float {columns[1][0] / s1:.1f}x / {columns[16][0] / s16:.1f}x")
     r = subprocess.run([sys.executable, __file__, "--child", "entropy", str(src), str(WORK / "minilm-l3-ort-default.onnx"), str(npz), "1"], capture_output=True, text=True)
     last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
     print(f"\nquantize_static with its default op types: {'exit ' + str(r.returncode) + ': ' + last if r.returncode else 'ran'}")

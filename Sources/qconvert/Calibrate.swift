@@ -8,8 +8,9 @@ struct CalibrateCommand: ParsableCommand {
         abstract: "Run a float ONNX model on sample inputs and record its activation statistics.",
         discussion: """
             For every activation a MatMul, Gemm or Conv consumes: count, min, max and a histogram of |x|, \
-            gathered in two passes over the samples (ranges, then histograms) so that memory does not grow \
-            with their number. Values of magnitude ≥ 1e30 (attention masks' −3.4e38) are counted and left out; exact \
+            gathered while streaming over the samples, so that memory does not grow with their number: by \
+            default in one pass (each histogram's range grows by doubling; 1.5x faster), with --passes 2 in \
+            two (ranges, then histograms over exactly [0, max |x|]). Values of magnitude ≥ 1e30 (attention masks' −3.4e38) are counted and left out; exact \
             zeros are counted apart from the histogram. \
             The statistics feed static quantization: qconvert MODEL.onnx -o OUT.onnx --calibration STATS. \
             Layout: Schemas/calibration.schema.json.
@@ -39,6 +40,13 @@ struct CalibrateCommand: ParsableCommand {
     @Option(name: .long, help: "Histogram bins per tensor.")
     var bins: Int = 2048
 
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "1: one run per sample; each histogram's range starts at the first run's max |x| and doubles as needed (ending below twice the max). 2: a first run for the ranges, a second for histograms over exactly [0, max |x|]."
+        ))
+    var passes: Int = 1
+
     @Option(name: .long, help: ArgumentHelp("libonnxruntime.so to load.", valueName: "path"))
     var onnxruntime: String?
 
@@ -47,6 +55,7 @@ struct CalibrateCommand: ParsableCommand {
 
     func validate() throws {
         guard (16...(1 << 20)).contains(bins) else { throw ValidationError("--bins is 16 to 1048576") }
+        guard passes == 1 || passes == 2 else { throw ValidationError("--passes is 1 or 2") }
     }
 
     func run() throws {
@@ -55,7 +64,8 @@ struct CalibrateCommand: ParsableCommand {
             let rt = try OnnxRuntime.load(explicit: onnxruntime)
             let start = Date()
             let tty = isatty(STDERR_FILENO) != 0 && !quiet
-            let stats = try ActivationCalibrator.run(model: model, data: data, runtime: rt, bins: bins) {
+            let stats = try ActivationCalibrator.run(model: model, data: data, runtime: rt, bins: bins, passes: passes)
+            {
                 pass, i, n in
                 if tty { FileHandle.standardError.write(Data("\r\(pass): sample \(i + 1)/\(n)   ".utf8)) }
             }

@@ -60,6 +60,57 @@ import Testing
         #expect(got == [1, 2, 8, 10])
     }
 
+    /// y for x = [[1, 0, 0], [0, 1, 1]] from a session of `path`.
+    func product(_ rt: OnnxRuntime, path: String) throws -> [Float] {
+        let s = try rt.session(path: path, name: path)
+        let x: [Float] = [1, 0, 0, 0, 1, 1]
+        var got: [Float] = []
+        try s.run(
+            [.init(name: "x", elementType: 1, shape: [2, 3], bytes: x.withUnsafeBytes { Array($0) })], outputs: ["y"]
+        ) { _, _, values in got = Array(values) }
+        return got
+    }
+
+    /// calibrate's copy of a model: W moves to the data file at an aligned offset, the graph gains the
+    /// tail, and onnxruntime computes the same product from it; a source whose W is already external data
+    /// (beside it) is copied the same way.
+    @Test func runnableCopyMovesWeightsToAMappedDataFile() throws {
+        let rt = try runtime()
+        let dir = NSTemporaryDirectory() + "/qconvert-runnable-\(getpid())"
+        try? FileManager.default.removeItem(atPath: dir)
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let source = dir + "/m.onnx"
+        try Data(Self.model()).write(to: URL(fileURLWithPath: source))
+        #expect(try product(rt, path: source) == [1, 2, 8, 10])
+        let copy = dir + "/copy.onnx"
+        try RunnableCopy.write(MappedFile(path: source), sourcePath: source, model: copy, tail: [], threshold: 16)
+        let data = try Data(contentsOf: URL(fileURLWithPath: copy + ".data"))
+        let w: [Float] = [1, 2, 3, 4, 5, 6]
+        #expect(data == Data(w.withUnsafeBytes { Array($0) }))
+        let text = try Data(contentsOf: URL(fileURLWithPath: copy))
+        #expect(text.range(of: data) == nil)  // the weight's bytes are only in the data file
+        #expect(try product(rt, path: copy) == [1, 2, 8, 10])
+
+        // the copy as a source: its external W is copied again, into the next data file
+        let again = dir + "/again.onnx"
+        try RunnableCopy.write(MappedFile(path: copy), sourcePath: copy, model: again, tail: [], threshold: 16)
+        #expect(try Data(contentsOf: URL(fileURLWithPath: again + ".data")) == data)
+        #expect(try product(rt, path: again) == [1, 2, 8, 10])
+
+        // an external location leaving the model's folder is refused, naming the tensor
+        var hostile = Self.model()
+        let entries = PB.ld(13, PB.text(1, "location") + PB.text(2, "../x.bin")) + [0x70, 1]
+        let tensor: [UInt8] = [0x08, 3, 0x08, 2, 0x10, 1] + PB.text(8, "W") + entries
+        hostile = [0x08, 8] + PB.ld(8, [0x10, 17]) + PB.ld(7, PB.ld(5, tensor))
+        try Data(hostile).write(to: URL(fileURLWithPath: dir + "/h.onnx"))
+        #expect(throws: QConvertError.self) {
+            try RunnableCopy.write(
+                MappedFile(path: dir + "/h.onnx"), sourcePath: dir + "/h.onnx", model: dir + "/h2.onnx", tail: [])
+        }
+        #expect(!FileManager.default.fileExists(atPath: dir + "/h2.onnx"))
+    }
+
     @Test func errorsCarryOnnxruntimesMessage() throws {
         let rt = try runtime()
         #expect(throws: QConvertError.self) { try rt.session(model: [0x08, 8, 0x3A, 0x05, 1, 2], name: "bad.onnx") }

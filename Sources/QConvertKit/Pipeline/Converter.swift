@@ -255,14 +255,12 @@ public enum Converter {
                         "\(output): --calibration quantizes an ONNX model's activations; the output is \(writer.name)")
             }
             activations = try ActivationQuantization.parameters(stats, policy: options.policy.activations)
-            // MatMul and Gemm weights keep their form (MatMulNBits under auto: faster at batch 1 than a QDQ
-            // weight, and as fast in batches), and so do embedding tables (GatherBlockQuantized); weights of
-            // the other activation ops (Conv) become DequantizeLinear, which with the activation's pair is
-            // the pattern onnxruntime fuses (QLinearConv)
-            let fused = options.policy.activations.ops.subtracting(["MatMul", "Gemm"])
+            // weights take the forms onnxruntime runs as integer kernels with the activations' quantization
+            let paired = Set(activations.map(\.name))
             for i in planned.indices where planned[i].decision.scheme?.target.isQuantization == true {
-                let ops = ckpt.entries[planned[i].entryIndex].consumerOps
-                if ops.contains(where: { fused.contains($0) }) { planned[i].onnxForm = .qdq }
+                OnnxForms.applyStatic(
+                    &planned[i], source: ckpt, consumerOps: ckpt.entries[planned[i].entryIndex].consumerOps,
+                    activations: paired, ops: options.policy.activations.ops)
             }
         }
         try writer.check(&planned, source: ckpt, output: output)

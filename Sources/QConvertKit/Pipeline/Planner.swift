@@ -39,6 +39,9 @@ public struct TensorPlan: Sendable {
     public var accuracyLevel: Int = 4
     /// ONNX: the form the writer chose and why (filled in by the ONNX writer's check, shown by plan).
     public var onnxFormChosen: String?
+    /// Under static activation quantization: every activation this weight multiplies has a static pair,
+    /// so a MatMul/Gemm weight can take the static integer form (QuantizeLinear + MatMulIntegerToFloat).
+    public var activationsStatic = false
     /// Estimated seconds of one core that calibrating this tensor takes (0 for max).
     public var calibrationSeconds: Double = 0
 

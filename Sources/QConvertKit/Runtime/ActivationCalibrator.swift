@@ -13,71 +13,36 @@ public enum ActivationCalibrator {
         var nodes: [(op: String, domain: String, inputs: [String], outputs: [String])] = []
         var initializers = Set<String>()
         var outputs = Set<String>()
-        var external = false
 
         init(_ b: UnsafeRawBufferPointer, path: String) throws {
             _ = try OnnxWireCheck.check(b)  // lengths within their messages, nesting bounded
-            func varint(_ p: inout Int, _ end: Int) throws -> UInt64 {
-                var v: UInt64 = 0
-                var shift: UInt64 = 0
-                while p < end, shift < 64 {
-                    let byte = b[p]
-                    p += 1
-                    v |= UInt64(byte & 0x7F) << shift
-                    if byte < 0x80 { return v }
-                    shift += 7
-                }
-                throw QConvertError.badInput(path: path, message: "a truncated varint")
-            }
-            /// (field, wire type, payload range or varint value) of each field in [start, end).
-            func fields(_ start: Int, _ end: Int, _ body: (UInt64, Int, Int, Int, UInt64) throws -> Void) throws {
-                var p = start
-                while p < end {
-                    let key = try varint(&p, end)
-                    let wire = Int(key & 7)
-                    switch wire {
-                    case 0: try body(key >> 3, wire, p, p, try varint(&p, end))
-                    case 1: p += 8
-                    case 5: p += 4
-                    case 2:
-                        let n = Int(try varint(&p, end))
-                        guard n >= 0, n <= end - p else {
-                            throw QConvertError.badInput(path: path, message: "a length beyond its message")
-                        }
-                        try body(key >> 3, wire, p, p + n, 0)
-                        p += n
-                    default: throw QConvertError.badInput(path: path, message: "wire type \(wire)")
-                    }
-                }
-            }
-            func text(_ s: Int, _ e: Int) -> String {
-                String(decoding: UnsafeRawBufferPointer(rebasing: b[s..<e]), as: UTF8.self)
-            }
-            try fields(0, b.count) { f, w, s, e, _ in
-                guard f == 7, w == 2 else { return }  // ModelProto.graph
-                try fields(s, e) { f, w, s, e, _ in
-                    guard w == 2 else { return }
-                    switch f {
+            let w = WireFields(bytes: b, path: path)
+            try w.each(0..<b.count) { f in
+                guard f.number == 7, f.wire == 2 else { return }  // ModelProto.graph
+                try w.each(f.payload) { g in
+                    guard g.wire == 2 else { return }
+                    switch g.number {
                     case 1:  // NodeProto: input 1, output 2, op_type 4, domain 7
                         var node = (op: "", domain: "", inputs: [String](), outputs: [String]())
-                        try fields(s, e) { f, w, s, e, _ in
-                            guard w == 2 else { return }
-                            switch f {
-                            case 1: node.inputs.append(text(s, e))
-                            case 2: node.outputs.append(text(s, e))
-                            case 4: node.op = text(s, e)
-                            case 7: node.domain = text(s, e)
+                        try w.each(g.payload) { n in
+                            guard n.wire == 2 else { return }
+                            switch n.number {
+                            case 1: node.inputs.append(w.text(n.payload))
+                            case 2: node.outputs.append(w.text(n.payload))
+                            case 4: node.op = w.text(n.payload)
+                            case 7: node.domain = w.text(n.payload)
                             default: break
                             }
                         }
                         nodes.append(node)
-                    case 5:  // TensorProto: name 8, data_location 14
-                        try fields(s, e) { f, w, s, e, v in
-                            if f == 8, w == 2 { initializers.insert(text(s, e)) }
-                            if f == 14, w == 0, v == 1 { external = true }
+                    case 5:  // TensorProto: name 8
+                        try w.each(g.payload) { t in
+                            if t.number == 8, t.wire == 2 { initializers.insert(w.text(t.payload)) }
                         }
                     case 12:  // ValueInfoProto: name 1
-                        try fields(s, e) { f, w, s, e, _ in if f == 1, w == 2 { outputs.insert(text(s, e)) } }
+                        try w.each(g.payload) { v in
+                            if v.number == 1, v.wire == 2 { outputs.insert(w.text(v.payload)) }
+                        }
                     default: break
                     }
                 }
@@ -183,6 +148,7 @@ public enum ActivationCalibrator {
 
     public static func run(
         model path: String, data: String, runtime: OnnxRuntime, ops: Set<String> = defaultOps, bins: Int = 2048,
+        passes: Int = 1,
         progress: ((String, Int, Int) -> Void)? = nil
     ) throws -> ActivationStats {
         guard (try? FormatRegistry.reader(for: path))?.name == "onnx" else {
@@ -191,45 +157,40 @@ public enum ActivationCalibrator {
         let file = try MappedFile(path: path)
         let outline = try Outline(file.bytes(at: 0, count: file.size), path: path)
         file.release(offset: 0, count: file.size)
-        if outline.external {
-            throw QConvertError.usage(
-                message: "\(path): calibrate runs models that hold their weights (no external data) for now")
-        }
         let names = outline.targets(ops)
         guard !names.isEmpty else {
             throw QConvertError.usage(
                 message: "\(path): no \(ops.sorted().joined(separator: ", ")) node takes an activation")
         }
         let samples = try Samples(path: data)
-        // onnxruntime reads the model with the extra outputs from a temporary copy, streamed there, so
-        // that no copy of the weights is held in memory besides its own
+        // onnxruntime runs a temporary copy with the extra outputs, its weights in a data file it maps
         let tmp = NSTemporaryDirectory() + "/qconvert-calibrate-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).onnx"
         let session: OrtSessionHandle
         do {
-            let out = try AtomicFile(path: tmp)
-            defer { out.abort() }
-            var off = 0
-            while off < file.size {
-                let n = min(16 << 20, file.size - off)
-                try out.pwrite(file.bytes(at: off, count: n), at: off)
-                file.release(offset: off, count: n)
-                off += n
+            defer {
+                unlink(tmp)
+                unlink(tmp + ".data")
             }
-            try out.pwrite(outputsTail(names.filter { !outline.outputs.contains($0) }), at: file.size)
-            try out.commit()
-            defer { unlink(tmp) }
+            try RunnableCopy.write(
+                file, sourcePath: path, model: tmp, tail: outputsTail(names.filter { !outline.outputs.contains($0) }))
             session = try runtime.session(path: tmp, name: path, threads: ProcessInfo.processInfo.activeProcessorCount)
         }
         let inputNames = Set(session.inputs.map(\.name))
         let fromGraph = names.filter { !inputNames.contains($0) }
         var stats = [String: ActivationStats.Tensor]()
-        for n in names { stats[n] = ActivationStats.Tensor() }
-        for pass in 0..<2 {
+        var growing = [String: ActivationStats.GrowingHistogram]()
+        for n in names {
+            stats[n] = ActivationStats.Tensor()
+            if passes == 1 { growing[n] = ActivationStats.GrowingHistogram(bins: bins) }
+        }
+        for pass in (passes == 1 ? [2] : [0, 1]) {
             for i in 0..<samples.runs {
-                progress?(pass == 0 ? "ranges" : "histograms", i, samples.runs)
+                progress?(["ranges", "histograms", "samples"][pass], i, samples.runs)
                 let feeds = try samples.feeds(i, inputs: session.inputs, path: data)
                 func observe(_ name: String, _ v: UnsafeBufferPointer<Float>) {
-                    if pass == 0 {
+                    if pass == 2 {
+                        growing[name]!.observe(&stats[name]!, v)
+                    } else if pass == 0 {
                         ActivationStats.observeRange(&stats[name]!, v)
                     } else {
                         ActivationStats.observeHistogram(&stats[name]!, v, bins: bins)
@@ -241,6 +202,7 @@ public enum ActivationCalibrator {
                 try session.run(feeds, outputs: fromGraph) { k, _, values in observe(fromGraph[k], values) }
             }
         }
+        for (n, g) in growing { g.finish(&stats[n]!) }
         return ActivationStats(
             modelPath: path, modelSHA256: ContentHash.sha256.digest(of: file), samples: samples.count, bins: bins,
             tensors: stats)

@@ -61,22 +61,78 @@ public struct ActivationStats: Sendable, Equatable {
             t.histogram = [Double](repeating: 0, count: bins)
             t.histogramMax = t.amax
         }
-        let amax = t.histogramMax
-        let scale = amax > 0 ? Float(bins) / amax : 0
+        t.zeros += Double(t.histogram.withUnsafeMutableBufferPointer { bin(v, into: $0, upper: t.histogramMax) })
+    }
+
+    /// Counts |x| of `v` into `h`, equal bins over [0, upper] (the last includes its edge); leaves out
+    /// values that are not data and exact zeros, whose number it returns.
+    static func bin(_ v: UnsafeBufferPointer<Float>, into h: UnsafeMutableBufferPointer<Double>, upper: Float) -> Int {
+        let scale = upper > 0 ? Float(h.count) / upper : 0
+        let last = h.count - 1
         var zeros = 0
-        t.histogram.withUnsafeMutableBufferPointer { h in
-            for x in v {
-                let a = abs(x)
-                guard a < notData else { continue }
-                if a == 0 {
-                    zeros += 1
-                    continue
-                }
-                let i = Swift.min(Int(a * scale), bins - 1)
-                h[i] += 1
+        for x in v {
+            let a = abs(x)
+            guard a < notData else { continue }
+            if a == 0 {
+                zeros += 1
+                continue
             }
+            h[Swift.min(Int(a * scale), last)] += 1
         }
-        t.zeros += Double(zeros)
+        return zeros
+    }
+
+    /// The histogram of a one-pass calibration: `fine` bins per output bin over [0, range], where range
+    /// starts at the first batch's max |x| and doubles (adjacent bins merged, no count split) whenever a
+    /// batch exceeds it. At the end whole groups of fine bins make the `bins` output bins over
+    /// [0, histogram_max], histogram_max less than (1 + 2 / fine) × max |x|.
+    struct GrowingHistogram {
+        let bins: Int
+        let fine: Int
+        var counts: [Double] = []
+        var range: Float = 0
+
+        init(bins: Int) {
+            self.bins = bins
+            fine = Swift.max(1, Swift.min(16, 65536 / bins))
+        }
+
+        /// Adds one batch to `t` (range, then histogram).
+        mutating func observe(_ t: inout Tensor, _ v: UnsafeBufferPointer<Float>) {
+            observeRange(&t, v)
+            let amax = t.amax
+            guard t.count > 0, amax > 0 else {
+                t.zeros += Double(v.count(where: { $0 == 0 }))
+                return
+            }
+            let n = bins * fine
+            if counts.isEmpty {
+                counts = [Double](repeating: 0, count: n)
+                range = amax
+            }
+            if amax > range {
+                counts.withUnsafeMutableBufferPointer { h in
+                    while amax > range {
+                        for i in 0..<n {  // in place: index i is written after 2i and 2i+1 are read
+                            h[i] = (2 * i < n ? h[2 * i] : 0) + (2 * i + 1 < n ? h[2 * i + 1] : 0)
+                        }
+                        range *= 2
+                    }
+                }
+            }
+            t.zeros += Double(counts.withUnsafeMutableBufferPointer { bin(v, into: $0, upper: range) })
+        }
+
+        /// The output histogram and its upper edge, for a tensor whose max |x| is `amax`.
+        func finish(_ t: inout Tensor) {
+            guard !counts.isEmpty else { return }
+            let amax = Double(t.amax)
+            let j = Swift.min(fine, Swift.max(1, Int((amax * Double(fine) / Double(range)).rounded(.up))))
+            var out = [Double](repeating: 0, count: bins)
+            for (i, c) in counts.enumerated() where c != 0 { out[Swift.min(i / j, bins - 1)] += c }
+            t.histogram = out
+            t.histogramMax = Float(Double(range) * Double(j) / Double(fine))
+        }
     }
 
     // MARK: - the statistics file

@@ -38,6 +38,8 @@ enum OnnxForms {
         case qdq(note: String?)
         case matMulNBits(Fit, bits: Int, blockSize: Int, note: String?)
         case dynamic(Fit)
+        /// The activations' static QuantizeLinear + com.microsoft.MatMulIntegerToFloat (bias folded).
+        case staticInteger(Fit)
         case gatherBlockQuantized(Fit, bits: Int, blockSize: Int)
 
         /// What `plan` and the summary say about the choice (a fallback, or a run-time trap).
@@ -45,7 +47,7 @@ enum OnnxForms {
             switch self {
             case .qdq(let n): return n
             case .matMulNBits(_, _, _, let n): return n
-            case .dynamic, .gatherBlockQuantized: return nil
+            case .dynamic, .staticInteger, .gatherBlockQuantized: return nil
             }
         }
 
@@ -223,9 +225,17 @@ enum OnnxForms {
                     note: p.onnxForm == .auto ? nil : "DequantizeLinear instead of GatherBlockQuantized: \(why)")
             }
         }
+        if p.activationsStatic, case .success(let f) = fitted, !f.gather, f.nAxis == 1,
+            s.target == .int8 || s.target == .uint8, s.granularity == .tensor || s.granularity == .channel
+        {
+            return .staticInteger(f)
+        }
         switch p.onnxForm {
         case .qdq:
-            if case .success(let f) = fitted, f.uses.contains(where: { $0.bias != nil }) {
+            // (only a 2-D product fuses with its bias into Gemm)
+            if case .success(let f) = fitted,
+                f.uses.contains(where: { $0.bias != nil && (model.ranks[$0.a] ?? 2) < 3 })
+            {
                 return .qdq(
                     note:
                         "onnxruntime may fuse its MatMul and bias into Gemm and then dequantize at every run (onnx_form: matmulnbits avoids it)"

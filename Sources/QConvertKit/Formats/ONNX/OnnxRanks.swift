@@ -25,6 +25,7 @@ enum OnnxRanks {
         guard let g = model.model.pointee.graph else { return [:] }
         var rank: [String: Int] = [:]
         var constants: [String: Proto.TensorP] = [:]
+        var length: [String: Int] = [:]
         func valueRank(_ v: UnsafeMutablePointer<Onnx__ValueInfoProto>?) {
             guard let v, let t = v.pointee.type, t.pointee.value_case == ONNX__TYPE_PROTO__VALUE_TENSOR_TYPE,
                 let tt = t.pointee.tensor_type, let shape = tt.pointee.shape
@@ -67,7 +68,7 @@ enum OnnxRanks {
             case "Gemm", "Flatten": r = 2
             case "Gather":
                 if ins.count == 2, let d = rank[ins[0]] { r = d + (rank[ins[1]] ?? 0) - 1 }
-            case "Reshape": r = ins.count > 1 ? ints(ins[1]) : nil
+            case "Reshape": r = ins.count > 1 ? (ints(ins[1]) ?? length[ins[1]]) : nil
             case "Unsqueeze", "Squeeze":
                 let axes =
                     Proto.attribute(node, "axes").map { $0.pointee.n_ints } ?? (ins.count > 1 ? ints(ins[1]) : nil)
@@ -78,6 +79,15 @@ enum OnnxRanks {
             default: break
             }
             if let r { rank[out] = r }
+            // the lengths of 1-D shape vectors built at run time (Shape → Gather → Unsqueeze → Concat → Reshape)
+            switch op {
+            case "Shape" where ins.count == 1 && node.pointee.n_attribute == 0: length[out] = rank[ins[0]]
+            case "Unsqueeze" where rank[ins[0]] == 0: length[out] = 1
+            case "Concat":
+                let parts = ins.map { length[$0] ?? (rank[$0] == 1 ? ints($0) : nil) }
+                if !parts.isEmpty, parts.allSatisfy({ $0 != nil }) { length[out] = parts.reduce(0) { $0 + $1! } }
+            default: break
+            }
         }
         return rank
     }

@@ -183,19 +183,7 @@ public struct OnnxReader: FormatReader {
             }
         }
         guard let loc = location, !loc.isEmpty else { throw bad("has no location") }
-        let parts = loc.split(separator: "/", omittingEmptySubsequences: false)
-        guard !loc.hasPrefix("/"), !loc.contains("\\"), !loc.contains("\0"), !parts.contains(".."),
-            !(loc.count >= 2 && loc.dropFirst().first == ":")
-        else {
-            throw bad("location '\(loc)' must be a relative path inside the model's folder")
-        }
-        let folderURL = URL(fileURLWithPath: model.folder).resolvingSymlinksInPath()
-        let full = folderURL.appendingPathComponent(loc).path
-        let resolved = URL(fileURLWithPath: full).resolvingSymlinksInPath().path
-        guard resolved.hasPrefix(folderURL.path + "/") else {
-            throw bad("location '\(loc)' leads outside the model's folder")
-        }
-        guard FileManager.default.fileExists(atPath: resolved) else { throw bad("file '\(loc)' does not exist") }
+        let resolved = try Self.resolveExternal(loc, folder: model.folder, bad: bad)
         let f: MappedFile
         if let cached = model.externalFiles[resolved] {
             f = cached
@@ -209,6 +197,25 @@ public struct OnnxReader: FormatReader {
             throw bad("range \(offset)+\(len) runs past the end of '\(loc)' (\(f.size) bytes)")
         }
         return .mapped(f, offset: offset, count: len)
+    }
+
+    /// The file an external-data `location` names: relative to the model's folder, never leaving it
+    /// (absolute paths, `..`, drive letters and links out of the folder are refused), and existing.
+    static func resolveExternal(_ loc: String, folder: String, bad: (String) -> QConvertError) throws -> String {
+        let parts = loc.split(separator: "/", omittingEmptySubsequences: false)
+        guard !loc.hasPrefix("/"), !loc.contains("\\"), !loc.contains("\0"), !parts.contains(".."),
+            !(loc.count >= 2 && loc.dropFirst().first == ":")
+        else {
+            throw bad("location '\(loc)' must be a relative path inside the model's folder")
+        }
+        let folderURL = URL(fileURLWithPath: folder).resolvingSymlinksInPath()
+        let full = folderURL.appendingPathComponent(loc).path
+        let resolved = URL(fileURLWithPath: full).resolvingSymlinksInPath().path
+        guard resolved.hasPrefix(folderURL.path + "/") else {
+            throw bad("location '\(loc)' leads outside the model's folder")
+        }
+        guard FileManager.default.fileExists(atPath: resolved) else { throw bad("file '\(loc)' does not exist") }
+        return resolved
     }
 }
 

@@ -82,6 +82,7 @@ public struct OnnxWriter: FormatWriter {
             case .qdq: plans[i].onnxFormChosen = "qdq"
             case .matMulNBits(_, let bits, let bs, _): plans[i].onnxFormChosen = "matmulnbits \(bits)-bit, block \(bs)"
             case .dynamic: plans[i].onnxFormChosen = "dynamic"
+            case .staticInteger: plans[i].onnxFormChosen = "static"
             case .gatherBlockQuantized(_, let bits, let bs):
                 plans[i].onnxFormChosen = "gatherblockquantized \(bits)-bit, block \(bs)"
             }
@@ -106,6 +107,9 @@ final class OnnxSink: CheckpointSink {
     var retired: [Proto.NodeP] = []
     /// DynamicQuantizeLinear outputs per activation (the dynamic form shares them).
     var dynamicInputs: [String: (String, String, String)] = [:]
+    /// Static QuantizeLinear outputs per activation (quantized, scale, zero point), shared by the static
+    /// integer form and the activation pairs.
+    var staticInputs: [String: (String, String, String)] = [:]
 
     init(path: String, model: OnnxModel, source: Checkpoint, tensors: [OutputTensor], options: WriterOptions) {
         self.path = path
@@ -181,6 +185,9 @@ final class OnnxSink: CheckpointSink {
                     try applyMatMulNBits(p, loc: loc, fit: f, bits: bits, blockSize: bs)
                 case .dynamic(let f):
                     try applyDynamic(p, scheme: scheme, loc: loc, fit: f, values: values, scale: scale, zeroPoint: zp)
+                case .staticInteger(let f):
+                    try applyStaticInteger(
+                        p, scheme: scheme, loc: loc, fit: f, values: values, scale: scale, zeroPoint: zp)
                 case .gatherBlockQuantized(let f, let bits, let bs):
                     try applyGatherBlockQuantized(p, loc: loc, fit: f, bits: bits, blockSize: bs)
                 }

@@ -1,0 +1,63 @@
+import Foundation
+import Testing
+
+@testable import QConvertKit
+
+/// The one-pass histogram of `calibrate`: its range grows by doubling as batches exceed it, and the bins
+/// it writes hold exactly what a histogram over its final range, counted directly, holds.
+@Suite struct ActivationStatsTests {
+    @Test func growingHistogramEqualsTheDirectCountOverItsRange() {
+        let bins = 2048
+        // the first batch sets the range to 1; later ones reach 3 (two doublings, to 4)
+        let hm: Float = 3  // the written range: 12 of 16 fine bins per bin over [0, 4]
+        var batches: [[Float]] = []
+        var all: [Float] = []
+        var state: UInt64 = 7
+        func next() -> Int {
+            state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+            return Int(state >> 33)
+        }
+        for b in 0..<6 {
+            let limit = b == 0 ? 683 : (b < 3 ? 1365 : bins)  // bin centres up to 1, 2, then 3
+            var v: [Float] = (0..<500).map { _ in
+                let i = next() % limit
+                let x = (Float(i) + 0.5) * hm / Float(bins)
+                return next() % 2 == 0 ? x : -x
+            }
+            v += [0, 0, -.greatestFiniteMagnitude, .nan]  // zeros counted apart, masks left out
+            if b == 0 { v.append(1) }  // the first range: exactly 1
+            if b == 5 { v.append(-3) }  // the final max |x|: exactly 3
+            batches.append(v)
+            all += v
+        }
+        var t = ActivationStats.Tensor()
+        var g = ActivationStats.GrowingHistogram(bins: bins)
+        for v in batches { v.withUnsafeBufferPointer { g.observe(&t, $0) } }
+        g.finish(&t)
+        #expect(t.histogramMax == hm)
+        #expect(t.min == -3 && t.max <= 3)
+        #expect(t.zeros == 12)
+        #expect(t.excluded == 12)
+        var want = [Double](repeating: 0, count: bins)
+        for x in all where abs(x) < ActivationStats.notData && x != 0 {
+            want[min(Int(abs(x) / hm * Float(bins)), bins - 1)] += 1
+        }
+        #expect(t.histogram == want)
+        #expect(t.count == all.count - 12)
+    }
+
+    @Test func theWrittenRangeStaysWithinAFewFineBinsOfTheMax() {
+        for amax: Float in [0.3, 1.0001, 1.9, 7.5, 1000] {
+            var t = ActivationStats.Tensor()
+            var g = ActivationStats.GrowingHistogram(bins: 2048)
+            let first: [Float] = [0.25, -0.125]
+            let last: [Float] = [amax / 2, -amax]
+            first.withUnsafeBufferPointer { g.observe(&t, $0) }
+            last.withUnsafeBufferPointer { g.observe(&t, $0) }
+            g.finish(&t)
+            #expect(t.histogramMax >= amax)
+            #expect(t.histogramMax < amax * (1 + 2.0 / 16))
+            #expect(t.histogram.reduce(0, +) == 4)
+        }
+    }
+}
