@@ -234,3 +234,25 @@ def test_weight_only_minilm_quantizes_every_sequence_product_at_run_time(minilm_
     run(minilm_l3_onnx, "-o", out, "-q")
     ops = [n.op_type for n in onnx.load(str(out)).graph.node]
     assert ops.count("MatMulInteger") == 18 and "MatMulNBits" not in ops, sorted(set(ops))
+
+
+def test_external_data_models_calibrate_like_inline_ones_and_two_passes_bin_exactly(minilm, tmp_path):
+    """A model whose weights are external data gives the same statistics as the same model inline (they
+    were refused); --passes 2 gives histograms over exactly [0, max |x|] with the same ranges and counts."""
+    m = onnx.load(str(minilm["model"]))
+    onnx.save_model(m, str(tmp_path / "ext.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="ext.onnx.weights", size_threshold=1024)
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    run("calibrate", tmp_path / "ext.onnx", "--data", minilm["dir"] / "calib.npz", "-o", tmp_path / "ext.json", "-q")
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.name != "ext.json"} == before
+    ours = json.loads(minilm["stats"].read_text())["tensors"]
+    assert json.loads((tmp_path / "ext.json").read_text())["tensors"] == ours
+    run("calibrate", minilm["model"], "--data", minilm["dir"] / "calib.npz", "-o", tmp_path / "two.json", "--passes", "2", "-q")
+    two = json.loads((tmp_path / "two.json").read_text())["tensors"]
+    assert two.keys() == ours.keys()
+    for k, t in two.items():
+        assert (t["count"], t.get("min"), t.get("max"), t.get("zeros")) == (ours[k]["count"], ours[k].get("min"), ours[k].get("max"), ours[k].get("zeros"))
+        if t["count"] and not t["constant"]:
+            assert t["histogram_max"] == max(abs(t["min"]), abs(t["max"]))
+            assert ours[k]["histogram_max"] >= t["histogram_max"] and ours[k]["histogram_max"] < 1.125 * t["histogram_max"]
+            assert sum(t["histogram"]) == sum(ours[k]["histogram"])
