@@ -45,6 +45,16 @@ public enum FuzzEntries {
         "onnx": { b in
             _ = try? OnnxWireCheck.check(b)
             readFile(b, ext: ".onnx", format: "onnx")
+            // calibrate's own reading of the same bytes: the graph's outline, then the copy onnxruntime runs
+            withTempFile(b, ext: ".onnx") { path in
+                guard let f = try? MappedFile(path: path),
+                    let outline = try? ActivationCalibrator.Outline(f.bytes(at: 0, count: f.size), path: path)
+                else { return }
+                _ = outline.targets(ActivationCalibrator.defaultOps)
+                try? RunnableCopy.write(f, sourcePath: path, model: path + ".copy.onnx", tail: [])
+                unlink(path + ".copy.onnx")
+                unlink(path + ".copy.onnx.data")
+            }
         },
         "policy": { b in
             let text = String(decoding: b, as: UTF8.self)
