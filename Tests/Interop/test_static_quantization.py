@@ -256,3 +256,19 @@ def test_external_data_models_calibrate_like_inline_ones_and_two_passes_bin_exac
             assert t["histogram_max"] == max(abs(t["min"]), abs(t["max"]))
             assert ours[k]["histogram_max"] >= t["histogram_max"] and ours[k]["histogram_max"] < 1.125 * t["histogram_max"]
             assert sum(t["histogram"]) == sum(ours[k]["histogram"])
+
+
+def test_an_explicit_onnx_form_qdq_keeps_the_portable_qdq_pattern(minilm, tmp_path):
+    """`--onnx-form qdq` with --calibration writes standard QuantizeLinear/DequantizeLinear only (no
+    com.microsoft kernel), and says that its embedding table is dequantized whole at every run."""
+    out = tmp_path / "qdq.onnx"
+    r = run(minilm["model"], "-o", out, "--calibration", minilm["stats"], "--onnx-form", "qdq")
+    onnx.checker.check_model(str(out))
+    written = onnx.load(str(out))
+    assert not [n for n in written.graph.node if n.domain == "com.microsoft"]
+    matmuls = [n for n in written.graph.node if n.op_type == "MatMul"]
+    producers = {o: n.op_type for n in written.graph.node for o in n.output}
+    assert len(matmuls) == 24 and all(producers.get(i) == "DequantizeLinear" for n in matmuls for i in n.input)
+    assert "dequantizes the whole table at every run" in r.stdout
+    ref = embeddings(minilm["model"], minilm["held"])
+    assert (ref * embeddings(out, minilm["held"])).sum(-1).min() > 0.99

@@ -217,7 +217,12 @@ enum OnnxForms {
         let fitted = fit(p, loc: loc, model: model, plans: plans)
         if case .success(let f) = fitted, f.gather {
             // embeddings: the integer kernel gathers rows and dequantizes only those (every form but qdq)
-            if p.onnxForm == .qdq { return .qdq(note: nil) }
+            if p.onnxForm == .qdq {
+                return .qdq(
+                    note:
+                        "onnxruntime dequantizes the whole table at every run before gathering rows (onnx_form: auto gathers from GatherBlockQuantized)"
+                )
+            }
             switch gatherBlocking(s, k: f.k) {
             case .success(let b): return .gatherBlockQuantized(f, bits: b.bits, blockSize: b.blockSize)
             case .failure(let why):

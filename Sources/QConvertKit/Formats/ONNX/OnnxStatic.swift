@@ -126,7 +126,8 @@ extension OnnxForms {
     ///   98 for the QDQ pattern, whose bias Adds onnxruntime does not fuse); where that form does not fit,
     ///   DequantizeLinear;
     /// - embedding tables keep GatherBlockQuantized (a DequantizeLinear before Gather would dequantize the
-    ///   whole table at every run), and a MatMul weight whose activation has no pair keeps its form.
+    ///   whole table at every run), and a MatMul weight whose activation has no pair keeps its form, as does
+    ///   one whose `onnx_form` the policy sets.
     static func applyStatic(
         _ p: inout TensorPlan, source: Checkpoint, consumerOps: [String], activations: Set<String>, ops: Set<String>
     ) {
@@ -136,7 +137,8 @@ extension OnnxForms {
             p.onnxForm = .qdq
             return
         }
-        guard let model = source.container as? OnnxModel, let loc = model.located[p.name],
+        // an explicit onnx_form is the user's: qdq stays the portable QDQ pattern, the others their form
+        guard p.onnxForm == .auto, let model = source.container as? OnnxModel, let loc = model.located[p.name],
             case .success(let f) = fit(p, loc: loc, model: model, plans: [:]),
             f.uses.allSatisfy({ activations.contains($0.a) })
         else { return }
