@@ -68,7 +68,7 @@ struct Convert: ParsableCommand {
     @Option(
         name: .long,
         help: ArgumentHelp(
-            "ONNX: activation statistics from 'qconvert calibrate': quantize the activations statically (QuantizeLinear/DequantizeLinear pairs, the policy's 'activations' section) and the weights as DequantizeLinear.",
+            "ONNX: activation statistics from 'qconvert calibrate': quantize the activations statically (the policy's 'activations' section) and the weights in the forms onnxruntime runs as integer kernels with them (MatMulIntegerToFloat, QLinearMatMul, QLinearConv).",
             valueName: "stats.json"))
     var calibration: String?
 

@@ -28,8 +28,9 @@ struct PlanCommand: ParsableCommand {
     func run() throws {
         try runReportingErrors {
             let policy = try policyOptions.load()
-            let (ckpt, plans) = try Converter.plan(
-                input: input, options: ConvertOptions(policy: policy, strict: policyOptions.strict))
+            var options = ConvertOptions(policy: policy, strict: policyOptions.strict)
+            options.calibration = try calibration.map { try ActivationStats.read(path: $0) }
+            let (ckpt, plans, params) = try Converter.planWithActivations(input: input, options: options)
             if json {
                 let report = ConversionReport(
                     input: input, output: "", inputFormat: ckpt.format, outputFormat: "",
@@ -39,16 +40,15 @@ struct PlanCommand: ParsableCommand {
             } else {
                 PlanCommand.printTable(ckpt: ckpt, plans: plans, policy: policy)
             }
-            if let calibration {
-                let stats = try ActivationStats.read(path: calibration)
+            if let stats = options.calibration {
                 let a = policy.activations
-                let params = try ActivationQuantization.parameters(stats, policy: a)
                 print(
                     "\nactivations (\(a.dtype.rawValue) \(a.mapping.rawValue) per tensor, \(a.calibration.rawValue), into \(a.ops.sorted().joined(separator: ", "))): \(params.count) of \(stats.tensors.count) with data"
                 )
                 for p in params {
                     print(
                         "  \(oneLine(p.name)): range [\(p.beta), \(p.alpha)] scale \(p.scale) zero point \(p.zeroPoint)"
+                            + (p.note.map { " (\($0))" } ?? "")
                     )
                 }
             }

@@ -140,8 +140,10 @@ def cnn(path):
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
 
 
-def test_a_small_cnn_runs_as_qlinearconv(tmp_path):
+@pytest.mark.parametrize("dtype", ["uint8", "int8"])
+def test_a_small_cnn_runs_as_qlinearconv(tmp_path, dtype):
     cnn(tmp_path / "cnn.onnx")
+    (tmp_path / "p.yaml").write_text(f"activations:\n  dtype: {dtype}\n  mapping: {'affine' if dtype == 'uint8' else 'scale'}\n")
     rng = np.random.default_rng(0)
     (tmp_path / "samples").mkdir()
     for i in range(8):
@@ -149,7 +151,8 @@ def test_a_small_cnn_runs_as_qlinearconv(tmp_path):
     run("calibrate", tmp_path / "cnn.onnx", "--data", tmp_path / "samples", "-o", tmp_path / "s.json", "-q")
     stats = json.loads((tmp_path / "s.json").read_text())
     assert set(stats["tensors"]) == {"x", "r1", "f"}  # the graph input too
-    run(tmp_path / "cnn.onnx", "-o", tmp_path / "q.onnx", "--calibration", tmp_path / "s.json", "--set", "min_elements=0", "-q")
+    run(tmp_path / "cnn.onnx", "-o", tmp_path / "q.onnx", "--calibration", tmp_path / "s.json", "--policy", tmp_path / "p.yaml",
+        "--set", "min_elements=0", "-q")
     x = rng.standard_normal((4, 3, 32, 32)).astype(np.float32)
     ref = session(tmp_path / "cnn.onnx").run(None, {"x": x})[0]
     o = ort.SessionOptions()
@@ -159,6 +162,14 @@ def test_a_small_cnn_runs_as_qlinearconv(tmp_path):
     assert cos.min() > 0.99, cos
     ops = {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
     assert "QLinearConv" in ops and "Conv" not in ops, ops
+    # a Conv's input is uint8 either way: onnxruntime on x86 runs an int8 pair into Conv in float, slower
+    # than the float model; the MatMul's input takes the policy's dtype
+    written = onnx.load(str(tmp_path / "q.onnx"))
+    zp = {i.name: i.data_type for i in written.graph.initializer if i.name.endswith("_zero_point")}
+    assert zp["r1_zero_point"] == TensorProto.UINT8
+    assert zp["f_zero_point"] == (TensorProto.UINT8 if dtype == "uint8" else TensorProto.INT8)
+    doc = json.loads(next(p.value for p in written.metadata_props if p.key == "qconvert.quantization"))
+    assert ("note" in doc["activations"]["r1"]) == (dtype == "int8") and "note" not in doc["activations"]["f"]
 
 
 def test_masks_and_constants_are_left_out_where_quantize_static_fails(tmp_path):

@@ -187,14 +187,41 @@ public enum Converter {
     }
 
     public static func plan(input: String, options: ConvertOptions) throws -> (Checkpoint, [TensorPlan]) {
+        let (ckpt, plans, _) = try planWithActivations(input: input, options: options)
+        return (ckpt, plans)
+    }
+
+    /// The plan, and with `options.calibration` the activations' parameters and the weights' static forms.
+    public static func planWithActivations(input: String, options: ConvertOptions) throws -> (
+        Checkpoint, [TensorPlan], [ActivationParameters]
+    ) {
         let ckpt = try open(input)
         var plans = try Planner.plan(ckpt, policy: options.policy, strict: options.strict)
+        var activations: [ActivationParameters] = []
+        if let stats = options.calibration, ckpt.container is OnnxModel {
+            activations = try staticForms(&plans, source: ckpt, stats: stats, policy: options.policy)
+        }
         try OnnxWriter.annotate(&plans, source: ckpt)
         let layout = try CompressedTensors.layout(
             policy: options.policy, source: ckpt, output: nil,
             writerName: options.format ?? FormatRegistry.folderFormat(of: ckpt))
         if layout == .compressedTensors { try CompressedTensors.prepare(&plans, source: ckpt, strict: options.strict) }
-        return (ckpt, plans)
+        return (ckpt, plans, activations)
+    }
+
+    /// Static quantization's parameters for `source`'s activations, and its weights' forms: those
+    /// onnxruntime runs as integer kernels with the activations' quantization (`OnnxForms.applyStatic`).
+    static func staticForms(
+        _ planned: inout [TensorPlan], source ckpt: Checkpoint, stats: ActivationStats, policy: Policy
+    ) throws -> [ActivationParameters] {
+        let activations = try ActivationQuantization.parameters(stats, policy: policy.activations, source: ckpt)
+        let paired = Set(activations.map(\.name))
+        for i in planned.indices where planned[i].decision.scheme?.target.isQuantization == true {
+            OnnxForms.applyStatic(
+                &planned[i], source: ckpt, consumerOps: ckpt.entries[planned[i].entryIndex].consumerOps,
+                activations: paired, ops: policy.activations.ops)
+        }
+        return activations
     }
 
     /// What the summary says of the output's layout: the hazard of qconvert's own layout in a model
@@ -254,14 +281,7 @@ public enum Converter {
                     message:
                         "\(output): --calibration quantizes an ONNX model's activations; the output is \(writer.name)")
             }
-            activations = try ActivationQuantization.parameters(stats, policy: options.policy.activations)
-            // weights take the forms onnxruntime runs as integer kernels with the activations' quantization
-            let paired = Set(activations.map(\.name))
-            for i in planned.indices where planned[i].decision.scheme?.target.isQuantization == true {
-                OnnxForms.applyStatic(
-                    &planned[i], source: ckpt, consumerOps: ckpt.entries[planned[i].entryIndex].consumerOps,
-                    activations: paired, ops: options.policy.activations.ops)
-            }
+            activations = try staticForms(&planned, source: ckpt, stats: stats, policy: options.policy)
         }
         try writer.check(&planned, source: ckpt, output: output)
         let layout = try CompressedTensors.layout(
@@ -269,7 +289,9 @@ public enum Converter {
         if layout == .compressedTensors {
             try CompressedTensors.prepare(&planned, source: ckpt, strict: options.strict)
         }
-        let notes = layoutNotes(planned, source: ckpt, layout: layout, writerName: writer.name)
+        let notes =
+            layoutNotes(planned, source: ckpt, layout: layout, writerName: writer.name)
+            + activations.compactMap { a in a.note.map { "activation \(a.name): \($0)" } }
         let plans = planned
         try PathGuard.checkOutput(output, input: ckpt)
 

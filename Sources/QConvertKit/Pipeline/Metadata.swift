@@ -135,8 +135,9 @@ public struct ActivationRecord: Codable, Sendable, Equatable {
     public var range: [Float]
     public var scale: Float
     public var zeroPoint: Int
+    public var note: String?
     enum CodingKeys: String, CodingKey {
-        case dtype, calibration, range, scale
+        case dtype, calibration, range, scale, note
         case zeroPoint = "zero_point"
     }
     init(_ a: ActivationParameters) {
@@ -145,6 +146,7 @@ public struct ActivationRecord: Codable, Sendable, Equatable {
         range = [a.beta, a.alpha]
         scale = a.scale
         zeroPoint = Int(a.zeroPoint)
+        note = a.note
     }
 }
 
