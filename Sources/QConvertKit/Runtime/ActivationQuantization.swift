@@ -55,9 +55,11 @@ public enum ActivationQuantization {
     }
 
     /// The parameters for the activations of `source`'s graph. Under int8, an activation a Conv-like op
-    /// consumes is written as uint8 (affine, over the same calibrated range): onnxruntime fuses a QDQ Conv
-    /// into QLinearConv on x86 only for uint8 inputs, and with an int8 pair a CNN ran slower than float
-    /// (9.2 against 6.4 ms; 4.0 ms with uint8).
+    /// takes, or one that multiplies a weight, is written as uint8 (affine, over the same calibrated
+    /// range): onnxruntime on x86 fuses a QDQ Conv into QLinearConv only for uint8 inputs (with int8 a CNN
+    /// ran slower than float: 9.2 against 6.4 ms; 4.0 with uint8), and its MatMulIntegerToFloat with int8
+    /// inputs takes a slow path (MiniLM-L3 in 44 ms against float's 16 and 6.5 with uint8). Activation ×
+    /// activation products keep int8 (QLinearMatMul runs it at full speed).
     public static func parameters(_ stats: ActivationStats, policy: ActivationPolicy, source: Checkpoint) throws
         -> [ActivationParameters]
     {
@@ -65,13 +67,21 @@ public enum ActivationQuantization {
         guard policy.dtype == .int8, let model = source.container as? OnnxModel,
             let g = model.model.pointee.graph
         else { return params }
-        let convs = policy.ops.subtracting(["MatMul", "Gemm"])
-        var intoConv = Set<String>()
+        var weights = Set<String>()
+        for i in 0..<g.pointee.n_initializer { weights.insert(Proto.string(g.pointee.initializer[i]?.pointee.name)) }
+        var integer = Set<String>()  // inputs of Conv-like ops, activations multiplying a weight
         for i in 0..<g.pointee.n_node {
-            guard let n = g.pointee.node[i], convs.contains(Proto.string(n.pointee.op_type)) else { continue }
-            intoConv.formUnion(OnnxForms.inputs(n))
+            guard let n = g.pointee.node[i] else { continue }
+            let op = Proto.string(n.pointee.op_type)
+            guard policy.ops.contains(op) else { continue }
+            let inputs = OnnxForms.inputs(n)
+            if op == "MatMul" || op == "Gemm" {
+                if inputs.count > 1, weights.contains(inputs[1]) { integer.insert(inputs[0]) }
+            } else {
+                integer.formUnion(inputs)
+            }
         }
-        let moved = params.filter { intoConv.contains($0.name) }.map(\.name)
+        let moved = params.filter { integer.contains($0.name) }.map(\.name)
         guard !moved.isEmpty else { return params }
         var sub = stats
         sub.tensors = stats.tensors.filter { moved.contains($0.key) }
@@ -83,7 +93,7 @@ public enum ActivationQuantization {
         for k in params.indices {
             guard var r = redone[params[k].name] else { continue }
             r.note =
-                "uint8 (affine) instead of int8: onnxruntime on x86 fuses QLinearConv only for uint8 inputs, and runs an int8 pair in float"
+                "uint8 (affine) instead of int8: onnxruntime on x86 runs its integer Conv and weight products fast only for uint8 inputs (int8 ran slower than float)"
             params[k] = r
         }
         return params
