@@ -177,6 +177,11 @@ def test_a_small_cnn_runs_as_qlinearconv(tmp_path, dtype):
     assert zp["r1_zero_point"] == zp["f_zero_point"] == TensorProto.UINT8
     doc = json.loads(next(p.value for p in written.metadata_props if p.key == "qconvert.quantization"))
     assert all(("note" in a) == (dtype == "int8") and a["dtype"] == "uint8" for a in doc["activations"].values())
+    # plan shows the same decisions: the weights' forms and the activations' notes
+    plan = run("plan", tmp_path / "cnn.onnx", "--calibration", tmp_path / "s.json", "--policy", tmp_path / "p.yaml",
+               "--set", "min_elements=0").stdout
+    assert "onnx: static" in plan and "onnx: qdq" in plan
+    assert plan.count("uint8 (affine) instead of int8") == (3 if dtype == "int8" else 0), plan
 
 
 def test_masks_and_constants_are_left_out_where_quantize_static_fails(tmp_path):
