@@ -61,3 +61,23 @@ import Testing
         }
     }
 }
+
+extension ActivationStatsTests {
+    /// An activation that is zero throughout (a masked branch, a ReLU that never fires) is written with its
+    /// full histogram, all empty, so the file reads back (a count without a histogram is refused).
+    @Test func anAllZeroTensorIsWrittenSoThatItReadsBack() throws {
+        var t = ActivationStats.Tensor()
+        var g = ActivationStats.GrowingHistogram(bins: 64)
+        let zeros = [Float](repeating: 0, count: 10)
+        zeros.withUnsafeBufferPointer { g.observe(&t, $0) }
+        g.finish(&t)
+        #expect(t.histogram == [Double](repeating: 0, count: 64) && t.zeros == 10 && t.constant)
+        let stats = ActivationStats(
+            modelPath: "m.onnx", modelSHA256: "", samples: 1, bins: 64, tensors: ["z": t])
+        let path = NSTemporaryDirectory() + "/qconvert-zero-stats-\(getpid()).json"
+        try stats.json.write(toFile: path, atomically: true, encoding: .utf8)
+        defer { unlink(path) }
+        let back = try ActivationStats.read(path: path)
+        #expect(back.tensors["z"]?.count == 10 && back.tensors["z"]?.histogram.count == 64)
+    }
+}

@@ -125,7 +125,14 @@ public struct ActivationStats: Sendable, Equatable {
 
         /// The output histogram and its upper edge, for a tensor whose max |x| is `amax`.
         func finish(_ t: inout Tensor) {
-            guard !counts.isEmpty else { return }
+            guard !counts.isEmpty else {
+                // zero throughout (or no data): an empty histogram over [0, 0], as the two-pass one writes
+                if t.count > 0 {
+                    t.histogram = [Double](repeating: 0, count: bins)
+                    t.histogramMax = 0
+                }
+                return
+            }
             let amax = Double(t.amax)
             let j = Swift.min(fine, Swift.max(1, Int((amax * Double(fine) / Double(range)).rounded(.up))))
             var out = [Double](repeating: 0, count: bins)
