@@ -81,3 +81,30 @@ extension ActivationStatsTests {
         #expect(back.tensors["z"]?.count == 10 && back.tensors["z"]?.histogram.count == 64)
     }
 }
+
+extension ActivationStatsTests {
+    /// Activations' entropy thresholds come from the C kernel, every candidate evaluated: the same choice
+    /// as the reference on histograms shaped like activations' (a bulk and a long sparse tail); a count
+    /// the kernel cannot hold sends the tensor to the reference.
+    @Test func activationEntropyByTheKernelChoosesTheReferencesCandidate() {
+        var state: UInt64 = 11
+        func next() -> Double {
+            state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+            return Double(state >> 11) / Double(1 << 53)
+        }
+        for trial in 0..<12 {
+            var hist = [Double](repeating: 0, count: 2048)
+            let width = 60 + trial * 40
+            for k in 0..<2048 {
+                let bulk = k < width ? 5000 * exp(-Double(k) / Double(width / 3)) : 0
+                let tail = next() < 0.03 ? Double(1 + Int(next() * 4)) : 0
+                hist[k] = (bulk + tail).rounded()
+            }
+            let reference = Calibrator.entropyCandidate(hist: hist, levels: 128)
+            #expect(CalibrationScratch.entropyCandidate(histogram: hist, levels: 128) == reference)
+        }
+        var huge = [Double](repeating: 1, count: 256)
+        huge[3] = 5e9
+        #expect(CalibrationScratch.entropyCandidate(histogram: huge, levels: 128) == nil)
+    }
+}

@@ -194,6 +194,28 @@ public final class CalibrationScratch {
             values, lo: lo, hi: hi, mapping: mapping, levels: levels, qmaxSymmetric: qmaxSymmetric, scratch: self)
     }
 
+    /// The entropy method's candidate over a dense histogram of counts (an activation's), by the C
+    /// kernel evaluating every candidate (the reference's choice up to rounding of the objective); nil
+    /// when a count is not a whole number below 2^32, which the kernel cannot hold.
+    static func entropyCandidate(histogram hist: [Double], levels: Int) -> Int? {
+        var bin: [UInt32] = []
+        var cnt: [UInt32] = []
+        for (k, c) in hist.enumerated() where c != 0 {
+            guard c > 0, c < 4_294_967_296, c == c.rounded() else { return nil }
+            bin.append(UInt32(k))
+            cnt.append(UInt32(c))
+        }
+        let bins = hist.count
+        if bins <= levels { return bins }
+        guard !bin.isEmpty else { return bins }
+        var prefix = [Int64](repeating: 0, count: bin.count + 1)
+        var scratch = [Double](
+            repeating: 0, count: Int(qk_calib_scratch_doubles(Int64(bin.count), Int64(bins), Int64(levels))))
+        return Int(
+            qk_entropy_candidate(
+                bin, cnt, Int64(bin.count), &prefix, Int64(bins), Int64(levels), &scratch, 1, nil))
+    }
+
     /// The entropy method's candidate threshold (in bins) for one group, by the C kernel.
     func entropyCandidate(_ values: UnsafeBufferPointer<Float>, amax: Float, levels: Int, exhaustive: Bool) -> Int {
         let nz = histogram(values, amax: amax)

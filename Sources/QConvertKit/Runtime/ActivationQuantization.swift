@@ -109,7 +109,11 @@ public enum ActivationQuantization {
             let amax = t.histogramMax
             switch scheme.calibration.method {
             case let h as any HistogramThresholdCalibration:
-                let i = h.candidate(t.histogram, levels: levels, qmaxSymmetric: Int(qmax))
+                // entropy by the C kernel, every candidate evaluated (the reference below is 2.5x slower)
+                let entropy = (h as? EntropyCalibration).flatMap { e in
+                    CalibrationScratch.entropyCandidate(histogram: t.histogram, levels: e.levels ?? levels)
+                }
+                let i = entropy ?? h.candidate(t.histogram, levels: levels, qmaxSymmetric: Int(qmax))
                 (beta, alpha) = Calibrator.threshold(
                     i, bins: bins, amax: amax, lo: t.min, hi: t.max, mapping: policy.mapping)
             case is PercentileCalibration:
