@@ -6,7 +6,8 @@ same data and method), one run each. Prints wall time and peak RSS of each and t
 calibration at least 2x faster at no more than 10 % of quantize_static's peak RSS; then how fast the
 float model, qconvert's weight-only and static outputs and quantize_static's run in onnxruntime (one
 process, interleaved runs); then
-quantize_static with its default op types, which fails on MiniLM's attention mask.
+quantize_static with its default op types, which fails on MiniLM's attention mask; last a small CNN,
+where weight-only quantization keeps the convolutions float and static quantization makes QLinearConv.
 
     .venv/bin/python Benchmarks/static_calibration.py
 """
@@ -72,6 +73,12 @@ def ort_child(method, src, dst, npz, default_ops):
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         ort_child(*sys.argv[2:])
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--make-cnn":
+        make_cnn(pathlib.Path(sys.argv[2]))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--cnn-latency":
+        cnn_latency(sys.argv[2:])
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--latency":
         # every model in one process, runs interleaved (round robin), medians: drift on a shared machine
@@ -144,6 +151,75 @@ def main():
     r = subprocess.run([sys.executable, __file__, "--child", "entropy", str(src), str(WORK / "minilm-l3-ort-default.onnx"), str(npz), "1"], capture_output=True, text=True)
     last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
     print(f"\nquantize_static with its default op types: {'exit ' + str(r.returncode) + ': ' + last if r.returncode else 'ran'}")
+    cnn_section(qconvert)
+
+
+def make_cnn(folder):
+    """A small convolutional network (four 3x3 convolutions with ReLU, 3x96x96 in, a linear head) and
+    16 random calibration images; written by a child process (see the note on peak RSS above)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    inits, nodes, x = [], [], "x"
+    for i, (name, shape, stride) in enumerate([("c1", (32, 3, 3, 3), 2), ("c2", (64, 32, 3, 3), 2), ("c3", (64, 64, 3, 3), 1),
+                                               ("c4", (128, 64, 3, 3), 2)]):
+        inits.append(numpy_helper.from_array((rng.standard_normal(shape) * np.sqrt(2 / np.prod(shape[1:]))).astype(np.float32), name))
+        nodes += [helper.make_node("Conv", [x, name], [f"h{i}"], pads=[1, 1, 1, 1], strides=[stride, stride]),
+                  helper.make_node("Relu", [f"h{i}"], [f"r{i}"])]
+        x = f"r{i}"
+    inits.append(numpy_helper.from_array((rng.standard_normal((128, 10)) * 0.1).astype(np.float32), "fc"))
+    nodes += [helper.make_node("GlobalAveragePool", [x], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+              helper.make_node("MatMul", ["f", "fc"], ["y"])]
+    g = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 3, 96, 96])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 10])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(folder / "cnn.onnx"))
+    np.savez(folder / "cnn-calibration.npz", x=rng.standard_normal((16, 3, 96, 96)).astype(np.float32))
+
+
+def cnn_latency(paths):
+    import time
+
+    import onnxruntime as ort
+
+    sessions = []
+    for path in paths:
+        o = ort.SessionOptions()
+        o.intra_op_num_threads = 1
+        sessions.append(ort.InferenceSession(path, o))
+    x = np.random.default_rng(0).standard_normal((8, 3, 96, 96)).astype(np.float32)
+    times = [[] for _ in sessions]
+    for r in range(33):
+        for i, s in enumerate(sessions):
+            t = time.perf_counter()
+            s.run(None, {"x": x})
+            if r >= 3:
+                times[i].append(time.perf_counter() - t)
+    print(" ".join(f"{1000 * float(np.median(t)):.2f}" for t in times))
+
+
+def cnn_section(qconvert):
+    """Where weight-only quantization cannot help (onnxruntime runs a quantized Conv weight only as a
+    dequantization at every run, so qconvert keeps it float), static quantization makes QLinearConv."""
+    subprocess.run([sys.executable, __file__, "--make-cnn", str(WORK)], check=True)
+    src, data = WORK / "cnn.onnx", WORK / "cnn-calibration.npz"
+    stats = WORK / "cnn-stats.json"
+    subprocess.run([qconvert, "calibrate", str(src), "--data", str(data), "-o", str(stats), "-q"], check=True)
+    outs = {"float": src, "qconvert weight-only": WORK / "cnn-weight-only.onnx", "qconvert static uint8": WORK / "cnn-static.onnx",
+            "qconvert static, policy int8": WORK / "cnn-static-int8.onnx"}
+    int8 = WORK / "cnn-int8.yaml"
+    int8.write_text("activations:\n  dtype: int8\n  mapping: scale\n")
+    for path in list(outs.values())[1:]:
+        path.unlink(missing_ok=True)
+    subprocess.run([qconvert, str(src), "-o", str(outs["qconvert weight-only"]), "-q"], check=True)
+    subprocess.run([qconvert, str(src), "-o", str(outs["qconvert static uint8"]), "--calibration", str(stats), "-q"], check=True)
+    subprocess.run([qconvert, str(src), "-o", str(outs["qconvert static, policy int8"]), "--calibration", str(stats),
+                    "--policy", str(int8), "-q"], check=True)
+    out = subprocess.run([sys.executable, __file__, "--cnn-latency"] + [str(p) for p in outs.values()],
+                         capture_output=True, text=True, check=True).stdout.split()
+    print("\nCNN (4 convolutions, 8 x 3 x 96 x 96, onnxruntime 1 thread, medians of interleaved runs):")
+    for name, ms in zip(outs, out):
+        print(f"  {name:34s} {float(ms):7.2f} ms")
 
 
 if __name__ == "__main__":
