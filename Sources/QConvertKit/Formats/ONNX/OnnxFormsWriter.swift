@@ -196,10 +196,13 @@ extension OnnxSink {
         record(p, values: dName, scale: sName, zeroPoint: zName, scaleShape: [f.n, layout.blocks], form: form)
     }
 
-    func applyDynamic(
+    /// An 8-bit weight as MatMulInteger-family kernels take it, in place of the float one: its codes [K, N],
+    /// scale and zero point (none when symmetric) per tensor or per column. Returns their names and the
+    /// parameters' dims.
+    func placeInteger8Weight(
         _ p: TensorPlan, scheme s: QuantScheme, loc: OnnxModel.Located, fit f: OnnxForms.Fit,
         values: [UInt8], scale: [UInt8], zeroPoint: [UInt8]?
-    ) throws {
+    ) -> (values: String, scale: String, zeroPoint: String?, dims: [Int]) {
         let w = loc.graphName
         let qType: Int32 = s.target == .int8 ? 3 : 2
         let pDims = s.granularity == .channel ? [f.n] : []
@@ -216,6 +219,16 @@ extension OnnxSink {
             zName = name
         }
         replaceTensor(loc, with: tensors, nodes: [])
+        return (qName, sName, zName, pDims)
+    }
+
+    func applyDynamic(
+        _ p: TensorPlan, scheme s: QuantScheme, loc: OnnxModel.Located, fit f: OnnxForms.Fit,
+        values: [UInt8], scale: [UInt8], zeroPoint: [UInt8]?
+    ) throws {
+        let w = loc.graphName
+        let (qName, sName, zName, pDims) = placeInteger8Weight(
+            p, scheme: s, loc: loc, fit: f, values: values, scale: scale, zeroPoint: zeroPoint)
         for use in f.uses {
             // one DynamicQuantizeLinear per activation, shared by every weight that multiplies it
             let (aq, ascale, azp): (String, String, String)

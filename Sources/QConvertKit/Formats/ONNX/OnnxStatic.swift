@@ -40,21 +40,8 @@ extension OnnxSink {
         values: [UInt8], scale: [UInt8], zeroPoint: [UInt8]?
     ) throws {
         let w = loc.graphName
-        let qType: Int32 = s.target == .int8 ? 3 : 2
-        let pDims = s.granularity == .channel ? [f.n] : []
-        let qName = model.uniqueName(w + "_quantized")
-        let sName = model.uniqueName(w + "_scale")
-        var tensors = [
-            values.withUnsafeBytes { Proto.newTensor(name: qName, dataType: qType, dims: p.shape, raw: $0) },
-            scale.withUnsafeBytes { Proto.newTensor(name: sName, dataType: 1, dims: pDims, raw: $0) }
-        ]
-        var zName: String? = nil
-        if let z = zeroPoint {
-            let name = model.uniqueName(w + "_zero_point")
-            tensors.append(z.withUnsafeBytes { Proto.newTensor(name: name, dataType: qType, dims: pDims, raw: $0) })
-            zName = name
-        }
-        replaceTensor(loc, with: tensors, nodes: [])
+        let (qName, sName, zName, pDims) = placeInteger8Weight(
+            p, scheme: s, loc: loc, fit: f, values: values, scale: scale, zeroPoint: zeroPoint)
         var dtypes = Set<String>()
         for use in f.uses {
             guard let a = options.activations.first(where: { $0.name == use.a }) else {
