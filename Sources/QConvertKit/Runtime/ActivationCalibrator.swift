@@ -1,8 +1,8 @@
 import Foundation
 
 /// `qconvert calibrate`: runs a float ONNX model in onnxruntime over sample inputs and gathers the
-/// statistics of every activation a quantizable op consumes, in two streaming passes (ranges, then
-/// histograms), so memory does not grow with the number of samples.
+/// statistics of every activation a quantizable op consumes, streaming (one pass whose histogram ranges
+/// grow by doubling, or two: ranges, then histograms), so memory does not grow with the number of samples.
 public enum ActivationCalibrator {
     /// The ops whose activation inputs are observed by default: those onnxruntime runs as integer kernels.
     public static let defaultOps: Set<String> = ["MatMul", "Gemm", "Conv"]
