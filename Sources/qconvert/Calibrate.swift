@@ -64,8 +64,9 @@ struct CalibrateCommand: ParsableCommand {
             let rt = try OnnxRuntime.load(explicit: onnxruntime)
             let start = Date()
             let tty = isatty(STDERR_FILENO) != 0 && !quiet
-            let stats = try ActivationCalibrator.run(model: model, data: data, runtime: rt, bins: bins, passes: passes)
-            {
+            let stats = try ActivationCalibrator.run(
+                model: model, data: data, runtime: rt, bins: bins, passes: passes, output: output
+            ) {
                 pass, i, n in
                 if tty { FileHandle.standardError.write(Data("\r\(pass): sample \(i + 1)/\(n)   ".utf8)) }
             }

@@ -295,3 +295,17 @@ def test_an_explicit_onnx_form_qdq_keeps_the_portable_qdq_pattern(minilm, tmp_pa
     assert "dequantizes the whole table at every run" in r.stdout
     ref = embeddings(minilm["model"], minilm["held"])
     assert (ref * embeddings(out, minilm["held"])).sum(-1).min() > 0.99
+
+
+def test_calibrate_never_writes_over_its_models_external_data(minilm, tmp_path):
+    """The external data file of the model is an input too: `-o` naming it is refused before anything runs
+    and the file is left as it was."""
+    m = onnx.load(str(minilm["model"]))
+    onnx.save_model(m, str(tmp_path / "ext.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="ext.onnx.weights", size_threshold=1024)
+    weights = tmp_path / "ext.onnx.weights"
+    before = weights.read_bytes()
+    r = run("calibrate", tmp_path / "ext.onnx", "--data", minilm["dir"] / "calib.npz", "-o", weights, "-q", check=False)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "ext.onnx.weights" in r.stderr and "no file was changed" in r.stderr
+    assert weights.read_bytes() == before

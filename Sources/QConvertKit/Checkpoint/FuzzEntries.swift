@@ -51,7 +51,7 @@ public enum FuzzEntries {
                     let outline = try? ActivationCalibrator.Outline(f.bytes(at: 0, count: f.size), path: path)
                 else { return }
                 _ = outline.targets(ActivationCalibrator.defaultOps)
-                try? RunnableCopy.write(f, sourcePath: path, model: path + ".copy.onnx", tail: [])
+                _ = try? RunnableCopy.write(f, sourcePath: path, model: path + ".copy.onnx", tail: [])
                 unlink(path + ".copy.onnx")
                 unlink(path + ".copy.onnx.data")
             }

@@ -148,7 +148,7 @@ public enum ActivationCalibrator {
 
     public static func run(
         model path: String, data: String, runtime: OnnxRuntime, ops: Set<String> = defaultOps, bins: Int = 2048,
-        passes: Int = 1,
+        passes: Int = 1, output: String? = nil,
         progress: ((String, Int, Int) -> Void)? = nil
     ) throws -> ActivationStats {
         guard (try? FormatRegistry.reader(for: path))?.name == "onnx" else {
@@ -171,8 +171,10 @@ public enum ActivationCalibrator {
                 unlink(tmp)
                 unlink(tmp + ".data")
             }
-            try RunnableCopy.write(
+            let externals = try RunnableCopy.write(
                 file, sourcePath: path, model: tmp, tail: outputsTail(names.filter { !outline.outputs.contains($0) }))
+            // the model's external data files are inputs too: an output naming one is refused before any run
+            if let output { try PathGuard.checkOutput(output, inputPaths: externals) }
             session = try runtime.session(path: tmp, name: path, threads: ProcessInfo.processInfo.activeProcessorCount)
         }
         let inputNames = Set(session.inputs.map(\.name))

@@ -88,10 +88,11 @@ enum RunnableCopy {
     }
 
     /// Writes `model` (with `tail` appended) and `model`.data from the model file `file`, whose external
-    /// data is looked up beside `sourcePath`.
+    /// data is looked up beside `sourcePath`. Returns the external data files read (inputs of the run).
+    @discardableResult
     static func write(
         _ file: MappedFile, sourcePath: String, model: String, tail: [UInt8], threshold: Int = moveThreshold
-    ) throws {
+    ) throws -> [String] {
         typealias PB = ProtobufBytes
         let src = file.bytes(at: 0, count: file.size)
         let w = WireFields(bytes: src, path: sourcePath)
@@ -214,5 +215,6 @@ enum RunnableCopy {
         try flush()
         file.release(offset: 0, count: file.size)
         try out.commit()
+        return externals.keys.sorted()
     }
 }
