@@ -216,10 +216,12 @@ public enum Converter {
     ) throws -> [ActivationParameters] {
         let activations = try ActivationQuantization.parameters(stats, policy: policy.activations, source: ckpt)
         let paired = Set(activations.map(\.name))
+        // the same plans the writer's form choice sees (a quantized Gemm C is no bias to fold)
+        let byName = Dictionary(planned.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
         for i in planned.indices where planned[i].decision.scheme?.target.isQuantization == true {
             OnnxForms.applyStatic(
                 &planned[i], source: ckpt, consumerOps: ckpt.entries[planned[i].entryIndex].consumerOps,
-                activations: paired, ops: policy.activations.ops)
+                activations: paired, ops: policy.activations.ops, plans: byName)
         }
         return activations
     }

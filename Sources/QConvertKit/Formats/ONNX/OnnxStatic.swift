@@ -116,7 +116,8 @@ extension OnnxForms {
     ///   whole table at every run), and a MatMul weight whose activation has no pair keeps its form, as does
     ///   one whose `onnx_form` the policy sets.
     static func applyStatic(
-        _ p: inout TensorPlan, source: Checkpoint, consumerOps: [String], activations: Set<String>, ops: Set<String>
+        _ p: inout TensorPlan, source: Checkpoint, consumerOps: [String], activations: Set<String>, ops: Set<String>,
+        plans: [String: TensorPlan]
     ) {
         guard !consumerOps.contains("Gather") else { return }
         let fused = ops.subtracting(["MatMul", "Gemm"])
@@ -126,7 +127,7 @@ extension OnnxForms {
         }
         // an explicit onnx_form is the user's: qdq stays the portable QDQ pattern, the others their form
         guard p.onnxForm == .auto, let model = source.container as? OnnxModel, let loc = model.located[p.name],
-            case .success(let f) = fit(p, loc: loc, model: model, plans: [:]),
+            case .success(let f) = fit(p, loc: loc, model: model, plans: plans),
             f.uses.allSatisfy({ activations.contains($0.a) })
         else { return }
         p.onnxForm = .qdq
