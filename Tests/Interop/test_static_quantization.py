@@ -249,7 +249,7 @@ def test_calibrate_never_writes_over_its_model_or_samples(tmp_path):
     assert all(p.read_bytes() == b for p, b in before.items())
 
 
-def test_weight_only_minilm_quantizes_every_sequence_product_at_run_time(minilm_l3_onnx, tmp_path):
+def test_weight_only_minilm_quantizes_every_sequence_product_at_run_time(minilm, minilm_l3_onnx, tmp_path):
     """The attention output projection multiplies a Reshape whose shape is built at run time (Shape →
     Gather → Unsqueeze → Concat): its rank (3) is known from the shape vector's length, so it takes the
     dynamic form like the other sequence products, not MatMulNBits (slower there: 6.9 against 6.4 ms)."""
@@ -257,6 +257,8 @@ def test_weight_only_minilm_quantizes_every_sequence_product_at_run_time(minilm_
     run(minilm_l3_onnx, "-o", out, "-q")
     ops = [n.op_type for n in onnx.load(str(out)).graph.node]
     assert ops.count("MatMulInteger") == 18 and "MatMulNBits" not in ops, sorted(set(ops))
+    ref = embeddings(minilm_l3_onnx, minilm["held"])
+    assert (ref * embeddings(out, minilm["held"])).sum(-1).min() > 0.99  # onnxruntime runs it as the float one
 
 
 def test_external_data_models_calibrate_like_inline_ones_and_two_passes_bin_exactly(minilm, tmp_path):
